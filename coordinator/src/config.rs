@@ -1,0 +1,79 @@
+//! Command-line flags (each also read from a `NANOINFER_…` env var).
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+use nanoinfer_telemetry::LogFormat;
+
+use crate::validate::Limits;
+
+/// nanoinfer coordinator: the public InferService front door.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nanoinfer-coordinator", version)]
+pub struct Args {
+    /// Address to listen on for gRPC; port 0 picks a free port (the bound
+    /// address is logged).
+    #[arg(long, env = "NANOINFER_LISTEN", default_value = "0.0.0.0:50052")]
+    pub listen: SocketAddr,
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "NANOINFER_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// `max_tokens` used when a request leaves it at 0.
+    #[arg(long, env = "NANOINFER_DEFAULT_MAX_TOKENS", default_value_t = 128)]
+    pub default_max_tokens: u32,
+    /// Largest `max_tokens` a request may ask for; above it, INVALID_ARGUMENT.
+    #[arg(long, env = "NANOINFER_MAX_TOKENS_LIMIT", default_value_t = 4096)]
+    pub max_tokens_limit: u32,
+    /// Largest prompt accepted, in bytes; above it, INVALID_ARGUMENT.
+    #[arg(long, env = "NANOINFER_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
+    pub max_prompt_bytes: usize,
+    /// Seconds open streams get to finish after SIGTERM.
+    #[arg(long, env = "NANOINFER_GRACE_PERIOD", default_value_t = 20)]
+    pub grace_period: u64,
+    /// Log line format.
+    #[arg(long, env = "NANOINFER_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// Validated coordinator configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// etcd endpoints.
+    pub etcd_endpoints: Vec<String>,
+    /// Request defaults and limits.
+    pub limits: Limits,
+    /// Drain time on shutdown.
+    pub grace_period: std::time::Duration,
+}
+
+impl Args {
+    /// Checks ranges.
+    pub fn validate(self) -> Result<CoordinatorConfig, String> {
+        if self.max_tokens_limit == 0 {
+            return Err("--max-tokens-limit must be at least 1".into());
+        }
+        if !(1..=self.max_tokens_limit).contains(&self.default_max_tokens) {
+            return Err(format!(
+                "--default-max-tokens must be 1..={} (--max-tokens-limit), got {}",
+                self.max_tokens_limit, self.default_max_tokens
+            ));
+        }
+        if self.etcd_endpoints.is_empty() {
+            return Err("--etcd-endpoints must name at least one endpoint".into());
+        }
+        Ok(CoordinatorConfig {
+            etcd_endpoints: self.etcd_endpoints,
+            limits: Limits {
+                default_max_tokens: self.default_max_tokens,
+                max_tokens_limit: self.max_tokens_limit,
+                max_prompt_bytes: self.max_prompt_bytes,
+            },
+            grace_period: std::time::Duration::from_secs(self.grace_period),
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! nanoinfer coordinator: the public `nanoinfer.InferService` front door.
+//!
+//! # Layout
+//! - [`config`]: flags and env vars, validated into [`CoordinatorConfig`].
+//! - [`validate`]: public request → [`validate::InferParams`] with defaults.
+//! - [`routing`]: least-in-flight worker choice and per-worker channels.
+//! - [`service`]: `Health` and `Infer` (pick, open upstream, relay).
+//! - [`error`]: the one status-code table.
+//! - [`run`]: discovery, health, reflection, serve, drain.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod routing;
+pub mod service;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use nanoinfer_proto::nanoinfer::infer_service_server::InferServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+pub use config::{Args, CoordinatorConfig};
+
+/// Why the coordinator could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Socket setup failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+const SERVICE_NAME: &str = "nanoinfer.InferService";
+
+/// Serves on `listener` until `shutdown` completes; then health goes
+/// NOT_SERVING and open streams get the grace period to finish.
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    tracing::info!("nanoinfer-coordinator listening on {local}");
+
+    let (live, discovery) = nanoinfer_registry::spawn_discovery(config.etcd_endpoints.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(track_health(live.clone(), health.clone()));
+
+    let router = Arc::new(routing::Router::default());
+    let service =
+        service::InferServiceImpl::new(live.clone(), router.clone(), config.limits.clone());
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut server = tokio::spawn(
+        nanoinfer_proto::add_reflection(
+            tonic::transport::Server::builder().add_service(health_service),
+        )
+        .add_service(InferServiceServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let mut rx = stop_rx;
+            let _ = rx.wait_for(|stop| *stop).await;
+        }),
+    );
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested; draining"),
+        res = &mut server => {
+            discovery.abort();
+            health_task.abort();
+            res.map_err(|e| RunError::Setup(e.to_string()))??;
+            return Ok(());
+        }
+    }
+    health_task.abort();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+    let _ = stop_tx.send(true);
+    // tonic's graceful shutdown stops accepting and waits for open streams.
+    match tokio::time::timeout(config.grace_period, &mut server).await {
+        Ok(res) => {
+            res.map_err(|e| RunError::Setup(e.to_string()))??;
+        }
+        Err(_) => {
+            tracing::warn!(open = ?router.in_flight(), "grace period over; closing open streams");
+            server.abort();
+        }
+    }
+    discovery.abort();
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Keeps grpc.health.v1 in step with the live set: SERVING iff ≥ 1 worker.
+async fn track_health(
+    mut live: tokio::sync::watch::Receiver<nanoinfer_registry::WorkerSet>,
+    health: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let n = live.borrow_and_update().len();
+        let status = if n > 0 {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        health.set_service_status("", status).await;
+        health.set_service_status(SERVICE_NAME, status).await;
+        tracing::info!(live_workers = n, "live worker set changed");
+        if live.changed().await.is_err() {
+            return;
+        }
+    }
+}

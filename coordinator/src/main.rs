@@ -1,0 +1,17 @@
+//! `nanoinfer-coordinator`: parse flags, start logging, bind, run until SIGTERM/SIGINT.
+
+use clap::Parser;
+use nanoinfer_coordinator::{run, Args};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    nanoinfer_telemetry::init(args.log_format);
+    let listen = args.listen;
+    let config = args.validate().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    run(config, listener, nanoinfer_telemetry::shutdown_signal()).await?;
+    Ok(())
+}

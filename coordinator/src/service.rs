@@ -1,0 +1,246 @@
+//! `nanoinfer.InferService`: validate, pick a worker, relay its stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use nanoinfer_proto::nanoinfer::{
+    infer_service_server::InferService, FinishReason, HealthRequest, HealthResponse, InferRequest,
+    InferResponse, UsageMetrics,
+};
+use nanoinfer_proto::worker::{
+    self as wpb, worker_service_client::WorkerServiceClient, GenerateRequest, GenerateResponse,
+};
+use nanoinfer_registry::WorkerSet;
+use tokio::sync::watch;
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use crate::error::CoordinatorError;
+use crate::routing::{InFlight, Router};
+use crate::validate::{InferParams, Limits};
+
+/// Workers tried for one request before giving up (only before its first
+/// token, and only on UNAVAILABLE or RESOURCE_EXHAUSTED).
+const MAX_ATTEMPTS: usize = 3;
+
+/// The public service.
+pub struct InferServiceImpl {
+    live: watch::Receiver<WorkerSet>,
+    router: Arc<Router>,
+    limits: Limits,
+}
+
+impl InferServiceImpl {
+    /// A service routing to the workers in `live`.
+    pub fn new(live: watch::Receiver<WorkerSet>, router: Arc<Router>, limits: Limits) -> Self {
+        Self {
+            live,
+            router,
+            limits,
+        }
+    }
+
+    /// Opens `Generate` on the least-loaded worker, moving on to another one
+    /// when a worker is unreachable or full.
+    async fn open_upstream(
+        &self,
+        params: &InferParams,
+    ) -> Result<(Streaming<GenerateResponse>, String, InFlight), CoordinatorError> {
+        let live = self.live.borrow().clone();
+        let mut tried = Vec::new();
+        let mut last_error = CoordinatorError::NoWorkers;
+        while tried.len() < MAX_ATTEMPTS {
+            let Some(picked) = self.router.pick(&live, &tried) else {
+                break;
+            };
+            tracing::info!(request_id = %params.request_id, worker = %picked.id,
+                address = %picked.address, "routing request");
+            let mut client = WorkerServiceClient::new(picked.channel);
+            match client.generate(to_worker_request(params)).await {
+                Ok(resp) => return Ok((resp.into_inner(), picked.id, picked.guard)),
+                Err(status) => {
+                    tracing::warn!(request_id = %params.request_id, worker = %picked.id,
+                        code = ?status.code(), error = %status.message(), "worker refused request");
+                    let retry =
+                        matches!(status.code(), Code::Unavailable | Code::ResourceExhausted);
+                    last_error = CoordinatorError::Upstream {
+                        worker: picked.id.clone(),
+                        status,
+                    };
+                    if !retry {
+                        break;
+                    }
+                    tried.push(picked.id);
+                }
+            }
+        }
+        Err(last_error)
+    }
+}
+
+fn to_worker_request(p: &InferParams) -> GenerateRequest {
+    GenerateRequest {
+        request_id: p.request_id.clone(),
+        prompt: p.prompt.clone(),
+        max_tokens: p.max_tokens,
+        temperature: p.temperature,
+        top_p: p.top_p,
+        seed: p.seed,
+        stop: p.stop.clone(),
+    }
+}
+
+fn finish_reason(reason: i32) -> FinishReason {
+    match wpb::FinishReason::try_from(reason).unwrap_or(wpb::FinishReason::Unspecified) {
+        wpb::FinishReason::Unspecified => FinishReason::Unspecified,
+        wpb::FinishReason::Length => FinishReason::Length,
+        wpb::FinishReason::StopSequence => FinishReason::StopSequence,
+        wpb::FinishReason::Eos => FinishReason::Eos,
+        wpb::FinishReason::ContextLength => FinishReason::ContextLength,
+        wpb::FinishReason::Cancelled => FinishReason::Cancelled,
+    }
+}
+
+/// Converts one worker message into the public one.
+pub fn relay_message(request_id: &str, msg: GenerateResponse) -> InferResponse {
+    let (finish_reason, usage) = match msg.finished {
+        Some(f) => (
+            finish_reason(f.reason) as i32,
+            Some(UsageMetrics {
+                prompt_tokens: f.prompt_tokens,
+                generated_tokens: f.generated_tokens,
+                total_tokens: f.prompt_tokens + f.generated_tokens,
+            }),
+        ),
+        None => (FinishReason::Unspecified as i32, None),
+    };
+    InferResponse {
+        request_id: request_id.to_string(),
+        token: msg.text,
+        index: msg.index,
+        finish_reason,
+        usage,
+    }
+}
+
+/// State of one relay: the upstream stream and the guard counting it.
+struct Relay {
+    upstream: Streaming<GenerateResponse>,
+    request_id: String,
+    worker: String,
+    _guard: InFlight,
+    done: bool,
+}
+
+type InferStream = Pin<Box<dyn Stream<Item = Result<InferResponse, Status>> + Send>>;
+
+/// The response stream. Pull-based: a token is read from the worker only when
+/// the client's stream has room, so a slow client slows its worker instead of
+/// growing a buffer; when the client goes away tonic drops this stream, which
+/// drops the upstream call, and the worker stops generating.
+fn relay(relay: Relay) -> InferStream {
+    Box::pin(futures::stream::unfold(relay, |mut r| async move {
+        if r.done {
+            return None;
+        }
+        let item = match r.upstream.message().await {
+            Ok(Some(msg)) => {
+                r.done = msg.finished.is_some();
+                Ok(relay_message(&r.request_id, msg))
+            }
+            Ok(None) => {
+                r.done = true;
+                Err(Status::from(CoordinatorError::Truncated(r.worker.clone())))
+            }
+            Err(status) => {
+                r.done = true;
+                tracing::warn!(request_id = %r.request_id, worker = %r.worker, code = ?status.code(),
+                    error = %status.message(), "worker stream failed");
+                Err(Status::from(CoordinatorError::Upstream {
+                    worker: r.worker.clone(),
+                    status,
+                }))
+            }
+        };
+        Some((item, r))
+    }))
+}
+
+#[tonic::async_trait]
+impl InferService for InferServiceImpl {
+    async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
+        let live = self.live.borrow().len() as u32;
+        let status = if live > 0 {
+            "OK".to_string()
+        } else {
+            "NO_WORKERS: no live worker is registered in etcd".to_string()
+        };
+        Ok(Response::new(HealthResponse {
+            status,
+            live_workers: live,
+        }))
+    }
+
+    type InferStream = InferStream;
+
+    async fn infer(
+        &self,
+        request: Request<InferRequest>,
+    ) -> Result<Response<Self::InferStream>, Status> {
+        let params = self
+            .limits
+            .validate(request.into_inner(), rand_seed)
+            .map_err(|e| {
+                tracing::info!(error = %e, "request rejected");
+                Status::from(e)
+            })?;
+        let (upstream, worker, guard) = self.open_upstream(&params).await.map_err(|e| {
+            tracing::warn!(request_id = %params.request_id, error = %e, "request failed");
+            Status::from(e)
+        })?;
+        Ok(Response::new(relay(Relay {
+            upstream,
+            request_id: params.request_id,
+            worker,
+            _guard: guard,
+            done: false,
+        })))
+    }
+}
+
+fn rand_seed() -> u64 {
+    // A fresh v4 UUID is 122 random bits from the OS generator.
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_final_message_carries_usage() {
+        let token = GenerateResponse {
+            text: "a".into(),
+            token_id: Some(5),
+            index: 0,
+            finished: None,
+        };
+        let m = relay_message("r", token);
+        assert_eq!(m.finish_reason, FinishReason::Unspecified as i32);
+        assert!(m.usage.is_none());
+        let last = GenerateResponse {
+            text: String::new(),
+            token_id: None,
+            index: 3,
+            finished: Some(wpb::Finished {
+                reason: wpb::FinishReason::Length as i32,
+                prompt_tokens: 4,
+                generated_tokens: 3,
+            }),
+        };
+        let m = relay_message("r", last);
+        assert_eq!(m.request_id, "r");
+        assert_eq!(m.finish_reason, FinishReason::Length as i32);
+        assert_eq!(m.usage.unwrap().total_tokens, 7);
+    }
+}

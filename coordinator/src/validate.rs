@@ -1,0 +1,273 @@
+//! Public `InferRequest` → validated [`InferParams`], at the edge.
+
+use nanoinfer_proto::nanoinfer::InferRequest;
+
+use crate::error::CoordinatorError;
+
+/// Defaults and limits applied to every request.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// `max_tokens` when the client sends 0.
+    pub default_max_tokens: u32,
+    /// Largest `max_tokens` accepted.
+    pub max_tokens_limit: u32,
+    /// Largest prompt accepted, in bytes.
+    pub max_prompt_bytes: usize,
+}
+
+/// Default temperature when unset.
+pub const DEFAULT_TEMPERATURE: f32 = 0.8;
+/// Default top-p when unset.
+pub const DEFAULT_TOP_P: f32 = 0.95;
+/// Most stop sequences per request.
+pub const MAX_STOP_SEQUENCES: usize = 8;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Longest client request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+
+/// A validated request with every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferParams {
+    /// The client's id, or a generated UUID.
+    pub request_id: String,
+    /// Non-empty prompt.
+    pub prompt: String,
+    /// 1..=limit.
+    pub max_tokens: u32,
+    /// ≥ 0, finite; 0 = greedy.
+    pub temperature: f32,
+    /// (0, 1].
+    pub top_p: f32,
+    /// Sampler seed (random when the client sent none).
+    pub seed: u64,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+}
+
+impl Limits {
+    /// Validates `req`. `seed` supplies a seed when the request has none.
+    pub fn validate(
+        &self,
+        req: InferRequest,
+        seed: impl FnOnce() -> u64,
+    ) -> Result<InferParams, CoordinatorError> {
+        let invalid = CoordinatorError::invalid;
+        if req.request_id.len() > MAX_REQUEST_ID_BYTES {
+            return Err(invalid(
+                "request_id",
+                format!("must be at most {MAX_REQUEST_ID_BYTES} bytes"),
+            ));
+        }
+        if req.prompt.is_empty() {
+            return Err(invalid("prompt", "must not be empty".to_string()));
+        }
+        if req.prompt.len() > self.max_prompt_bytes {
+            return Err(invalid(
+                "prompt",
+                format!(
+                    "is {} bytes; the limit is {}",
+                    req.prompt.len(),
+                    self.max_prompt_bytes
+                ),
+            ));
+        }
+        let max_tokens = match req.max_tokens {
+            0 => self.default_max_tokens,
+            n if n > self.max_tokens_limit => {
+                return Err(invalid(
+                    "max_tokens",
+                    format!("{n} exceeds the limit of {}", self.max_tokens_limit),
+                ))
+            }
+            n => n,
+        };
+        let temperature = req.temperature.unwrap_or(DEFAULT_TEMPERATURE);
+        if !temperature.is_finite() || temperature < 0.0 {
+            return Err(invalid(
+                "temperature",
+                format!("must be a finite number >= 0, got {temperature}"),
+            ));
+        }
+        let top_p = req.top_p.unwrap_or(DEFAULT_TOP_P);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(invalid("top_p", format!("must be in (0, 1], got {top_p}")));
+        }
+        if req.stop.len() > MAX_STOP_SEQUENCES {
+            return Err(invalid(
+                "stop",
+                format!("at most {MAX_STOP_SEQUENCES} sequences"),
+            ));
+        }
+        if let Some(s) = req
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+        {
+            return Err(invalid(
+                "stop",
+                format!(
+                    "each sequence must be 1..={MAX_STOP_BYTES} bytes, got {}",
+                    s.len()
+                ),
+            ));
+        }
+        let request_id = if req.request_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            req.request_id
+        };
+        Ok(InferParams {
+            request_id,
+            prompt: req.prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed: req.seed.unwrap_or_else(seed),
+            stop: req.stop,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            default_max_tokens: 128,
+            max_tokens_limit: 4096,
+            max_prompt_bytes: 1000,
+        }
+    }
+
+    fn req(prompt: &str) -> InferRequest {
+        InferRequest {
+            prompt: prompt.into(),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(r: Result<InferParams, CoordinatorError>) -> &'static str {
+        match r {
+            Err(CoordinatorError::InvalidArgument { field, .. }) => field,
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_fill_unset_fields() {
+        let p = limits().validate(req("hi"), || 7).unwrap();
+        assert_eq!(p.max_tokens, 128);
+        assert_eq!(p.temperature, DEFAULT_TEMPERATURE);
+        assert_eq!(p.top_p, DEFAULT_TOP_P);
+        assert_eq!(p.seed, 7);
+        assert_eq!(p.request_id.len(), 36, "a UUID is generated");
+    }
+
+    #[test]
+    fn explicit_zero_temperature_is_greedy_not_default() {
+        let r = InferRequest {
+            temperature: Some(0.0),
+            seed: Some(1),
+            request_id: "abc".into(),
+            ..req("hi")
+        };
+        let p = limits().validate(r, || 7).unwrap();
+        assert_eq!(p.temperature, 0.0);
+        assert_eq!(p.seed, 1);
+        assert_eq!(p.request_id, "abc");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let l = limits();
+        assert_eq!(field_of(l.validate(req(""), || 0)), "prompt");
+        assert_eq!(field_of(l.validate(req(&"x".repeat(1001)), || 0)), "prompt");
+        let cases = [
+            (
+                InferRequest {
+                    temperature: Some(-0.1),
+                    ..req("a")
+                },
+                "temperature",
+            ),
+            (
+                InferRequest {
+                    temperature: Some(f32::NAN),
+                    ..req("a")
+                },
+                "temperature",
+            ),
+            (
+                InferRequest {
+                    temperature: Some(f32::INFINITY),
+                    ..req("a")
+                },
+                "temperature",
+            ),
+            (
+                InferRequest {
+                    top_p: Some(0.0),
+                    ..req("a")
+                },
+                "top_p",
+            ),
+            (
+                InferRequest {
+                    top_p: Some(1.01),
+                    ..req("a")
+                },
+                "top_p",
+            ),
+            (
+                InferRequest {
+                    top_p: Some(f32::NAN),
+                    ..req("a")
+                },
+                "top_p",
+            ),
+            (
+                InferRequest {
+                    max_tokens: 4097,
+                    ..req("a")
+                },
+                "max_tokens",
+            ),
+            (
+                InferRequest {
+                    stop: vec![String::new()],
+                    ..req("a")
+                },
+                "stop",
+            ),
+            (
+                InferRequest {
+                    stop: vec!["s".into(); 9],
+                    ..req("a")
+                },
+                "stop",
+            ),
+            (
+                InferRequest {
+                    request_id: "r".repeat(129),
+                    ..req("a")
+                },
+                "request_id",
+            ),
+        ];
+        for (r, field) in cases {
+            assert_eq!(field_of(l.validate(r, || 0)), field);
+        }
+    }
+
+    #[test]
+    fn limits_are_inclusive() {
+        let r = InferRequest {
+            max_tokens: 4096,
+            top_p: Some(1.0),
+            ..req("a")
+        };
+        assert_eq!(limits().validate(r, || 0).unwrap().max_tokens, 4096);
+    }
+}

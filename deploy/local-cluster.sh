@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# A local nanoinfer cluster on loopback: etcd, two workers, one coordinator.
+#
+#   deploy/local-cluster.sh start    # start everything, wait until healthy
+#   deploy/local-cluster.sh status   # pids, ports, coordinator health
+#   deploy/local-cluster.sh stop     # SIGTERM in order: coordinator, workers, etcd
+#
+# Ports (env overrides): coordinator 50052 (NANOINFER_COORDINATOR_PORT),
+# workers 50061 and 50062 (NANOINFER_WORKER_PORT_BASE), etcd 2379/2380
+# (NANOINFER_ETCD_PORT / NANOINFER_ETCD_PEER_PORT). Logs and pids live in
+# $NANOINFER_RUN_DIR (default: <cache dir>/cluster). The two workers share the
+# machine's cores: each gets half of them (at least 1 thread) so they do not
+# fight. Needs the binaries and the model: run scripts/setup first.
+set -euo pipefail
+. "$(dirname "$0")/../scripts/common.sh"
+
+RUN_DIR="${NANOINFER_RUN_DIR:-$NANOINFER_CACHE_DIR/cluster}"
+COORD_PORT="${NANOINFER_COORDINATOR_PORT:-50052}"
+WORKER_BASE="${NANOINFER_WORKER_PORT_BASE:-50061}"
+ETCD_PORT="${NANOINFER_ETCD_PORT:-2379}"
+ETCD_PEER_PORT="${NANOINFER_ETCD_PEER_PORT:-2380}"
+ETCD_URL="http://127.0.0.1:$ETCD_PORT"
+WORKERS=2
+
+pidfile() { echo "$RUN_DIR/$1.pid"; }
+
+alive() {
+  local f; f=$(pidfile "$1")
+  [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+start_bg() { # name, command...
+  local name=$1; shift
+  "$@" >"$RUN_DIR/$name.log" 2>&1 &
+  echo $! >"$(pidfile "$name")"
+}
+
+wait_for() { # description, seconds, command...
+  local what=$1 secs=$2; shift 2
+  local i
+  for ((i = 0; i < secs * 10; i++)); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.1
+  done
+  echo "timed out after ${secs}s waiting for $what; logs in $RUN_DIR" >&2
+  return 1
+}
+
+threads_per_worker() {
+  local cores; cores=$(nproc)
+  local t=$((cores / WORKERS))
+  [ "$t" -ge 1 ] || t=1
+  echo "$t"
+}
+
+start() {
+  mkdir -p "$RUN_DIR"
+  local model; model=$("$ROOT/scripts/fetch-model" | tail -n1)
+  for b in nanoinfer-coordinator nanoinfer-worker nanoinfer; do
+    [ -x "$BIN_DIR/$b" ] || { echo "$BIN_DIR/$b is missing: run scripts/setup" >&2; exit 1; }
+  done
+
+  if alive etcd; then
+    log "etcd already running"
+  else
+    log "starting etcd on $ETCD_URL"
+    rm -rf "$RUN_DIR/etcd-data"
+    start_bg etcd etcd --name nanoinfer-local --data-dir "$RUN_DIR/etcd-data" \
+      --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
+      --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+      --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+      --initial-cluster "nanoinfer-local=http://127.0.0.1:$ETCD_PEER_PORT"
+    wait_for etcd 20 etcdctl --endpoints "$ETCD_URL" endpoint health
+  fi
+
+  local threads; threads=$(threads_per_worker)
+  local i
+  for ((i = 1; i <= WORKERS; i++)); do
+    if alive "worker$i"; then log "worker$i already running"; continue; fi
+    local port=$((WORKER_BASE + i - 1))
+    log "starting worker$i on 127.0.0.1:$port ($threads threads)"
+    start_bg "worker$i" "$BIN_DIR/nanoinfer-worker" --model "$model" \
+      --listen "127.0.0.1:$port" --etcd-endpoints "$ETCD_URL" --id "local-worker$i" \
+      --threads "$threads"
+  done
+
+  if alive coordinator; then
+    log "coordinator already running"
+  else
+    log "starting coordinator on 127.0.0.1:$COORD_PORT"
+    start_bg coordinator "$BIN_DIR/nanoinfer-coordinator" \
+      --listen "127.0.0.1:$COORD_PORT" --etcd-endpoints "$ETCD_URL"
+  fi
+  log "waiting for both workers to register"
+  wait_for "two live workers" 60 two_workers_live
+  log "cluster is up: coordinator http://127.0.0.1:$COORD_PORT (logs in $RUN_DIR)"
+}
+
+two_workers_live() {
+  "$BIN_DIR/nanoinfer" --addr "http://127.0.0.1:$COORD_PORT" health | grep -q "live workers: $WORKERS"
+}
+
+stop_one() {
+  local name=$1 f; f=$(pidfile "$name")
+  [ -f "$f" ] || return 0
+  local pid; pid=$(cat "$f")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 300; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "$name did not stop within 30s; killing it" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  rm -f "$f"
+}
+
+stop() {
+  log "stopping the local cluster"
+  stop_one coordinator
+  local i
+  for ((i = 1; i <= WORKERS; i++)); do stop_one "worker$i"; done
+  stop_one etcd
+}
+
+status() {
+  local name
+  for name in etcd worker1 worker2 coordinator; do
+    if alive "$name"; then echo "$name: running (pid $(cat "$(pidfile "$name")"))"; else echo "$name: stopped"; fi
+  done
+  "$BIN_DIR/nanoinfer" --addr "http://127.0.0.1:$COORD_PORT" health || true
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac

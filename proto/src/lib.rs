@@ -1,0 +1,61 @@
+//! gRPC contracts of nanoinfer.
+//!
+//! # Layout
+//! - [`nanoinfer`]: the public API (`proto/inference.proto`, package `nanoinfer`)
+//!   served by the coordinator.
+//! - [`worker`]: the internal API (`proto/worker.proto`, package
+//!   `nanoinfer.worker.v1`) between coordinator and workers.
+//! - [`FILE_DESCRIPTOR_SET`]: both files' descriptors, for gRPC reflection.
+//!
+//! The tonic and prost crates are re-exported so users of the generated code
+//! need no direct dependency with a matching version.
+
+#![forbid(unsafe_code)]
+
+pub use prost;
+pub use tonic;
+
+/// Public API, package `nanoinfer`.
+#[allow(clippy::all)]
+pub mod nanoinfer {
+    tonic::include_proto!("nanoinfer");
+}
+
+/// Internal coordinator ↔ worker API, package `nanoinfer.worker.v1`.
+#[allow(clippy::all)]
+pub mod worker {
+    tonic::include_proto!("nanoinfer.worker.v1");
+}
+
+/// Encoded `FileDescriptorSet` of both proto files, for
+/// `tonic_reflection::server::Builder::register_encoded_file_descriptor_set`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("nanoinfer_descriptor");
+
+/// Adds gRPC server reflection (v1 and the v1alpha that older grpcurl
+/// releases use) for both nanoinfer contracts and `grpc.health.v1`, so
+/// `grpcurl list` / `describe` work against any nanoinfer process.
+pub fn add_reflection(
+    router: tonic::transport::server::Router,
+) -> tonic::transport::server::Router {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("embedded descriptor sets are valid");
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("embedded descriptor sets are valid");
+    router.add_service(v1).add_service(v1alpha)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reflection_builds_from_the_embedded_descriptors() {
+        let router = tonic::transport::Server::builder()
+            .add_service(tonic_health::server::health_reporter().1);
+        let _ = super::add_reflection(router);
+    }
+}

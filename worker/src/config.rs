@@ -1,0 +1,127 @@
+//! Command-line flags (each also read from a `NANOINFER_…` env var) and
+//! their validation into a [`WorkerConfig`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use nanoinfer_telemetry::LogFormat;
+
+/// nanoinfer worker: serves a GGUF model over nanoinfer.worker.v1 and
+/// registers itself in etcd.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nanoinfer-worker", version)]
+pub struct Args {
+    /// Path of the GGUF model file to serve.
+    #[arg(long, env = "NANOINFER_MODEL")]
+    pub model: PathBuf,
+    /// Address to listen on for gRPC; port 0 picks a free port (the bound
+    /// address is logged).
+    #[arg(long, env = "NANOINFER_LISTEN", default_value = "0.0.0.0:50061")]
+    pub listen: SocketAddr,
+    /// Address published in etcd for the coordinator to dial (host:port).
+    /// Defaults to the bound address (127.0.0.1 when bound to 0.0.0.0).
+    #[arg(long, env = "NANOINFER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "NANOINFER_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Worker id, the last segment of its etcd key. Defaults to
+    /// `<hostname>-<port>`.
+    #[arg(long, env = "NANOINFER_ID")]
+    pub id: Option<String>,
+    /// CPU threads for llama.cpp. Defaults to the number of available cores.
+    #[arg(long, env = "NANOINFER_THREADS")]
+    pub threads: Option<u32>,
+    /// TTL of the etcd lease in seconds; a worker that dies disappears from
+    /// the coordinator's set after at most this long.
+    #[arg(long, env = "NANOINFER_LEASE_TTL", default_value_t = 10)]
+    pub lease_ttl: u32,
+    /// Context window in tokens (prompt + generated).
+    #[arg(long, env = "NANOINFER_CTX_SIZE", default_value_t = 2048)]
+    pub ctx_size: u32,
+    /// Requests that may wait for the engine; beyond it, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "NANOINFER_QUEUE", default_value_t = 16)]
+    pub queue: u32,
+    /// Seconds in-flight requests get to finish after SIGTERM before they
+    /// are cancelled. Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "NANOINFER_GRACE_PERIOD", default_value_t = 20)]
+    pub grace_period: u64,
+    /// Log line format.
+    #[arg(long, env = "NANOINFER_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// Validated worker configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// GGUF path.
+    pub model: PathBuf,
+    /// Published address; `None` = derive from the bound address.
+    pub advertise: Option<String>,
+    /// etcd endpoints.
+    pub etcd_endpoints: Vec<String>,
+    /// Worker id; `None` = `<hostname>-<port>`.
+    pub id: Option<String>,
+    /// llama.cpp threads.
+    pub threads: u32,
+    /// Lease TTL in seconds.
+    pub lease_ttl: u32,
+    /// Context window.
+    pub ctx_size: u32,
+    /// Wait-queue capacity.
+    pub queue: u32,
+    /// Drain time on shutdown.
+    pub grace_period: Duration,
+}
+
+impl Args {
+    /// Checks ranges and fills defaults.
+    pub fn validate(self) -> Result<WorkerConfig, String> {
+        let threads = match self.threads {
+            Some(0) => return Err("--threads must be at least 1".into()),
+            Some(n) => n,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1),
+        };
+        if !(2..=3600).contains(&self.lease_ttl) {
+            return Err(format!(
+                "--lease-ttl must be 2..=3600 seconds, got {}",
+                self.lease_ttl
+            ));
+        }
+        if !(64..=1 << 20).contains(&self.ctx_size) {
+            return Err(format!(
+                "--ctx-size must be 64..=1048576, got {}",
+                self.ctx_size
+            ));
+        }
+        if self.queue == 0 {
+            return Err("--queue must be at least 1".into());
+        }
+        if self.etcd_endpoints.is_empty() {
+            return Err("--etcd-endpoints must name at least one endpoint".into());
+        }
+        if let Some(id) = &self.id {
+            nanoinfer_registry::schema::validate_worker_id(id).map_err(|e| format!("--id: {e}"))?;
+        }
+        Ok(WorkerConfig {
+            model: self.model,
+            advertise: self.advertise,
+            etcd_endpoints: self.etcd_endpoints,
+            id: self.id,
+            threads,
+            lease_ttl: self.lease_ttl,
+            ctx_size: self.ctx_size,
+            queue: self.queue,
+            grace_period: Duration::from_secs(self.grace_period),
+        })
+    }
+}

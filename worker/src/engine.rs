@@ -1,0 +1,433 @@
+//! The generation engine: one dedicated thread owns the llama.cpp context.
+//!
+//! Requests reach it through a bounded queue ([`Engine::submit`] fails fast
+//! with [`EngineError::QueueFull`] when it is full). The thread runs one
+//! request at a time: prefill in `n_batch` chunks, then a decode loop that
+//! samples, detokenizes, matches stop sequences and sends one [`Event`] per
+//! token through the request's own bounded channel. A full channel blocks the
+//! engine (backpressure, memory stays bounded); a closed one means the client
+//! left, and the request stops before its next decode step.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::detok::Utf8Carry;
+use crate::stop::{StopMatcher, StopOutcome};
+
+/// Tokens buffered per request between the engine and the gRPC stream.
+const EVENT_BUFFER: usize = 32;
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_tokens` were generated.
+    Length,
+    /// A stop sequence completed.
+    StopSequence,
+    /// The model emitted an end-of-generation token.
+    Eos,
+    /// The context window is full.
+    ContextLength,
+    /// Cancelled by the worker (shutdown past the grace period).
+    Cancelled,
+}
+
+/// One validated generation request, already tokenized.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Correlation id, for logs.
+    pub request_id: String,
+    /// Prompt tokens (with BOS).
+    pub prompt: Vec<LlamaToken>,
+    /// Tokens to generate at most (≥ 1).
+    pub max_tokens: u32,
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1].
+    pub top_p: f32,
+    /// Sampler seed.
+    pub seed: u64,
+    /// Stop sequences.
+    pub stop: Vec<String>,
+}
+
+/// What the engine sends for a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it releases (may be empty).
+    Token {
+        /// Text released by this token.
+        text: String,
+        /// Vocabulary id.
+        id: i32,
+        /// 0-based index among generated tokens.
+        index: u32,
+    },
+    /// The last event of a successful generation.
+    Finished {
+        /// Why it ended.
+        reason: FinishReason,
+        /// Text held back until the end (partial stop-sequence match,
+        /// incomplete character); may be empty.
+        text: String,
+        /// Prompt tokens.
+        prompt_tokens: u32,
+        /// Generated tokens (= number of `Token` events).
+        generated_tokens: u32,
+    },
+    /// llama.cpp failed; the last event.
+    Failed(String),
+}
+
+/// Errors of [`Engine::submit`] and [`Engine::start`].
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The wait queue is full.
+    #[error("worker queue is full ({0} requests waiting)")]
+    QueueFull(u32),
+    /// The worker is shutting down and takes no new work.
+    #[error("worker is shutting down")]
+    ShuttingDown,
+    /// The llama.cpp context could not be created.
+    #[error("cannot create llama.cpp context: {0}")]
+    Context(String),
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Context window in tokens.
+    pub ctx_size: u32,
+    /// Prompt tokens decoded per llama.cpp call.
+    pub batch_size: u32,
+    /// CPU threads for llama.cpp.
+    pub threads: i32,
+    /// Requests that may wait for the engine.
+    pub queue: u32,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    queued: AtomicU32,
+    running: AtomicU32,
+    draining: AtomicBool,
+    cancel: AtomicBool,
+}
+
+struct Job {
+    generation: Generation,
+    events: mpsc::Sender<Event>,
+}
+
+/// Handle to the engine thread. Dropping every handle stops the thread once
+/// its current request is done.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: std_mpsc::SyncSender<Job>,
+    counters: Arc<Counters>,
+    queue: u32,
+    ctx_size: u32,
+}
+
+/// A snapshot of the engine's load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Requests generating now.
+    pub running: u32,
+    /// Requests waiting.
+    pub queued: u32,
+}
+
+impl Engine {
+    /// Starts the engine thread and waits until its context is created.
+    pub async fn start(
+        backend: Arc<LlamaBackend>,
+        model: Arc<LlamaModel>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let (jobs, rx) = std_mpsc::sync_channel::<Job>(config.queue as usize);
+        let counters = Arc::new(Counters::default());
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_counters = counters.clone();
+        let thread_config = config.clone();
+        std::thread::Builder::new()
+            .name("nanoinfer-engine".into())
+            .spawn(move || {
+                engine_thread(backend, model, thread_config, rx, thread_counters, ready_tx)
+            })
+            .map_err(|e| EngineError::Context(e.to_string()))?;
+        let ctx_size = ready_rx
+            .await
+            .map_err(|_| EngineError::Context("engine thread exited".into()))??;
+        Ok(Self {
+            jobs,
+            counters,
+            queue: config.queue,
+            ctx_size,
+        })
+    }
+
+    /// Queues a generation. The receiver yields its events; dropping it
+    /// cancels the request.
+    pub fn submit(&self, generation: Generation) -> Result<mpsc::Receiver<Event>, EngineError> {
+        if self.counters.draining.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        self.counters.queued.fetch_add(1, Ordering::SeqCst);
+        match self.jobs.try_send(Job { generation, events }) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.counters.queued.fetch_sub(1, Ordering::SeqCst);
+                match e {
+                    std_mpsc::TrySendError::Full(_) => Err(EngineError::QueueFull(self.queue)),
+                    std_mpsc::TrySendError::Disconnected(_) => Err(EngineError::ShuttingDown),
+                }
+            }
+        }
+    }
+
+    /// Context window in tokens.
+    pub fn ctx_size(&self) -> u32 {
+        self.ctx_size
+    }
+
+    /// Wait-queue capacity.
+    pub fn queue_capacity(&self) -> u32 {
+        self.queue
+    }
+
+    /// Current load.
+    pub fn load(&self) -> Load {
+        Load {
+            running: self.counters.running.load(Ordering::SeqCst),
+            queued: self.counters.queued.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Refuses new work from now on.
+    pub fn drain(&self) {
+        self.counters.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Waits until no request is running or queued, for at most `grace`.
+    /// Returns whether the engine went idle.
+    pub async fn wait_idle(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        loop {
+            if self.load()
+                == (Load {
+                    running: 0,
+                    queued: 0,
+                })
+            {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Ends every running and queued request with [`FinishReason::Cancelled`].
+    pub fn cancel_all(&self) {
+        self.counters.cancel.store(true, Ordering::SeqCst);
+    }
+}
+
+fn engine_thread(
+    backend: Arc<LlamaBackend>,
+    model: Arc<LlamaModel>,
+    config: EngineConfig,
+    jobs: std_mpsc::Receiver<Job>,
+    counters: Arc<Counters>,
+    ready: oneshot::Sender<Result<u32, EngineError>>,
+) {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(config.ctx_size))
+        .with_n_batch(config.batch_size)
+        .with_n_ubatch(config.batch_size)
+        .with_n_seq_max(1)
+        .with_n_threads(config.threads)
+        .with_n_threads_batch(config.threads);
+    let mut ctx = match model.new_context(&backend, params) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let _ = ready.send(Err(EngineError::Context(e.to_string())));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(ctx.n_ctx()));
+    let mut batch = LlamaBatch::new(config.batch_size as usize, 1);
+    while let Ok(job) = jobs.recv() {
+        counters.queued.fetch_sub(1, Ordering::SeqCst);
+        counters.running.fetch_add(1, Ordering::SeqCst);
+        let request_id = job.generation.request_id.clone();
+        let started = Instant::now();
+        let outcome = generate(&model, &mut ctx, &mut batch, &counters, job);
+        counters.running.fetch_sub(1, Ordering::SeqCst);
+        match outcome {
+            Ok(Some((reason, prompt, generated))) => tracing::info!(
+                request_id = %request_id, ?reason, prompt_tokens = prompt, generated_tokens = generated,
+                elapsed_ms = started.elapsed().as_millis() as u64, "generation finished"),
+            Ok(None) => tracing::info!(request_id = %request_id, "client left; generation stopped"),
+            Err(e) => tracing::error!(request_id = %request_id, error = %e, "generation failed"),
+        }
+    }
+    tracing::debug!("engine thread exiting");
+}
+
+/// Builds the sampler for one request: greedy at temperature 0, otherwise
+/// temperature → top-p → seeded draw.
+fn sampler_for(g: &Generation) -> LlamaSampler {
+    if g.temperature == 0.0 {
+        return LlamaSampler::greedy();
+    }
+    let seed = (g.seed ^ (g.seed >> 32)) as u32;
+    let mut chain = vec![LlamaSampler::temp(g.temperature)];
+    if g.top_p < 1.0 {
+        chain.push(LlamaSampler::top_p(g.top_p, 1));
+    }
+    chain.push(LlamaSampler::dist(seed));
+    LlamaSampler::chain_simple(chain)
+}
+
+type Outcome = Option<(FinishReason, u32, u32)>;
+
+/// Runs one request. `Ok(None)` means the client left.
+fn generate(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    counters: &Counters,
+    job: Job,
+) -> Result<Outcome, String> {
+    let Job {
+        generation: g,
+        events,
+    } = job;
+    let n_prompt = g.prompt.len() as u32;
+    let n_ctx = ctx.n_ctx();
+    let send = |event: Event| events.blocking_send(event).is_ok();
+    let fail = |msg: String| {
+        let _ = events.blocking_send(Event::Failed(msg.clone()));
+        Err(msg)
+    };
+    if events.is_closed() {
+        return Ok(None);
+    }
+    if counters.cancel.load(Ordering::SeqCst) {
+        let reason = FinishReason::Cancelled;
+        send(Event::Finished {
+            reason,
+            text: String::new(),
+            prompt_tokens: n_prompt,
+            generated_tokens: 0,
+        });
+        return Ok(Some((reason, n_prompt, 0)));
+    }
+    ctx.clear_kv_cache();
+    // Prefill in chunks; logits only for the prompt's last token.
+    let chunk = batch_capacity(ctx);
+    let mut pos: i32 = 0;
+    for piece in g.prompt.chunks(chunk) {
+        if events.is_closed() {
+            return Ok(None);
+        }
+        batch.clear();
+        for &token in piece {
+            let last = pos as u32 == n_prompt - 1;
+            if let Err(e) = batch.add(token, pos, &[0], last) {
+                return fail(format!("batch: {e}"));
+            }
+            pos += 1;
+        }
+        if let Err(e) = ctx.decode(batch) {
+            return fail(format!("prefill decode: {e}"));
+        }
+    }
+    let vocab = model.vocab();
+    let mut sampler = sampler_for(&g);
+    let mut utf8 = Utf8Carry::default();
+    let mut stop = StopMatcher::new(g.stop.iter().cloned());
+    let mut logits_at = batch.n_tokens() - 1;
+    let mut generated: u32 = 0;
+    let reason = loop {
+        if events.is_closed() {
+            return Ok(None);
+        }
+        if counters.cancel.load(Ordering::SeqCst) {
+            break FinishReason::Cancelled;
+        }
+        let token = sampler.sample(ctx, logits_at);
+        if vocab.is_eog(token) {
+            break FinishReason::Eos;
+        }
+        let index = generated;
+        generated += 1;
+        let piece = vocab.token_to_piece(token, false, None);
+        let text = utf8.push(&piece);
+        let (text, stopped) = match stop.push(&text) {
+            StopOutcome::Emit(t) => (t, false),
+            StopOutcome::Stop(t) => (t, true),
+        };
+        if !send(Event::Token {
+            text,
+            id: token.0,
+            index,
+        }) {
+            return Ok(None);
+        }
+        if stopped {
+            break FinishReason::StopSequence;
+        }
+        if generated >= g.max_tokens {
+            break FinishReason::Length;
+        }
+        if pos as u32 >= n_ctx {
+            break FinishReason::ContextLength;
+        }
+        batch.clear();
+        if let Err(e) = batch.add(token, pos, &[0], true) {
+            return fail(format!("batch: {e}"));
+        }
+        pos += 1;
+        if let Err(e) = ctx.decode(batch) {
+            return fail(format!("decode: {e}"));
+        }
+        logits_at = 0;
+    };
+    let text = if reason == FinishReason::StopSequence {
+        String::new()
+    } else {
+        let rest = utf8.finish();
+        match stop.push(&rest) {
+            StopOutcome::Emit(t) => t + &stop.flush(),
+            StopOutcome::Stop(t) => t,
+        }
+    };
+    send(Event::Finished {
+        reason,
+        text,
+        prompt_tokens: n_prompt,
+        generated_tokens: generated,
+    });
+    Ok(Some((reason, n_prompt, generated)))
+}
+
+fn batch_capacity(ctx: &LlamaContext<'_>) -> usize {
+    ctx.n_batch().max(1) as usize
+}

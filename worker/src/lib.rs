@@ -1,0 +1,186 @@
+//! nanoinfer worker: runs a real GGUF model through llama.cpp (ggml) and
+//! streams generated tokens over the internal `nanoinfer.worker.v1` API.
+//!
+//! # Layout
+//! - [`config`]: flags and env vars, validated into [`WorkerConfig`].
+//! - [`model`]: loading the GGUF and tokenizing prompts.
+//! - [`engine`]: the dedicated llama.cpp thread, its bounded queue, sampling
+//!   and per-request event channels.
+//! - [`stop`], [`detok`]: stop-sequence matching and UTF-8-safe detokenizing.
+//! - [`service`]: the gRPC service; [`error`]: the status-code table.
+//! - [`run`]: serve, register in etcd, and shut down in order.
+
+pub mod config;
+pub mod detok;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod service;
+pub mod stop;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nanoinfer_proto::worker::worker_service_server::WorkerServiceServer;
+use nanoinfer_registry::{Capacity, Registration, WorkerInfo};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::{Args, WorkerConfig};
+use engine::{Engine, EngineConfig};
+
+/// Why the worker could not start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The model could not be loaded.
+    #[error("{0}")]
+    Model(String),
+    /// The engine could not start.
+    #[error(transparent)]
+    Engine(#[from] engine::EngineError),
+    /// etcd registration failed.
+    #[error("registering in etcd: {0}")]
+    Registry(#[from] nanoinfer_registry::RegistryError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    /// Socket setup failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+const PROMPT_BATCH: u32 = 512;
+
+/// Serves on `listener` until `shutdown` completes, then drains: health goes
+/// NOT_SERVING, the etcd lease is revoked, in-flight requests get the grace
+/// period, and whatever is left is cancelled.
+pub async fn run(
+    config: WorkerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let local = listener
+        .local_addr()
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    tracing::info!("nanoinfer-worker listening on {local}");
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<WorkerServiceServer<service::WorkerServiceImpl>>()
+        .await;
+
+    let path = config.model.clone();
+    let model = tokio::task::spawn_blocking(move || model::load(&path))
+        .await
+        .map_err(|e| RunError::Model(e.to_string()))?
+        .map_err(RunError::Model)?;
+    let model = Arc::new(model);
+    let engine = Engine::start(
+        model.backend.clone(),
+        model.model.clone(),
+        EngineConfig {
+            ctx_size: config.ctx_size,
+            batch_size: PROMPT_BATCH.min(config.ctx_size),
+            threads: config.threads as i32,
+            queue: config.queue,
+        },
+    )
+    .await?;
+    tracing::info!(
+        ctx_size = engine.ctx_size(),
+        threads = config.threads,
+        queue = config.queue,
+        "engine ready"
+    );
+
+    let service = service::WorkerServiceImpl::new(model.clone(), engine.clone());
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        nanoinfer_proto::add_reflection(
+            tonic::transport::Server::builder().add_service(health_service),
+        )
+        .add_service(WorkerServiceServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = server_stopped.await;
+        }),
+    );
+
+    let info = WorkerInfo {
+        id: config.id.clone().unwrap_or_else(|| default_id(local)),
+        address: config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| advertise_for(local)),
+        model: model.name.clone(),
+        capacity: Capacity {
+            slots: 1,
+            queue: config.queue,
+            context_length: engine.ctx_size(),
+        },
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let registration = Registration::register(
+        &config.etcd_endpoints,
+        info.clone(),
+        config.lease_ttl as i64,
+    )
+    .await?;
+    health
+        .set_serving::<WorkerServiceServer<service::WorkerServiceImpl>>()
+        .await;
+    tracing::info!(id = %info.id, address = %info.address, "worker ready");
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested; draining"),
+        res = server => {
+            // The server only ends early on a transport error.
+            res.map_err(|e| RunError::Setup(e.to_string()))??;
+            return Ok(());
+        }
+    }
+
+    health
+        .set_not_serving::<WorkerServiceServer<service::WorkerServiceImpl>>()
+        .await;
+    engine.drain();
+    if let Err(e) = registration.revoke().await {
+        tracing::warn!(error = %e, "could not revoke the etcd lease; it will expire by itself");
+    }
+    if !engine.wait_idle(config.grace_period).await {
+        tracing::warn!(grace = ?config.grace_period, "grace period over; cancelling in-flight requests");
+        engine.cancel_all();
+        engine.wait_idle(Duration::from_secs(5)).await;
+    }
+    let _ = stop_server.send(());
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+fn default_id(local: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let host: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{host}-{}", local.port())
+}
+
+fn advertise_for(local: SocketAddr) -> String {
+    if local.ip().is_unspecified() {
+        format!("127.0.0.1:{}", local.port())
+    } else {
+        local.to_string()
+    }
+}
