@@ -1,10 +1,16 @@
-//! Generates the tonic/prost code for both contracts and a file descriptor
-//! set that the servers expose through gRPC reflection.
+//! Generates the tonic/prost code for both contracts and, per contract, a
+//! file descriptor set that the servers expose through gRPC reflection (so
+//! each process lists only the services it serves).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("nanoinfer_descriptor.bin"))
-        .compile_protos(&["proto/inference.proto", "proto/worker.proto"], &["proto"])?;
+    for (file, set) in [
+        ("proto/inference.proto", "inference_descriptor.bin"),
+        ("proto/worker.proto", "worker_descriptor.bin"),
+    ] {
+        tonic_prost_build::configure()
+            .file_descriptor_set_path(out_dir.join(set))
+            .compile_protos(&[file], &["proto"])?;
+    }
     Ok(())
 }

@@ -63,6 +63,7 @@ pub async fn run(
     let mut server = tokio::spawn(
         nanoinfer_proto::add_reflection(
             tonic::transport::Server::builder().add_service(health_service),
+            nanoinfer_proto::INFERENCE_DESCRIPTOR_SET,
         )
         .add_service(InferServiceServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {

@@ -5,7 +5,8 @@
 //!   served by the coordinator.
 //! - [`worker`]: the internal API (`proto/worker.proto`, package
 //!   `nanoinfer.worker.v1`) between coordinator and workers.
-//! - [`FILE_DESCRIPTOR_SET`]: both files' descriptors, for gRPC reflection.
+//! - [`INFERENCE_DESCRIPTOR_SET`], [`WORKER_DESCRIPTOR_SET`] and
+//!   [`add_reflection`]: gRPC reflection for each process's own services.
 //!
 //! The tonic and prost crates are re-exported so users of the generated code
 //! need no direct dependency with a matching version.
@@ -27,23 +28,27 @@ pub mod worker {
     tonic::include_proto!("nanoinfer.worker.v1");
 }
 
-/// Encoded `FileDescriptorSet` of both proto files, for
-/// `tonic_reflection::server::Builder::register_encoded_file_descriptor_set`.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("nanoinfer_descriptor");
+/// Encoded `FileDescriptorSet` of `inference.proto` (the coordinator's API).
+pub const INFERENCE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("inference_descriptor");
+
+/// Encoded `FileDescriptorSet` of `worker.proto` (the worker's API).
+pub const WORKER_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("worker_descriptor");
 
 /// Adds gRPC server reflection (v1 and the v1alpha that older grpcurl
-/// releases use) for both nanoinfer contracts and `grpc.health.v1`, so
-/// `grpcurl list` / `describe` work against any nanoinfer process.
+/// releases use) for the contract in `descriptor_set` and `grpc.health.v1`,
+/// so `grpcurl list` / `describe` work against any nanoinfer process.
 pub fn add_reflection(
     router: tonic::transport::server::Router,
+    descriptor_set: &'static [u8],
 ) -> tonic::transport::server::Router {
     let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(descriptor_set)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("embedded descriptor sets are valid");
     let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(descriptor_set)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("embedded descriptor sets are valid");
@@ -56,6 +61,7 @@ mod tests {
     fn reflection_builds_from_the_embedded_descriptors() {
         let router = tonic::transport::Server::builder()
             .add_service(tonic_health::server::health_reporter().1);
-        let _ = super::add_reflection(router);
+        let router = super::add_reflection(router, super::INFERENCE_DESCRIPTOR_SET);
+        let _ = super::add_reflection(router, super::WORKER_DESCRIPTOR_SET);
     }
 }

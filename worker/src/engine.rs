@@ -270,14 +270,17 @@ fn engine_thread(
             return;
         }
     };
-    let _ = ready.send(Ok(ctx.n_ctx()));
+    // llama.cpp may round the context up (to a multiple of 256); the window
+    // we enforce and advertise is the configured one.
+    let window = config.ctx_size.min(ctx.n_ctx());
+    let _ = ready.send(Ok(window));
     let mut batch = LlamaBatch::new(config.batch_size as usize, 1);
     while let Ok(job) = jobs.recv() {
         counters.queued.fetch_sub(1, Ordering::SeqCst);
         counters.running.fetch_add(1, Ordering::SeqCst);
         let request_id = job.generation.request_id.clone();
         let started = Instant::now();
-        let outcome = generate(&model, &mut ctx, &mut batch, &counters, job);
+        let outcome = generate(&model, &mut ctx, &mut batch, window, &counters, job);
         counters.running.fetch_sub(1, Ordering::SeqCst);
         match outcome {
             Ok(Some((reason, prompt, generated))) => tracing::info!(
@@ -312,6 +315,7 @@ fn generate(
     model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
+    n_ctx: u32,
     counters: &Counters,
     job: Job,
 ) -> Result<Outcome, String> {
@@ -320,7 +324,6 @@ fn generate(
         events,
     } = job;
     let n_prompt = g.prompt.len() as u32;
-    let n_ctx = ctx.n_ctx();
     let send = |event: Event| events.blocking_send(event).is_ok();
     let fail = |msg: String| {
         let _ = events.blocking_send(Event::Failed(msg.clone()));
@@ -397,7 +400,8 @@ fn generate(
         if generated >= g.max_tokens {
             break FinishReason::Length;
         }
-        if pos as u32 >= n_ctx {
+        // Prompt + generated tokens never exceed the window.
+        if n_prompt + generated >= n_ctx {
             break FinishReason::ContextLength;
         }
         batch.clear();

@@ -100,6 +100,7 @@ pub async fn run(
     let server = tokio::spawn(
         nanoinfer_proto::add_reflection(
             tonic::transport::Server::builder().add_service(health_service),
+            nanoinfer_proto::WORKER_DESCRIPTOR_SET,
         )
         .add_service(WorkerServiceServer::new(service))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

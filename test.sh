@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Smoke tests of a running coordinator with grpcurl, through server
+# reflection (no .proto files needed).
+#
+#   ./test.sh health                     # {"status": "OK", "liveWorkers": 2}
+#   ./test.sh infer                      # streams a completion (default prompt, 32 tokens)
+#   ./test.sh infer "Custom prompt" 20   # custom prompt and max_tokens
+#   ./test.sh list | describe            # what the server exposes
+#
+# Address: NANOINFER_ADDR (default 127.0.0.1:50052). grpcurl comes from the
+# venv scripts/setup creates, or from PATH.
+set -euo pipefail
+. "$(dirname "$0")/scripts/common.sh"
+
+ADDR="${NANOINFER_ADDR:-127.0.0.1:50052}"
+ADDR="${ADDR#http://}"
+if ! command -v grpcurl >/dev/null; then
+  echo "grpcurl not found: run scripts/setup" >&2
+  exit 1
+fi
+
+json_string() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
+
+case "${1:-}" in
+  health)
+    grpcurl -plaintext "$ADDR" nanoinfer.InferService/Health
+    ;;
+  infer)
+    prompt="${2:-Explain what a coordinator does in an LLM serving cluster.}"
+    max_tokens="${3:-32}"
+    [[ "$max_tokens" =~ ^[0-9]+$ ]] || { echo "max_tokens must be a non-negative integer" >&2; exit 2; }
+    grpcurl -plaintext -d "{\"prompt\": $(json_string "$prompt"), \"max_tokens\": $max_tokens}" \
+      "$ADDR" nanoinfer.InferService/Infer
+    ;;
+  list)
+    grpcurl -plaintext "$ADDR" list
+    ;;
+  describe)
+    grpcurl -plaintext "$ADDR" describe "${2:-nanoinfer.InferService}"
+    ;;
+  *)
+    echo "usage: $0 health | infer [prompt] [max_tokens] | list | describe [symbol]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,405 @@
+//! Test harness: real etcd, real worker and coordinator binaries, the real
+//! model, all on ephemeral loopback ports. Every process is killed when its
+//! handle drops, and every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nanoinfer_proto::nanoinfer::{
+    infer_service_client::InferServiceClient, HealthRequest, InferRequest, InferResponse,
+};
+use tonic::transport::Channel;
+
+/// A release binary of the workspace (this test binary lives in
+/// `<target>/release/deps/`, the binaries one level up).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace's binaries first (cargo build --release --workspace --bins)",
+        path.display()
+    );
+    path
+}
+
+/// Path of the default model: `NANOINFER_TEST_MODEL`, else `scripts/fetch-model`.
+pub fn model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("NANOINFER_TEST_MODEL") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/fetch-model"))
+        .output()
+        .expect("run scripts/fetch-model");
+    assert!(
+        out.status.success(),
+        "fetch-model failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("fetch-model prints the path")
+            .trim(),
+    )
+}
+
+/// A free loopback port (the OS picks it; released before use).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 50 ms until it is true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// A child process whose stderr is captured line by line; killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            name: name.to_string(),
+            child,
+            lines,
+        }
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub async fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Give the reader thread a moment to collect the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "{} exited ({status}) before logging {needle:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} did not log {needle:?} within {timeout:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The address in the process's `listening on ADDR` line.
+    pub async fn listen_addr(&mut self) -> String {
+        let line = self
+            .wait_for_line("listening on ", Duration::from_secs(30))
+            .await;
+        line.rsplit("listening on ")
+            .next()
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} did not exit within {timeout:?}:\n{}",
+                    self.name,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A throwaway single-member etcd on loopback ports.
+pub struct Etcd {
+    pub endpoint: String,
+    proc: Proc,
+    data_dir: PathBuf,
+}
+
+impl Etcd {
+    pub async fn start() -> Self {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let data_dir = std::env::temp_dir().join(format!(
+            "nanoinfer-etcd-{}-{client_port}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&data_dir);
+        let endpoint = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let mut proc = Proc::spawn(
+            "etcd",
+            Command::new("etcd")
+                .arg("--name=test")
+                .arg(format!("--data-dir={}", data_dir.display()))
+                .arg(format!("--listen-client-urls={endpoint}"))
+                .arg(format!("--advertise-client-urls={endpoint}"))
+                .arg(format!("--listen-peer-urls={peer}"))
+                .arg(format!("--initial-advertise-peer-urls={peer}"))
+                .arg(format!("--initial-cluster=test={peer}")),
+        );
+        proc.wait_for_line("ready to serve client requests", Duration::from_secs(30))
+            .await;
+        let etcd = Self {
+            endpoint,
+            proc,
+            data_dir,
+        };
+        let endpoint = etcd.endpoint.clone();
+        eventually(Duration::from_secs(10), "etcd to answer", || {
+            let endpoint = endpoint.clone();
+            async move {
+                match etcd_client::Client::connect([endpoint], None).await {
+                    Ok(mut c) => c.status().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        etcd
+    }
+
+    /// Worker ids registered now.
+    pub async fn worker_ids(&self) -> Vec<String> {
+        let mut c = etcd_client::Client::connect([self.endpoint.clone()], None)
+            .await
+            .unwrap();
+        let resp = c
+            .get(
+                "/nanoinfer/workers/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let info: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+                info["id"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.proc.kill();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+/// Starts a worker with `--threads 1` and a 3 s lease; returns once it is
+/// registered.
+pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin("nanoinfer-worker"));
+    cmd.arg("--model")
+        .arg(model_path())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--lease-ttl",
+            "3",
+        ])
+        .args(["--id", id, "--etcd-endpoints", &etcd.endpoint])
+        .args(extra);
+    let mut proc = Proc::spawn(id, &mut cmd);
+    proc.wait_for_line("worker ready", Duration::from_secs(60))
+        .await;
+    proc
+}
+
+/// Starts a coordinator; returns it and its `http://` address.
+pub async fn start_coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = Command::new(bin("nanoinfer-coordinator"));
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+    ])
+    .args(extra);
+    let mut proc = Proc::spawn("coordinator", &mut cmd);
+    let addr = proc.listen_addr().await;
+    (proc, format!("http://{addr}"))
+}
+
+/// etcd, `workers` workers (ids `w1`, `w2`, …) and a coordinator that sees
+/// all of them.
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub workers: Vec<Proc>,
+    pub coordinator: Proc,
+    pub addr: String,
+}
+
+impl Cluster {
+    pub async fn start(workers: usize, worker_args: &[&str], coordinator_args: &[&str]) -> Self {
+        let etcd = Etcd::start().await;
+        let mut procs = Vec::new();
+        for i in 1..=workers {
+            procs.push(start_worker(&etcd, &format!("w{i}"), worker_args).await);
+        }
+        let (coordinator, addr) = start_coordinator(&etcd, coordinator_args).await;
+        let cluster = Self {
+            etcd,
+            workers: procs,
+            coordinator,
+            addr,
+        };
+        cluster.wait_live(workers as u32).await;
+        cluster
+    }
+
+    pub async fn client(&self) -> InferServiceClient<Channel> {
+        InferServiceClient::new(
+            nanoinfer::connect(&self.addr)
+                .await
+                .expect("connect to coordinator"),
+        )
+    }
+
+    /// Live workers as the coordinator reports them.
+    pub async fn live_workers(&self) -> u32 {
+        let mut c = self.client().await;
+        c.health(HealthRequest {})
+            .await
+            .map(|r| r.into_inner().live_workers)
+            .unwrap_or(u32::MAX)
+    }
+
+    /// Waits until the coordinator reports `n` live workers.
+    pub async fn wait_live(&self, n: u32) {
+        eventually(
+            Duration::from_secs(20),
+            &format!("{n} live workers"),
+            || async move { self.live_workers().await == n },
+        )
+        .await;
+    }
+}
+
+/// A greedy request for `prompt` with `max_tokens`.
+pub fn greedy(prompt: &str, max_tokens: u32) -> InferRequest {
+    InferRequest {
+        prompt: prompt.into(),
+        max_tokens,
+        temperature: Some(0.0),
+        ..Default::default()
+    }
+}
+
+/// Runs a request to completion and returns every message.
+pub async fn collect(
+    client: &mut InferServiceClient<Channel>,
+    req: InferRequest,
+) -> Result<Vec<InferResponse>, tonic::Status> {
+    let mut stream = client.infer(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        out.push(msg);
+    }
+    Ok(out)
+}
+
+/// The text of a finished stream (token messages and the final message).
+pub fn text(msgs: &[InferResponse]) -> String {
+    msgs.iter().map(|m| m.token.as_str()).collect()
+}
+
+/// A prompt that keeps the model talking.
+pub const PROMPT: &str = "The history of the Roman Empire begins with";
