@@ -6,7 +6,7 @@
 #   deploy/local-cluster.sh stop     # SIGTERM in order: coordinator, workers, etcd
 #
 # Ports (env overrides): coordinator 50052 (NANOINFER_COORDINATOR_PORT),
-# workers 50061 and 50062 (NANOINFER_WORKER_PORT_BASE), etcd 2379/2380
+# workers 50061 and 50062 (NANOINFER_WORKER_PORTS, one worker per port), etcd 2379/2380
 # (NANOINFER_ETCD_PORT / NANOINFER_ETCD_PEER_PORT). Logs and pids live in
 # $NANOINFER_RUN_DIR (default: <cache dir>/cluster). The two workers share the
 # machine's cores: each gets half of them (at least 1 thread) so they do not
@@ -16,11 +16,11 @@ set -euo pipefail
 
 RUN_DIR="${NANOINFER_RUN_DIR:-$NANOINFER_CACHE_DIR/cluster}"
 COORD_PORT="${NANOINFER_COORDINATOR_PORT:-50052}"
-WORKER_BASE="${NANOINFER_WORKER_PORT_BASE:-50061}"
+read -r -a WORKER_PORTS <<<"${NANOINFER_WORKER_PORTS:-50061 50062}"
 ETCD_PORT="${NANOINFER_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${NANOINFER_ETCD_PEER_PORT:-2380}"
 ETCD_URL="http://127.0.0.1:$ETCD_PORT"
-WORKERS=2
+WORKERS=${#WORKER_PORTS[@]}
 
 pidfile() { echo "$RUN_DIR/$1.pid"; }
 
@@ -77,7 +77,7 @@ start() {
   local i
   for ((i = 1; i <= WORKERS; i++)); do
     if alive "worker$i"; then log "worker$i already running"; continue; fi
-    local port=$((WORKER_BASE + i - 1))
+    local port=${WORKER_PORTS[$((i - 1))]}
     log "starting worker$i on 127.0.0.1:$port ($threads threads)"
     start_bg "worker$i" "$BIN_DIR/nanoinfer-worker" --model "$model" \
       --listen "127.0.0.1:$port" --etcd-endpoints "$ETCD_URL" --id "local-worker$i" \
@@ -91,12 +91,12 @@ start() {
     start_bg coordinator "$BIN_DIR/nanoinfer-coordinator" \
       --listen "127.0.0.1:$COORD_PORT" --etcd-endpoints "$ETCD_URL"
   fi
-  log "waiting for both workers to register"
-  wait_for "two live workers" 60 two_workers_live
+  log "waiting for $WORKERS workers to register"
+  wait_for "$WORKERS live workers" 60 all_workers_live
   log "cluster is up: coordinator http://127.0.0.1:$COORD_PORT (logs in $RUN_DIR)"
 }
 
-two_workers_live() {
+all_workers_live() {
   "$BIN_DIR/nanoinfer" --addr "http://127.0.0.1:$COORD_PORT" health | grep -q "live workers: $WORKERS"
 }
 
@@ -126,7 +126,9 @@ stop() {
 
 status() {
   local name
-  for name in etcd worker1 worker2 coordinator; do
+  local names=(etcd) i
+  for ((i = 1; i <= WORKERS; i++)); do names+=("worker$i"); done
+  for name in "${names[@]}" coordinator; do
     if alive "$name"; then echo "$name: running (pid $(cat "$(pidfile "$name")"))"; else echo "$name: stopped"; fi
   done
   "$BIN_DIR/nanoinfer" --addr "http://127.0.0.1:$COORD_PORT" health || true

@@ -281,22 +281,18 @@ impl Drop for Etcd {
     }
 }
 
-/// Starts a worker with `--threads 1` and a 3 s lease; returns once it is
-/// registered.
+/// Starts a worker with `--threads 1` and (unless `extra` sets one) a 3 s
+/// lease; returns once it is registered.
 pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("nanoinfer-worker"));
     cmd.arg("--model")
         .arg(model_path())
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-            "--lease-ttl",
-            "3",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--threads", "1"])
         .args(["--id", id, "--etcd-endpoints", &etcd.endpoint])
         .args(extra);
+    if !extra.contains(&"--lease-ttl") {
+        cmd.args(["--lease-ttl", "3"]);
+    }
     let mut proc = Proc::spawn(id, &mut cmd);
     proc.wait_for_line("worker ready", Duration::from_secs(60))
         .await;

@@ -1,0 +1,175 @@
+//! End to end: the README's path. The local cluster script starts etcd, two
+//! real workers on the real model and a coordinator; `test.sh` (grpcurl over
+//! reflection) and the `nanoinfer` CLI drive it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::free_port;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The target dir this test binary was built into (`<target>/release/deps/x`).
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors().nth(3).unwrap().to_path_buf()
+}
+
+struct LocalCluster {
+    env: Vec<(String, String)>,
+    addr: String,
+}
+
+impl LocalCluster {
+    fn script(&self, args: &[&str]) -> Output {
+        Command::new(root().join("deploy/local-cluster.sh"))
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap()
+    }
+
+    fn start() -> Self {
+        let run_dir = std::env::temp_dir().join(format!("nanoinfer-e2e-{}", std::process::id()));
+        let coordinator = free_port();
+        let env = vec![
+            ("NANOINFER_RUN_DIR".into(), run_dir.display().to_string()),
+            ("NANOINFER_COORDINATOR_PORT".into(), coordinator.to_string()),
+            (
+                "NANOINFER_WORKER_PORTS".into(),
+                format!("{} {}", free_port(), free_port()),
+            ),
+            ("NANOINFER_ETCD_PORT".into(), free_port().to_string()),
+            ("NANOINFER_ETCD_PEER_PORT".into(), free_port().to_string()),
+            (
+                "CARGO_TARGET_DIR".into(),
+                target_dir().display().to_string(),
+            ),
+        ];
+        let cluster = Self {
+            env,
+            addr: format!("127.0.0.1:{coordinator}"),
+        };
+        let out = cluster.script(&["start"]);
+        assert!(
+            out.status.success(),
+            "local-cluster.sh start failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster
+    }
+
+    fn test_sh(&self, args: &[&str]) -> String {
+        let out = Command::new(root().join("test.sh"))
+            .args(args)
+            .env("NANOINFER_ADDR", &self.addr)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "test.sh {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_nanoinfer"))
+            .args(["--addr", &format!("http://{}", self.addr)])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let out = self.script(&["stop"]);
+        assert!(out.status.success() || std::thread::panicking());
+    }
+}
+
+/// grpcurl prints one JSON object per message; split them.
+fn json_messages(out: &str) -> Vec<serde_json::Value> {
+    serde_json::Deserializer::from_str(out)
+        .into_iter::<serde_json::Value>()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[test]
+fn readme_path_local_cluster_test_sh_and_cli() {
+    let cluster = LocalCluster::start();
+
+    let health = json_messages(&cluster.test_sh(&["health"]));
+    assert_eq!(health[0]["status"], "OK");
+    assert_eq!(health[0]["liveWorkers"], 2);
+
+    let services = cluster.test_sh(&["list"]);
+    for s in [
+        "nanoinfer.InferService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            services.lines().any(|l| l == s),
+            "{s} missing in {services}"
+        );
+    }
+    assert!(cluster.test_sh(&["describe"]).contains(
+        "rpc Infer ( .nanoinfer.InferRequest ) returns ( stream .nanoinfer.InferResponse )"
+    ));
+
+    let default = json_messages(&cluster.test_sh(&["infer"]));
+    let last = default.last().unwrap();
+    assert_eq!(last["finishReason"], "FINISH_REASON_LENGTH");
+    assert_eq!(last["usage"]["generatedTokens"], 32);
+
+    let custom = json_messages(&cluster.test_sh(&["infer", "Custom prompt", "20"]));
+    assert_eq!(custom.len(), 21, "20 tokens and the final message");
+    let id = custom[0]["requestId"].as_str().unwrap();
+    assert!(custom.iter().all(|m| m["requestId"] == id));
+    assert_eq!(custom[20]["usage"]["generatedTokens"], 20);
+
+    let out = cluster.cli(&["health"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "OK (live workers: 2)"
+    );
+
+    let out = cluster.cli(&[
+        "infer",
+        "The capital of France is",
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--request-id",
+        "cli-1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    assert!(
+        stderr.contains("request_id=cli-1 finish_reason=LENGTH")
+            && stderr.contains("generated_tokens=6"),
+        "{stderr}"
+    );
+
+    let out = cluster.cli(&["infer", "hi", "--top-p", "2"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("InvalidArgument") && stderr.contains("top_p"),
+        "{stderr}"
+    );
+}
