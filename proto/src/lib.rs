@@ -59,9 +59,13 @@ pub fn add_reflection(
 mod tests {
     #[test]
     fn reflection_builds_from_the_embedded_descriptors() {
-        let router = tonic::transport::Server::builder()
-            .add_service(tonic_health::server::health_reporter().1);
-        let router = super::add_reflection(router, super::INFERENCE_DESCRIPTOR_SET);
-        let _ = super::add_reflection(router, super::WORKER_DESCRIPTOR_SET);
+        for set in [
+            super::INFERENCE_DESCRIPTOR_SET,
+            super::WORKER_DESCRIPTOR_SET,
+        ] {
+            let router = tonic::transport::Server::builder()
+                .add_service(tonic_health::server::health_reporter().1);
+            let _ = super::add_reflection(router, set);
+        }
     }
 }
