@@ -9,8 +9,8 @@
 # workers 50061 and 50062 (NANOINFER_WORKER_PORTS, one worker per port), etcd 2379/2380
 # (NANOINFER_ETCD_PORT / NANOINFER_ETCD_PEER_PORT). Logs and pids live in
 # $NANOINFER_RUN_DIR (default: <cache dir>/cluster). The two workers share the
-# machine's cores: each gets half of them (at least 1 thread) so they do not
-# fight. Needs the binaries and the model: run scripts/setup first.
+# machine's cores: each gets an equal share (at least 1 thread) so they do not
+# fight; NANOINFER_WORKER_THREADS overrides it. Needs the binaries and the model: run scripts/setup first.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 
@@ -47,6 +47,7 @@ wait_for() { # description, seconds, command...
 }
 
 threads_per_worker() {
+  if [ -n "${NANOINFER_WORKER_THREADS:-}" ]; then echo "$NANOINFER_WORKER_THREADS"; return; fi
   local cores; cores=$(nproc)
   local t=$((cores / WORKERS))
   [ "$t" -ge 1 ] || t=1

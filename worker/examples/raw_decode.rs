@@ -1,0 +1,84 @@
+//! Baseline for the worker's figures: llama.cpp's own prompt and decode rate
+//! for a model, measured straight through the C API of the very build the
+//! worker links — no sampler, no channels, no gRPC. It mirrors what
+//! `llama-bench` measures (pp: one batch of prompt tokens; tg: tokens
+//! decoded one at a time), since the vendored llama.cpp in llama-cpp-sys-2
+//! does not ship llama-bench's sources.
+//!
+//! cargo run --release -p nanoinfer-worker --example raw_decode -- MODEL [THREADS] [PP] [TG] [REPS]
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+
+fn arg(n: usize, default: usize) -> usize {
+    std::env::args()
+        .nth(n)
+        .map(|s| s.parse().expect("numeric argument"))
+        .unwrap_or(default)
+}
+
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let m = xs.iter().sum::<f64>() / xs.len() as f64;
+    let v = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / xs.len() as f64;
+    (m, v.sqrt())
+}
+
+fn main() {
+    let model_path = std::env::args()
+        .nth(1)
+        .expect("usage: raw_decode MODEL [THREADS] [PP] [TG] [REPS]");
+    let threads = arg(2, 2) as i32;
+    let pp = arg(3, 32);
+    let tg = arg(4, 128);
+    let reps = arg(5, 5);
+    let mut backend = LlamaBackend::init().unwrap();
+    backend.void_logs();
+    let model =
+        LlamaModel::load_from_file(&backend, &model_path, &LlamaModelParams::default()).unwrap();
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(2048))
+        .with_n_batch(512)
+        .with_n_ubatch(512)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut ctx = model.new_context(&backend, params).unwrap();
+    let token = model.vocab().bos();
+    let mut batch = LlamaBatch::new(512, 1);
+    let (mut pp_rates, mut tg_rates) = (Vec::new(), Vec::new());
+    for rep in 0..=reps {
+        // pp: one batch of `pp` prompt tokens.
+        ctx.clear_kv_cache();
+        batch.clear();
+        for i in 0..pp {
+            batch.add(token, i as i32, &[0], i == pp - 1).unwrap();
+        }
+        let t = Instant::now();
+        ctx.decode(&mut batch).unwrap();
+        let pp_rate = pp as f64 / t.elapsed().as_secs_f64();
+        // tg: `tg` tokens decoded one at a time.
+        ctx.clear_kv_cache();
+        let t = Instant::now();
+        for i in 0..tg {
+            batch.clear();
+            batch.add(token, i as i32, &[0], true).unwrap();
+            ctx.decode(&mut batch).unwrap();
+        }
+        let tg_rate = tg as f64 / t.elapsed().as_secs_f64();
+        if rep > 0 {
+            // rep 0 warms up.
+            pp_rates.push(pp_rate);
+            tg_rates.push(tg_rate);
+        }
+    }
+    let (pm, ps) = mean_sd(&pp_rates);
+    let (tm, ts) = mean_sd(&tg_rates);
+    println!("model {model_path} threads {threads} reps {reps}");
+    println!("pp{pp}: {pm:.1} ± {ps:.1} tok/s");
+    println!("tg{tg}: {tm:.1} ± {ts:.1} tok/s");
+}
