@@ -160,3 +160,24 @@ async fn the_coordinator_keeps_serving_its_last_known_set_while_etcd_is_down() {
     assert_eq!(msgs.last().unwrap().usage.unwrap().generated_tokens, 2);
     drop(workers);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_lease_is_lost_registers_again() {
+    let mut cluster = Cluster::start(1, &[], &[]).await;
+    // Revoke the worker's lease behind its back, as an expiry would.
+    let mut etcd = etcd_client::Client::connect([cluster.etcd.endpoint.clone()], None)
+        .await
+        .unwrap();
+    let leases = etcd.leases().await.unwrap();
+    assert_eq!(leases.leases().len(), 1);
+    etcd.lease_revoke(leases.leases()[0].id()).await.unwrap();
+    assert!(cluster.etcd.worker_ids().await.is_empty());
+    // The keep-alive notices and puts the record back under a new lease.
+    cluster.workers[0]
+        .wait_for_line("re-registered in etcd", Duration::from_secs(15))
+        .await;
+    assert_eq!(cluster.etcd.worker_ids().await, vec!["w1".to_string()]);
+    cluster.wait_live(1).await;
+    let mut client = cluster.client().await;
+    collect(&mut client, greedy(PROMPT, 2)).await.unwrap();
+}
