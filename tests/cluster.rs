@@ -98,7 +98,33 @@ async fn sigterm_lets_an_in_flight_stream_finish() {
     let mut client = cluster.client().await;
     let mut stream = client.infer(greedy(PROMPT, 40)).await.unwrap().into_inner();
     stream.message().await.unwrap().unwrap();
+    let worker_addr = cluster.workers[0].listen_addr().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        nanoinfer::connect(&worker_addr).await.unwrap(),
+    );
+    let check = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let status = health
+        .check(check.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(status, serving);
     cluster.workers[0].terminate();
+    // Health goes NOT_SERVING first, while the stream is still running.
+    eventually(Duration::from_secs(5), "worker health NOT_SERVING", || {
+        let (mut h, c) = (health.clone(), check.clone());
+        async move {
+            h.check(c)
+                .await
+                .map(|r| r.into_inner().status != serving)
+                .unwrap_or(false)
+        }
+    })
+    .await;
     let mut last = None;
     while let Some(m) = stream.message().await.unwrap() {
         last = Some(m);

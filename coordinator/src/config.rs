@@ -77,3 +77,30 @@ impl Args {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<CoordinatorConfig, String> {
+        let mut argv = vec!["nanoinfer-coordinator"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap().validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.limits.default_max_tokens, 128);
+        assert_eq!(c.limits.max_tokens_limit, 4096);
+        assert_eq!(c.etcd_endpoints, vec!["http://127.0.0.1:2379".to_string()]);
+    }
+
+    #[test]
+    fn inconsistent_limits_are_refused() {
+        let err = args(&["--max-tokens-limit", "64"]).unwrap_err();
+        assert!(err.contains("--default-max-tokens"), "{err}");
+        assert!(args(&["--max-tokens-limit", "0"]).is_err());
+        assert!(args(&["--max-tokens-limit", "64", "--default-max-tokens", "64"]).is_ok());
+    }
+}

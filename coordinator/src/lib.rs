@@ -37,7 +37,8 @@ pub enum RunError {
     Setup(String),
 }
 
-const SERVICE_NAME: &str = "nanoinfer.InferService";
+const SERVICE_NAME: &str =
+    <InferServiceServer<service::InferServiceImpl> as tonic::server::NamedService>::NAME;
 
 /// Serves on `listener` until `shutdown` completes; then health goes
 /// NOT_SERVING and open streams get the grace period to finish.

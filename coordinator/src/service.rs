@@ -145,7 +145,13 @@ fn relay(relay: Relay) -> InferStream {
         }
         let item = match r.upstream.message().await {
             Ok(Some(msg)) => {
-                r.done = msg.finished.is_some();
+                if let Some(f) = &msg.finished {
+                    r.done = true;
+                    tracing::info!(request_id = %r.request_id, worker = %r.worker,
+                        finish_reason = ?wpb::FinishReason::try_from(f.reason).unwrap_or_default(),
+                        prompt_tokens = f.prompt_tokens, generated_tokens = f.generated_tokens,
+                        "request finished");
+                }
                 Ok(relay_message(&r.request_id, msg))
             }
             Ok(None) => {

@@ -109,6 +109,14 @@ impl Args {
         if self.etcd_endpoints.is_empty() {
             return Err("--etcd-endpoints must name at least one endpoint".into());
         }
+        if let Some(addr) = &self.advertise {
+            let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !port_ok || addr.contains("://") {
+                return Err(format!("--advertise must be host:port, got {addr:?}"));
+            }
+        }
         if let Some(id) = &self.id {
             nanoinfer_registry::schema::validate_worker_id(id).map_err(|e| format!("--id: {e}"))?;
         }
@@ -123,5 +131,48 @@ impl Args {
             queue: self.queue,
             grace_period: Duration::from_secs(self.grace_period),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<WorkerConfig, String> {
+        let mut argv = vec!["nanoinfer-worker", "--model", "m.gguf"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap().validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.ctx_size, 2048);
+        assert_eq!(c.lease_ttl, 10);
+        assert!(c.threads >= 1);
+    }
+
+    #[test]
+    fn out_of_range_flags_name_the_flag() {
+        for (flag, value) in [
+            ("--threads", "0"),
+            ("--lease-ttl", "1"),
+            ("--ctx-size", "8"),
+            ("--queue", "0"),
+            ("--advertise", "no-port"),
+            ("--advertise", "http://h:1"),
+            ("--advertise", "h:0"),
+            ("--id", "a/b"),
+        ] {
+            let err = args(&[flag, value]).unwrap_err();
+            assert!(err.contains(flag), "{flag} {value}: {err}");
+        }
+        assert_eq!(
+            args(&["--advertise", "worker-0.workers:50061"])
+                .unwrap()
+                .advertise
+                .as_deref(),
+            Some("worker-0.workers:50061")
+        );
     }
 }

@@ -26,6 +26,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::detok::Utf8Carry;
 use crate::stop::{StopMatcher, StopOutcome};
 
+/// Requests generated at the same time (no batching yet: one at a time).
+pub const SLOTS: u32 = 1;
+
 /// Tokens buffered per request between the engine and the gRPC stream.
 const EVENT_BUFFER: usize = 32;
 

@@ -27,6 +27,8 @@ use nanoinfer_proto::worker::worker_service_server::WorkerServiceServer;
 use nanoinfer_registry::{Capacity, Registration, WorkerInfo};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 
 pub use config::{Args, WorkerConfig};
 use engine::{Engine, EngineConfig};
@@ -67,9 +69,7 @@ pub async fn run(
     tracing::info!("nanoinfer-worker listening on {local}");
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_not_serving::<WorkerServiceServer<service::WorkerServiceImpl>>()
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
 
     let path = config.model.clone();
     let model = tokio::task::spawn_blocking(move || model::load(&path))
@@ -116,7 +116,7 @@ pub async fn run(
             .unwrap_or_else(|| advertise_for(local)),
         model: model.name.clone(),
         capacity: Capacity {
-            slots: 1,
+            slots: engine::SLOTS,
             queue: config.queue,
             context_length: engine.ctx_size(),
         },
@@ -128,9 +128,7 @@ pub async fn run(
         config.lease_ttl as i64,
     )
     .await?;
-    health
-        .set_serving::<WorkerServiceServer<service::WorkerServiceImpl>>()
-        .await;
+    set_health(&health, ServingStatus::Serving).await;
     tracing::info!(id = %info.id, address = %info.address, "worker ready");
 
     tokio::select! {
@@ -142,9 +140,7 @@ pub async fn run(
         }
     }
 
-    health
-        .set_not_serving::<WorkerServiceServer<service::WorkerServiceImpl>>()
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
     engine.drain();
     if let Err(e) = registration.revoke().await {
         tracing::warn!(error = %e, "could not revoke the etcd lease; it will expire by itself");
@@ -157,6 +153,15 @@ pub async fn run(
     let _ = stop_server.send(());
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The worker's health, for the whole server ("") and for its service: NOT_SERVING
+/// until the model is loaded and registered, and again from the start of shutdown.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    use tonic::server::NamedService;
+    health.set_service_status("", status).await;
+    let name = <WorkerServiceServer<service::WorkerServiceImpl> as NamedService>::NAME;
+    health.set_service_status(name, status).await;
 }
 
 fn default_id(local: SocketAddr) -> String {

@@ -137,7 +137,7 @@ impl WorkerService for WorkerServiceImpl {
         Ok(Response::new(LoadResponse {
             running: load.running,
             queued: load.queued,
-            slots: 1,
+            slots: crate::engine::SLOTS,
             queue_capacity: self.engine.queue_capacity(),
             context_length: self.engine.ctx_size(),
             model: self.model.name.clone(),
