@@ -15,14 +15,8 @@ pub struct Args {
     /// address is logged).
     #[arg(long, env = "NANOINFER_LISTEN", default_value = "0.0.0.0:50052")]
     pub listen: SocketAddr,
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "NANOINFER_ETCD_ENDPOINTS",
-        default_value = "http://127.0.0.1:2379",
-        value_delimiter = ','
-    )]
-    pub etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    pub etcd: nanoinfer_registry::EtcdArgs,
     /// `max_tokens` used when a request leaves it at 0.
     #[arg(long, env = "NANOINFER_DEFAULT_MAX_TOKENS", default_value_t = 128)]
     pub default_max_tokens: u32,
@@ -63,11 +57,8 @@ impl Args {
                 self.max_tokens_limit, self.default_max_tokens
             ));
         }
-        if self.etcd_endpoints.is_empty() {
-            return Err("--etcd-endpoints must name at least one endpoint".into());
-        }
         Ok(CoordinatorConfig {
-            etcd_endpoints: self.etcd_endpoints,
+            etcd_endpoints: self.etcd.validate()?,
             limits: Limits {
                 default_max_tokens: self.default_max_tokens,
                 max_tokens_limit: self.max_tokens_limit,

@@ -20,6 +20,34 @@ pub use schema::{Capacity, WorkerInfo, WORKERS_PREFIX};
 
 use std::time::Duration;
 
+/// The etcd flags both processes take (`#[command(flatten)]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long = "etcd-endpoints",
+        env = "NANOINFER_ETCD_ENDPOINTS",
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ','
+    )]
+    pub endpoints: Vec<String>,
+}
+
+impl EtcdArgs {
+    /// The endpoints, or an error naming the flag when there are none.
+    pub fn validate(self) -> Result<Vec<String>, String> {
+        let endpoints: Vec<String> = self
+            .endpoints
+            .into_iter()
+            .filter(|e| !e.trim().is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err("--etcd-endpoints must name at least one endpoint".into());
+        }
+        Ok(endpoints)
+    }
+}
+
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {

@@ -90,22 +90,8 @@ async fn via_coordinator(addr: &str, args: &Args) -> Result<Sample, Box<dyn std:
         ..Default::default()
     };
     let started = Instant::now();
-    let mut stream = client.infer(req).await?.into_inner();
-    let mut times = Vec::new();
-    while let Some(msg) = stream.message().await? {
-        if let Some(usage) = msg.usage {
-            return Ok(Sample {
-                ttft: times
-                    .first()
-                    .map(|t: &Instant| *t - started)
-                    .unwrap_or_default(),
-                token_times: times,
-                prompt_tokens: usage.prompt_tokens,
-            });
-        }
-        times.push(Instant::now());
-    }
-    Err("stream ended without a final message".into())
+    let stream = client.infer(req).await?.into_inner();
+    time_stream(started, stream, |m| m.usage.map(|u| u.prompt_tokens)).await
 }
 
 async fn via_worker(addr: &str, args: &Args) -> Result<Sample, Box<dyn std::error::Error>> {
@@ -120,17 +106,27 @@ async fn via_worker(addr: &str, args: &Args) -> Result<Sample, Box<dyn std::erro
         stop: Vec::new(),
     };
     let started = Instant::now();
-    let mut stream = client.generate(req).await?.into_inner();
+    let stream = client.generate(req).await?.into_inner();
+    time_stream(started, stream, |m| m.finished.map(|f| f.prompt_tokens)).await
+}
+
+/// Reads a token stream to its end, noting when each token arrived.
+/// `final_prompt_tokens` recognises the final message and reads its usage.
+async fn time_stream<M>(
+    started: Instant,
+    mut stream: tonic::Streaming<M>,
+    final_prompt_tokens: impl Fn(&M) -> Option<u32>,
+) -> Result<Sample, Box<dyn std::error::Error>> {
     let mut times = Vec::new();
     while let Some(msg) = stream.message().await? {
-        if let Some(done) = msg.finished {
+        if let Some(prompt_tokens) = final_prompt_tokens(&msg) {
             return Ok(Sample {
                 ttft: times
                     .first()
                     .map(|t: &Instant| *t - started)
                     .unwrap_or_default(),
                 token_times: times,
-                prompt_tokens: done.prompt_tokens,
+                prompt_tokens,
             });
         }
         times.push(Instant::now());

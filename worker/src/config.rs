@@ -24,14 +24,8 @@ pub struct Args {
     /// Defaults to the bound address (127.0.0.1 when bound to 0.0.0.0).
     #[arg(long, env = "NANOINFER_ADVERTISE")]
     pub advertise: Option<String>,
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "NANOINFER_ETCD_ENDPOINTS",
-        default_value = "http://127.0.0.1:2379",
-        value_delimiter = ','
-    )]
-    pub etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    pub etcd: nanoinfer_registry::EtcdArgs,
     /// Worker id, the last segment of its etcd key. Defaults to
     /// `<hostname>-<port>`.
     #[arg(long, env = "NANOINFER_ID")]
@@ -106,9 +100,6 @@ impl Args {
         if self.queue == 0 {
             return Err("--queue must be at least 1".into());
         }
-        if self.etcd_endpoints.is_empty() {
-            return Err("--etcd-endpoints must name at least one endpoint".into());
-        }
         if let Some(addr) = &self.advertise {
             let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
                 !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
@@ -123,7 +114,7 @@ impl Args {
         Ok(WorkerConfig {
             model: self.model,
             advertise: self.advertise,
-            etcd_endpoints: self.etcd_endpoints,
+            etcd_endpoints: self.etcd.validate()?,
             id: self.id,
             threads,
             lease_ttl: self.lease_ttl,
@@ -163,6 +154,7 @@ mod tests {
             ("--advertise", "http://h:1"),
             ("--advertise", "h:0"),
             ("--id", "a/b"),
+            ("--etcd-endpoints", ""),
         ] {
             let err = args(&[flag, value]).unwrap_err();
             assert!(err.contains(flag), "{flag} {value}: {err}");
