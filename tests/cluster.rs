@@ -207,3 +207,21 @@ async fn a_worker_whose_lease_is_lost_registers_again() {
     let mut client = cluster.client().await;
     collect(&mut client, greedy(PROMPT, 2)).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_coordinator_finishes_open_streams_then_exits() {
+    let mut cluster = Cluster::start(1, &[], &[]).await;
+    let mut client = cluster.client().await;
+    let mut stream = client.infer(greedy(PROMPT, 40)).await.unwrap().into_inner();
+    stream.message().await.unwrap().unwrap();
+    cluster.coordinator.terminate();
+    let mut last = None;
+    while let Some(m) = stream.message().await.unwrap() {
+        last = Some(m);
+    }
+    assert_eq!(last.unwrap().usage.unwrap().generated_tokens, 40);
+    assert_eq!(
+        cluster.coordinator.wait_exit(Duration::from_secs(30)).await,
+        Some(0)
+    );
+}

@@ -302,7 +302,9 @@ fn sampler_for(g: &Generation) -> LlamaSampler {
     if g.temperature == 0.0 {
         return LlamaSampler::greedy();
     }
-    let seed = (g.seed ^ (g.seed >> 32)) as u32;
+    // llama.cpp reads u32::MAX (LLAMA_DEFAULT_SEED) as "pick a random seed";
+    // keep every request seed deterministic by folding it onto its neighbour.
+    let seed = ((g.seed ^ (g.seed >> 32)) as u32).min(u32::MAX - 1);
     let mut chain = vec![LlamaSampler::temp(g.temperature)];
     if g.top_p < 1.0 {
         chain.push(LlamaSampler::top_p(g.top_p, 1));
