@@ -5,8 +5,10 @@
 #   deploy/local-cluster.sh status   # pids, ports, coordinator health
 #   deploy/local-cluster.sh stop     # SIGTERM in order: coordinator, workers, etcd
 #
-# Ports (env overrides): coordinator 50052 (NANOINFER_COORDINATOR_PORT),
-# workers 50061 and 50062 (NANOINFER_WORKER_PORTS, one worker per port), etcd 2379/2380
+# Ports (env overrides): coordinator 50052 (NANOINFER_COORDINATOR_PORT) with
+# metrics on 9052 (NANOINFER_COORDINATOR_METRICS_PORT), workers 50061 and 50062
+# (NANOINFER_WORKER_PORTS, one worker per port) with metrics on 9061 and 9062
+# (NANOINFER_WORKER_METRICS_PORTS), etcd 2379/2380
 # (NANOINFER_ETCD_PORT / NANOINFER_ETCD_PEER_PORT). Logs and pids live in
 # $NANOINFER_RUN_DIR (default: <cache dir>/cluster). The two workers share the
 # machine's cores: each gets an equal share (at least 1 thread) so they do not
@@ -16,11 +18,17 @@ set -euo pipefail
 
 RUN_DIR="${NANOINFER_RUN_DIR:-$NANOINFER_CACHE_DIR/cluster}"
 COORD_PORT="${NANOINFER_COORDINATOR_PORT:-50052}"
+COORD_METRICS_PORT="${NANOINFER_COORDINATOR_METRICS_PORT:-9052}"
 read -r -a WORKER_PORTS <<<"${NANOINFER_WORKER_PORTS:-50061 50062}"
+read -r -a WORKER_METRICS_PORTS <<<"${NANOINFER_WORKER_METRICS_PORTS:-9061 9062 9063 9064 9065 9066 9067 9068}"
 ETCD_PORT="${NANOINFER_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${NANOINFER_ETCD_PEER_PORT:-2380}"
 ETCD_URL="http://127.0.0.1:$ETCD_PORT"
 WORKERS=${#WORKER_PORTS[@]}
+if [ "${#WORKER_METRICS_PORTS[@]}" -lt "$WORKERS" ]; then
+  echo "NANOINFER_WORKER_METRICS_PORTS needs one port per worker ($WORKERS)" >&2
+  exit 2
+fi
 
 pidfile() { echo "$RUN_DIR/$1.pid"; }
 
@@ -79,9 +87,11 @@ start() {
   for ((i = 1; i <= WORKERS; i++)); do
     if alive "worker$i"; then log "worker$i already running"; continue; fi
     local port=${WORKER_PORTS[$((i - 1))]}
+    local metrics_port=${WORKER_METRICS_PORTS[$((i - 1))]}
     log "starting worker$i on 127.0.0.1:$port ($threads threads)"
     start_bg "worker$i" "$BIN_DIR/nanoinfer-worker" --model "$model" \
-      --listen "127.0.0.1:$port" --etcd-endpoints "$ETCD_URL" --id "local-worker$i" \
+      --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
+      --etcd-endpoints "$ETCD_URL" --id "local-worker$i" \
       --threads "$threads"
   done
 
@@ -90,7 +100,8 @@ start() {
   else
     log "starting coordinator on 127.0.0.1:$COORD_PORT"
     start_bg coordinator "$BIN_DIR/nanoinfer-coordinator" \
-      --listen "127.0.0.1:$COORD_PORT" --etcd-endpoints "$ETCD_URL"
+      --listen "127.0.0.1:$COORD_PORT" --metrics-listen "127.0.0.1:$COORD_METRICS_PORT" \
+      --etcd-endpoints "$ETCD_URL"
   fi
   log "waiting for $WORKERS workers to register"
   wait_for "$WORKERS live workers" 60 all_workers_live

@@ -43,6 +43,14 @@ impl LocalCluster {
                 "NANOINFER_WORKER_PORTS".into(),
                 format!("{} {}", free_port(), free_port()),
             ),
+            (
+                "NANOINFER_WORKER_METRICS_PORTS".into(),
+                format!("{} {}", free_port(), free_port()),
+            ),
+            (
+                "NANOINFER_COORDINATOR_METRICS_PORT".into(),
+                free_port().to_string(),
+            ),
             ("NANOINFER_ETCD_PORT".into(), free_port().to_string()),
             ("NANOINFER_ETCD_PEER_PORT".into(), free_port().to_string()),
             (

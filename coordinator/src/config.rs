@@ -15,6 +15,10 @@ pub struct Args {
     /// address is logged).
     #[arg(long, env = "NANOINFER_LISTEN", default_value = "0.0.0.0:50052")]
     pub listen: SocketAddr,
+    /// Address of the HTTP endpoint for `/metrics`, `/healthz` and
+    /// `/readyz`; port 0 picks a free port (the bound address is logged).
+    #[arg(long, env = "NANOINFER_METRICS_LISTEN", default_value = "0.0.0.0:9052")]
+    pub metrics_listen: SocketAddr,
     #[command(flatten)]
     pub etcd: nanoinfer_registry::EtcdArgs,
     /// `max_tokens` used when a request leaves it at 0.

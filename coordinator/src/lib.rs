@@ -6,12 +6,14 @@
 //! - [`routing`]: least-in-flight worker choice and per-worker channels.
 //! - [`service`]: `Health` and `Infer` (pick, open upstream, relay).
 //! - [`error`]: the one status-code table.
+//! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
 //! - [`run`]: discovery, health, reflection, serve, drain.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod routing;
 pub mod service;
 pub mod validate;
@@ -40,11 +42,13 @@ pub enum RunError {
 const SERVICE_NAME: &str =
     <InferServiceServer<service::InferServiceImpl> as tonic::server::NamedService>::NAME;
 
-/// Serves on `listener` until `shutdown` completes; then health goes
-/// NOT_SERVING and open streams get the grace period to finish.
+/// Serves gRPC on `listener` and metrics/probes on `metrics_listener` until
+/// `shutdown` completes; then health goes NOT_SERVING and open streams get
+/// the grace period to finish.
 pub async fn run(
     config: CoordinatorConfig,
     listener: TcpListener,
+    metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let local = listener
@@ -53,12 +57,36 @@ pub async fn run(
     tracing::info!("nanoinfer-coordinator listening on {local}");
 
     let (live, discovery) = nanoinfer_registry::spawn_discovery(config.etcd_endpoints.clone());
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let health_task = tokio::spawn(track_health(live.clone(), health.clone()));
+    let metrics = Arc::new(metrics::CoordinatorMetrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let ready_tx = Arc::new(ready_tx);
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(nanoinfer_telemetry::http::serve(
+        metrics_listener,
+        Arc::new(registry),
+        ready_rx,
+        async {
+            let _ = metrics_stopped.await;
+        },
+    ));
 
-    let router = Arc::new(routing::Router::default());
-    let service =
-        service::InferServiceImpl::new(live.clone(), router.clone(), config.limits.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(track_health(
+        live.clone(),
+        health.clone(),
+        ready_tx.clone(),
+        metrics.clone(),
+    ));
+
+    let router = Arc::new(routing::Router::new(metrics.worker_in_flight.clone()));
+    let service = service::InferServiceImpl::new(
+        live.clone(),
+        router.clone(),
+        config.limits.clone(),
+        metrics.clone(),
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server = tokio::spawn(
@@ -83,6 +111,7 @@ pub async fn run(
         }
     }
     health_task.abort();
+    ready_tx.send_replace(false);
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
@@ -101,17 +130,23 @@ pub async fn run(
         }
     }
     discovery.abort();
+    let _ = stop_metrics.send(());
     tracing::info!("coordinator stopped");
     Ok(())
 }
 
-/// Keeps grpc.health.v1 in step with the live set: SERVING iff ≥ 1 worker.
+/// Keeps grpc.health.v1, `/readyz` and the live-workers gauge in step with
+/// the live set: ready iff ≥ 1 worker.
 async fn track_health(
     mut live: tokio::sync::watch::Receiver<nanoinfer_registry::WorkerSet>,
     health: tonic_health::server::HealthReporter,
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
+    metrics: Arc<metrics::CoordinatorMetrics>,
 ) {
     loop {
         let n = live.borrow_and_update().len();
+        metrics.live_workers.set(n as i64);
+        ready.send_replace(n > 0);
         let status = if n > 0 {
             ServingStatus::Serving
         } else {

@@ -7,11 +7,20 @@ use nanoinfer_coordinator::{run, Args};
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     nanoinfer_telemetry::init(args.log_format);
-    let listen = args.listen;
+    let (listen, metrics_listen) = (args.listen, args.metrics_listen);
     let config = args.validate().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
-    run(config, listener, nanoinfer_telemetry::shutdown_signal()).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {metrics_listen} for metrics: {e}"))?;
+    run(
+        config,
+        listener,
+        metrics_listener,
+        nanoinfer_telemetry::shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }

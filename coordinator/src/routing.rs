@@ -6,19 +6,23 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nanoinfer_registry::WorkerSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::metrics::WorkerLabel;
 
 /// Counts one request against a worker while alive.
 #[derive(Debug)]
-pub struct InFlight(Arc<AtomicUsize>);
+pub struct InFlight(Gauge);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.dec();
     }
 }
 
@@ -38,7 +42,8 @@ pub struct Picked {
 struct WorkerState {
     address: String,
     channel: Channel,
-    in_flight: Arc<AtomicUsize>,
+    /// The worker's series of `worker_requests_in_flight`: the count itself.
+    in_flight: Gauge,
 }
 
 /// Per-worker channels and in-flight counts, kept in step with the live set.
@@ -46,6 +51,7 @@ struct WorkerState {
 pub struct Router {
     workers: Mutex<HashMap<String, WorkerState>>,
     rotation: AtomicUsize,
+    in_flight: Family<WorkerLabel, Gauge>,
 }
 
 /// Index of the candidate with the fewest in flight; among ties, the one at
@@ -59,10 +65,24 @@ pub fn choose(in_flight: &[usize], rotation: usize) -> Option<usize> {
 }
 
 impl Router {
+    /// A router that keeps its in-flight counts in `in_flight`.
+    pub fn new(in_flight: Family<WorkerLabel, Gauge>) -> Self {
+        Self {
+            in_flight,
+            ..Self::default()
+        }
+    }
+
     /// Picks a worker from `live`, skipping ids in `exclude`.
     pub fn pick(&self, live: &WorkerSet, exclude: &[String]) -> Option<Picked> {
         let mut workers = self.workers.lock().expect("router lock");
-        workers.retain(|id, w| live.get(id).is_some_and(|info| info.address == w.address));
+        workers.retain(|id, w| {
+            let keep = live.get(id).is_some_and(|info| info.address == w.address);
+            if !keep {
+                self.in_flight.remove(&WorkerLabel { worker: id.clone() });
+            }
+            keep
+        });
         let candidates: Vec<&String> = live.keys().filter(|id| !exclude.contains(id)).collect();
         for id in &candidates {
             if !workers.contains_key(*id) {
@@ -72,24 +92,28 @@ impl Router {
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     .connect_lazy();
+                let label = WorkerLabel {
+                    worker: (*id).clone(),
+                };
+                let in_flight = self.in_flight.get_or_create_owned(&label);
                 workers.insert(
                     (*id).clone(),
                     WorkerState {
                         address,
                         channel,
-                        in_flight: Arc::default(),
+                        in_flight,
                     },
                 );
             }
         }
         let counts: Vec<usize> = candidates
             .iter()
-            .map(|id| workers[*id].in_flight.load(Ordering::SeqCst))
+            .map(|id| workers[*id].in_flight.get().max(0) as usize)
             .collect();
         let index = choose(&counts, self.rotation.fetch_add(1, Ordering::Relaxed))?;
         let id = candidates[index].clone();
         let w = &workers[&id];
-        w.in_flight.fetch_add(1, Ordering::SeqCst);
+        w.in_flight.inc();
         Some(Picked {
             address: w.address.clone(),
             channel: w.channel.clone(),
@@ -103,7 +127,7 @@ impl Router {
         let workers = self.workers.lock().expect("router lock");
         workers
             .iter()
-            .map(|(id, w)| (id.clone(), w.in_flight.load(Ordering::SeqCst)))
+            .map(|(id, w)| (id.clone(), w.in_flight.get().max(0) as usize))
             .collect()
     }
 }
@@ -113,6 +137,7 @@ mod tests {
     use super::*;
     use nanoinfer_registry::{Capacity, WorkerInfo};
     use std::collections::BTreeMap;
+    use std::sync::Arc;
 
     fn set(ids: &[&str]) -> WorkerSet {
         let mut m = BTreeMap::new();
@@ -161,7 +186,8 @@ mod tests {
 
     #[tokio::test]
     async fn excluded_and_departed_workers_are_skipped() {
-        let router = Router::default();
+        let family = Family::<WorkerLabel, Gauge>::default();
+        let router = Router::new(family.clone());
         let live = set(&["a", "b"]);
         for _ in 0..4 {
             assert_eq!(router.pick(&live, &["a".to_string()]).unwrap().id, "b");
@@ -172,6 +198,7 @@ mod tests {
         let _ = router.pick(&live, &[]);
         let only_b = set(&["b"]);
         let _ = router.pick(&only_b, &[]);
+        assert_eq!(family.len(), 1, "a departed worker's series is removed");
         assert_eq!(
             router.in_flight().len(),
             1,

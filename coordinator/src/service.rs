@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::error::CoordinatorError;
+use crate::metrics::{code_name, CodeLabel, CoordinatorMetrics, RequestRecorder};
 use crate::routing::{InFlight, Router};
 use crate::validate::{InferParams, Limits};
 
@@ -28,15 +29,22 @@ pub struct InferServiceImpl {
     live: watch::Receiver<WorkerSet>,
     router: Arc<Router>,
     limits: Limits,
+    metrics: Arc<CoordinatorMetrics>,
 }
 
 impl InferServiceImpl {
     /// A service routing to the workers in `live`.
-    pub fn new(live: watch::Receiver<WorkerSet>, router: Arc<Router>, limits: Limits) -> Self {
+    pub fn new(
+        live: watch::Receiver<WorkerSet>,
+        router: Arc<Router>,
+        limits: Limits,
+        metrics: Arc<CoordinatorMetrics>,
+    ) -> Self {
         Self {
             live,
             router,
             limits,
+            metrics,
         }
     }
 
@@ -61,8 +69,9 @@ impl InferServiceImpl {
                 Err(status) => {
                     tracing::warn!(request_id = %params.request_id, worker = %picked.id,
                         code = ?status.code(), error = %status.message(), "worker refused request");
-                    let retry =
-                        matches!(status.code(), Code::Unavailable | Code::ResourceExhausted);
+                    let code = status.code();
+                    count_worker_error(&self.metrics, code);
+                    let retry = matches!(code, Code::Unavailable | Code::ResourceExhausted);
                     last_error = CoordinatorError::Upstream {
                         worker: picked.id.clone(),
                         status,
@@ -88,6 +97,25 @@ fn to_worker_request(p: &InferParams) -> GenerateRequest {
         seed: p.seed,
         stop: p.stop.clone(),
     }
+}
+
+/// The metric label of a worker finish reason.
+fn finish_label(reason: i32) -> &'static str {
+    match wpb::FinishReason::try_from(reason).unwrap_or(wpb::FinishReason::Unspecified) {
+        wpb::FinishReason::Unspecified => "unspecified",
+        wpb::FinishReason::Length => "length",
+        wpb::FinishReason::StopSequence => "stop_sequence",
+        wpb::FinishReason::Eos => "eos",
+        wpb::FinishReason::ContextLength => "context_length",
+        wpb::FinishReason::Cancelled => "cancelled",
+    }
+}
+
+fn count_worker_error(metrics: &CoordinatorMetrics, code: Code) {
+    let label = CodeLabel {
+        code: code_name(code),
+    };
+    metrics.worker_errors.get_or_create(&label).inc();
 }
 
 fn finish_reason(reason: i32) -> FinishReason {
@@ -123,13 +151,29 @@ pub fn relay_message(request_id: &str, msg: GenerateResponse) -> InferResponse {
     }
 }
 
-/// State of one relay: the upstream stream and the guard counting it.
+/// State of one relay: the upstream stream, the guard counting it against
+/// its worker, and the request's metrics.
 struct Relay {
     upstream: Streaming<GenerateResponse>,
     request_id: String,
     worker: String,
     _guard: InFlight,
+    recorder: RequestRecorder,
+    metrics: Arc<CoordinatorMetrics>,
     done: bool,
+}
+
+impl Relay {
+    /// The worker failed mid-stream: count it and end the request with the
+    /// worker's code.
+    fn worker_failed(&mut self, error: CoordinatorError) -> Status {
+        self.done = true;
+        let code = error.code();
+        count_worker_error(&self.metrics, code);
+        self.recorder.failed(code);
+        tracing::warn!(request_id = %self.request_id, error = %error, "worker stream failed");
+        Status::from(error)
+    }
 }
 
 type InferStream = Pin<Box<dyn Stream<Item = Result<InferResponse, Status>> + Send>>;
@@ -145,27 +189,31 @@ fn relay(relay: Relay) -> InferStream {
         }
         let item = match r.upstream.message().await {
             Ok(Some(msg)) => {
-                if let Some(f) = &msg.finished {
-                    r.done = true;
-                    tracing::info!(request_id = %r.request_id, worker = %r.worker,
-                        finish_reason = ?wpb::FinishReason::try_from(f.reason).unwrap_or_default(),
-                        prompt_tokens = f.prompt_tokens, generated_tokens = f.generated_tokens,
-                        "request finished");
+                match &msg.finished {
+                    None => {
+                        r.recorder.token();
+                    }
+                    Some(f) => {
+                        r.done = true;
+                        r.recorder.finished(finish_label(f.reason));
+                        tracing::info!(request_id = %r.request_id, worker = %r.worker,
+                            finish_reason = finish_label(f.reason), prompt_tokens = f.prompt_tokens,
+                            generated_tokens = f.generated_tokens,
+                            e2e_ms = (r.recorder.elapsed() * 1e3) as u64, "request finished");
+                    }
                 }
                 Ok(relay_message(&r.request_id, msg))
             }
             Ok(None) => {
-                r.done = true;
-                Err(Status::from(CoordinatorError::Truncated(r.worker.clone())))
+                let error = CoordinatorError::Truncated(r.worker.clone());
+                Err(r.worker_failed(error))
             }
             Err(status) => {
-                r.done = true;
-                tracing::warn!(request_id = %r.request_id, worker = %r.worker, code = ?status.code(),
-                    error = %status.message(), "worker stream failed");
-                Err(Status::from(CoordinatorError::Upstream {
+                let error = CoordinatorError::Upstream {
                     worker: r.worker.clone(),
                     status,
-                }))
+                };
+                Err(r.worker_failed(error))
             }
         };
         Some((item, r))
@@ -193,22 +241,31 @@ impl InferService for InferServiceImpl {
         &self,
         request: Request<InferRequest>,
     ) -> Result<Response<Self::InferStream>, Status> {
-        let params = self
-            .limits
-            .validate(request.into_inner(), rand_seed)
-            .map_err(|e| {
+        let mut recorder = RequestRecorder::start(self.metrics.clone());
+        let params = match self.limits.validate(request.into_inner(), rand_seed) {
+            Ok(params) => params,
+            Err(e) => {
                 tracing::info!(error = %e, "request rejected");
-                Status::from(e)
-            })?;
-        let (upstream, worker, guard) = self.open_upstream(&params).await.map_err(|e| {
-            tracing::warn!(request_id = %params.request_id, error = %e, "request failed");
-            Status::from(e)
-        })?;
+                recorder.failed(e.code());
+                return Err(Status::from(e));
+            }
+        };
+        let (upstream, worker, guard) = match self.open_upstream(&params).await {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::warn!(request_id = %params.request_id, error = %e, "request failed");
+                recorder.failed(e.code());
+                return Err(Status::from(e));
+            }
+        };
+        recorder.upstream_opened();
         Ok(Response::new(relay(Relay {
             upstream,
             request_id: params.request_id,
             worker,
             _guard: guard,
+            recorder,
+            metrics: self.metrics.clone(),
             done: false,
         })))
     }

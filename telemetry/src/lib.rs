@@ -1,9 +1,15 @@
-//! Logging setup shared by every nanoinfer process: one place decides the
-//! format and the filter. Logs go to stderr; the filter comes from `RUST_LOG`
-//! (default `info`). Prompts and generated text are never logged at info or
-//! above by any nanoinfer crate.
+//! Telemetry shared by every nanoinfer process.
+//!
+//! # Layout
+//! - [`init`]: logging (stderr, `RUST_LOG` filter, text or JSON). Prompts and
+//!   generated text are never logged at info or above by any nanoinfer crate.
+//! - [`http`]: the `/metrics`, `/healthz`, `/readyz` endpoint and the
+//!   histogram buckets both processes use.
+//! - [`shutdown_signal`]: SIGTERM / SIGINT.
 
 #![forbid(unsafe_code)]
+
+pub mod http;
 
 use tracing_subscriber::EnvFilter;
 

@@ -148,16 +148,24 @@ impl Proc {
         }
     }
 
-    /// The address in the process's `listening on ADDR` line.
+    /// The gRPC address in the process's `nanoinfer-… listening on ADDR` line.
     pub async fn listen_addr(&mut self) -> String {
-        let line = self
-            .wait_for_line("listening on ", Duration::from_secs(30))
-            .await;
-        line.rsplit("listening on ")
-            .next()
-            .unwrap()
-            .trim()
-            .to_string()
+        let name = if self.name == "coordinator" {
+            "nanoinfer-coordinator"
+        } else {
+            "nanoinfer-worker"
+        };
+        self.addr_after(&format!("{name} listening on ")).await
+    }
+
+    /// The address in the process's `metrics listening on ADDR` line.
+    pub async fn metrics_addr(&mut self) -> String {
+        self.addr_after("metrics listening on ").await
+    }
+
+    async fn addr_after(&mut self, needle: &str) -> String {
+        let line = self.wait_for_line(needle, Duration::from_secs(30)).await;
+        line.rsplit(needle).next().unwrap().trim().to_string()
     }
 
     /// Sends SIGTERM.
@@ -287,7 +295,8 @@ pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("nanoinfer-worker"));
     cmd.arg("--model")
         .arg(model_path())
-        .args(["--listen", "127.0.0.1:0", "--threads", "1"])
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--threads", "1"])
         .args(["--id", id, "--etcd-endpoints", &etcd.endpoint])
         .args(extra);
     if !extra.contains(&"--lease-ttl") {
@@ -302,13 +311,9 @@ pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
 /// Starts a coordinator; returns it and its `http://` address.
 pub async fn start_coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
     let mut cmd = Command::new(bin("nanoinfer-coordinator"));
-    cmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--etcd-endpoints",
-        &etcd.endpoint,
-    ])
-    .args(extra);
+    cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--etcd-endpoints", &etcd.endpoint])
+        .args(extra);
     let mut proc = Proc::spawn("coordinator", &mut cmd);
     let addr = proc.listen_addr().await;
     (proc, format!("http://{addr}"))
@@ -399,3 +404,41 @@ pub fn text(msgs: &[InferResponse]) -> String {
 
 /// A prompt that keeps the model talking.
 pub const PROMPT: &str = "The history of the Roman Empire begins with";
+
+/// `GET path` over plain HTTP/1.0; returns the status code and body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("HTTP response within 10 s")
+    .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+/// Parsed Prometheus text: `name{labels}` → value.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The process's metrics now.
+pub async fn scrape(proc: &mut Proc) -> std::collections::HashMap<String, f64> {
+    let addr = proc.metrics_addr().await;
+    let (status, body) = http_get(&addr, "/metrics").await;
+    assert_eq!(status, 200);
+    parse_metrics(&body)
+}

@@ -20,6 +20,10 @@ pub struct Args {
     /// address is logged).
     #[arg(long, env = "NANOINFER_LISTEN", default_value = "0.0.0.0:50061")]
     pub listen: SocketAddr,
+    /// Address of the HTTP endpoint for `/metrics`, `/healthz` and
+    /// `/readyz`; port 0 picks a free port (the bound address is logged).
+    #[arg(long, env = "NANOINFER_METRICS_LISTEN", default_value = "0.0.0.0:9061")]
+    pub metrics_listen: SocketAddr,
     /// Address published in etcd for the coordinator to dial (host:port).
     /// Defaults to the bound address (127.0.0.1 when bound to 0.0.0.0).
     #[arg(long, env = "NANOINFER_ADVERTISE")]

@@ -9,7 +9,7 @@
 //! left, and the request stops before its next decode step.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::detok::Utf8Carry;
+use crate::metrics::{FinishLabel, WorkerMetrics};
 use crate::stop::{StopMatcher, StopOutcome};
 
 /// Requests generated at the same time (no batching yet: one at a time).
@@ -45,6 +46,19 @@ pub enum FinishReason {
     ContextLength,
     /// Cancelled by the worker (shutdown past the grace period).
     Cancelled,
+}
+
+impl FinishReason {
+    /// The metric label of this reason.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Length => "length",
+            Self::StopSequence => "stop_sequence",
+            Self::Eos => "eos",
+            Self::ContextLength => "context_length",
+            Self::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// One validated generation request, already tokenized.
@@ -121,10 +135,10 @@ pub struct EngineConfig {
     pub queue: u32,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    queued: AtomicU32,
-    running: AtomicU32,
+/// State shared by the handles and the engine thread.
+struct Shared {
+    /// Also the source of the running / waiting counts.
+    metrics: Arc<WorkerMetrics>,
     draining: AtomicBool,
     cancel: AtomicBool,
 }
@@ -132,6 +146,7 @@ struct Counters {
 struct Job {
     generation: Generation,
     events: mpsc::Sender<Event>,
+    submitted: Instant,
 }
 
 /// Handle to the engine thread. Dropping every handle stops the thread once
@@ -139,7 +154,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Engine {
     jobs: std_mpsc::SyncSender<Job>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
     queue: u32,
     ctx_size: u32,
 }
@@ -159,16 +174,21 @@ impl Engine {
         backend: Arc<LlamaBackend>,
         model: Arc<LlamaModel>,
         config: EngineConfig,
+        metrics: Arc<WorkerMetrics>,
     ) -> Result<Self, EngineError> {
         let (jobs, rx) = std_mpsc::sync_channel::<Job>(config.queue as usize);
-        let counters = Arc::new(Counters::default());
+        let shared = Arc::new(Shared {
+            metrics,
+            draining: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
+        });
         let (ready_tx, ready_rx) = oneshot::channel();
-        let thread_counters = counters.clone();
+        let thread_shared = shared.clone();
         let thread_config = config.clone();
         std::thread::Builder::new()
             .name("nanoinfer-engine".into())
             .spawn(move || {
-                engine_thread(backend, model, thread_config, rx, thread_counters, ready_tx)
+                engine_thread(backend, model, thread_config, rx, thread_shared, ready_tx)
             })
             .map_err(|e| EngineError::Context(e.to_string()))?;
         let ctx_size = ready_rx
@@ -176,7 +196,7 @@ impl Engine {
             .map_err(|_| EngineError::Context("engine thread exited".into()))??;
         Ok(Self {
             jobs,
-            counters,
+            shared,
             queue: config.queue,
             ctx_size,
         })
@@ -185,15 +205,21 @@ impl Engine {
     /// Queues a generation. The receiver yields its events; dropping it
     /// cancels the request.
     pub fn submit(&self, generation: Generation) -> Result<mpsc::Receiver<Event>, EngineError> {
-        if self.counters.draining.load(Ordering::SeqCst) {
+        if self.shared.draining.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
-        self.counters.queued.fetch_add(1, Ordering::SeqCst);
-        match self.jobs.try_send(Job { generation, events }) {
+        let waiting = &self.shared.metrics.waiting;
+        waiting.inc();
+        let job = Job {
+            generation,
+            events,
+            submitted: Instant::now(),
+        };
+        match self.jobs.try_send(job) {
             Ok(()) => Ok(rx),
             Err(e) => {
-                self.counters.queued.fetch_sub(1, Ordering::SeqCst);
+                waiting.dec();
                 match e {
                     std_mpsc::TrySendError::Full(_) => Err(EngineError::QueueFull(self.queue)),
                     std_mpsc::TrySendError::Disconnected(_) => Err(EngineError::ShuttingDown),
@@ -215,14 +241,14 @@ impl Engine {
     /// Current load.
     pub fn load(&self) -> Load {
         Load {
-            running: self.counters.running.load(Ordering::SeqCst),
-            queued: self.counters.queued.load(Ordering::SeqCst),
+            running: self.shared.metrics.running.get().max(0) as u32,
+            queued: self.shared.metrics.waiting.get().max(0) as u32,
         }
     }
 
     /// Refuses new work from now on.
     pub fn drain(&self) {
-        self.counters.draining.store(true, Ordering::SeqCst);
+        self.shared.draining.store(true, Ordering::SeqCst);
     }
 
     /// Waits until no request is running or queued, for at most `grace`.
@@ -247,7 +273,7 @@ impl Engine {
 
     /// Ends every running and queued request with [`FinishReason::Cancelled`].
     pub fn cancel_all(&self) {
-        self.counters.cancel.store(true, Ordering::SeqCst);
+        self.shared.cancel.store(true, Ordering::SeqCst);
     }
 }
 
@@ -256,7 +282,7 @@ fn engine_thread(
     model: Arc<LlamaModel>,
     config: EngineConfig,
     jobs: std_mpsc::Receiver<Job>,
-    counters: Arc<Counters>,
+    shared: Arc<Shared>,
     ready: oneshot::Sender<Result<u32, EngineError>>,
 ) {
     let params = LlamaContextParams::default()
@@ -279,12 +305,26 @@ fn engine_thread(
     let _ = ready.send(Ok(window));
     let mut batch = LlamaBatch::new(config.batch_size as usize, 1);
     while let Ok(job) = jobs.recv() {
-        counters.queued.fetch_sub(1, Ordering::SeqCst);
-        counters.running.fetch_add(1, Ordering::SeqCst);
+        let metrics = &shared.metrics;
+        metrics.waiting.dec();
+        metrics.running.inc();
+        metrics
+            .queue_time
+            .observe(job.submitted.elapsed().as_secs_f64());
         let request_id = job.generation.request_id.clone();
         let started = Instant::now();
-        let outcome = generate(&model, &mut ctx, &mut batch, window, &counters, job);
-        counters.running.fetch_sub(1, Ordering::SeqCst);
+        let outcome = generate(&model, &mut ctx, &mut batch, window, &shared, job);
+        metrics.running.dec();
+        metrics.kv_cache_usage.set(0.0);
+        let finish_reason = match &outcome {
+            Ok(Some((reason, _, _))) => reason.label(),
+            Ok(None) => "client_left",
+            Err(_) => "error",
+        };
+        metrics
+            .requests
+            .get_or_create(&FinishLabel { finish_reason })
+            .inc();
         match outcome {
             Ok(Some((reason, prompt, generated))) => tracing::info!(
                 request_id = %request_id, ?reason, prompt_tokens = prompt, generated_tokens = generated,
@@ -321,13 +361,15 @@ fn generate(
     ctx: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
     n_ctx: u32,
-    counters: &Counters,
+    shared: &Shared,
     job: Job,
 ) -> Result<Outcome, String> {
     let Job {
         generation: g,
         events,
+        submitted,
     } = job;
+    let metrics = &shared.metrics;
     let n_prompt = g.prompt.len() as u32;
     let send = |event: Event| events.blocking_send(event).is_ok();
     let fail = |msg: String| {
@@ -337,7 +379,7 @@ fn generate(
     if events.is_closed() {
         return Ok(None);
     }
-    if counters.cancel.load(Ordering::SeqCst) {
+    if shared.cancel.load(Ordering::SeqCst) {
         let reason = FinishReason::Cancelled;
         send(Event::Finished {
             reason,
@@ -348,6 +390,7 @@ fn generate(
         return Ok(Some((reason, n_prompt, 0)));
     }
     ctx.clear_kv_cache();
+    let prefill_started = Instant::now();
     // Prefill in chunks; logits only for the prompt's last token.
     let chunk = batch_capacity(ctx);
     let mut pos: i32 = 0;
@@ -367,6 +410,11 @@ fn generate(
             return fail(format!("prefill decode: {e}"));
         }
     }
+    metrics
+        .prefill_time
+        .observe(prefill_started.elapsed().as_secs_f64());
+    metrics.prompt_tokens.inc_by(n_prompt as u64);
+    let decode_started = Instant::now();
     let vocab = model.vocab();
     let mut sampler = sampler_for(&g);
     let mut utf8 = Utf8Carry::default();
@@ -377,7 +425,7 @@ fn generate(
         if events.is_closed() {
             return Ok(None);
         }
-        if counters.cancel.load(Ordering::SeqCst) {
+        if shared.cancel.load(Ordering::SeqCst) {
             break FinishReason::Cancelled;
         }
         let token = sampler.sample(ctx, logits_at);
@@ -392,11 +440,21 @@ fn generate(
             StopOutcome::Emit(t) => (t, false),
             StopOutcome::Stop(t) => (t, true),
         };
-        if !send(Event::Token {
+        let sent = send(Event::Token {
             text,
             id: token.0,
             index,
-        }) {
+        });
+        metrics.generation_tokens.inc();
+        if index == 0 {
+            metrics
+                .time_to_first_token
+                .observe(submitted.elapsed().as_secs_f64());
+        }
+        metrics
+            .kv_cache_usage
+            .set(f64::from(n_prompt + generated) / f64::from(n_ctx));
+        if !sent {
             return Ok(None);
         }
         if stopped {
@@ -428,6 +486,13 @@ fn generate(
             StopOutcome::Stop(t) => t,
         }
     };
+    let decode = decode_started.elapsed().as_secs_f64();
+    metrics.decode_time.observe(decode);
+    if generated > 1 {
+        metrics
+            .time_per_output_token
+            .observe(decode / f64::from(generated - 1));
+    }
     send(Event::Finished {
         reason,
         text,

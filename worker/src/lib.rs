@@ -8,12 +8,14 @@
 //!   and per-request event channels.
 //! - [`stop`], [`detok`]: stop-sequence matching and UTF-8-safe detokenizing.
 //! - [`service`]: the gRPC service; [`error`]: the status-code table.
+//! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
 //! - [`run`]: serve, register in etcd, and shut down in order.
 
 pub mod config;
 pub mod detok;
 pub mod engine;
 pub mod error;
+pub mod metrics;
 pub mod model;
 pub mod service;
 pub mod stop;
@@ -55,12 +57,14 @@ pub enum RunError {
 
 const PROMPT_BATCH: u32 = 512;
 
-/// Serves on `listener` until `shutdown` completes, then drains: health goes
-/// NOT_SERVING, the etcd lease is revoked, in-flight requests get the grace
-/// period, and whatever is left is cancelled.
+/// Serves gRPC on `listener` and metrics/probes on `metrics_listener` until
+/// `shutdown` completes, then drains: health goes NOT_SERVING, the etcd lease
+/// is revoked, in-flight requests get the grace period, and whatever is left
+/// is cancelled.
 pub async fn run(
     config: WorkerConfig,
     listener: TcpListener,
+    metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let local = listener
@@ -68,14 +72,33 @@ pub async fn run(
         .map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!("nanoinfer-worker listening on {local}");
 
+    let metrics = Arc::new(metrics::WorkerMetrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(nanoinfer_telemetry::http::serve(
+        metrics_listener,
+        Arc::new(registry),
+        ready_rx,
+        async {
+            let _ = metrics_stopped.await;
+        },
+    ));
+
     let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
+    let readiness = Readiness {
+        health,
+        ready: ready_tx,
+    };
+    readiness.set(false).await;
 
     let path = config.model.clone();
     let model = tokio::task::spawn_blocking(move || model::load(&path))
         .await
         .map_err(|e| RunError::Model(e.to_string()))?
         .map_err(RunError::Model)?;
+    metrics.model_load_seconds.set(model.load_seconds);
     let model = Arc::new(model);
     let engine = Engine::start(
         model.backend.clone(),
@@ -86,8 +109,12 @@ pub async fn run(
             threads: config.threads as i32,
             queue: config.queue,
         },
+        metrics.clone(),
     )
     .await?;
+    metrics.capacity_slots.set(i64::from(engine::SLOTS));
+    metrics.queue_capacity.set(i64::from(config.queue));
+    metrics.context_length.set(i64::from(engine.ctx_size()));
     tracing::info!(
         ctx_size = engine.ctx_size(),
         threads = config.threads,
@@ -128,7 +155,7 @@ pub async fn run(
         config.lease_ttl as i64,
     )
     .await?;
-    set_health(&health, ServingStatus::Serving).await;
+    readiness.set(true).await;
     tracing::info!(id = %info.id, address = %info.address, "worker ready");
 
     tokio::select! {
@@ -140,7 +167,7 @@ pub async fn run(
         }
     }
 
-    set_health(&health, ServingStatus::NotServing).await;
+    readiness.set(false).await;
     engine.drain();
     if let Err(e) = registration.revoke().await {
         tracing::warn!(error = %e, "could not revoke the etcd lease; it will expire by itself");
@@ -151,17 +178,32 @@ pub async fn run(
         engine.wait_idle(Duration::from_secs(5)).await;
     }
     let _ = stop_server.send(());
+    let _ = stop_metrics.send(());
     tracing::info!("worker stopped");
     Ok(())
 }
 
-/// The worker's health, for the whole server ("") and for its service: NOT_SERVING
-/// until the model is loaded and registered, and again from the start of shutdown.
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    use tonic::server::NamedService;
-    health.set_service_status("", status).await;
-    let name = <WorkerServiceServer<service::WorkerServiceImpl> as NamedService>::NAME;
-    health.set_service_status(name, status).await;
+/// The worker's readiness, reported both by `grpc.health.v1` (for the whole
+/// server "" and for its service) and by `/readyz`: not ready until the model
+/// is loaded and registered, and again from the start of shutdown.
+struct Readiness {
+    health: HealthReporter,
+    ready: tokio::sync::watch::Sender<bool>,
+}
+
+impl Readiness {
+    async fn set(&self, ready: bool) {
+        use tonic::server::NamedService;
+        let status = if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.health.set_service_status("", status).await;
+        let name = <WorkerServiceServer<service::WorkerServiceImpl> as NamedService>::NAME;
+        self.health.set_service_status(name, status).await;
+        self.ready.send_replace(ready);
+    }
 }
 
 fn default_id(local: SocketAddr) -> String {

@@ -19,6 +19,8 @@ pub struct Model {
     pub name: String,
     /// Context length the model was trained with.
     pub n_ctx_train: u32,
+    /// Seconds the load took.
+    pub load_seconds: f64,
 }
 
 /// Loads `path` on the calling thread (blocking; call it from
@@ -46,6 +48,7 @@ pub fn load(path: &Path) -> Result<Model, String> {
         n_ctx_train: model.n_ctx_train(),
         model: Arc::new(model),
         name,
+        load_seconds: started.elapsed().as_secs_f64(),
     })
 }
 

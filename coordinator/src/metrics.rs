@@ -1,0 +1,284 @@
+//! The coordinator's Prometheus metrics (`nanoinfer_coordinator_` + vLLM's
+//! names where one exists), and [`RequestRecorder`], which turns one request's
+//! life into them.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tonic::Code;
+
+use nanoinfer_telemetry::http::{histogram, LATENCY_BUCKETS, TOKEN_BUCKETS};
+
+/// Outcome of a request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// gRPC status code name (`OK`, `INVALID_ARGUMENT`, …; `CANCELLED` when
+    /// the client left mid-stream).
+    pub code: &'static str,
+    /// Finish reason of a successful request (`length`, `stop_sequence`,
+    /// `eos`, `context_length`, `cancelled`); empty otherwise.
+    pub finish_reason: &'static str,
+}
+
+/// A worker id.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabel {
+    /// The worker's id.
+    pub worker: String,
+}
+
+/// A gRPC status code.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// gRPC status code name.
+    pub code: &'static str,
+}
+
+/// Every coordinator metric.
+pub struct CoordinatorMetrics {
+    /// Requests by outcome.
+    pub requests: Family<OutcomeLabel, Counter>,
+    /// Requests in flight (validated, not finished).
+    pub running: Gauge,
+    /// Arrival → worker stream opened (routing and worker admission).
+    pub queue_time: Histogram,
+    /// Arrival → first token relayed.
+    pub time_to_first_token: Histogram,
+    /// Gap between consecutive relayed tokens.
+    pub inter_token_latency: Histogram,
+    /// Arrival → final message relayed.
+    pub e2e_latency: Histogram,
+    /// Live workers in the set from etcd.
+    pub live_workers: Gauge,
+    /// Requests in flight per worker.
+    pub worker_in_flight: Family<WorkerLabel, Gauge>,
+    /// Errors from workers: refusals when opening a stream and failures
+    /// mid-stream.
+    pub worker_errors: Family<CodeLabel, Counter>,
+}
+
+impl Default for CoordinatorMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            running: Gauge::default(),
+            queue_time: histogram(LATENCY_BUCKETS),
+            time_to_first_token: histogram(LATENCY_BUCKETS),
+            inter_token_latency: histogram(TOKEN_BUCKETS),
+            e2e_latency: histogram(LATENCY_BUCKETS),
+            live_workers: Gauge::default(),
+            worker_in_flight: Family::default(),
+            worker_errors: Family::default(),
+        }
+    }
+}
+
+impl CoordinatorMetrics {
+    /// Registers every metric under `nanoinfer_coordinator_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("nanoinfer_coordinator");
+        r.register(
+            "requests",
+            "Requests by gRPC code and finish reason",
+            self.requests.clone(),
+        );
+        r.register(
+            "num_requests_running",
+            "Requests in flight",
+            self.running.clone(),
+        );
+        r.register(
+            "request_queue_time_seconds",
+            "Arrival to worker stream opened",
+            self.queue_time.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "Arrival to first token relayed",
+            self.time_to_first_token.clone(),
+        );
+        r.register(
+            "inter_token_latency_seconds",
+            "Gap between consecutive relayed tokens",
+            self.inter_token_latency.clone(),
+        );
+        r.register(
+            "e2e_request_latency_seconds",
+            "Arrival to final message relayed",
+            self.e2e_latency.clone(),
+        );
+        r.register(
+            "live_workers",
+            "Live workers known from etcd",
+            self.live_workers.clone(),
+        );
+        r.register(
+            "worker_requests_in_flight",
+            "Requests in flight per worker",
+            self.worker_in_flight.clone(),
+        );
+        r.register(
+            "worker_errors",
+            "Worker refusals and mid-stream failures, by gRPC code",
+            self.worker_errors.clone(),
+        );
+    }
+}
+
+/// The canonical name of a gRPC code, as metrics label it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Records one request: counted in flight while alive, timings as tokens
+/// pass, and exactly one outcome — `CANCELLED` if it is dropped (the client
+/// left) before [`finished`](Self::finished) or [`failed`](Self::failed).
+pub struct RequestRecorder {
+    metrics: Arc<CoordinatorMetrics>,
+    started: Instant,
+    last_token: Option<Instant>,
+    recorded: bool,
+}
+
+impl RequestRecorder {
+    /// Starts recording a request that arrived now.
+    pub fn start(metrics: Arc<CoordinatorMetrics>) -> Self {
+        metrics.running.inc();
+        Self {
+            metrics,
+            started: Instant::now(),
+            last_token: None,
+            recorded: false,
+        }
+    }
+
+    /// Seconds since arrival.
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// The worker's stream is open.
+    pub fn upstream_opened(&self) {
+        self.metrics.queue_time.observe(self.elapsed());
+    }
+
+    /// A token was relayed; returns the time to first token in seconds when
+    /// this was the first.
+    pub fn token(&mut self) -> Option<f64> {
+        let now = Instant::now();
+        let first = match self.last_token {
+            None => {
+                let ttft = (now - self.started).as_secs_f64();
+                self.metrics.time_to_first_token.observe(ttft);
+                Some(ttft)
+            }
+            Some(prev) => {
+                self.metrics
+                    .inter_token_latency
+                    .observe((now - prev).as_secs_f64());
+                None
+            }
+        };
+        self.last_token = Some(now);
+        first
+    }
+
+    /// The final message was relayed.
+    pub fn finished(&mut self, finish_reason: &'static str) {
+        self.metrics.e2e_latency.observe(self.elapsed());
+        self.outcome(Code::Ok, finish_reason);
+    }
+
+    /// The request failed with `code`.
+    pub fn failed(&mut self, code: Code) {
+        self.outcome(code, "");
+    }
+
+    fn outcome(&mut self, code: Code, finish_reason: &'static str) {
+        if !self.recorded {
+            self.recorded = true;
+            let label = OutcomeLabel {
+                code: code_name(code),
+                finish_reason,
+            };
+            self.metrics.requests.get_or_create(&label).inc();
+        }
+    }
+}
+
+impl Drop for RequestRecorder {
+    fn drop(&mut self) {
+        self.outcome(Code::Cancelled, "");
+        self.metrics.running.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(m: &CoordinatorMetrics, code: &'static str, finish_reason: &'static str) -> u64 {
+        m.requests
+            .get_or_create(&OutcomeLabel {
+                code,
+                finish_reason,
+            })
+            .get()
+    }
+
+    #[test]
+    fn each_request_has_one_outcome_and_leaves_the_running_gauge() {
+        let m = Arc::new(CoordinatorMetrics::default());
+        {
+            let mut r = RequestRecorder::start(m.clone());
+            assert_eq!(m.running.get(), 1);
+            r.upstream_opened();
+            assert!(r.token().is_some());
+            assert!(r.token().is_none());
+            r.finished("length");
+        }
+        assert_eq!(m.running.get(), 0);
+        assert_eq!(count(&m, "OK", "length"), 1);
+        assert_eq!(count(&m, "CANCELLED", ""), 0);
+        assert_eq!(m.time_to_first_token.count(), 1);
+        assert_eq!(m.inter_token_latency.count(), 1);
+        assert_eq!(m.e2e_latency.count(), 1);
+
+        drop(RequestRecorder::start(m.clone()));
+        assert_eq!(
+            count(&m, "CANCELLED", ""),
+            1,
+            "a dropped request was cancelled"
+        );
+
+        let mut r = RequestRecorder::start(m.clone());
+        r.failed(Code::InvalidArgument);
+        drop(r);
+        assert_eq!(count(&m, "INVALID_ARGUMENT", ""), 1);
+        assert_eq!(count(&m, "CANCELLED", ""), 1);
+    }
+}

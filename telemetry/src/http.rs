@@ -1,0 +1,92 @@
+//! The operational HTTP endpoint every process serves on its own port
+//! (`--metrics-listen`): Prometheus metrics and liveness/readiness probes.
+//!
+//! - `GET /metrics`: the process's registry in the OpenMetrics text format.
+//! - `GET /healthz`: 200 while the process is up (liveness).
+//! - `GET /readyz`: 200 when the process can serve, 503 otherwise (readiness;
+//!   what "ready" means is the process's call, through a `watch<bool>`).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    ready: watch::Receiver<bool>,
+}
+
+/// Content type of the OpenMetrics text exposition.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, OPENMETRICS)], body),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain")],
+            format!("encoding metrics: {e}\n"),
+        ),
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if *state.ready.borrow() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until
+/// `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    ready: watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!("metrics listening on {addr}");
+    }
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(AppState { registry, ready });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Histogram buckets for request-level latencies (queue time, time to first
+/// token, end to end): 1 ms to 20 minutes.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 320.0, 640.0, 1200.0,
+];
+
+/// Histogram buckets for per-token latencies (inter-token latency, time per
+/// output token): 0.5 ms to 5 s.
+pub const TOKEN_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+    0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+];
+
+/// A histogram with `buckets`.
+pub fn histogram(buckets: &[f64]) -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(buckets.iter().copied())
+}

@@ -1,0 +1,160 @@
+//! The worker's Prometheus metrics, named after vLLM's where one exists
+//! (`nanoinfer_worker_` + the vLLM name). The gauges of running and waiting
+//! requests are also the engine's own load counters, so `/metrics` and the
+//! `Load` RPC can never disagree.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use nanoinfer_telemetry::http::{histogram, LATENCY_BUCKETS, TOKEN_BUCKETS};
+
+/// Label of finished requests.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishLabel {
+    /// `length`, `stop_sequence`, `eos`, `context_length`, `cancelled`,
+    /// `client_left` or `error`.
+    pub finish_reason: &'static str,
+}
+
+/// Every worker metric.
+pub struct WorkerMetrics {
+    /// Requests generating now.
+    pub running: Gauge,
+    /// Requests waiting in the queue.
+    pub waiting: Gauge,
+    /// Requests finished, by how.
+    pub requests: Family<FinishLabel, Counter>,
+    /// Prompt tokens processed.
+    pub prompt_tokens: Counter,
+    /// Tokens generated.
+    pub generation_tokens: Counter,
+    /// Time from arrival to the first token sent.
+    pub time_to_first_token: Histogram,
+    /// Decode time per generated token after the first, per request.
+    pub time_per_output_token: Histogram,
+    /// Time spent waiting in the queue.
+    pub queue_time: Histogram,
+    /// Prompt processing time per request.
+    pub prefill_time: Histogram,
+    /// Decode time per request.
+    pub decode_time: Histogram,
+    /// Share of the KV cache (context window) in use, 0..=1.
+    pub kv_cache_usage: Gauge<f64, AtomicU64>,
+    /// Seconds it took to load the model.
+    pub model_load_seconds: Gauge<f64, AtomicU64>,
+    /// Concurrent generation slots.
+    pub capacity_slots: Gauge,
+    /// Wait-queue capacity.
+    pub queue_capacity: Gauge,
+    /// Context window in tokens.
+    pub context_length: Gauge,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self {
+            running: Gauge::default(),
+            waiting: Gauge::default(),
+            requests: Family::default(),
+            prompt_tokens: Counter::default(),
+            generation_tokens: Counter::default(),
+            time_to_first_token: histogram(LATENCY_BUCKETS),
+            time_per_output_token: histogram(TOKEN_BUCKETS),
+            queue_time: histogram(LATENCY_BUCKETS),
+            prefill_time: histogram(LATENCY_BUCKETS),
+            decode_time: histogram(LATENCY_BUCKETS),
+            kv_cache_usage: Gauge::default(),
+            model_load_seconds: Gauge::default(),
+            capacity_slots: Gauge::default(),
+            queue_capacity: Gauge::default(),
+            context_length: Gauge::default(),
+        }
+    }
+}
+
+impl WorkerMetrics {
+    /// Registers every metric under `nanoinfer_worker_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("nanoinfer_worker");
+        r.register(
+            "num_requests_running",
+            "Requests generating now",
+            self.running.clone(),
+        );
+        r.register(
+            "num_requests_waiting",
+            "Requests waiting for a slot",
+            self.waiting.clone(),
+        );
+        r.register(
+            "requests",
+            "Requests finished, by finish reason",
+            self.requests.clone(),
+        );
+        r.register(
+            "prompt_tokens",
+            "Prompt tokens processed",
+            self.prompt_tokens.clone(),
+        );
+        r.register(
+            "generation_tokens",
+            "Tokens generated",
+            self.generation_tokens.clone(),
+        );
+        r.register(
+            "time_to_first_token_seconds",
+            "Arrival at the worker to first token sent",
+            self.time_to_first_token.clone(),
+        );
+        r.register(
+            "time_per_output_token_seconds",
+            "Decode time per output token after the first, per request",
+            self.time_per_output_token.clone(),
+        );
+        r.register(
+            "request_queue_time_seconds",
+            "Time waiting in the queue",
+            self.queue_time.clone(),
+        );
+        r.register(
+            "request_prefill_time_seconds",
+            "Prompt processing time",
+            self.prefill_time.clone(),
+        );
+        r.register(
+            "request_decode_time_seconds",
+            "Decode time",
+            self.decode_time.clone(),
+        );
+        r.register(
+            "kv_cache_usage_perc",
+            "Share of the KV cache in use (0 to 1)",
+            self.kv_cache_usage.clone(),
+        );
+        r.register(
+            "model_load_seconds",
+            "Time to load the model",
+            self.model_load_seconds.clone(),
+        );
+        r.register(
+            "capacity_slots",
+            "Concurrent generation slots",
+            self.capacity_slots.clone(),
+        );
+        r.register(
+            "queue_capacity",
+            "Requests that may wait",
+            self.queue_capacity.clone(),
+        );
+        r.register(
+            "context_length",
+            "Context window in tokens",
+            self.context_length.clone(),
+        );
+    }
+}
