@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 
 use clap::Parser;
-use nanoinfer_telemetry::LogFormat;
 
 use crate::validate::Limits;
 
@@ -33,9 +32,8 @@ pub struct Args {
     /// Seconds open streams get to finish after SIGTERM.
     #[arg(long, env = "NANOINFER_GRACE_PERIOD", default_value_t = 20)]
     pub grace_period: u64,
-    /// Log line format.
-    #[arg(long, env = "NANOINFER_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: nanoinfer_telemetry::TelemetryArgs,
 }
 
 /// Validated coordinator configuration.

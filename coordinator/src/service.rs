@@ -14,6 +14,8 @@ use nanoinfer_proto::worker::{
 use nanoinfer_registry::WorkerSet;
 use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::field::Empty;
+use tracing::{Instrument, Span};
 
 use crate::error::CoordinatorError;
 use crate::metrics::{code_name, CodeLabel, CoordinatorMetrics, RequestRecorder};
@@ -63,8 +65,11 @@ impl InferServiceImpl {
             };
             tracing::info!(request_id = %params.request_id, worker = %picked.id,
                 address = %picked.address, "routing request");
+            Span::current().record("worker", picked.id.as_str());
             let mut client = WorkerServiceClient::new(picked.channel);
-            match client.generate(to_worker_request(params)).await {
+            let mut request = Request::new(to_worker_request(params));
+            nanoinfer_telemetry::propagation::inject(&Span::current(), request.metadata_mut());
+            match client.generate(request).await {
                 Ok(resp) => return Ok((resp.into_inner(), picked.id, picked.guard)),
                 Err(status) => {
                     tracing::warn!(request_id = %params.request_id, worker = %picked.id,
@@ -152,8 +157,10 @@ pub fn relay_message(request_id: &str, msg: GenerateResponse) -> InferResponse {
 }
 
 /// State of one relay: the upstream stream, the guard counting it against
-/// its worker, and the request's metrics.
+/// its worker, the request's metrics and its span (which ends when the relay
+/// is dropped, however the stream ends).
 struct Relay {
+    span: Span,
     upstream: Streaming<GenerateResponse>,
     request_id: String,
     worker: String,
@@ -172,6 +179,7 @@ impl Relay {
         count_worker_error(&self.metrics, code);
         self.recorder.failed(code);
         tracing::warn!(request_id = %self.request_id, error = %error, "worker stream failed");
+        mark_error(&self.span, &error);
         Status::from(error)
     }
 }
@@ -182,8 +190,22 @@ type InferStream = Pin<Box<dyn Stream<Item = Result<InferResponse, Status>> + Se
 /// the client's stream has room, so a slow client slows its worker instead of
 /// growing a buffer; when the client goes away tonic drops this stream, which
 /// drops the upstream call, and the worker stops generating.
+/// Sets the span's status to error with the error's message.
+fn mark_error(span: &Span, error: &CoordinatorError) {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", error.to_string().as_str());
+}
+
 fn relay(relay: Relay) -> InferStream {
-    Box::pin(futures::stream::unfold(relay, |mut r| async move {
+    Box::pin(futures::stream::unfold(relay, |mut r| {
+        let span = r.span.clone();
+        async move { relay_next(&mut r).await.map(|item| (item, r)) }.instrument(span)
+    }))
+}
+
+/// The next message of a relay, or `None` once it is over.
+async fn relay_next(r: &mut Relay) -> Option<Result<InferResponse, Status>> {
+    {
         if r.done {
             return None;
         }
@@ -191,11 +213,19 @@ fn relay(relay: Relay) -> InferStream {
             Ok(Some(msg)) => {
                 match &msg.finished {
                     None => {
-                        r.recorder.token();
+                        if let Some(ttft) = r.recorder.token() {
+                            r.span
+                                .record("nanoinfer.time_to_first_token_ms", ttft * 1e3);
+                        }
                     }
                     Some(f) => {
                         r.done = true;
                         r.recorder.finished(finish_label(f.reason));
+                        r.span.record("gen_ai.usage.input_tokens", f.prompt_tokens);
+                        r.span
+                            .record("gen_ai.usage.output_tokens", f.generated_tokens);
+                        r.span
+                            .record("gen_ai.response.finish_reasons", finish_label(f.reason));
                         tracing::info!(request_id = %r.request_id, worker = %r.worker,
                             finish_reason = finish_label(f.reason), prompt_tokens = f.prompt_tokens,
                             generated_tokens = f.generated_tokens,
@@ -216,8 +246,8 @@ fn relay(relay: Relay) -> InferStream {
                 Err(r.worker_failed(error))
             }
         };
-        Some((item, r))
-    }))
+        Some(item)
+    }
 }
 
 #[tonic::async_trait]
@@ -241,25 +271,66 @@ impl InferService for InferServiceImpl {
         &self,
         request: Request<InferRequest>,
     ) -> Result<Response<Self::InferStream>, Status> {
+        // The request's span: a child of the client's `traceparent` when it
+        // sent one, carrying the GenAI semantic-convention attributes.
+        let span = tracing::info_span!(
+            parent: None,
+            "Infer",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "nanoinfer.InferService",
+            rpc.method = "Infer",
+            gen_ai.operation.name = "text_completion",
+            request_id = Empty,
+            worker = Empty,
+            gen_ai.request.max_tokens = Empty,
+            gen_ai.request.temperature = Empty,
+            gen_ai.request.top_p = Empty,
+            gen_ai.request.seed = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
+            nanoinfer.time_to_first_token_ms = Empty,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        );
+        nanoinfer_telemetry::propagation::set_remote_parent(&span, request.metadata());
         let mut recorder = RequestRecorder::start(self.metrics.clone());
-        let params = match self.limits.validate(request.into_inner(), rand_seed) {
-            Ok(params) => params,
-            Err(e) => {
-                tracing::info!(error = %e, "request rejected");
-                recorder.failed(e.code());
-                return Err(Status::from(e));
+        let opened = async {
+            // (Recorded inside the span: tracing-opentelemetry drops values
+            // recorded before a span is first entered.)
+            if !request.get_ref().request_id.is_empty() {
+                // Known before validation, so even a rejected request is findable.
+                Span::current().record("request_id", request.get_ref().request_id.as_str());
             }
-        };
-        let (upstream, worker, guard) = match self.open_upstream(&params).await {
+            let params = self
+                .limits
+                .validate(request.into_inner(), rand_seed)
+                .inspect_err(|e| tracing::info!(error = %e, "request rejected"))?;
+            let span = Span::current();
+            span.record("request_id", params.request_id.as_str());
+            span.record("gen_ai.request.max_tokens", params.max_tokens);
+            span.record("gen_ai.request.temperature", f64::from(params.temperature));
+            span.record("gen_ai.request.top_p", f64::from(params.top_p));
+            span.record("gen_ai.request.seed", params.seed);
+            let opened = self.open_upstream(&params).await.inspect_err(
+                |e| tracing::warn!(request_id = %params.request_id, error = %e, "request failed"),
+            )?;
+            Ok::<_, CoordinatorError>((params, opened))
+        }
+        .instrument(span.clone())
+        .await;
+        let (params, (upstream, worker, guard)) = match opened {
             Ok(opened) => opened,
             Err(e) => {
-                tracing::warn!(request_id = %params.request_id, error = %e, "request failed");
                 recorder.failed(e.code());
+                mark_error(&span, &e);
                 return Err(Status::from(e));
             }
         };
         recorder.upstream_opened();
         Ok(Response::new(relay(Relay {
+            span,
             upstream,
             request_id: params.request_id,
             worker,

@@ -93,6 +93,8 @@ impl Proc {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .env("RUST_LOG", "info")
+            // Export spans promptly when a test configures a collector.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let lines = Arc::new(Mutex::new(Vec::new()));

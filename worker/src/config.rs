@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use nanoinfer_telemetry::LogFormat;
 
 /// nanoinfer worker: serves a GGUF model over nanoinfer.worker.v1 and
 /// registers itself in etcd.
@@ -51,9 +50,8 @@ pub struct Args {
     /// are cancelled. Keep it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "NANOINFER_GRACE_PERIOD", default_value_t = 20)]
     pub grace_period: u64,
-    /// Log line format.
-    #[arg(long, env = "NANOINFER_LOG_FORMAT", value_enum, default_value_t)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub telemetry: nanoinfer_telemetry::TelemetryArgs,
 }
 
 /// Validated worker configuration.

@@ -22,6 +22,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::{mpsc, oneshot};
+use tracing::field::Empty;
 
 use crate::detok::Utf8Carry;
 use crate::metrics::{FinishLabel, WorkerMetrics};
@@ -78,6 +79,9 @@ pub struct Generation {
     pub seed: u64,
     /// Stop sequences.
     pub stop: Vec<String>,
+    /// The request's `Generate` span: parent of the engine's `queue`,
+    /// `prefill` and `decode` spans, ended when the engine is done with it.
+    pub span: tracing::Span,
 }
 
 /// What the engine sends for a request.
@@ -147,6 +151,8 @@ struct Job {
     generation: Generation,
     events: mpsc::Sender<Event>,
     submitted: Instant,
+    /// Open while the job waits; dropped when the engine takes it.
+    queue_span: tracing::Span,
 }
 
 /// Handle to the engine thread. Dropping every handle stops the thread once
@@ -211,10 +217,12 @@ impl Engine {
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
         let waiting = &self.shared.metrics.waiting;
         waiting.inc();
+        let queue_span = tracing::info_span!(parent: &generation.span, "queue");
         let job = Job {
             generation,
             events,
             submitted: Instant::now(),
+            queue_span,
         };
         match self.jobs.try_send(job) {
             Ok(()) => Ok(rx),
@@ -312,6 +320,9 @@ fn engine_thread(
             .queue_time
             .observe(job.submitted.elapsed().as_secs_f64());
         let request_id = job.generation.request_id.clone();
+        // Log lines about this request carry its span's fields (request_id).
+        let span = job.generation.span.clone();
+        let _entered = span.enter();
         let started = Instant::now();
         let outcome = generate(&model, &mut ctx, &mut batch, window, &shared, job);
         metrics.running.dec();
@@ -325,6 +336,19 @@ fn engine_thread(
             .requests
             .get_or_create(&FinishLabel { finish_reason })
             .inc();
+        match &outcome {
+            Ok(Some((reason, _, generated))) => {
+                span.record("gen_ai.usage.output_tokens", generated);
+                span.record("gen_ai.response.finish_reasons", reason.label());
+            }
+            Ok(None) => {
+                span.record("gen_ai.response.finish_reasons", "client_left");
+            }
+            Err(e) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", e.as_str());
+            }
+        }
         match outcome {
             Ok(Some((reason, prompt, generated))) => tracing::info!(
                 request_id = %request_id, ?reason, prompt_tokens = prompt, generated_tokens = generated,
@@ -368,7 +392,9 @@ fn generate(
         generation: g,
         events,
         submitted,
+        queue_span,
     } = job;
+    drop(queue_span);
     let metrics = &shared.metrics;
     let n_prompt = g.prompt.len() as u32;
     let send = |event: Event| events.blocking_send(event).is_ok();
@@ -390,6 +416,8 @@ fn generate(
         return Ok(Some((reason, n_prompt, 0)));
     }
     ctx.clear_kv_cache();
+    let prefill_span = tracing::info_span!(parent: &g.span, "prefill", prompt_tokens = n_prompt);
+    let prefill_entered = prefill_span.enter();
     let prefill_started = Instant::now();
     // Prefill in chunks; logits only for the prompt's last token.
     let chunk = batch_capacity(ctx);
@@ -413,6 +441,10 @@ fn generate(
     metrics
         .prefill_time
         .observe(prefill_started.elapsed().as_secs_f64());
+    drop(prefill_entered);
+    drop(prefill_span);
+    let decode_span = tracing::info_span!(parent: &g.span, "decode", generated_tokens = Empty);
+    let _decode_entered = decode_span.enter();
     metrics.prompt_tokens.inc_by(n_prompt as u64);
     let decode_started = Instant::now();
     let vocab = model.vocab();
@@ -486,6 +518,7 @@ fn generate(
             StopOutcome::Stop(t) => t,
         }
     };
+    decode_span.record("generated_tokens", generated);
     let decode = decode_started.elapsed().as_secs_f64();
     metrics.decode_time.observe(decode);
     if generated > 1 {

@@ -1,4 +1,4 @@
-//! `nanoinfer-worker`: parse flags, start logging, bind, run until SIGTERM/SIGINT.
+//! `nanoinfer-worker`: parse flags, start telemetry, bind, run until SIGTERM/SIGINT, flush.
 
 use clap::Parser;
 use nanoinfer_worker::{run, Args};
@@ -6,7 +6,7 @@ use nanoinfer_worker::{run, Args};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    nanoinfer_telemetry::init(args.log_format);
+    let telemetry = nanoinfer_telemetry::init("nanoinfer-worker", &args.telemetry)?;
     let (listen, metrics_listen) = (args.listen, args.metrics_listen);
     let config = args.validate().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -15,12 +15,14 @@ async fn main() -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {metrics_listen} for metrics: {e}"))?;
-    run(
+    let result = run(
         config,
         listener,
         metrics_listener,
         nanoinfer_telemetry::shutdown_signal(),
     )
-    .await?;
-    Ok(())
+    .await;
+    // Flush spans last, whatever happened.
+    telemetry.shutdown().await;
+    Ok(result?)
 }

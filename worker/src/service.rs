@@ -12,6 +12,8 @@ use nanoinfer_proto::worker::{
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
+use tracing::Span;
 
 use crate::engine::{Engine, Event, FinishReason, Generation};
 use crate::error::WorkerError;
@@ -29,7 +31,7 @@ impl WorkerServiceImpl {
         Self { model, engine }
     }
 
-    fn to_generation(&self, req: GenerateRequest) -> Result<Generation, WorkerError> {
+    fn to_generation(&self, req: GenerateRequest, span: Span) -> Result<Generation, WorkerError> {
         if req.prompt.is_empty() {
             return Err(WorkerError::invalid("prompt", "must not be empty"));
         }
@@ -64,6 +66,7 @@ impl WorkerServiceImpl {
             top_p: req.top_p,
             seed: req.seed,
             stop: req.stop,
+            span,
         })
     }
 }
@@ -115,21 +118,50 @@ impl WorkerService for WorkerServiceImpl {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        // Child of the coordinator's span (trace context in the metadata); the
+        // engine adds `queue`, `prefill` and `decode` children and ends it.
+        let span = tracing::info_span!(
+            parent: None,
+            "Generate",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "nanoinfer.worker.v1.WorkerService",
+            rpc.method = "Generate",
+            request_id = Empty,
+            gen_ai.request.max_tokens = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        );
+        nanoinfer_telemetry::propagation::set_remote_parent(&span, request.metadata());
         let req = request.into_inner();
-        let request_id = req.request_id.clone();
-        let generation = self.to_generation(req).map_err(|e| {
-            tracing::info!(request_id = %request_id, error = %e, "generate rejected");
-            Status::from(e)
-        })?;
-        tracing::info!(request_id = %request_id, prompt_tokens = generation.prompt.len(),
-            max_tokens = generation.max_tokens, "generate queued");
-        let events = self.engine.submit(generation).map_err(|e| {
-            tracing::warn!(request_id = %request_id, error = %e, "generate refused");
-            Status::from(WorkerError::from(e))
-        })?;
-        Ok(Response::new(Box::pin(
-            ReceiverStream::new(events).map(to_response),
-        )))
+        let _entered = span.enter();
+        span.record("request_id", req.request_id.as_str());
+        let result = self
+            .to_generation(req, span.clone())
+            .and_then(|generation| {
+                span.record("gen_ai.request.max_tokens", generation.max_tokens);
+                span.record("gen_ai.usage.input_tokens", generation.prompt.len());
+                tracing::info!(
+                    prompt_tokens = generation.prompt.len(),
+                    max_tokens = generation.max_tokens,
+                    "generate queued"
+                );
+                Ok(self.engine.submit(generation)?)
+            });
+        match result {
+            Ok(events) => Ok(Response::new(Box::pin(
+                ReceiverStream::new(events).map(to_response),
+            ))),
+            Err(e) => {
+                tracing::info!(error = %e, "generate refused");
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", e.to_string().as_str());
+                Err(Status::from(e))
+            }
+        }
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
