@@ -6,6 +6,8 @@
 #   ./test.sh infer                      # streams a completion (default prompt, 32 tokens)
 #   ./test.sh infer "Custom prompt" 20   # custom prompt and max_tokens
 #   ./test.sh list | describe            # what the server exposes
+#   ./test.sh trace ["prompt"] [max]     # a request with its own W3C traceparent;
+#                                        # prints where to find the trace in Jaeger
 #
 # Address: NANOINFER_ADDR (default 127.0.0.1:50052). grpcurl comes from the
 # venv scripts/setup creates, or from PATH.
@@ -32,6 +34,19 @@ case "${1:-}" in
     grpcurl -plaintext -d "{\"prompt\": $(json_string "$prompt"), \"max_tokens\": $max_tokens}" \
       "$ADDR" nanoinfer.InferService/Infer
     ;;
+  trace)
+    prompt="${2:-Explain distributed tracing in one sentence.}"
+    max_tokens="${3:-16}"
+    [[ "$max_tokens" =~ ^[0-9]+$ ]] || { echo "max_tokens must be a non-negative integer" >&2; exit 2; }
+    trace_id=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    span_id=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+    grpcurl -plaintext -H "traceparent: 00-$trace_id-$span_id-01" \
+      -d "{\"prompt\": $(json_string "$prompt"), \"max_tokens\": $max_tokens, \"request_id\": \"trace-$trace_id\"}" \
+      "$ADDR" nanoinfer.InferService/Infer
+    echo "trace id: $trace_id (request_id trace-$trace_id)" >&2
+    echo "Jaeger:   ${JAEGER_UI:-http://127.0.0.1:16686}/trace/$trace_id" >&2
+    echo "(spans are exported when the cluster runs with OTEL_EXPORTER_OTLP_ENDPOINT set; see README, Tracing)" >&2
+    ;;
   list)
     grpcurl -plaintext "$ADDR" list
     ;;
@@ -39,7 +54,7 @@ case "${1:-}" in
     grpcurl -plaintext "$ADDR" describe "${2:-nanoinfer.InferService}"
     ;;
   *)
-    echo "usage: $0 health | infer [prompt] [max_tokens] | list | describe [symbol]" >&2
+    echo "usage: $0 health | infer [prompt] [max_tokens] | trace [prompt] [max_tokens] | list | describe [symbol]" >&2
     exit 2
     ;;
 esac

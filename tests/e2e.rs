@@ -22,6 +22,7 @@ fn target_dir() -> PathBuf {
 struct LocalCluster {
     env: Vec<(String, String)>,
     addr: String,
+    worker_addr: String,
 }
 
 impl LocalCluster {
@@ -36,12 +37,13 @@ impl LocalCluster {
     fn start() -> Self {
         let run_dir = std::env::temp_dir().join(format!("nanoinfer-e2e-{}", std::process::id()));
         let coordinator = free_port();
+        let worker = free_port();
         let env = vec![
             ("NANOINFER_RUN_DIR".into(), run_dir.display().to_string()),
             ("NANOINFER_COORDINATOR_PORT".into(), coordinator.to_string()),
             (
                 "NANOINFER_WORKER_PORTS".into(),
-                format!("{} {}", free_port(), free_port()),
+                format!("{worker} {}", free_port()),
             ),
             (
                 "NANOINFER_WORKER_METRICS_PORTS".into(),
@@ -61,6 +63,7 @@ impl LocalCluster {
         let cluster = Self {
             env,
             addr: format!("127.0.0.1:{coordinator}"),
+            worker_addr: format!("127.0.0.1:{worker}"),
         };
         let out = cluster.script(&["start"]);
         assert!(
@@ -72,9 +75,13 @@ impl LocalCluster {
     }
 
     fn test_sh(&self, args: &[&str]) -> String {
+        self.test_sh_at(&self.addr, args)
+    }
+
+    fn test_sh_at(&self, addr: &str, args: &[&str]) -> String {
         let out = Command::new(root().join("test.sh"))
             .args(args)
-            .env("NANOINFER_ADDR", &self.addr)
+            .env("NANOINFER_ADDR", addr)
             .output()
             .unwrap();
         assert!(
@@ -142,6 +149,21 @@ fn readme_path_local_cluster_test_sh_and_cli() {
     let id = custom[0]["requestId"].as_str().unwrap();
     assert!(custom.iter().all(|m| m["requestId"] == id));
     assert_eq!(custom[20]["usage"]["generatedTokens"], 20);
+
+    // A request carrying its own traceparent; its request id names the trace.
+    let traced = json_messages(&cluster.test_sh(&["trace", "Hello", "3"]));
+    let id = traced[0]["requestId"].as_str().unwrap();
+    assert!(id.starts_with("trace-") && id.len() == 38, "{id}");
+    assert_eq!(traced.last().unwrap()["usage"]["generatedTokens"], 3);
+
+    // Workers serve health and reflection too.
+    let services = cluster.test_sh_at(&cluster.worker_addr, &["list"]);
+    for s in ["nanoinfer.worker.v1.WorkerService", "grpc.health.v1.Health"] {
+        assert!(
+            services.lines().any(|l| l == s),
+            "{s} missing in {services}"
+        );
+    }
 
     let out = cluster.cli(&["health"]);
     assert!(out.status.success());
