@@ -12,7 +12,9 @@
 # (NANOINFER_ETCD_PORT / NANOINFER_ETCD_PEER_PORT). Logs and pids live in
 # $NANOINFER_RUN_DIR (default: <cache dir>/cluster). The two workers share the
 # machine's cores: each gets an equal share (at least 1 thread) so they do not
-# fight; NANOINFER_WORKER_THREADS overrides it. Needs the binaries and the model: run scripts/setup first.
+# fight; NANOINFER_WORKER_THREADS overrides it. With OTEL_EXPORTER_OTLP_ENDPOINT
+# set (e.g. http://127.0.0.1:4317, see deploy/jaeger.sh) every process exports
+# its spans there. Needs the binaries and the model: run scripts/setup first.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 
@@ -106,6 +108,10 @@ start() {
   log "waiting for $WORKERS workers to register"
   wait_for "$WORKERS live workers" 60 all_workers_live
   log "cluster is up: coordinator http://127.0.0.1:$COORD_PORT (logs in $RUN_DIR)"
+  log "metrics: http://127.0.0.1:$COORD_METRICS_PORT/metrics (coordinator), http://127.0.0.1:${WORKER_METRICS_PORTS[0]}/metrics (worker1)"
+  if [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then
+    log "spans go to $OTEL_EXPORTER_OTLP_ENDPOINT (OTLP/gRPC)"
+  fi
 }
 
 all_workers_live() {

@@ -1,13 +1,15 @@
-//! `nanoinfer-bench`: single-stream latency and throughput figures, direct to
+//! `nanoinfer-bench`: latency and throughput figures, direct to
 //! a worker (internal `Generate`) and through the coordinator (public
 //! `Infer`), side by side.
 //!
-//! For each target it runs one warm-up request, then `--requests` requests
-//! one after another, and reports (means over the measured requests):
+//! For each target it runs one warm-up request, then `--concurrency` streams
+//! each sending `--requests` requests one after another, and reports (means
+//! over the measured requests):
 //! - TTFT: request sent → first token message received (client side);
 //! - prompt tok/s: prompt tokens / TTFT (prefill plus request overhead);
 //! - decode tok/s: (generated − 1) / (last token − first token);
-//! - inter-token latency: the mean gap between consecutive tokens.
+//! - inter-token latency: the mean gap between consecutive tokens;
+//! - output tok/s: every token received / wall time of the measured phase.
 //!
 //! ```text
 //! nanoinfer-bench --coordinator http://127.0.0.1:50052 --worker http://127.0.0.1:50061
@@ -20,7 +22,7 @@ use nanoinfer::connect;
 use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, InferRequest};
 use nanoinfer_proto::worker::{worker_service_client::WorkerServiceClient, GenerateRequest};
 
-/// Single-stream benchmark of a nanoinfer worker and coordinator.
+/// Benchmark of a nanoinfer worker and coordinator.
 #[derive(Debug, Parser)]
 #[command(name = "nanoinfer-bench", version)]
 struct Args {
@@ -30,9 +32,12 @@ struct Args {
     /// Worker address (internal API, bypassing the coordinator); omit to skip.
     #[arg(long)]
     worker: Option<String>,
-    /// Measured requests per target (after one warm-up).
+    /// Measured requests per stream (after one warm-up).
     #[arg(long, default_value_t = 5)]
     requests: u32,
+    /// Concurrent streams, each sending `--requests` requests in turn.
+    #[arg(long, default_value_t = 1)]
+    concurrency: u32,
     /// Prompt length in words (roughly 1.1 tokens each).
     #[arg(long, default_value_t = 64)]
     prompt_words: usize,
@@ -66,6 +71,8 @@ struct Summary {
     prompt_tps: f64,
     decode_tps: f64,
     itl_ms: f64,
+    /// All tokens received / wall time of the measured phase.
+    output_tps: f64,
 }
 
 fn prompt(words: usize) -> String {
@@ -166,13 +173,28 @@ async fn measure(
         }
     };
     run(addr.to_string()).await?; // warm-up
+    let total = args.requests * args.concurrency;
+    let done = std::sync::atomic::AtomicU32::new(0);
+    let started = Instant::now();
+    let streams = (0..args.concurrency.max(1)).map(|_| async {
+        let mut samples = Vec::new();
+        for _ in 0..args.requests {
+            samples.push(run(addr.to_string()).await?);
+            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            eprint!("\r{name}: {n}/{total} requests");
+        }
+        Ok::<_, Box<dyn std::error::Error>>(samples)
+    });
     let mut samples = Vec::new();
-    for i in 0..args.requests {
-        samples.push(run(addr.to_string()).await?);
-        eprint!("\r{name}: {}/{} requests", i + 1, args.requests);
+    for result in futures::future::join_all(streams).await {
+        samples.extend(result?);
     }
+    let wall = started.elapsed().as_secs_f64();
     eprintln!();
-    Ok(summarize(&samples))
+    let mut summary = summarize(&samples);
+    let tokens: usize = samples.iter().map(|s| s.token_times.len()).sum();
+    summary.output_tps = tokens as f64 / wall;
+    Ok(summary)
 }
 
 #[tokio::main]
@@ -194,8 +216,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|(name, s)| {
                 format!(
                     "\"{name}\":{{\"prompt_tokens\":{:.0},\"generated_tokens\":{:.1},\"ttft_ms\":{:.2},\
-                     \"prompt_tokens_per_s\":{:.1},\"decode_tokens_per_s\":{:.2},\"inter_token_ms\":{:.3}}}",
-                    s.prompt_tokens, s.generated, s.ttft_ms, s.prompt_tps, s.decode_tps, s.itl_ms
+                     \"prompt_tokens_per_s\":{:.1},\"decode_tokens_per_s\":{:.2},\"inter_token_ms\":{:.3},\
+                     \"output_tokens_per_s\":{:.2}}}",
+                    s.prompt_tokens, s.generated, s.ttft_ms, s.prompt_tps, s.decode_tps, s.itl_ms, s.output_tps
                 )
             })
             .collect();
@@ -203,17 +226,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     println!(
-        "one stream, {} measured requests, prompt ~{} words, max_tokens {}, temperature {}, top_p {}",
-        args.requests, args.prompt_words, args.max_tokens, args.temperature, args.top_p
+        "{} stream(s) x {} measured requests, prompt ~{} words, max_tokens {}, temperature {}, top_p {}",
+        args.concurrency,
+        args.requests,
+        args.prompt_words,
+        args.max_tokens,
+        args.temperature,
+        args.top_p
     );
     println!(
-        "{:<12} {:>8} {:>8} {:>10} {:>12} {:>12} {:>10}",
-        "target", "prompt", "gen", "TTFT ms", "prompt t/s", "decode t/s", "ITL ms"
+        "{:<12} {:>8} {:>8} {:>10} {:>12} {:>12} {:>10} {:>12}",
+        "target", "prompt", "gen", "TTFT ms", "prompt t/s", "decode t/s", "ITL ms", "output t/s"
     );
     for (name, s) in &results {
         println!(
-            "{:<12} {:>8.0} {:>8.1} {:>10.2} {:>12.1} {:>12.2} {:>10.3}",
-            name, s.prompt_tokens, s.generated, s.ttft_ms, s.prompt_tps, s.decode_tps, s.itl_ms
+            "{:<12} {:>8.0} {:>8.1} {:>10.2} {:>12.1} {:>12.2} {:>10.3} {:>12.2}",
+            name,
+            s.prompt_tokens,
+            s.generated,
+            s.ttft_ms,
+            s.prompt_tps,
+            s.decode_tps,
+            s.itl_ms,
+            s.output_tps
         );
     }
     if let [(_, w), (_, c)] = results.as_slice() {
