@@ -62,15 +62,7 @@ pub async fn run(
     metrics.register(&mut registry);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let ready_tx = Arc::new(ready_tx);
-    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(nanoinfer_telemetry::http::serve(
-        metrics_listener,
-        Arc::new(registry),
-        ready_rx,
-        async {
-            let _ = metrics_stopped.await;
-        },
-    ));
+    let metrics_http = nanoinfer_telemetry::http::spawn(metrics_listener, registry, ready_rx);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(track_health(
@@ -130,7 +122,7 @@ pub async fn run(
         }
     }
     discovery.abort();
-    let _ = stop_metrics.send(());
+    metrics_http.stop();
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -72,6 +72,38 @@ pub async fn serve(
         .await
 }
 
+/// Stops the HTTP endpoint started by [`spawn`] when dropped or stopped.
+pub struct HttpHandle(Option<tokio::sync::oneshot::Sender<()>>);
+
+impl HttpHandle {
+    /// Stops serving.
+    pub fn stop(mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Starts [`serve`] on its own task; it runs until the handle is stopped or
+/// dropped.
+pub fn spawn(
+    listener: TcpListener,
+    registry: Registry,
+    ready: watch::Receiver<bool>,
+) -> HttpHandle {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        if let Err(e) = serve(listener, Arc::new(registry), ready, async {
+            let _ = rx.await;
+        })
+        .await
+        {
+            tracing::error!(error = %e, "metrics endpoint failed");
+        }
+    });
+    HttpHandle(Some(tx))
+}
+
 /// Histogram buckets for request-level latencies (queue time, time to first
 /// token, end to end): 1 ms to 20 minutes.
 pub const LATENCY_BUCKETS: &[f64] = &[

@@ -76,15 +76,7 @@ pub async fn run(
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
-    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(nanoinfer_telemetry::http::serve(
-        metrics_listener,
-        Arc::new(registry),
-        ready_rx,
-        async {
-            let _ = metrics_stopped.await;
-        },
-    ));
+    let metrics_http = nanoinfer_telemetry::http::spawn(metrics_listener, registry, ready_rx);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = Readiness {
@@ -178,7 +170,7 @@ pub async fn run(
         engine.wait_idle(Duration::from_secs(5)).await;
     }
     let _ = stop_server.send(());
-    let _ = stop_metrics.send(());
+    metrics_http.stop();
     tracing::info!("worker stopped");
     Ok(())
 }
