@@ -310,8 +310,8 @@ impl InferService for InferServiceImpl {
             let span = Span::current();
             span.record("request_id", params.request_id.as_str());
             span.record("gen_ai.request.max_tokens", params.max_tokens);
-            span.record("gen_ai.request.temperature", f64::from(params.temperature));
-            span.record("gen_ai.request.top_p", f64::from(params.top_p));
+            span.record("gen_ai.request.temperature", shortest_f64(params.temperature));
+            span.record("gen_ai.request.top_p", shortest_f64(params.top_p));
             span.record("gen_ai.request.seed", params.seed);
             let opened = self.open_upstream(&params).await.inspect_err(
                 |e| tracing::warn!(request_id = %params.request_id, error = %e, "request failed"),
@@ -340,6 +340,12 @@ impl InferService for InferServiceImpl {
             done: false,
         })))
     }
+}
+
+/// `x` as the f64 with the same shortest decimal form (0.8f32 → 0.8, not
+/// 0.800000011920929), for span attributes people read.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 fn rand_seed() -> u64 {
