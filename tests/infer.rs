@@ -212,7 +212,8 @@ async fn client_disconnect_frees_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_is_resource_exhausted() {
-    let cluster = Cluster::start(1, &["--queue", "1"], &[]).await;
+    // One slot and a queue of one.
+    let cluster = Cluster::start(1, &["--queue", "1", "--parallel", "1"], &[]).await;
     let mut client = cluster.client().await;
 
     // One request running...

@@ -116,7 +116,7 @@ async fn probes_and_metrics_follow_real_requests() {
     assert_eq!(w1["nanoinfer_worker_num_requests_waiting"], 0.0);
     assert_eq!(w1["nanoinfer_worker_kv_cache_usage_perc"], 0.0);
     assert_eq!(w1["nanoinfer_worker_context_length"], 2048.0);
-    assert_eq!(w1["nanoinfer_worker_capacity_slots"], 1.0);
+    assert_eq!(w1["nanoinfer_worker_capacity_slots"], 4.0);
     assert!(w1["nanoinfer_worker_model_load_seconds"] > 0.0);
 
     // A client that leaves mid-stream is counted as cancelled on the

@@ -310,7 +310,10 @@ impl InferService for InferServiceImpl {
             let span = Span::current();
             span.record("request_id", params.request_id.as_str());
             span.record("gen_ai.request.max_tokens", params.max_tokens);
-            span.record("gen_ai.request.temperature", shortest_f64(params.temperature));
+            span.record(
+                "gen_ai.request.temperature",
+                shortest_f64(params.temperature),
+            );
             span.record("gen_ai.request.top_p", shortest_f64(params.top_p));
             span.record("gen_ai.request.seed", params.seed);
             let opened = self.open_upstream(&params).await.inspect_err(

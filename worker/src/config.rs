@@ -43,6 +43,15 @@ pub struct Args {
     /// Context window in tokens (prompt + generated).
     #[arg(long, env = "NANOINFER_CTX_SIZE", default_value_t = 2048)]
     pub ctx_size: u32,
+    /// Requests generated concurrently (continuous-batching slots); each has
+    /// its own --ctx-size window in one unified KV cache.
+    #[arg(long, env = "NANOINFER_PARALLEL", default_value_t = 4)]
+    pub parallel: u32,
+    /// Prompt tokens decoded per engine step, shared by requests in prefill
+    /// (chunked prefill): bounds how long a new prompt can pause running
+    /// streams.
+    #[arg(long, env = "NANOINFER_PREFILL_CHUNK", default_value_t = 128)]
+    pub prefill_chunk: u32,
     /// Requests that may wait for the engine; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "NANOINFER_QUEUE", default_value_t = 16)]
     pub queue: u32,
@@ -73,6 +82,10 @@ pub struct WorkerConfig {
     pub ctx_size: u32,
     /// Wait-queue capacity.
     pub queue: u32,
+    /// Batch slots.
+    pub parallel: u32,
+    /// Prompt tokens per step.
+    pub prefill_chunk: u32,
     /// Drain time on shutdown.
     pub grace_period: Duration,
 }
@@ -99,6 +112,15 @@ impl Args {
                 self.ctx_size
             ));
         }
+        if !(1..=64).contains(&self.parallel) {
+            return Err(format!("--parallel must be 1..=64, got {}", self.parallel));
+        }
+        if !(1..=8192).contains(&self.prefill_chunk) {
+            return Err(format!(
+                "--prefill-chunk must be 1..=8192, got {}",
+                self.prefill_chunk
+            ));
+        }
         if self.queue == 0 {
             return Err("--queue must be at least 1".into());
         }
@@ -122,6 +144,8 @@ impl Args {
             lease_ttl: self.lease_ttl,
             ctx_size: self.ctx_size,
             queue: self.queue,
+            parallel: self.parallel,
+            prefill_chunk: self.prefill_chunk,
             grace_period: Duration::from_secs(self.grace_period),
         })
     }
@@ -152,6 +176,8 @@ mod tests {
             ("--lease-ttl", "1"),
             ("--ctx-size", "8"),
             ("--queue", "0"),
+            ("--parallel", "0"),
+            ("--prefill-chunk", "0"),
             ("--advertise", "no-port"),
             ("--advertise", "http://h:1"),
             ("--advertise", "h:0"),

@@ -55,8 +55,6 @@ pub enum RunError {
     Setup(String),
 }
 
-const PROMPT_BATCH: u32 = 512;
-
 /// Serves gRPC on `listener` and metrics/probes on `metrics_listener` until
 /// `shutdown` completes, then drains: health goes NOT_SERVING, the etcd lease
 /// is revoked, in-flight requests get the grace period, and whatever is left
@@ -97,14 +95,15 @@ pub async fn run(
         model.model.clone(),
         EngineConfig {
             ctx_size: config.ctx_size,
-            batch_size: PROMPT_BATCH.min(config.ctx_size),
+            parallel: config.parallel,
+            step_tokens: config.prefill_chunk,
             threads: config.threads as i32,
             queue: config.queue,
         },
         metrics.clone(),
     )
     .await?;
-    metrics.capacity_slots.set(i64::from(engine::SLOTS));
+    metrics.capacity_slots.set(i64::from(engine.slots()));
     metrics.queue_capacity.set(i64::from(config.queue));
     metrics.context_length.set(i64::from(engine.ctx_size()));
     tracing::info!(
@@ -135,7 +134,7 @@ pub async fn run(
             .unwrap_or_else(|| advertise_for(local)),
         model: model.name.clone(),
         capacity: Capacity {
-            slots: engine::SLOTS,
+            slots: engine.slots(),
             queue: config.queue,
             context_length: engine.ctx_size(),
         },

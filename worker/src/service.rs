@@ -169,7 +169,7 @@ impl WorkerService for WorkerServiceImpl {
         Ok(Response::new(LoadResponse {
             running: load.running,
             queued: load.queued,
-            slots: crate::engine::SLOTS,
+            slots: self.engine.slots(),
             queue_capacity: self.engine.queue_capacity(),
             context_length: self.engine.ctx_size(),
             model: self.model.name.clone(),

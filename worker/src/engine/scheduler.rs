@@ -1,0 +1,406 @@
+//! The engine thread: continuous batching over a fixed set of sequence slots.
+//!
+//! Each step: admit waiting requests into free slots, deliver queued events,
+//! plan the batch ([`plan_step`]: one decode token for every sequence that
+//! can take one, then prompt chunks within the step budget), decode it, then
+//! sample for every sequence whose logits were computed. Finished sequences
+//! leave between steps and their KV cells are freed.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use tokio::sync::oneshot;
+
+use super::sequence::{Delivery, Sequence};
+use super::{EngineConfig, EngineError, FinishReason, Job, Shared};
+use crate::metrics::FinishLabel;
+
+/// What one sequence contributes to a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Decode its last sampled token (one token, logits on).
+    Decode,
+    /// Decode prompt tokens `from..from + len` (logits on the prompt's last).
+    Prefill {
+        /// First prompt index.
+        from: usize,
+        /// How many tokens.
+        len: usize,
+    },
+}
+
+/// What the planner needs to know of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqView {
+    /// Prompt tokens not yet in the KV cache.
+    pub prompt_left: usize,
+    /// Prompt tokens already in the KV cache.
+    pub prefilled: usize,
+    /// It has a sampled token waiting to be decoded.
+    pub has_next: bool,
+    /// Its client's channel is full, or it is over: skip it this step.
+    pub blocked: bool,
+}
+
+/// Plans one step: every unblocked sequence with a token to decode gets one
+/// decode slot (running streams never wait on prompts), then sequences still
+/// in prefill get prompt chunks, oldest first, within `budget` tokens.
+pub fn plan_step(seqs: &[SeqView], budget: usize) -> Vec<(usize, Work)> {
+    let mut plan: Vec<(usize, Work)> = seqs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.blocked && s.has_next)
+        .map(|(i, _)| (i, Work::Decode))
+        .collect();
+    let mut left = budget;
+    for (i, s) in seqs.iter().enumerate() {
+        if left == 0 {
+            break;
+        }
+        if s.blocked || s.prompt_left == 0 {
+            continue;
+        }
+        let len = s.prompt_left.min(left);
+        left -= len;
+        plan.push((
+            i,
+            Work::Prefill {
+                from: s.prefilled,
+                len,
+            },
+        ));
+    }
+    plan
+}
+
+/// The engine thread's body.
+pub(super) fn run(
+    backend: Arc<LlamaBackend>,
+    model: Arc<LlamaModel>,
+    config: EngineConfig,
+    jobs: std_mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    ready: oneshot::Sender<Result<u32, EngineError>>,
+) {
+    let parallel = config.parallel.max(1);
+    let batch_capacity = config.step_tokens.max(1) + parallel;
+    // One unified KV cache with room for every slot's full window.
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(config.ctx_size * parallel))
+        .with_n_batch(batch_capacity)
+        .with_n_ubatch(batch_capacity)
+        .with_n_seq_max(parallel)
+        .with_kv_unified(true)
+        .with_n_threads(config.threads)
+        .with_n_threads_batch(config.threads);
+    let mut ctx = match model.new_context(&backend, params) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let _ = ready.send(Err(EngineError::Context(e.to_string())));
+            return;
+        }
+    };
+    let window = config.ctx_size.min(ctx.n_ctx() / parallel);
+    let _ = ready.send(Ok(window));
+    let mut engine = Scheduler {
+        model: &model,
+        batch: LlamaBatch::new(batch_capacity as usize, 1),
+        shared: &shared,
+        window,
+        step_tokens: config.step_tokens.max(1) as usize,
+        kv_total: ctx.n_ctx(),
+        active: Vec::new(),
+        free: (0..parallel as i32).rev().collect(),
+    };
+    while engine.admit(&jobs) {
+        engine.step(&mut ctx);
+    }
+    tracing::debug!("engine thread exiting");
+}
+
+struct Scheduler<'m> {
+    model: &'m LlamaModel,
+    batch: LlamaBatch<'static>,
+    shared: &'m Shared,
+    /// Per-sequence context window.
+    window: u32,
+    /// Prompt tokens per step.
+    step_tokens: usize,
+    kv_total: u32,
+    /// Running sequences, oldest first.
+    active: Vec<Sequence>,
+    /// Free slots.
+    free: Vec<i32>,
+}
+
+impl Scheduler<'_> {
+    /// Fills free slots from the queue; blocks while there is nothing to do.
+    /// Returns false when the engine should stop (every handle dropped and
+    /// nothing left running).
+    fn admit(&mut self, jobs: &std_mpsc::Receiver<Job>) -> bool {
+        while let Some(&slot) = self.free.last() {
+            let job = if self.active.is_empty() {
+                match jobs.recv() {
+                    Ok(job) => job,
+                    Err(_) => return false,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                }
+            };
+            self.free.pop();
+            let metrics = &self.shared.metrics;
+            metrics.waiting.dec();
+            metrics.running.inc();
+            metrics
+                .queue_time
+                .observe(job.submitted.elapsed().as_secs_f64());
+            let mut job = job;
+            // The wait is over: end the `queue` span.
+            job.queue_span = tracing::Span::none();
+            let mut seq = Sequence::new(slot, job);
+            if self.shared.cancel.load(Ordering::SeqCst) {
+                seq.end(FinishReason::Cancelled);
+            }
+            self.active.push(seq);
+        }
+        true
+    }
+
+    /// One step of the batch.
+    fn step(&mut self, ctx: &mut LlamaContext<'_>) {
+        let cancel = self.shared.cancel.load(Ordering::SeqCst);
+        // Deliver what is queued; retire sequences that are over or whose
+        // client left.
+        let mut views = Vec::with_capacity(self.active.len());
+        let mut i = 0;
+        while i < self.active.len() {
+            let seq = &mut self.active[i];
+            if cancel && !seq.is_over() {
+                seq.end(FinishReason::Cancelled);
+            }
+            let delivery = seq.flush();
+            // Over and fully delivered: done, even if the client has already
+            // hung up after reading the final message.
+            let done = seq.is_over() && seq.delivered();
+            if done || delivery == Delivery::Gone {
+                let seq = self.active.remove(i);
+                self.retire(ctx, seq, !done);
+                continue;
+            }
+            views.push(SeqView {
+                prompt_left: seq.prompt_len() - seq.prefilled,
+                prefilled: seq.prefilled,
+                has_next: seq.next.is_some(),
+                blocked: delivery == Delivery::Blocked || seq.is_over(),
+            });
+            i += 1;
+        }
+        let plan = plan_step(&views, self.step_tokens);
+        if plan.is_empty() {
+            if !self.active.is_empty() {
+                // Every sequence waits on a slow client: do not spin.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            return;
+        }
+
+        // Build the batch; remember which batch index holds whose logits.
+        self.batch.clear();
+        let mut sample_at: Vec<(usize, i32)> = Vec::new();
+        for &(i, work) in &plan {
+            let seq = &mut self.active[i];
+            let added = match work {
+                Work::Decode => {
+                    let token = seq.next.take().expect("planned decode has a token");
+                    let r = self.batch.add(token, seq.pos, &[seq.slot], true);
+                    seq.pos += 1;
+                    sample_at.push((i, self.batch.n_tokens() - 1));
+                    r
+                }
+                Work::Prefill { from, len } => {
+                    let prompt_len = seq.prompt_len();
+                    let mut r = Ok(());
+                    for k in from..from + len {
+                        let token = seq.job.generation.prompt[k];
+                        let last = k + 1 == prompt_len;
+                        r = r.and(self.batch.add(token, seq.pos, &[seq.slot], last));
+                        seq.pos += 1;
+                    }
+                    seq.prefilled += len;
+                    if seq.prefilled == prompt_len {
+                        sample_at.push((i, self.batch.n_tokens() - 1));
+                    }
+                    r
+                }
+            };
+            if let Err(e) = added {
+                seq.fail(format!("batch: {e}"));
+            }
+        }
+        if let Err(e) = ctx.decode(&mut self.batch) {
+            tracing::error!(error = %e, sequences = plan.len(), "decode failed");
+            for &(i, _) in &plan {
+                self.active[i].fail(format!("decode: {e}"));
+            }
+            return;
+        }
+
+        let vocab = self.model.vocab();
+        let metrics = &self.shared.metrics;
+        for (i, idx) in sample_at {
+            let seq = &mut self.active[i];
+            if seq.is_over() {
+                continue;
+            }
+            let first = seq.decode_started.is_none();
+            if first {
+                metrics
+                    .prefill_time
+                    .observe(seq.admitted.elapsed().as_secs_f64());
+                metrics.prompt_tokens.inc_by(seq.prompt_len() as u64);
+            }
+            let before = seq.generated;
+            seq.sample(ctx, idx, &vocab, self.window);
+            if seq.generated > before {
+                metrics.generation_tokens.inc();
+                if before == 0 {
+                    metrics
+                        .time_to_first_token
+                        .observe(seq.job.submitted.elapsed().as_secs_f64());
+                }
+            }
+            // Deliver at once rather than a step later.
+            if seq.flush() == Delivery::Gone {
+                seq.next = None;
+            }
+        }
+        let used: i64 = self.active.iter().map(|s| i64::from(s.pos)).sum();
+        metrics
+            .kv_cache_usage
+            .set(used as f64 / f64::from(self.kv_total));
+    }
+
+    /// Frees a sequence's slot and KV cells and records its outcome.
+    fn retire(&mut self, ctx: &mut LlamaContext<'_>, seq: Sequence, client_left: bool) {
+        if let Err(e) = ctx.kv_cache_seq_rm(seq.slot, None, None) {
+            tracing::warn!(slot = seq.slot, error = %e, "could not free KV cells");
+        }
+        self.free.push(seq.slot);
+        let metrics = &self.shared.metrics;
+        metrics.running.dec();
+        let span = &seq.job.generation.span;
+        let _entered = span.enter();
+        let elapsed_ms = seq.admitted.elapsed().as_millis() as u64;
+        let finish_reason = match (&seq.error, seq.finish) {
+            (Some(error), _) => {
+                span.record("otel.status_code", "ERROR");
+                span.record("otel.status_description", error.as_str());
+                tracing::error!(request_id = %seq.job.generation.request_id, %error, "generation failed");
+                "error"
+            }
+            (None, Some(reason)) if !client_left => {
+                span.record("gen_ai.usage.output_tokens", seq.generated);
+                span.record("gen_ai.response.finish_reasons", reason.label());
+                if let Some(decode_span) = &seq.decode_span {
+                    decode_span.record("generated_tokens", seq.generated);
+                }
+                if let Some(started) = seq.decode_started {
+                    let decode = started.elapsed().as_secs_f64();
+                    metrics.decode_time.observe(decode);
+                    if seq.generated > 1 {
+                        metrics
+                            .time_per_output_token
+                            .observe(decode / f64::from(seq.generated - 1));
+                    }
+                }
+                tracing::info!(request_id = %seq.job.generation.request_id, ?reason,
+                    prompt_tokens = seq.prompt_len(), generated_tokens = seq.generated,
+                    elapsed_ms, "generation finished");
+                reason.label()
+            }
+            _ => {
+                span.record("gen_ai.response.finish_reasons", "client_left");
+                tracing::info!(request_id = %seq.job.generation.request_id,
+                    generated_tokens = seq.generated, "client left; generation stopped");
+                "client_left"
+            }
+        };
+        metrics
+            .requests
+            .get_or_create(&FinishLabel { finish_reason })
+            .inc();
+        if self.active.is_empty() {
+            metrics.kv_cache_usage.set(0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(prompt_left: usize, prefilled: usize, has_next: bool, blocked: bool) -> SeqView {
+        SeqView {
+            prompt_left,
+            prefilled,
+            has_next,
+            blocked,
+        }
+    }
+
+    #[test]
+    fn running_streams_decode_before_any_prefill() {
+        let seqs = [
+            view(0, 10, true, false),
+            view(500, 0, false, false),
+            view(0, 8, true, false),
+        ];
+        let plan = plan_step(&seqs, 64);
+        assert_eq!(
+            plan,
+            vec![
+                (0, Work::Decode),
+                (2, Work::Decode),
+                (1, Work::Prefill { from: 0, len: 64 })
+            ]
+        );
+    }
+
+    #[test]
+    fn prefill_is_chunked_within_the_budget_oldest_first() {
+        let seqs = [
+            view(30, 100, false, false),
+            view(50, 0, false, false),
+            view(10, 0, false, false),
+        ];
+        assert_eq!(
+            plan_step(&seqs, 64),
+            vec![
+                (0, Work::Prefill { from: 100, len: 30 }),
+                (1, Work::Prefill { from: 0, len: 34 })
+            ]
+        );
+    }
+
+    #[test]
+    fn blocked_sequences_wait() {
+        let seqs = [
+            view(0, 5, true, true),
+            view(20, 0, false, true),
+            view(0, 5, true, false),
+        ];
+        assert_eq!(plan_step(&seqs, 64), vec![(2, Work::Decode)]);
+        assert!(plan_step(&[], 64).is_empty());
+    }
+}
