@@ -6,6 +6,7 @@
 //! - [`model`]: loading the GGUF and tokenizing prompts.
 //! - [`engine`]: the dedicated llama.cpp thread, its bounded queue, sampling
 //!   and per-request event channels.
+//! - [`sampler`]: greedy and exact top-p sampling on raw logits.
 //! - [`stop`], [`detok`]: stop-sequence matching and UTF-8-safe detokenizing.
 //! - [`service`]: the gRPC service; [`error`]: the status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
@@ -17,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod model;
+pub mod sampler;
 pub mod service;
 pub mod stop;
 

@@ -4,7 +4,6 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::vocab::LlamaVocab;
 use tokio::sync::mpsc::error::TrySendError;
@@ -12,6 +11,7 @@ use tracing::field::Empty;
 
 use super::{Event, FinishReason, Job};
 use crate::detok::Utf8Carry;
+use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
 
 /// Where a sequence is in its life.
@@ -29,7 +29,7 @@ pub(super) struct Sequence {
     /// KV-cache sequence id (the slot).
     pub slot: i32,
     pub job: Job,
-    sampler: LlamaSampler,
+    sampler: Sampler,
     utf8: Utf8Carry,
     stop: StopMatcher,
     /// Prompt tokens already in the KV cache.
@@ -50,26 +50,10 @@ pub(super) struct Sequence {
     pub decode_started: Option<Instant>,
 }
 
-/// Greedy at temperature 0, otherwise temperature → top-p → seeded draw.
-fn sampler_for(temperature: f32, top_p: f32, seed: u64) -> LlamaSampler {
-    if temperature == 0.0 {
-        return LlamaSampler::greedy();
-    }
-    // llama.cpp reads u32::MAX (LLAMA_DEFAULT_SEED) as "pick a random seed";
-    // keep every request seed deterministic by folding it onto its neighbour.
-    let seed = ((seed ^ (seed >> 32)) as u32).min(u32::MAX - 1);
-    let mut chain = vec![LlamaSampler::temp(temperature)];
-    if top_p < 1.0 {
-        chain.push(LlamaSampler::top_p(top_p, 1));
-    }
-    chain.push(LlamaSampler::dist(seed));
-    LlamaSampler::chain_simple(chain)
-}
-
 impl Sequence {
     pub fn new(slot: i32, job: Job) -> Self {
         let g = &job.generation;
-        let sampler = sampler_for(g.temperature, g.top_p, g.seed);
+        let sampler = Sampler::new(g.temperature, g.top_p, g.seed);
         let stop = StopMatcher::new(g.stop.iter().cloned());
         let prefill_span = tracing::info_span!(
             parent: &g.span,
@@ -129,7 +113,7 @@ impl Sequence {
         vocab: &LlamaVocab<'_>,
         window: u32,
     ) {
-        let token = self.sampler.sample(ctx, idx);
+        let token = LlamaToken(self.sampler.sample(ctx.get_logits_ith(idx)) as i32);
         if self.decode_started.is_none() {
             self.decode_started = Some(Instant::now());
             self.prefill_span = None;
