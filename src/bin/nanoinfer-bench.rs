@@ -9,7 +9,14 @@
 //! - prompt tok/s: prompt tokens / TTFT (prefill plus request overhead);
 //! - decode tok/s: (generated − 1) / (last token − first token);
 //! - inter-token latency: the mean gap between consecutive tokens;
-//! - output tok/s: every token received / wall time of the measured phase.
+//! - output tok/s: every token received / wall time of the measured phase;
+//! - p50/p90/p99 of TTFT, TPOT ((end-to-end − TTFT) / (generated − 1)),
+//!   inter-token latency (every gap) and end-to-end latency — the definitions
+//!   of `vllm bench serve`; requests/s; failed requests by status code.
+//!
+//! With `--request-rate R` the requests (`--requests` × `--concurrency` of
+//! them) arrive as a Poisson process of rate R per second instead of from
+//! closed-loop streams.
 //!
 //! ```text
 //! nanoinfer-bench --coordinator http://127.0.0.1:50052 --worker http://127.0.0.1:50061
@@ -50,6 +57,10 @@ struct Args {
     /// Nucleus mass.
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
+    /// Poisson arrivals at this many requests per second (open loop)
+    /// instead of `--concurrency` closed-loop streams.
+    #[arg(long)]
+    request_rate: Option<f64>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -59,6 +70,7 @@ struct Args {
 #[derive(Debug, Clone)]
 struct Sample {
     ttft: Duration,
+    e2e: Duration,
     token_times: Vec<Instant>,
     prompt_tokens: u32,
 }
@@ -73,6 +85,42 @@ struct Summary {
     itl_ms: f64,
     /// All tokens received / wall time of the measured phase.
     output_tps: f64,
+    /// Finished requests / wall time of the measured phase.
+    requests_per_s: f64,
+    /// p50, p90, p99 in ms.
+    ttft_p: [f64; 3],
+    tpot_p: [f64; 3],
+    itl_p: [f64; 3],
+    e2e_p: [f64; 3],
+    /// Failed requests by gRPC code.
+    errors: std::collections::BTreeMap<String, u32>,
+}
+
+/// p50, p90 and p99 of `values` (nearest rank), in the same unit.
+fn percentiles(mut values: Vec<f64>) -> [f64; 3] {
+    if values.is_empty() {
+        return [0.0; 3];
+    }
+    values.sort_by(f64::total_cmp);
+    let at =
+        |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+    [at(0.5), at(0.9), at(0.99)]
+}
+
+/// Arrival offsets of a Poisson process of `rate` per second (fixed seed).
+fn poisson_offsets(n: u32, rate: f64) -> Vec<Duration> {
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut t = 0.0;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = ((state >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+            t += -u.ln() / rate;
+            Duration::from_secs_f64(t)
+        })
+        .collect()
 }
 
 fn prompt(words: usize) -> String {
@@ -132,6 +180,7 @@ async fn time_stream<M>(
                     .first()
                     .map(|t: &Instant| *t - started)
                     .unwrap_or_default(),
+                e2e: started.elapsed(),
                 token_times: times,
                 prompt_tokens,
             });
@@ -173,27 +222,72 @@ async fn measure(
         }
     };
     run(addr.to_string()).await?; // warm-up
-    let total = args.requests * args.concurrency;
+    let total = args.requests * args.concurrency.max(1);
     let done = std::sync::atomic::AtomicU32::new(0);
+    let progress = || {
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        eprint!("\r{name}: {n}/{total} requests");
+    };
+    let status_of = |e: Box<dyn std::error::Error>| match e.downcast::<tonic::Status>() {
+        Ok(status) => *status,
+        Err(other) => tonic::Status::unknown(other.to_string()),
+    };
     let started = Instant::now();
-    let streams = (0..args.concurrency.max(1)).map(|_| async {
-        let mut samples = Vec::new();
-        for _ in 0..args.requests {
-            samples.push(run(addr.to_string()).await?);
-            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            eprint!("\r{name}: {n}/{total} requests");
+    let mut results: Vec<Result<Sample, tonic::Status>> = Vec::new();
+    if let Some(rate) = args.request_rate {
+        let arrivals = poisson_offsets(total, rate)
+            .into_iter()
+            .map(|offset| async move {
+                tokio::time::sleep_until((started + offset).into()).await;
+                let r = run(addr.to_string()).await.map_err(status_of);
+                progress();
+                r
+            });
+        results = futures::future::join_all(arrivals).await;
+    } else {
+        let streams = (0..args.concurrency.max(1)).map(|_| async {
+            let mut out = Vec::new();
+            for _ in 0..args.requests {
+                out.push(run(addr.to_string()).await.map_err(status_of));
+                progress();
+            }
+            out
+        });
+        for stream in futures::future::join_all(streams).await {
+            results.extend(stream);
         }
-        Ok::<_, Box<dyn std::error::Error>>(samples)
-    });
-    let mut samples = Vec::new();
-    for result in futures::future::join_all(streams).await {
-        samples.extend(result?);
     }
     let wall = started.elapsed().as_secs_f64();
     eprintln!();
+    let mut errors = std::collections::BTreeMap::new();
+    let mut samples = Vec::new();
+    for r in results {
+        match r {
+            Ok(sample) => samples.push(sample),
+            Err(status) => *errors.entry(format!("{:?}", status.code())).or_insert(0) += 1,
+        }
+    }
     let mut summary = summarize(&samples);
     let tokens: usize = samples.iter().map(|s| s.token_times.len()).sum();
     summary.output_tps = tokens as f64 / wall;
+    summary.requests_per_s = samples.len() as f64 / wall;
+    summary.errors = errors;
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    summary.ttft_p = percentiles(samples.iter().map(|s| ms(s.ttft)).collect());
+    summary.e2e_p = percentiles(samples.iter().map(|s| ms(s.e2e)).collect());
+    summary.tpot_p = percentiles(
+        samples
+            .iter()
+            .filter(|s| s.token_times.len() > 1)
+            .map(|s| ms(s.e2e - s.ttft) / (s.token_times.len() - 1) as f64)
+            .collect(),
+    );
+    summary.itl_p = percentiles(
+        samples
+            .iter()
+            .flat_map(|s| s.token_times.windows(2).map(|w| ms(w[1] - w[0])))
+            .collect(),
+    );
     Ok(summary)
 }
 
@@ -211,18 +305,29 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         results.push(("coordinator", measure("coordinator", addr, &args).await?));
     }
     if args.json {
-        let rows: Vec<String> = results
-            .iter()
-            .map(|(name, s)| {
-                format!(
-                    "\"{name}\":{{\"prompt_tokens\":{:.0},\"generated_tokens\":{:.1},\"ttft_ms\":{:.2},\
-                     \"prompt_tokens_per_s\":{:.1},\"decode_tokens_per_s\":{:.2},\"inter_token_ms\":{:.3},\
-                     \"output_tokens_per_s\":{:.2}}}",
-                    s.prompt_tokens, s.generated, s.ttft_ms, s.prompt_tps, s.decode_tps, s.itl_ms, s.output_tps
-                )
-            })
-            .collect();
-        println!("{{{}}}", rows.join(","));
+        let mut out = serde_json::Map::new();
+        for (name, s) in &results {
+            let p = |v: [f64; 3]| serde_json::json!({"p50": v[0], "p90": v[1], "p99": v[2]});
+            out.insert(
+                name.to_string(),
+                serde_json::json!({
+                    "prompt_tokens": s.prompt_tokens,
+                    "generated_tokens": s.generated,
+                    "ttft_ms": s.ttft_ms,
+                    "prompt_tokens_per_s": s.prompt_tps,
+                    "decode_tokens_per_s": s.decode_tps,
+                    "inter_token_ms": s.itl_ms,
+                    "output_tokens_per_s": s.output_tps,
+                    "requests_per_s": s.requests_per_s,
+                    "ttft_ms_percentiles": p(s.ttft_p),
+                    "tpot_ms_percentiles": p(s.tpot_p),
+                    "itl_ms_percentiles": p(s.itl_p),
+                    "e2e_ms_percentiles": p(s.e2e_p),
+                    "errors": s.errors,
+                }),
+            );
+        }
+        println!("{}", serde_json::Value::Object(out));
         return Ok(());
     }
     println!(
@@ -250,6 +355,25 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             s.itl_ms,
             s.output_tps
         );
+    }
+    println!(
+        "{:<12} {:>22} {:>22} {:>22} {:>22} {:>8}",
+        "p50/p90/p99", "TTFT ms", "TPOT ms", "ITL ms", "E2E ms", "req/s"
+    );
+    let fmt = |v: [f64; 3]| format!("{:.1}/{:.1}/{:.1}", v[0], v[1], v[2]);
+    for (name, s) in &results {
+        println!(
+            "{:<12} {:>22} {:>22} {:>22} {:>22} {:>8.2}",
+            name,
+            fmt(s.ttft_p),
+            fmt(s.tpot_p),
+            fmt(s.itl_p),
+            fmt(s.e2e_p),
+            s.requests_per_s
+        );
+        if !s.errors.is_empty() {
+            println!("{:<12} errors: {:?}", "", s.errors);
+        }
     }
     if let [(_, w), (_, c)] = results.as_slice() {
         println!(
