@@ -102,3 +102,48 @@ async fn a_long_prompt_arriving_mid_stream_does_not_stall_the_stream() {
         "longest gap between tokens {worst:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_prompt_prefix_is_reused_from_the_kv_cache() {
+    let mut cluster = Cluster::start(1, &["--parallel", "2"], &[]).await;
+    let mut client = cluster.client().await;
+    let hits = "nanoinfer_worker_prefix_cache_hit_tokens_total";
+    let context = "Background: the coordinator routes each request to a worker, the worker \
+        runs the model, and tokens stream back to the client as they are generated. "
+        .repeat(6);
+    let first = format!("{context}Question: what does the coordinator do? Answer:");
+    let second = format!("{context}Question: what does the worker do? Answer:");
+
+    let before = common::scrape(&mut cluster.workers[0]).await;
+    let a = collect(&mut client, greedy(&first, 8)).await.unwrap();
+    let after_first = common::scrape(&mut cluster.workers[0]).await;
+    assert_eq!(
+        after_first.get(hits).copied().unwrap_or(0.0),
+        before.get(hits).copied().unwrap_or(0.0),
+        "nothing to reuse on a cold cache"
+    );
+
+    // The same prompt again: everything but its last token is reused.
+    let again = collect(&mut client, greedy(&first, 8)).await.unwrap();
+    let prompt_tokens = a.last().unwrap().usage.unwrap().prompt_tokens as f64;
+    let after_again = common::scrape(&mut cluster.workers[0]).await;
+    assert_eq!(after_again[hits] - after_first[hits], prompt_tokens - 1.0);
+    assert_eq!(again.last().unwrap().usage.unwrap().generated_tokens, 8);
+    assert_eq!(
+        again[0].token, a[0].token,
+        "same first token with the reused prefix"
+    );
+
+    // A different question after the shared context: the context is reused.
+    let b = collect(&mut client, greedy(&second, 8)).await.unwrap();
+    assert_eq!(b.last().unwrap().usage.unwrap().generated_tokens, 8);
+    let after_second = common::scrape(&mut cluster.workers[0]).await;
+    let reused = after_second[hits] - after_again[hits];
+    assert!(
+        reused > 150.0 && reused < prompt_tokens,
+        "the shared context ({reused} tokens) was reused"
+    );
+    assert!(cluster.workers[0]
+        .log()
+        .contains("prompt prefix reused from the KV cache"));
+}

@@ -33,6 +33,8 @@ pub struct WorkerMetrics {
     pub prompt_tokens: Counter,
     /// Tokens generated.
     pub generation_tokens: Counter,
+    /// Prompt tokens whose KV cells were reused instead of recomputed.
+    pub prefix_cache_hit_tokens: Counter,
     /// Time from arrival to the first token sent.
     pub time_to_first_token: Histogram,
     /// Decode time per generated token after the first, per request.
@@ -63,6 +65,7 @@ impl Default for WorkerMetrics {
             requests: Family::default(),
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
+            prefix_cache_hit_tokens: Counter::default(),
             time_to_first_token: histogram(LATENCY_BUCKETS),
             time_per_output_token: histogram(TOKEN_BUCKETS),
             queue_time: histogram(LATENCY_BUCKETS),
@@ -105,6 +108,11 @@ impl WorkerMetrics {
             "generation_tokens",
             "Tokens generated",
             self.generation_tokens.clone(),
+        );
+        r.register(
+            "prefix_cache_hit_tokens",
+            "Prompt tokens reused from the KV cache instead of recomputed",
+            self.prefix_cache_hit_tokens.clone(),
         );
         r.register(
             "time_to_first_token_seconds",

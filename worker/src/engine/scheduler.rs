@@ -4,7 +4,13 @@
 //! plan the batch ([`plan_step`]: one decode token for every sequence that
 //! can take one, then prompt chunks within the step budget), decode it, then
 //! sample for every sequence whose logits were computed. Finished sequences
-//! leave between steps and their KV cells are freed.
+//! leave between steps.
+//!
+//! Prefix reuse: a slot keeps the KV cells of the last sequence it ran
+//! (tokens known in [`Scheduler::cache`]). A new request takes the slot whose
+//! cached tokens, or a running sequence's prompt, share the longest prefix
+//! with its prompt, and starts prefill after that prefix (copying the cells
+//! from a running sequence when that is where they are).
 
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
@@ -17,6 +23,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
 use super::sequence::{Delivery, Sequence};
@@ -81,6 +88,58 @@ pub fn plan_step(seqs: &[SeqView], budget: usize) -> Vec<(usize, Work)> {
     plan
 }
 
+/// Length of the common prefix of two token lists.
+pub fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Where a new prompt should run and what it can reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The free slot it takes.
+    pub slot: i32,
+    /// Reuse `len` cached tokens from slot `from` (itself, or another slot
+    /// whose cells are copied).
+    pub reuse: Option<(i32, usize)>,
+}
+
+/// Places `prompt` in one of the `free` slots (slot, cached tokens), reusing
+/// the longest prefix found there or in `running` (slot, known tokens). At
+/// least one prompt token is always left to compute (its logits start
+/// generation). Without any reuse, the free slot with the least cached is
+/// taken, to keep the rest warm.
+pub fn place(
+    prompt: &[LlamaToken],
+    free: &[(i32, &[LlamaToken])],
+    running: &[(i32, &[LlamaToken])],
+) -> Option<Placement> {
+    let limit = prompt.len().saturating_sub(1);
+    let best = |slots: &[(i32, &[LlamaToken])]| {
+        slots
+            .iter()
+            .map(|(slot, tokens)| (*slot, common_prefix(prompt, tokens).min(limit)))
+            .filter(|(_, len)| *len > 0)
+            .max_by_key(|(slot, len)| (*len, -slot))
+    };
+    let in_free = best(free);
+    let in_running = best(running);
+    let coldest = free.iter().min_by_key(|(slot, t)| (t.len(), *slot))?.0;
+    Some(match (in_free, in_running) {
+        (Some((slot, len)), r) if r.is_none_or(|(_, rl)| rl <= len) => Placement {
+            slot,
+            reuse: Some((slot, len)),
+        },
+        (_, Some((from, len))) => Placement {
+            slot: coldest,
+            reuse: Some((from, len)),
+        },
+        _ => Placement {
+            slot: coldest,
+            reuse: None,
+        },
+    })
+}
+
 /// The engine thread's body.
 pub(super) fn run(
     backend: Arc<LlamaBackend>,
@@ -99,6 +158,9 @@ pub(super) fn run(
         .with_n_ubatch(batch_capacity)
         .with_n_seq_max(parallel)
         .with_kv_unified(true)
+        // Keep every cell of sliding-window layers, so any cached prefix
+        // can be reused (Gemma 3's SWA would otherwise drop old cells).
+        .with_swa_full(true)
         .with_n_threads(config.threads)
         .with_n_threads_batch(config.threads);
     let mut ctx = match model.new_context(&backend, params) {
@@ -119,8 +181,9 @@ pub(super) fn run(
         kv_total: ctx.n_ctx(),
         active: Vec::new(),
         free: (0..parallel as i32).rev().collect(),
+        cache: vec![Vec::new(); parallel as usize],
     };
-    while engine.admit(&jobs) {
+    while engine.admit(&jobs, &mut ctx) {
         engine.step(&mut ctx);
     }
     tracing::debug!("engine thread exiting");
@@ -139,14 +202,17 @@ struct Scheduler<'m> {
     active: Vec<Sequence>,
     /// Free slots.
     free: Vec<i32>,
+    /// Per slot: the tokens whose KV cells (positions 0..len) a free slot
+    /// still holds from its last sequence.
+    cache: Vec<Vec<LlamaToken>>,
 }
 
 impl Scheduler<'_> {
     /// Fills free slots from the queue; blocks while there is nothing to do.
     /// Returns false when the engine should stop (every handle dropped and
     /// nothing left running).
-    fn admit(&mut self, jobs: &std_mpsc::Receiver<Job>) -> bool {
-        while let Some(&slot) = self.free.last() {
+    fn admit(&mut self, jobs: &std_mpsc::Receiver<Job>, ctx: &mut LlamaContext<'_>) -> bool {
+        while !self.free.is_empty() {
             let job = if self.active.is_empty() {
                 match jobs.recv() {
                     Ok(job) => job,
@@ -158,7 +224,22 @@ impl Scheduler<'_> {
                     Err(_) => break,
                 }
             };
-            self.free.pop();
+            let placement = {
+                let free: Vec<(i32, &[LlamaToken])> = self
+                    .free
+                    .iter()
+                    .map(|&s| (s, self.cache[s as usize].as_slice()))
+                    .collect();
+                let running: Vec<(i32, &[LlamaToken])> = self
+                    .active
+                    .iter()
+                    .map(|q| (q.slot, &q.job.generation.prompt[..q.prefilled]))
+                    .collect();
+                place(&job.generation.prompt, &free, &running).expect("a free slot exists")
+            };
+            let slot = placement.slot;
+            self.free.retain(|&s| s != slot);
+            let reused = self.prepare_slot(ctx, placement);
             let metrics = &self.shared.metrics;
             metrics.waiting.dec();
             metrics.running.inc();
@@ -169,12 +250,54 @@ impl Scheduler<'_> {
             // The wait is over: end the `queue` span.
             job.queue_span = tracing::Span::none();
             let mut seq = Sequence::new(slot, job);
+            seq.prefilled = reused;
+            seq.pos = reused as i32;
+            if reused > 0 {
+                metrics.prefix_cache_hit_tokens.inc_by(reused as u64);
+                if let Some(span) = &seq.prefill_span {
+                    span.record("reused_tokens", reused);
+                }
+                let _entered = seq.job.generation.span.enter();
+                tracing::info!(
+                    reused_tokens = reused,
+                    "prompt prefix reused from the KV cache"
+                );
+            }
             if self.shared.cancel.load(Ordering::SeqCst) {
                 seq.end(FinishReason::Cancelled);
             }
             self.active.push(seq);
         }
         true
+    }
+
+    /// Makes `placement.slot` hold exactly the reused prefix; returns its
+    /// length (0 when nothing could be reused).
+    fn prepare_slot(&mut self, ctx: &mut LlamaContext<'_>, placement: Placement) -> usize {
+        let slot = placement.slot;
+        self.cache[slot as usize].clear();
+        let reused = match placement.reuse {
+            Some((from, len)) if from == slot => ctx
+                .kv_cache_seq_rm(slot, Some(len as u32), None)
+                .map(|()| len),
+            Some((from, len)) => ctx
+                .kv_cache_seq_rm(slot, None, None)
+                .and_then(|()| ctx.copy_kv_cache_seq(from, slot, Some(0), Some(len as u32)))
+                .map(|()| len),
+            None => Ok(0),
+        };
+        match reused {
+            Ok(len) if len > 0 => len,
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(slot, error = %e, "cannot reuse cached prefix; recomputing");
+                }
+                if let Err(e) = ctx.kv_cache_seq_rm(slot, None, None) {
+                    tracing::warn!(slot, error = %e, "could not clear KV cells");
+                }
+                0
+            }
+        }
     }
 
     /// One step of the batch.
@@ -223,6 +346,7 @@ impl Scheduler<'_> {
             let added = match work {
                 Work::Decode => {
                     let token = seq.next.take().expect("planned decode has a token");
+                    seq.decoded.push(token);
                     let r = self.batch.add(token, seq.pos, &[seq.slot], true);
                     seq.pos += 1;
                     sample_at.push((i, self.batch.n_tokens() - 1));
@@ -293,7 +417,16 @@ impl Scheduler<'_> {
 
     /// Frees a sequence's slot and KV cells and records its outcome.
     fn retire(&mut self, ctx: &mut LlamaContext<'_>, seq: Sequence, client_left: bool) {
-        if let Err(e) = ctx.kv_cache_seq_rm(seq.slot, None, None) {
+        // Keep the cells warm for a later prompt with the same prefix, unless
+        // llama.cpp failed on this sequence.
+        let cache = &mut self.cache[seq.slot as usize];
+        cache.clear();
+        if seq.error.is_none() {
+            cache.extend_from_slice(&seq.job.generation.prompt[..seq.prefilled]);
+            if seq.prefilled == seq.prompt_len() {
+                cache.extend_from_slice(&seq.decoded);
+            }
+        } else if let Err(e) = ctx.kv_cache_seq_rm(seq.slot, None, None) {
             tracing::warn!(slot = seq.slot, error = %e, "could not free KV cells");
         }
         self.free.push(seq.slot);
@@ -390,6 +523,63 @@ mod tests {
                 (0, Work::Prefill { from: 100, len: 30 }),
                 (1, Work::Prefill { from: 0, len: 34 })
             ]
+        );
+    }
+
+    fn toks(v: &[i32]) -> Vec<LlamaToken> {
+        v.iter().map(|&t| LlamaToken(t)).collect()
+    }
+
+    #[test]
+    fn placement_reuses_the_longest_prefix() {
+        let prompt = toks(&[1, 2, 3, 4, 5]);
+        let (a, b, c) = (
+            toks(&[1, 2, 9]),
+            toks(&[1, 2, 3, 4, 7, 8]),
+            toks(&[1, 2, 3]),
+        );
+        // Best in a free slot: take that very slot.
+        let p = place(&prompt, &[(0, &a), (1, &b)], &[]).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                slot: 1,
+                reuse: Some((1, 4))
+            }
+        );
+        // Best in a running sequence: copy into the coldest free slot.
+        let p = place(&prompt, &[(0, &a), (2, &[])], &[(1, &b)]).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                slot: 2,
+                reuse: Some((1, 4))
+            }
+        );
+        // A free slot ties with a running one: no copy needed.
+        let p = place(&prompt, &[(0, &b)], &[(1, &b)]).unwrap();
+        assert_eq!(p.reuse, Some((0, 4)));
+        // Nothing shared: the coldest slot, no reuse.
+        let short = toks(&[9]);
+        let p = place(&toks(&[8, 8]), &[(0, &c), (3, &short)], &[]).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                slot: 3,
+                reuse: None
+            }
+        );
+        assert!(place(&prompt, &[], &[(1, &b)]).is_none());
+    }
+
+    #[test]
+    fn at_least_one_prompt_token_is_computed() {
+        let prompt = toks(&[1, 2, 3]);
+        let p = place(&prompt, &[(0, &toks(&[1, 2, 3, 4]))], &[]).unwrap();
+        assert_eq!(p.reuse, Some((0, 2)));
+        assert_eq!(
+            place(&toks(&[1]), &[(0, &toks(&[1]))], &[]).unwrap().reuse,
+            None
         );
     }
 

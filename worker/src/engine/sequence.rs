@@ -38,6 +38,8 @@ pub(super) struct Sequence {
     pub pos: i32,
     /// The last sampled token, decoded in the next step.
     pub next: Option<LlamaToken>,
+    /// Generated tokens already decoded into the KV cache.
+    pub decoded: Vec<LlamaToken>,
     pub generated: u32,
     outbox: VecDeque<Event>,
     /// Set once generation is over; the slot is freed when the outbox drains.
@@ -58,7 +60,8 @@ impl Sequence {
         let prefill_span = tracing::info_span!(
             parent: &g.span,
             "prefill",
-            prompt_tokens = g.prompt.len()
+            prompt_tokens = g.prompt.len(),
+            reused_tokens = Empty
         );
         Self {
             slot,
@@ -68,6 +71,7 @@ impl Sequence {
             prefilled: 0,
             pos: 0,
             next: None,
+            decoded: Vec::new(),
             generated: 0,
             outbox: VecDeque::new(),
             finish: None,
