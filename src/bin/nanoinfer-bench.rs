@@ -61,6 +61,11 @@ struct Args {
     /// instead of `--concurrency` closed-loop streams.
     #[arg(long)]
     request_rate: Option<f64>,
+    /// Send the same prompt every time, so the worker's prefix cache serves
+    /// all but the first (by default each prompt starts with a unique
+    /// number, so every request pays its full prefill).
+    #[arg(long)]
+    same_prompt: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -123,6 +128,19 @@ fn poisson_offsets(n: u32, rate: f64) -> Vec<Duration> {
         .collect()
 }
 
+/// Distinguishes prompts when `--same-prompt` is off.
+static PROMPT_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn prompt_for(args: &Args) -> String {
+    let text = prompt(args.prompt_words);
+    if args.same_prompt {
+        text
+    } else {
+        let n = PROMPT_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{n}. {text}")
+    }
+}
+
 fn prompt(words: usize) -> String {
     const TEXT: &str = "The history of distributed computing is a story of machines learning to \
         cooperate across unreliable networks, sharing work and state while tolerating failures \
@@ -137,7 +155,7 @@ fn prompt(words: usize) -> String {
 async fn via_coordinator(addr: &str, args: &Args) -> Result<Sample, Box<dyn std::error::Error>> {
     let mut client = InferServiceClient::new(connect(addr).await?);
     let req = InferRequest {
-        prompt: prompt(args.prompt_words),
+        prompt: prompt_for(args),
         max_tokens: args.max_tokens,
         temperature: Some(args.temperature),
         top_p: Some(args.top_p),
@@ -153,7 +171,7 @@ async fn via_worker(addr: &str, args: &Args) -> Result<Sample, Box<dyn std::erro
     let mut client = WorkerServiceClient::new(connect(addr).await?);
     let req = GenerateRequest {
         request_id: "bench".into(),
-        prompt: prompt(args.prompt_words),
+        prompt: prompt_for(args),
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         top_p: args.top_p,
