@@ -1,0 +1,120 @@
+//! A test double for benchmarks: a worker that speaks `nanoinfer.worker.v1`
+//! and emits tokens at a fixed rate with no model behind it, registered in
+//! etcd like a real worker. It lets `nanoinfer-bench` measure the
+//! coordinator alone (its added latency per token and memory per stream) at
+//! concurrencies no CPU model could serve. Never part of a deployment.
+//!
+//! cargo run --release --example paced_worker -- --etcd http://127.0.0.1:2379 \
+//!     --listen 127.0.0.1:50070 --tokens-per-second 20
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use clap::Parser;
+use futures::Stream;
+use nanoinfer_proto::worker::worker_service_server::{WorkerService, WorkerServiceServer};
+use nanoinfer_proto::worker::{
+    FinishReason, Finished, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse,
+};
+use nanoinfer_registry::{Capacity, Registration, WorkerInfo};
+use tonic::{Request, Response, Status};
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// etcd endpoint to register in.
+    #[arg(long, default_value = "http://127.0.0.1:2379")]
+    etcd: String,
+    /// gRPC address to serve on.
+    #[arg(long, default_value = "127.0.0.1:50070")]
+    listen: std::net::SocketAddr,
+    /// Tokens per second per stream.
+    #[arg(long, default_value_t = 20.0)]
+    tokens_per_second: f64,
+    /// Worker id.
+    #[arg(long, default_value = "paced-worker")]
+    id: String,
+}
+
+struct Paced {
+    interval: Duration,
+}
+
+type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for Paced {
+    type GenerateStream = GenStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenStream>, Status> {
+        let req = request.into_inner();
+        let prompt_tokens = req.prompt.split_whitespace().count() as u32;
+        let n = req.max_tokens;
+        let interval = self.interval;
+        let stream = futures::stream::unfold(0u32, move |i| async move {
+            if i > n {
+                return None;
+            }
+            if i < n {
+                tokio::time::sleep(interval).await;
+                let msg = GenerateResponse {
+                    text: " tok".into(),
+                    token_id: Some(i as i32),
+                    index: i,
+                    finished: None,
+                };
+                return Some((Ok(msg), i + 1));
+            }
+            let last = GenerateResponse {
+                text: String::new(),
+                token_id: None,
+                index: n,
+                finished: Some(Finished {
+                    reason: FinishReason::Length as i32,
+                    prompt_tokens,
+                    generated_tokens: n,
+                }),
+            };
+            Some((Ok(last), i + 1))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        Ok(Response::new(LoadResponse::default()))
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    let info = WorkerInfo {
+        id: args.id.clone(),
+        address: args.listen.to_string(),
+        model: "paced-test-double".into(),
+        capacity: Capacity {
+            slots: 100_000,
+            queue: 0,
+            context_length: 1 << 20,
+        },
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let registration = Registration::register(&[args.etcd.clone()], info, 10).await?;
+    eprintln!(
+        "paced worker on {} at {} tok/s per stream",
+        args.listen, args.tokens_per_second
+    );
+    let service = Paced {
+        interval: Duration::from_secs_f64(1.0 / args.tokens_per_second),
+    };
+    tonic::transport::Server::builder()
+        .add_service(WorkerServiceServer::new(service))
+        .serve_with_shutdown(args.listen, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    registration.revoke().await?;
+    Ok(())
+}
