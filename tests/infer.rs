@@ -176,7 +176,8 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_frees_the_worker() {
-    let cluster = Cluster::start(1, &[], &[]).await;
+    // One slot: the next request can only run once the abandoned one left it.
+    let cluster = Cluster::start(1, &["--parallel", "1"], &[]).await;
     let mut client = cluster.client().await;
 
     // A long greedy generation (~2000 tokens would take about a minute).
