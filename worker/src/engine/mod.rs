@@ -160,7 +160,7 @@ struct Job {
 }
 
 /// Handle to the engine thread. Dropping every handle stops the thread once
-/// its current request is done.
+/// the sequences it is running are done (queued requests are still served).
 #[derive(Clone)]
 pub struct Engine {
     jobs: std_mpsc::SyncSender<Job>,
