@@ -179,7 +179,7 @@ impl Relay {
         count_worker_error(&self.metrics, code);
         self.recorder.failed(code);
         tracing::warn!(request_id = %self.request_id, error = %error, "worker stream failed");
-        mark_error(&self.span, &error);
+        nanoinfer_telemetry::mark_span_error(&self.span, &error.to_string());
         Status::from(error)
     }
 }
@@ -190,12 +190,6 @@ type InferStream = Pin<Box<dyn Stream<Item = Result<InferResponse, Status>> + Se
 /// the client's stream has room, so a slow client slows its worker instead of
 /// growing a buffer; when the client goes away tonic drops this stream, which
 /// drops the upstream call, and the worker stops generating.
-/// Sets the span's status to error with the error's message.
-fn mark_error(span: &Span, error: &CoordinatorError) {
-    span.record("otel.status_code", "ERROR");
-    span.record("otel.status_description", error.to_string().as_str());
-}
-
 fn relay(relay: Relay) -> InferStream {
     Box::pin(futures::stream::unfold(relay, |mut r| {
         let span = r.span.clone();
@@ -327,7 +321,7 @@ impl InferService for InferServiceImpl {
             Ok(opened) => opened,
             Err(e) => {
                 recorder.failed(e.code());
-                mark_error(&span, &e);
+                nanoinfer_telemetry::mark_span_error(&span, &e.to_string());
                 return Err(Status::from(e));
             }
         };

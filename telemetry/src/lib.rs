@@ -149,6 +149,13 @@ impl Telemetry {
     }
 }
 
+/// Sets `span`'s status to error with `message` (the span must declare the
+/// `otel.status_code` and `otel.status_description` fields).
+pub fn mark_span_error(span: &tracing::Span, message: &str) {
+    span.record("otel.status_code", "ERROR");
+    span.record("otel.status_description", message);
+}
+
 /// Completes on SIGTERM or SIGINT (Ctrl-C).
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};

@@ -17,8 +17,6 @@ pub struct Model {
     pub model: Arc<LlamaModel>,
     /// File name of the GGUF, used as the model's name.
     pub name: String,
-    /// Context length the model was trained with.
-    pub n_ctx_train: u32,
     /// Seconds the load took.
     pub load_seconds: f64,
 }
@@ -45,7 +43,6 @@ pub fn load(path: &Path) -> Result<Model, String> {
         load_ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok(Model {
         backend: Arc::new(backend),
-        n_ctx_train: model.n_ctx_train(),
         model: Arc::new(model),
         name,
         load_seconds: started.elapsed().as_secs_f64(),

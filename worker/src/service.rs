@@ -157,8 +157,7 @@ impl WorkerService for WorkerServiceImpl {
             ))),
             Err(e) => {
                 tracing::info!(error = %e, "generate refused");
-                span.record("otel.status_code", "ERROR");
-                span.record("otel.status_description", e.to_string().as_str());
+                nanoinfer_telemetry::mark_span_error(&span, &e.to_string());
                 Err(Status::from(e))
             }
         }

@@ -437,8 +437,7 @@ impl Scheduler<'_> {
         let elapsed_ms = seq.admitted.elapsed().as_millis() as u64;
         let finish_reason = match (&seq.error, seq.finish) {
             (Some(error), _) => {
-                span.record("otel.status_code", "ERROR");
-                span.record("otel.status_description", error.as_str());
+                nanoinfer_telemetry::mark_span_error(span, error);
                 tracing::error!(request_id = %seq.job.generation.request_id, %error, "generation failed");
                 "error"
             }
