@@ -5,7 +5,12 @@
 //! decoded one at a time), since the vendored llama.cpp in llama-cpp-sys-2
 //! does not ship llama-bench's sources.
 //!
-//! cargo run --release -p nanoinfer-worker --example raw_decode -- MODEL [THREADS] [PP] [TG] [REPS]
+//! With PARALLEL > 1 it also measures what `llama-batched-bench` reports as
+//! S_TG: PARALLEL sequences in one unified KV cache, each given a PP-token
+//! prompt, then TG steps that decode one token of every sequence in one
+//! batch; total decode tok/s = PARALLEL × TG / decode time.
+//!
+//! cargo run --release -p nanoinfer-worker --example raw_decode -- MODEL [THREADS] [PP] [TG] [REPS] [PARALLEL]
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -32,25 +37,28 @@ fn mean_sd(xs: &[f64]) -> (f64, f64) {
 fn main() {
     let model_path = std::env::args()
         .nth(1)
-        .expect("usage: raw_decode MODEL [THREADS] [PP] [TG] [REPS]");
+        .expect("usage: raw_decode MODEL [THREADS] [PP] [TG] [REPS] [PARALLEL]");
     let threads = arg(2, 2) as i32;
     let pp = arg(3, 32);
     let tg = arg(4, 128);
     let reps = arg(5, 5);
+    let parallel = arg(6, 1).max(1);
     let mut backend = LlamaBackend::init().unwrap();
     backend.void_logs();
     let model =
         LlamaModel::load_from_file(&backend, &model_path, &LlamaModelParams::default()).unwrap();
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(2048))
+        .with_n_ctx(NonZeroU32::new((2048 * parallel) as u32))
         .with_n_batch(512)
         .with_n_ubatch(512)
+        .with_n_seq_max(parallel as u32)
+        .with_kv_unified(true)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     let mut ctx = model.new_context(&backend, params).unwrap();
     let token = model.vocab().bos();
     let mut batch = LlamaBatch::new(512, 1);
-    let (mut pp_rates, mut tg_rates) = (Vec::new(), Vec::new());
+    let (mut pp_rates, mut tg_rates, mut batched_rates) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..=reps {
         // pp: one batch of `pp` prompt tokens.
         ctx.clear_kv_cache();
@@ -70,10 +78,35 @@ fn main() {
             ctx.decode(&mut batch).unwrap();
         }
         let tg_rate = tg as f64 / t.elapsed().as_secs_f64();
+        // Batched tg: every sequence gets its prompt, then decodes together.
+        let batched_rate = (parallel > 1).then(|| {
+            ctx.clear_kv_cache();
+            for seq in 0..parallel {
+                batch.clear();
+                for i in 0..pp {
+                    batch
+                        .add(token, i as i32, &[seq as i32], i == pp - 1)
+                        .unwrap();
+                }
+                ctx.decode(&mut batch).unwrap();
+            }
+            let t = Instant::now();
+            for i in 0..tg {
+                batch.clear();
+                for seq in 0..parallel {
+                    batch
+                        .add(token, (pp + i) as i32, &[seq as i32], true)
+                        .unwrap();
+                }
+                ctx.decode(&mut batch).unwrap();
+            }
+            (parallel * tg) as f64 / t.elapsed().as_secs_f64()
+        });
         if rep > 0 {
             // rep 0 warms up.
             pp_rates.push(pp_rate);
             tg_rates.push(tg_rate);
+            batched_rates.extend(batched_rate);
         }
     }
     let (pm, ps) = mean_sd(&pp_rates);
@@ -81,4 +114,8 @@ fn main() {
     println!("model {model_path} threads {threads} reps {reps}");
     println!("pp{pp}: {pm:.1} ± {ps:.1} tok/s");
     println!("tg{tg}: {tm:.1} ± {ts:.1} tok/s");
+    if parallel > 1 {
+        let (bm, bs) = mean_sd(&batched_rates);
+        println!("{parallel} sequences, pp{pp} each, tg{tg}: {bm:.1} ± {bs:.1} tok/s total decode");
+    }
 }

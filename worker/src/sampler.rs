@@ -64,17 +64,40 @@ impl Sampler {
     }
 }
 
+/// Samples every `(sampler, logits, token)` entry, writing the pick into
+/// `token`, split over up to `threads` threads (the calling one included).
+/// The sequences of one engine step are independent, and llama.cpp's own
+/// threads sit idle while they are sampled, so a step with several
+/// sequences takes about 1/`threads` of the serial time.
+pub fn sample_all(work: &mut [(&mut Sampler, &[f32], u32)], threads: usize) {
+    let threads = threads.clamp(1, work.len().max(1));
+    if threads == 1 {
+        for (sampler, logits, token) in work.iter_mut() {
+            *token = sampler.sample(logits);
+        }
+        return;
+    }
+    let per_thread = work.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut chunks = work.chunks_mut(per_thread);
+        let mine = chunks.next();
+        for chunk in chunks {
+            scope.spawn(move || sample_all(chunk, 1));
+        }
+        if let Some(chunk) = mine {
+            sample_all(chunk, 1);
+        }
+    });
+}
+
 /// Index of the largest logit (the first of equals; NaN never wins).
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > best_value {
-            best_value = v;
-            best = i;
-        }
+    // A vectorised pass for the maximum, then a search for its first place.
+    let max = max_logit(logits);
+    if max == f32::NEG_INFINITY {
+        return 0;
     }
-    best as u32
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
 }
 
 /// Fills `out` with the nucleus — (unnormalised probability, token), most
@@ -82,17 +105,13 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// holds the whole vocabulary in index order.
 pub fn nucleus(logits: &[f32], temperature: f32, top_p: f32, out: &mut Vec<(f64, u32)>) -> f64 {
     let inv_t = 1.0 / temperature;
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|v| !v.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
+    let max = max_logit(logits);
     out.clear();
-    if max == f32::NEG_INFINITY {
+    if !max.is_finite() {
         out.push((1.0, argmax(logits)));
         return 1.0;
     }
-    let weight = |v: f32| f64::from(((v - max) * inv_t).exp());
+    let weight = |v: f32| f64::from(weight(v, max, inv_t));
     if top_p >= 1.0 {
         let mut total = 0.0;
         for (i, &v) in logits.iter().enumerate() {
@@ -105,22 +124,11 @@ pub fn nucleus(logits: &[f32], temperature: f32, top_p: f32, out: &mut Vec<(f64,
         return total;
     }
     // The normaliser, over everything (NaN and -inf weigh nothing).
-    let total: f64 = logits
-        .iter()
-        .filter(|v| **v > f32::NEG_INFINITY)
-        .map(|&v| weight(v))
-        .sum();
+    let total = weight_sum(logits, max, inv_t);
     let target = f64::from(top_p) * total;
     for window in WINDOWS {
         let floor = max - window * temperature;
-        out.clear();
-        out.extend(
-            logits
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| **v >= floor && **v > f32::NEG_INFINITY)
-                .map(|(i, &v)| (weight(v), i as u32)),
-        );
+        gather(logits, floor, out, weight);
         out.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut mass = 0.0;
         let mut keep = 0;
@@ -138,6 +146,102 @@ pub fn nucleus(logits: &[f32], temperature: f32, top_p: f32, out: &mut Vec<(f64,
         }
     }
     unreachable!("the last window takes every token")
+}
+
+/// Fills `out` with (weight, token) for every logit at or above `floor`
+/// (never -inf), skipping blocks of `LANES` that hold none, which is almost
+/// all of them.
+fn gather(logits: &[f32], floor: f32, out: &mut Vec<(f64, u32)>, weight: impl Fn(f32) -> f64) {
+    out.clear();
+    let floor = floor.max(f32::MIN);
+    for (c, chunk) in logits.chunks(LANES).enumerate() {
+        if !chunk.iter().fold(false, |any, &v| any | (v >= floor)) {
+            continue;
+        }
+        for (k, &v) in chunk.iter().enumerate() {
+            if v >= floor {
+                out.push((weight(v), (c * LANES + k) as u32));
+            }
+        }
+    }
+}
+
+/// Lanes of the vocabulary passes: independent accumulators that the
+/// compiler turns into SIMD registers.
+const LANES: usize = 8;
+
+/// The largest logit, ignoring NaN (-inf when there is none).
+pub fn max_logit(logits: &[f32]) -> f32 {
+    let pick = |m: f32, v: f32| if v > m { v } else { m };
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane = pick(*lane, v);
+        }
+    }
+    rest.iter()
+        .chain(lanes.iter())
+        .fold(f32::NEG_INFINITY, |m, &v| pick(m, v))
+}
+
+/// The unnormalised probability of logit `v`: e^((v - max) / t), 0 for
+/// -inf and NaN.
+#[inline(always)]
+fn weight(v: f32, max: f32, inv_t: f32) -> f32 {
+    // Computed for every token and masked, not branched on, so that the
+    // loops vectorise.
+    let w = exp_neg((v - max) * inv_t);
+    let keep = u32::from(v > f32::NEG_INFINITY).wrapping_neg();
+    f32::from_bits(w.to_bits() & keep)
+}
+
+/// The sum of every token's weight. Blocks of `LANES` × 32 are summed in
+/// f32 lanes (a relative error of a few 1e-7 at most), blocks in f64.
+pub fn weight_sum(logits: &[f32], max: f32, inv_t: f32) -> f64 {
+    let mut total = 0.0f64;
+    for block in logits.chunks(LANES * 32) {
+        let mut lanes = [0.0f32; LANES];
+        let chunks = block.chunks_exact(LANES);
+        let rest = chunks.remainder();
+        for chunk in chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane += weight(v, max, inv_t);
+            }
+        }
+        let rest: f32 = rest.iter().map(|&v| weight(v, max, inv_t)).sum();
+        total += lanes.iter().map(|&l| f64::from(l)).sum::<f64>() + f64::from(rest);
+    }
+    total
+}
+
+/// e^x for x <= 0, to within 2 ulp of f32, without a libm call so that
+/// loops over it vectorise. Below -87 it returns e^-87 (≈ 1.6e-38), which
+/// weighs nothing next to the maximum's 1.
+#[inline(always)]
+pub fn exp_neg(x: f32) -> f32 {
+    // x = n ln2 + r with |r| <= ln2 / 2; e^x = 2^n e^r.
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HI is exact for |n| < 2^12.
+    const LN2_HI: f32 = f32::from_bits(0x3f31_7000); // 0.693115234375
+    const LN2_LO: f32 = 3.194_618_5e-5;
+    // Adding 1.5 * 2^23 rounds to an integer, held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 0.0);
+    let shifted = x * LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // Taylor series of e^r to r^7 (error below r^8 / 8! ≈ 6e-9 on the range).
+    let p = 1.0
+        + r * (1.0
+            + r * (1.0 / 2.0
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let scale = f32::from_bits(((n_bits + 127) as u32) << 23);
+    p * scale
 }
 
 /// The token at cumulative weight `u * mass` in `candidates`.
@@ -218,8 +322,58 @@ mod tests {
     }
 
     #[test]
+    fn fast_exp_is_within_a_few_ulp() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let got = f64::from(exp_neg(x));
+            let want = f64::from(x).exp();
+            worst = worst.max((got - want).abs() / want);
+            x += 0.000_37;
+        }
+        assert!(
+            worst < 3.0 * f64::from(f32::EPSILON),
+            "relative error {worst}"
+        );
+        assert_eq!(exp_neg(0.0), 1.0);
+        assert!(exp_neg(-1000.0) < 1e-37);
+        assert!(exp_neg(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn max_and_normaliser_match_plain_loops() {
+        let mut rng = Rng::new(5);
+        for n in [1usize, 7, 8, 9, 255, 256, 257, 10_001] {
+            let mut logits = random_logits(&mut rng, n, 30.0);
+            if n > 2 {
+                logits[n / 2] = f32::NAN;
+                logits[1] = f32::NEG_INFINITY;
+            }
+            let plain_max = logits
+                .iter()
+                .copied()
+                .filter(|v| !v.is_nan())
+                .fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_logit(&logits), plain_max, "n={n}");
+            let plain: f64 = logits
+                .iter()
+                .filter(|v| **v > f32::NEG_INFINITY)
+                .map(|&v| (f64::from(v - plain_max) / 0.7).exp())
+                .sum();
+            let fast = weight_sum(&logits, plain_max, 1.0 / 0.7);
+            assert!(
+                (fast - plain).abs() / plain < 1e-6,
+                "n={n}: {fast} vs {plain}"
+            );
+        }
+        assert_eq!(max_logit(&[f32::NAN]), f32::NEG_INFINITY);
+    }
+
+    #[test]
     fn greedy_is_argmax_and_ignores_nan() {
         assert_eq!(argmax(&[0.1, 3.0, f32::NAN, 2.0]), 1);
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, 2.0]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
         let mut s = Sampler::new(0.0, 0.5, 1);
         assert_eq!(s.sample(&[1.0, 5.0, 2.0]), 1);
     }

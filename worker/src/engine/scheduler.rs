@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use super::sequence::{Delivery, Sequence};
 use super::{EngineConfig, EngineError, FinishReason, Job, Shared};
 use crate::metrics::FinishLabel;
+use crate::sampler::{sample_all, Sampler};
 
 /// What one sequence contributes to a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +179,7 @@ pub(super) fn run(
         shared: &shared,
         window,
         step_tokens: config.step_tokens.max(1) as usize,
+        threads: config.threads.max(1) as usize,
         kv_total: ctx.n_ctx(),
         active: Vec::new(),
         free: (0..parallel as i32).rev().collect(),
@@ -197,6 +199,8 @@ struct Scheduler<'m> {
     window: u32,
     /// Prompt tokens per step.
     step_tokens: usize,
+    /// Threads to sample a step's sequences on.
+    threads: usize,
     kv_total: u32,
     /// Running sequences, oldest first.
     active: Vec<Sequence>,
@@ -380,13 +384,33 @@ impl Scheduler<'_> {
             return;
         }
 
+        // Sample every sequence whose logits were computed, the sequences
+        // split over the engine's threads (llama.cpp's sit idle meanwhile).
+        let mut logits_at: Vec<Option<i32>> = vec![None; self.active.len()];
+        for (i, idx) in sample_at {
+            if !self.active[i].is_over() {
+                logits_at[i] = Some(idx);
+            }
+        }
+        let picks: Vec<(usize, LlamaToken)> = {
+            let ctx = &*ctx;
+            let mut order = Vec::new();
+            let mut jobs: Vec<(&mut Sampler, &[f32], u32)> = Vec::new();
+            for (i, seq) in self.active.iter_mut().enumerate() {
+                if let Some(idx) = logits_at[i] {
+                    order.push(i);
+                    jobs.push((seq.sampler_mut(), ctx.get_logits_ith(idx), 0));
+                }
+            }
+            sample_all(&mut jobs, self.threads);
+            let tokens = jobs.iter().map(|(_, _, token)| LlamaToken(*token as i32));
+            order.into_iter().zip(tokens).collect()
+        };
+
         let vocab = self.model.vocab();
         let metrics = &self.shared.metrics;
-        for (i, idx) in sample_at {
+        for (i, token) in picks {
             let seq = &mut self.active[i];
-            if seq.is_over() {
-                continue;
-            }
             let first = seq.decode_started.is_none();
             if first {
                 metrics
@@ -395,7 +419,7 @@ impl Scheduler<'_> {
                 metrics.prompt_tokens.inc_by(seq.prompt_len() as u64);
             }
             let before = seq.generated;
-            seq.sample(ctx, idx, &vocab, self.window);
+            seq.accept(token, &vocab, self.window);
             if seq.generated > before {
                 metrics.generation_tokens.inc();
                 if before == 0 {

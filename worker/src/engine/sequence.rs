@@ -107,17 +107,15 @@ impl Sequence {
         }
     }
 
-    /// Samples from the logits at batch index `idx` and handles the token:
-    /// queues its event and decides whether generation is over. `window` is
-    /// the per-sequence context window.
-    pub fn sample(
-        &mut self,
-        ctx: &llama_cpp_2::context::LlamaContext<'_>,
-        idx: i32,
-        vocab: &LlamaVocab<'_>,
-        window: u32,
-    ) {
-        let token = LlamaToken(self.sampler.sample(ctx.get_logits_ith(idx)) as i32);
+    /// This sequence's sampler (the engine samples a step's sequences
+    /// together, then hands each its token through [`Sequence::accept`]).
+    pub fn sampler_mut(&mut self) -> &mut Sampler {
+        &mut self.sampler
+    }
+
+    /// Handles a sampled token: queues its event and decides whether
+    /// generation is over. `window` is the per-sequence context window.
+    pub fn accept(&mut self, token: LlamaToken, vocab: &LlamaVocab<'_>, window: u32) {
         if self.decode_started.is_none() {
             self.decode_started = Some(Instant::now());
             self.prefill_span = None;

@@ -1,0 +1,101 @@
+//! Cost of one sampling decision on a real model's logits: the worker's
+//! sampler (greedy, and temperature 0.8 + top-p 0.95) timed over many draws
+//! on the logits the model computes for a short prompt, plus how long the
+//! same work takes for 8 sequences one after another and split over
+//! threads, as the engine does in a step.
+//!
+//! cargo run --release -p nanoinfer-worker --example sampler_bench -- MODEL [THREADS]
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use nanoinfer_worker::sampler::{self as nucleus, sample_all, Sampler};
+
+fn main() {
+    let model_path = std::env::args()
+        .nth(1)
+        .expect("usage: sampler_bench MODEL [THREADS]");
+    let threads: usize = std::env::args()
+        .nth(2)
+        .map_or(2, |s| s.parse().expect("numeric THREADS"));
+    let mut backend = LlamaBackend::init().unwrap();
+    backend.void_logs();
+    let model =
+        LlamaModel::load_from_file(&backend, &model_path, &LlamaModelParams::default()).unwrap();
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(512))
+        .with_n_threads(threads as i32)
+        .with_n_threads_batch(threads as i32);
+    let mut ctx = model.new_context(&backend, params).unwrap();
+    let prompt = model
+        .vocab()
+        .tokenize(b"The capital of France is a city where", true, false);
+    let mut batch = LlamaBatch::new(512, 1);
+    for (i, t) in prompt.iter().enumerate() {
+        batch
+            .add(*t, i as i32, &[0], i + 1 == prompt.len())
+            .unwrap();
+    }
+    ctx.decode(&mut batch).unwrap();
+    let logits = ctx.get_logits_ith(batch.n_tokens() - 1).to_vec();
+    let mut nucleus = Vec::new();
+    nucleus::nucleus(&logits, 0.8, 0.95, &mut nucleus);
+    println!(
+        "vocabulary {} tokens; nucleus at t=0.8 top_p=0.95: {} tokens",
+        logits.len(),
+        nucleus.len()
+    );
+
+    let n = 400;
+    let t = Instant::now();
+    let m = nucleus::max_logit(&logits);
+    for _ in 0..n {
+        std::hint::black_box(nucleus::max_logit(std::hint::black_box(&logits)));
+    }
+    println!(
+        "max {:.3} ms",
+        t.elapsed().as_secs_f64() / f64::from(n) * 1e3
+    );
+    let t = Instant::now();
+    for _ in 0..n {
+        std::hint::black_box(nucleus::weight_sum(std::hint::black_box(&logits), m, 1.25));
+    }
+    println!(
+        "sum {:.3} ms",
+        t.elapsed().as_secs_f64() / f64::from(n) * 1e3
+    );
+    for (name, temperature) in [("greedy", 0.0f32), ("t=0.8 top_p=0.95", 0.8)] {
+        let mut s = Sampler::new(temperature, 0.95, 1);
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(s.sample(&logits));
+        }
+        let one = t.elapsed().as_secs_f64() / f64::from(n) * 1e3;
+        // Eight sequences of one step: serial, then over `threads`.
+        let mut samplers: Vec<Sampler> =
+            (0..8).map(|k| Sampler::new(temperature, 0.95, k)).collect();
+        let steps = 50;
+        let mut time_step = |threads: usize| {
+            let t = Instant::now();
+            for _ in 0..steps {
+                let mut work: Vec<(&mut Sampler, &[f32], u32)> = samplers
+                    .iter_mut()
+                    .map(|s| (s, logits.as_slice(), 0))
+                    .collect();
+                sample_all(&mut work, threads);
+                std::hint::black_box(&work);
+            }
+            t.elapsed().as_secs_f64() / f64::from(steps) * 1e3
+        };
+        let serial = time_step(1);
+        let parallel = time_step(threads);
+        println!(
+            "{name}: {one:.3} ms a token; 8 sequences a step: {serial:.2} ms serial, {parallel:.2} ms on {threads} threads"
+        );
+    }
+}
