@@ -14,7 +14,37 @@ if [ -z "${NANOINFER_CACHE_DIR:-}" ]; then
 fi
 export NANOINFER_CACHE_DIR
 mkdir -p "$NANOINFER_CACHE_DIR"
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$NANOINFER_CACHE_DIR/target}"
+
+# ggml's instruction set (README, "CPU build"). .cargo/config.toml compiles
+# ggml for x86-64-v3 (AVX2, FMA, F16C, BMI2), which runs on any x86-64 CPU of
+# the last decade. NANOINFER_CPU=auto (the default) adds AVX-512 when the CPU
+# these scripts run on has it (AVX-512 F/CD/VL/DQ/BW, plus VBMI, VNNI and
+# BF16 where present): about 35% faster prompt processing and up to 10%
+# faster decode. AMX and GGML_NATIVE are never enabled (ggml's AMX path
+# crashes on some hosts). NANOINFER_CPU=portable keeps x86-64-v3, for
+# binaries that will run on other machines (images); NANOINFER_CPU=avx512
+# forces AVX-512. Each choice builds into its own target dir.
+cpu_has() { grep -qw "$1" /proc/cpuinfo 2>/dev/null; }
+NANOINFER_CPU="${NANOINFER_CPU:-auto}"
+case "$NANOINFER_CPU" in
+  auto)
+    NANOINFER_ISA=x86-64-v3
+    if [ "$(uname -m)" = x86_64 ] && cpu_has avx512f && cpu_has avx512cd && cpu_has avx512vl \
+      && cpu_has avx512dq && cpu_has avx512bw; then
+      NANOINFER_ISA=avx512
+    fi ;;
+  avx512) NANOINFER_ISA=avx512 ;;
+  portable) NANOINFER_ISA=x86-64-v3 ;;
+  *) echo "NANOINFER_CPU must be auto, portable or avx512 (got '$NANOINFER_CPU')" >&2; exit 2 ;;
+esac
+if [ "$NANOINFER_ISA" = avx512 ]; then
+  export GGML_AVX512=ON
+  if [ "$NANOINFER_CPU" = avx512 ] || cpu_has avx512vbmi; then export GGML_AVX512_VBMI=ON; fi
+  if [ "$NANOINFER_CPU" = avx512 ] || cpu_has avx512_vnni; then export GGML_AVX512_VNNI=ON; fi
+  if [ "$NANOINFER_CPU" = avx512 ] || cpu_has avx512_bf16; then export GGML_AVX512_BF16=ON; fi
+fi
+export NANOINFER_CPU NANOINFER_ISA
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$NANOINFER_CACHE_DIR/target-$NANOINFER_ISA}"
 BIN_DIR="$CARGO_TARGET_DIR/release"
 VENV="$NANOINFER_CACHE_DIR/venv"
 export PATH="$VENV/bin:$HOME/.cargo/bin:$PATH"
