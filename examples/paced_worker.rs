@@ -5,7 +5,7 @@
 //! concurrencies no CPU model could serve. Never part of a deployment.
 //!
 //! cargo run --release --example paced_worker -- --etcd http://127.0.0.1:2379 \
-//!     --listen 127.0.0.1:50070 --tokens-per-second 20
+//!     --listen 127.0.0.1:50070 --tokens-per-second 20 --stamp
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -33,10 +33,15 @@ struct Args {
     /// Worker id.
     #[arg(long, default_value = "paced-worker")]
     id: String,
+    /// Make each token's text its send time (`@<unix nanos>`), so
+    /// `nanoinfer-bench` measures every token's transit time.
+    #[arg(long)]
+    stamp: bool,
 }
 
 struct Paced {
     interval: Duration,
+    stamp: bool,
 }
 
 type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -52,15 +57,23 @@ impl WorkerService for Paced {
         let req = request.into_inner();
         let prompt_tokens = req.prompt.split_whitespace().count() as u32;
         let n = req.max_tokens;
-        let interval = self.interval;
+        let (interval, stamp) = (self.interval, self.stamp);
         let stream = futures::stream::unfold(0u32, move |i| async move {
             if i > n {
                 return None;
             }
             if i < n {
                 tokio::time::sleep(interval).await;
+                let text = if stamp {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos());
+                    format!(" @{now}")
+                } else {
+                    " tok".into()
+                };
                 let msg = GenerateResponse {
-                    text: " tok".into(),
+                    text,
                     token_id: Some(i as i32),
                     index: i,
                     finished: None,
@@ -108,8 +121,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let service = Paced {
         interval: Duration::from_secs_f64(1.0 / args.tokens_per_second),
+        stamp: args.stamp,
     };
     tonic::transport::Server::builder()
+        .tcp_nodelay(true)
         .add_service(WorkerServiceServer::new(service))
         .serve_with_shutdown(args.listen, async {
             let _ = tokio::signal::ctrl_c().await;

@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ("proto/worker.proto", "worker_descriptor.bin"),
     ] {
         tonic_prost_build::configure()
+            // Small per-call buffers (src/lib.rs, `codec`).
+            .codec_path("crate::codec::SmallBufferCodec")
             .file_descriptor_set_path(out_dir.join(set))
             .compile_protos(&[file], &["proto"])?;
     }

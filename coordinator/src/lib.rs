@@ -23,7 +23,6 @@ use std::sync::Arc;
 
 use nanoinfer_proto::nanoinfer::infer_service_server::InferServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 pub use config::{Args, CoordinatorConfig};
@@ -87,10 +86,14 @@ pub async fn run(
             nanoinfer_proto::INFERENCE_DESCRIPTOR_SET,
         )
         .add_service(InferServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let mut rx = stop_rx;
-            let _ = rx.wait_for(|stop| *stop).await;
-        }),
+        .serve_with_incoming_shutdown(
+            // Tokens are small writes that must leave at once: no Nagle.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let mut rx = stop_rx;
+                let _ = rx.wait_for(|stop| *stop).await;
+            },
+        ),
     );
 
     tokio::select! {

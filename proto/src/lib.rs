@@ -7,6 +7,8 @@
 //!   `nanoinfer.worker.v1`) between coordinator and workers.
 //! - [`INFERENCE_DESCRIPTOR_SET`], [`WORKER_DESCRIPTOR_SET`] and
 //!   [`add_reflection`]: gRPC reflection for each process's own services.
+//! - [`codec::SmallBufferCodec`]: the prost codec every generated client and
+//!   server uses, with small per-call buffers.
 //!
 //! The tonic and prost crates are re-exported so users of the generated code
 //! need no direct dependency with a matching version.
@@ -15,6 +17,54 @@
 
 pub use prost;
 pub use tonic;
+
+pub mod codec {
+    //! The protobuf codec of every nanoinfer call: prost's, with per-call
+    //! buffers that start at 1 KiB instead of tonic's 8 KiB. Token messages
+    //! are a few dozen bytes, and a coordinator holds an encode buffer
+    //! (towards its client) and a decode buffer (from its worker) for every
+    //! open stream, so the default would cost about 16 KiB a stream for
+    //! nothing; larger messages (a long prompt) still grow the buffer.
+
+    use std::marker::PhantomData;
+
+    use tonic::codec::{BufferSettings, Codec};
+    use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    /// Initial size of each call's encode and decode buffer.
+    pub const BUFFER_SIZE: usize = 1024;
+    /// Encoded bytes after which a server stream yields (tonic's default).
+    pub const YIELD_THRESHOLD: usize = 32 * 1024;
+
+    /// prost encoding with [`BUFFER_SIZE`] buffers.
+    #[derive(Debug, Clone)]
+    pub struct SmallBufferCodec<T, U>(PhantomData<(T, U)>);
+
+    impl<T, U> Default for SmallBufferCodec<T, U> {
+        fn default() -> Self {
+            Self(PhantomData)
+        }
+    }
+
+    impl<T, U> Codec for SmallBufferCodec<T, U>
+    where
+        T: prost::Message + Send + 'static,
+        U: prost::Message + Default + Send + 'static,
+    {
+        type Encode = T;
+        type Decode = U;
+        type Encoder = ProstEncoder<T>;
+        type Decoder = ProstDecoder<U>;
+
+        fn encoder(&mut self) -> Self::Encoder {
+            ProstCodec::<T, U>::raw_encoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+        }
+
+        fn decoder(&mut self) -> Self::Decoder {
+            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+        }
+    }
+}
 
 /// Public API, package `nanoinfer`.
 #[allow(clippy::all)]

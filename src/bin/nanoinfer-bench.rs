@@ -18,6 +18,16 @@
 //! them) arrive as a Poisson process of rate R per second instead of from
 //! closed-loop streams.
 //!
+//! Router tax, measured per token: against the test-double worker
+//! (`examples/paced_worker.rs --stamp`), every token's text carries the
+//! wall-clock time it was sent, so the bench reports each token's transit
+//! time (worker send → client receive) directly and through the
+//! coordinator; the difference of their percentiles is what the coordinator
+//! adds per token. `--rss-pid` samples a process's resident memory while the
+//! streams are open (the coordinator's memory per open stream).
+//! `--connections N` multiplexes the streams over N HTTP/2 connections per
+//! target (default: one connection per stream).
+//!
 //! ```text
 //! nanoinfer-bench --coordinator http://127.0.0.1:50052 --worker http://127.0.0.1:50061
 //! ```
@@ -28,6 +38,7 @@ use clap::Parser;
 use nanoinfer::connect;
 use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, InferRequest};
 use nanoinfer_proto::worker::{worker_service_client::WorkerServiceClient, GenerateRequest};
+use tonic::transport::Channel;
 
 /// Benchmark of a nanoinfer worker and coordinator.
 #[derive(Debug, Parser)]
@@ -66,6 +77,16 @@ struct Args {
     /// number, so every request pays its full prefill).
     #[arg(long)]
     same_prompt: bool,
+    /// HTTP/2 connections per target, shared round-robin by the streams
+    /// (0: one per stream).
+    #[arg(long, default_value_t = 0)]
+    connections: usize,
+    /// Sample this process's resident memory (VmRSS) before the bench
+    /// connects and while the streams run, and report the growth per stream,
+    /// connections included, and its CPU time per token (e.g. the
+    /// coordinator's pid).
+    #[arg(long)]
+    rss_pid: Option<u32>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -77,6 +98,9 @@ struct Sample {
     ttft: Duration,
     e2e: Duration,
     token_times: Vec<Instant>,
+    /// Per token stamped by the sender (`@<unix nanos>`): its transit time
+    /// in µs.
+    transit_us: Vec<f64>,
     prompt_tokens: u32,
 }
 
@@ -97,6 +121,16 @@ struct Summary {
     tpot_p: [f64; 3],
     itl_p: [f64; 3],
     e2e_p: [f64; 3],
+    /// p50, p90, p99 of stamped tokens' transit time, in µs (empty when
+    /// the worker does not stamp its tokens).
+    transit_p: Option<[f64; 3]>,
+    /// Resident memory of `--rss-pid`: before this target's connections were
+    /// opened, and its peak while the streams ran, in bytes.
+    rss: Option<(u64, u64)>,
+    /// CPU seconds `--rss-pid` used during the measured phase.
+    cpu_s: Option<f64>,
+    /// Tokens received in the measured phase.
+    tokens: usize,
     /// Failed requests by gRPC code.
     errors: std::collections::BTreeMap<String, u32>,
 }
@@ -152,8 +186,11 @@ fn prompt(words: usize) -> String {
         .join(" ")
 }
 
-async fn via_coordinator(addr: &str, args: &Args) -> Result<Sample, Box<dyn std::error::Error>> {
-    let mut client = InferServiceClient::new(connect(addr).await?);
+async fn via_coordinator(
+    channel: Channel,
+    args: &Args,
+) -> Result<Sample, Box<dyn std::error::Error>> {
+    let mut client = InferServiceClient::new(channel);
     let req = InferRequest {
         prompt: prompt_for(args),
         max_tokens: args.max_tokens,
@@ -164,11 +201,17 @@ async fn via_coordinator(addr: &str, args: &Args) -> Result<Sample, Box<dyn std:
     };
     let started = Instant::now();
     let stream = client.infer(req).await?.into_inner();
-    time_stream(started, stream, |m| m.usage.map(|u| u.prompt_tokens)).await
+    time_stream(
+        started,
+        stream,
+        |m| m.usage.map(|u| u.prompt_tokens),
+        |m| &m.token,
+    )
+    .await
 }
 
-async fn via_worker(addr: &str, args: &Args) -> Result<Sample, Box<dyn std::error::Error>> {
-    let mut client = WorkerServiceClient::new(connect(addr).await?);
+async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std::error::Error>> {
+    let mut client = WorkerServiceClient::new(channel);
     let req = GenerateRequest {
         request_id: "bench".into(),
         prompt: prompt_for(args),
@@ -180,7 +223,48 @@ async fn via_worker(addr: &str, args: &Args) -> Result<Sample, Box<dyn std::erro
     };
     let started = Instant::now();
     let stream = client.generate(req).await?.into_inner();
-    time_stream(started, stream, |m| m.finished.map(|f| f.prompt_tokens)).await
+    time_stream(
+        started,
+        stream,
+        |m| m.finished.map(|f| f.prompt_tokens),
+        |m| &m.text,
+    )
+    .await
+}
+
+/// Nanoseconds since the Unix epoch, the clock `paced_worker --stamp` uses.
+fn unix_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
+/// The transit time in µs of a token whose text is a send stamp
+/// (`@<unix nanos>`, spaces allowed around it).
+fn transit_us(text: &str, now: u128) -> Option<f64> {
+    let sent: u128 = text.trim().strip_prefix('@')?.parse().ok()?;
+    Some(now.saturating_sub(sent) as f64 / 1e3)
+}
+
+/// CPU time (user + system) a process has used so far, in seconds (Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses: utime and
+    // stime are the 12th and 13th of them, in clock ticks (100 a second on
+    // Linux unless the kernel is configured otherwise).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Resident memory of a process, in bytes (Linux).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// Reads a token stream to its end, noting when each token arrived.
@@ -189,9 +273,12 @@ async fn time_stream<M>(
     started: Instant,
     mut stream: tonic::Streaming<M>,
     final_prompt_tokens: impl Fn(&M) -> Option<u32>,
+    token_text: impl Fn(&M) -> &str,
 ) -> Result<Sample, Box<dyn std::error::Error>> {
     let mut times = Vec::new();
+    let mut transit = Vec::new();
     while let Some(msg) = stream.message().await? {
+        let now = unix_nanos();
         if let Some(prompt_tokens) = final_prompt_tokens(&msg) {
             return Ok(Sample {
                 ttft: times
@@ -200,10 +287,12 @@ async fn time_stream<M>(
                     .unwrap_or_default(),
                 e2e: started.elapsed(),
                 token_times: times,
+                transit_us: transit,
                 prompt_tokens,
             });
         }
         times.push(Instant::now());
+        transit.extend(transit_us(token_text(&msg), now));
     }
     Err("stream ended without a final message".into())
 }
@@ -232,15 +321,33 @@ async fn measure(
     addr: &str,
     args: &Args,
 ) -> Result<Summary, Box<dyn std::error::Error>> {
-    let run = |addr: String| async move {
+    let run = |channel: Channel| async move {
         if name == "worker" {
-            via_worker(&addr, args).await
+            via_worker(channel, args).await
         } else {
-            via_coordinator(&addr, args).await
+            via_coordinator(channel, args).await
         }
     };
-    run(addr.to_string()).await?; // warm-up
     let total = args.requests * args.concurrency.max(1);
+    let streams = if args.request_rate.is_some() {
+        total as usize
+    } else {
+        args.concurrency.max(1) as usize
+    };
+    // The watched process's memory before any of this run's connections.
+    let rss_before = args.rss_pid.and_then(rss_bytes);
+    let mut channels = Vec::new();
+    for _ in 0..if args.connections == 0 {
+        streams
+    } else {
+        args.connections.min(streams)
+    } {
+        channels.push(connect(addr).await?);
+    }
+    let channel = |k: usize| channels[k % channels.len()].clone();
+    run(channel(0)).await?; // warm-up
+    let cpu_before = args.rss_pid.and_then(cpu_seconds);
+    let rss_peak = std::sync::atomic::AtomicU64::new(rss_before.unwrap_or(0));
     let done = std::sync::atomic::AtomicU32::new(0);
     let progress = || {
         let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -252,28 +359,46 @@ async fn measure(
     };
     let started = Instant::now();
     let mut results: Vec<Result<Sample, tonic::Status>> = Vec::new();
-    if let Some(rate) = args.request_rate {
-        let arrivals = poisson_offsets(total, rate)
-            .into_iter()
-            .map(|offset| async move {
-                tokio::time::sleep_until((started + offset).into()).await;
-                let r = run(addr.to_string()).await.map_err(status_of);
-                progress();
-                r
+    let work = async {
+        if let Some(rate) = args.request_rate {
+            let arrivals = poisson_offsets(total, rate).into_iter().enumerate().map(
+                |(k, offset)| async move {
+                    tokio::time::sleep_until((started + offset).into()).await;
+                    let r = run(channel(k)).await.map_err(status_of);
+                    progress();
+                    r
+                },
+            );
+            results = futures::future::join_all(arrivals).await;
+        } else {
+            let streams = (0..streams).map(|k| async move {
+                let mut out = Vec::new();
+                for _ in 0..args.requests {
+                    out.push(run(channel(k)).await.map_err(status_of));
+                    progress();
+                }
+                out
             });
-        results = futures::future::join_all(arrivals).await;
-    } else {
-        let streams = (0..args.concurrency.max(1)).map(|_| async {
-            let mut out = Vec::new();
-            for _ in 0..args.requests {
-                out.push(run(addr.to_string()).await.map_err(status_of));
-                progress();
+            for stream in futures::future::join_all(streams).await {
+                results.extend(stream);
             }
-            out
-        });
-        for stream in futures::future::join_all(streams).await {
-            results.extend(stream);
         }
+    };
+    // Sample the watched process's memory every 50 ms while streams run.
+    let sample_rss = async {
+        let Some(pid) = args.rss_pid else {
+            return std::future::pending().await;
+        };
+        loop {
+            if let Some(rss) = rss_bytes(pid) {
+                rss_peak.fetch_max(rss, std::sync::atomic::Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        () = sample_rss => {}
     }
     let wall = started.elapsed().as_secs_f64();
     eprintln!();
@@ -290,6 +415,16 @@ async fn measure(
     summary.output_tps = tokens as f64 / wall;
     summary.requests_per_s = samples.len() as f64 / wall;
     summary.errors = errors;
+    let transit: Vec<f64> = samples
+        .iter()
+        .flat_map(|s| s.transit_us.iter().copied())
+        .collect();
+    summary.transit_p = (!transit.is_empty()).then(|| percentiles(transit));
+    summary.rss = rss_before.map(|before| (before, rss_peak.into_inner()));
+    summary.cpu_s = cpu_before
+        .zip(args.rss_pid.and_then(cpu_seconds))
+        .map(|(before, after)| after - before);
+    summary.tokens = tokens;
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     summary.ttft_p = percentiles(samples.iter().map(|s| ms(s.ttft)).collect());
     summary.e2e_p = percentiles(samples.iter().map(|s| ms(s.e2e)).collect());
@@ -341,6 +476,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "tpot_ms_percentiles": p(s.tpot_p),
                     "itl_ms_percentiles": p(s.itl_p),
                     "e2e_ms_percentiles": p(s.e2e_p),
+                    "token_transit_us_percentiles": s.transit_p.map(p),
+                    "rss_bytes_before": s.rss.map(|r| r.0),
+                    "rss_bytes_peak": s.rss.map(|r| r.1),
+                    "watched_cpu_seconds": s.cpu_s,
                     "errors": s.errors,
                 }),
             );
@@ -393,6 +532,32 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{:<12} errors: {:?}", "", s.errors);
         }
     }
+    for (name, s) in &results {
+        if let Some(t) = s.transit_p {
+            println!(
+                "{name:<12} token transit (send stamp -> client) p50/p90/p99: {:.0}/{:.0}/{:.0} us",
+                t[0], t[1], t[2]
+            );
+        }
+        if let Some((before, peak)) = s.rss {
+            let per_stream = peak.saturating_sub(before) as f64 / args.concurrency.max(1) as f64;
+            println!(
+                "{name:<12} pid {} RSS {:.1} MB before, {:.1} MB peak: {:.1} KB per stream",
+                args.rss_pid.unwrap_or(0),
+                before as f64 / 1e6,
+                peak as f64 / 1e6,
+                per_stream / 1e3
+            );
+        }
+        if let Some(cpu) = s.cpu_s {
+            println!(
+                "{name:<12} pid {} used {:.2} CPU s: {:.1} us per token received",
+                args.rss_pid.unwrap_or(0),
+                cpu,
+                cpu * 1e6 / s.tokens.max(1) as f64
+            );
+        }
+    }
     if let [(_, w), (_, c)] = results.as_slice() {
         println!(
             "coordinator adds {:+.2} ms to TTFT and {:+.3} ms per token (decode ratio {:.3})",
@@ -400,6 +565,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             c.itl_ms - w.itl_ms,
             c.decode_tps / w.decode_tps
         );
+        if let (Some(wt), Some(ct)) = (w.transit_p, c.transit_p) {
+            println!(
+                "coordinator adds per token (transit difference): p50 {:+.0} us, p90 {:+.0} us, p99 {:+.0} us",
+                ct[0] - wt[0],
+                ct[1] - wt[1],
+                ct[2] - wt[2]
+            );
+        }
     }
     Ok(())
 }

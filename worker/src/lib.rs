@@ -30,7 +30,6 @@ use std::time::Duration;
 use nanoinfer_proto::worker::worker_service_server::WorkerServiceServer;
 use nanoinfer_registry::{Capacity, Registration, WorkerInfo};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -123,9 +122,13 @@ pub async fn run(
             nanoinfer_proto::WORKER_DESCRIPTOR_SET,
         )
         .add_service(WorkerServiceServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            let _ = server_stopped.await;
-        }),
+        .serve_with_incoming_shutdown(
+            // Tokens are small writes that must leave at once: no Nagle.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = server_stopped.await;
+            },
+        ),
     );
 
     let info = WorkerInfo {
