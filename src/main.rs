@@ -56,6 +56,44 @@ enum Command {
     },
     /// Prints the coordinator's health.
     Health,
+    /// Runs the benchmark program, `nanoinfer-bench` (installed next to this
+    /// binary), with ARGS; without `--worker` or `--coordinator` it measures
+    /// the coordinator at `--addr`. `nanoinfer bench --help` lists its options.
+    Bench {
+        /// Arguments for nanoinfer-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Runs `nanoinfer-bench` from this binary's directory and returns its exit
+/// status.
+fn bench(addr: &str, mut args: Vec<String>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let exe = std::env::current_exe()?;
+    let bench = exe.with_file_name("nanoinfer-bench");
+    if !bench.is_file() {
+        return Err(format!(
+            "{} not found next to {}: build it with `cargo build --release --bin nanoinfer-bench`",
+            bench.display(),
+            exe.display()
+        )
+        .into());
+    }
+    let targets_given = args.iter().any(|a| {
+        a == "--help" || a == "-h" || a.starts_with("--worker") || a.starts_with("--coordinator")
+    });
+    if !targets_given {
+        args.extend(["--coordinator".to_string(), addr.to_string()]);
+    }
+    let status = std::process::Command::new(&bench)
+        .args(&args)
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", bench.display()))?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
 }
 
 #[tokio::main]
@@ -71,6 +109,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if let Command::Bench { args } = cli.command {
+        return bench(&cli.addr, args);
+    }
     let channel = connect(&cli.addr)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", cli.addr))?;
@@ -134,6 +175,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
             }
         }
+        Command::Bench { .. } => unreachable!("handled before connecting"),
     }
 }
 

@@ -195,6 +195,32 @@ fn readme_path_local_cluster_test_sh_and_cli() {
         "{stderr}"
     );
 
+    // The benchmark program, through the CLI, against the coordinator.
+    let out = cluster.cli(&[
+        "bench",
+        "--requests",
+        "1",
+        "--max-tokens",
+        "4",
+        "--prompt-words",
+        "8",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let coordinator = &report["coordinator"];
+    assert_eq!(coordinator["generated_tokens"], 4.0, "{report}");
+    assert!(coordinator["ttft_ms"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(coordinator["errors"].as_object().unwrap().is_empty());
+    assert!(
+        report.get("worker").is_none(),
+        "only the coordinator measured"
+    );
+
     let out = cluster.cli(&["infer", "hi", "--top-p", "2"]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -127,6 +127,10 @@ struct Summary {
     /// Resident memory of `--rss-pid`: before this target's connections were
     /// opened, and its peak while the streams ran, in bytes.
     rss: Option<(u64, u64)>,
+    /// Closed loop only: streams × the mean per-stream decode rate, the
+    /// figure `llama-batched-bench` reports as S_TG (decode only, no
+    /// prefill).
+    decode_all_streams_tps: Option<f64>,
     /// CPU seconds `--rss-pid` used during the measured phase.
     cpu_s: Option<f64>,
     /// Tokens received in the measured phase.
@@ -425,6 +429,10 @@ async fn measure(
         .zip(args.rss_pid.and_then(cpu_seconds))
         .map(|(before, after)| after - before);
     summary.tokens = tokens;
+    summary.decode_all_streams_tps = args
+        .request_rate
+        .is_none()
+        .then_some(streams as f64 * summary.decode_tps);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     summary.ttft_p = percentiles(samples.iter().map(|s| ms(s.ttft)).collect());
     summary.e2e_p = percentiles(samples.iter().map(|s| ms(s.e2e)).collect());
@@ -471,6 +479,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "decode_tokens_per_s": s.decode_tps,
                     "inter_token_ms": s.itl_ms,
                     "output_tokens_per_s": s.output_tps,
+                    "decode_tokens_per_s_all_streams": s.decode_all_streams_tps,
                     "requests_per_s": s.requests_per_s,
                     "ttft_ms_percentiles": p(s.ttft_p),
                     "tpot_ms_percentiles": p(s.tpot_p),
@@ -533,6 +542,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     for (name, s) in &results {
+        if let (Some(all), true) = (s.decode_all_streams_tps, args.concurrency > 1) {
+            println!(
+                "{name:<12} decode of all streams together: {all:.1} tok/s (streams x per-stream decode rate; prefill excluded, like llama-batched-bench's S_TG)"
+            );
+        }
         if let Some(t) = s.transit_p {
             println!(
                 "{name:<12} token transit (send stamp -> client) p50/p90/p99: {:.0}/{:.0}/{:.0} us",
