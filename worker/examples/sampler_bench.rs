@@ -51,6 +51,47 @@ fn main() {
         nucleus.len()
     );
 
+    // A real generation: 200 tokens sampled at t=0.8 / top-p 0.95, each
+    // sampling decision timed on the logits the model just computed.
+    let mut s = Sampler::new(0.8, 0.95, 3);
+    let mut times = Vec::new();
+    let mut sizes = Vec::new();
+    let mut pos = prompt.len() as i32;
+    let mut last = batch.n_tokens() - 1;
+    for _ in 0..200 {
+        let logits = ctx.get_logits_ith(last);
+        let t = Instant::now();
+        let token = s.sample(logits);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        nucleus::nucleus(logits, 0.8, 0.95, &mut nucleus);
+        sizes.push(nucleus.len());
+        batch.clear();
+        batch
+            .add(
+                llama_cpp_2::token::LlamaToken(token as i32),
+                pos,
+                &[0],
+                true,
+            )
+            .unwrap();
+        pos += 1;
+        last = 0;
+        ctx.decode(&mut batch).unwrap();
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    sizes.sort_unstable();
+    println!(
+        "200 generated tokens, t=0.8 top_p=0.95: mean {:.3} ms, p50 {:.3}, p99 {:.3}, max {:.3} ms; nucleus p50 {} p99 {} max {} tokens",
+        times.iter().sum::<f64>() / times.len() as f64,
+        sorted[100],
+        sorted[197],
+        sorted[199],
+        sizes[100],
+        sizes[197],
+        sizes[199]
+    );
+
     let n = 400;
     let t = Instant::now();
     let m = nucleus::max_logit(&logits);

@@ -48,10 +48,15 @@ pub struct Args {
     #[arg(long, env = "NANOINFER_PARALLEL", default_value_t = 4)]
     pub parallel: u32,
     /// Prompt tokens decoded per engine step, shared by requests in prefill
-    /// (chunked prefill): bounds how long a new prompt can pause running
-    /// streams.
+    /// (chunked prefill), while no request is generating: large chunks
+    /// prefill fastest.
     #[arg(long, env = "NANOINFER_PREFILL_CHUNK", default_value_t = 128)]
     pub prefill_chunk: u32,
+    /// Prompt tokens per engine step while requests are generating (at most
+    /// --prefill-chunk): bounds how long a new prompt pauses running streams
+    /// between two of their tokens.
+    #[arg(long, env = "NANOINFER_PREFILL_CHUNK_DECODING", default_value_t = 32)]
+    pub prefill_chunk_decoding: u32,
     /// Requests that may wait for the engine; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "NANOINFER_QUEUE", default_value_t = 16)]
     pub queue: u32,
@@ -86,6 +91,8 @@ pub struct WorkerConfig {
     pub parallel: u32,
     /// Prompt tokens per step.
     pub prefill_chunk: u32,
+    /// Prompt tokens per step while sequences decode (≤ `prefill_chunk`).
+    pub prefill_chunk_decoding: u32,
     /// Drain time on shutdown.
     pub grace_period: Duration,
 }
@@ -121,6 +128,12 @@ impl Args {
                 self.prefill_chunk
             ));
         }
+        if !(1..=8192).contains(&self.prefill_chunk_decoding) {
+            return Err(format!(
+                "--prefill-chunk-decoding must be 1..=8192, got {}",
+                self.prefill_chunk_decoding
+            ));
+        }
         if self.queue == 0 {
             return Err("--queue must be at least 1".into());
         }
@@ -146,6 +159,7 @@ impl Args {
             queue: self.queue,
             parallel: self.parallel,
             prefill_chunk: self.prefill_chunk,
+            prefill_chunk_decoding: self.prefill_chunk_decoding.min(self.prefill_chunk),
             grace_period: Duration::from_secs(self.grace_period),
         })
     }
@@ -167,6 +181,10 @@ mod tests {
         assert_eq!(c.ctx_size, 2048);
         assert_eq!(c.lease_ttl, 10);
         assert!(c.threads >= 1);
+        assert_eq!((c.prefill_chunk, c.prefill_chunk_decoding), (128, 32));
+        // The decoding budget never exceeds the idle one.
+        let c = args(&["--prefill-chunk", "16"]).unwrap();
+        assert_eq!(c.prefill_chunk_decoding, 16);
     }
 
     #[test]
@@ -178,6 +196,7 @@ mod tests {
             ("--queue", "0"),
             ("--parallel", "0"),
             ("--prefill-chunk", "0"),
+            ("--prefill-chunk-decoding", "0"),
             ("--advertise", "no-port"),
             ("--advertise", "http://h:1"),
             ("--advertise", "h:0"),

@@ -98,6 +98,7 @@ pub async fn run(
             ctx_size: config.ctx_size,
             parallel: config.parallel,
             step_tokens: config.prefill_chunk,
+            step_tokens_decoding: config.prefill_chunk_decoding,
             threads: config.threads as i32,
             queue: config.queue,
         },

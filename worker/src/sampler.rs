@@ -54,6 +54,12 @@ impl Sampler {
         }
     }
 
+    /// Whether it picks the most likely token (no randomness, next to no
+    /// work).
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
     /// Picks the next token from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.temperature == 0.0 {
@@ -66,9 +72,8 @@ impl Sampler {
 
 /// Samples every `(sampler, logits, token)` entry, writing the pick into
 /// `token`, split over up to `threads` threads (the calling one included).
-/// The sequences of one engine step are independent, and llama.cpp's own
-/// threads sit idle while they are sampled, so a step with several
-/// sequences takes about 1/`threads` of the serial time.
+/// The sequences of one engine step are independent, so with free cores a
+/// step with several sequences takes about 1/`threads` of the serial time.
 pub fn sample_all(work: &mut [(&mut Sampler, &[f32], u32)], threads: usize) {
     let threads = threads.clamp(1, work.len().max(1));
     if threads == 1 {

@@ -137,6 +137,8 @@ pub struct EngineConfig {
     pub parallel: u32,
     /// Prompt tokens decoded per step, shared by sequences in prefill.
     pub step_tokens: u32,
+    /// The same while some sequence decodes (≤ `step_tokens`).
+    pub step_tokens_decoding: u32,
     /// CPU threads for llama.cpp.
     pub threads: i32,
     /// Requests that may wait for the engine.
