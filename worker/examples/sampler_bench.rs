@@ -56,9 +56,8 @@ fn main() {
     let mut s = Sampler::new(0.8, 0.95, 3);
     let mut times = Vec::new();
     let mut sizes = Vec::new();
-    let mut pos = prompt.len() as i32;
     let mut last = batch.n_tokens() - 1;
-    for _ in 0..200 {
+    for pos in prompt.len() as i32..prompt.len() as i32 + 200 {
         let logits = ctx.get_logits_ith(last);
         let t = Instant::now();
         let token = s.sample(logits);
@@ -74,7 +73,6 @@ fn main() {
                 true,
             )
             .unwrap();
-        pos += 1;
         last = 0;
         ctx.decode(&mut batch).unwrap();
     }
