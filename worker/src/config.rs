@@ -57,6 +57,14 @@ pub struct Args {
     /// between two of their tokens.
     #[arg(long, env = "NANOINFER_PREFILL_CHUNK_DECODING", default_value_t = 32)]
     pub prefill_chunk_decoding: u32,
+    /// Tokens of finished requests kept in the KV cache for prefix reuse,
+    /// over all idle slots (most recently finished first; 0 keeps none).
+    /// Kept cells serve a later prompt that shares their prefix, but in
+    /// llama.cpp's unified KV cache every decode step's attention spans
+    /// them too. The default, one --ctx-size window, keeps a conversation
+    /// warm without letting idle slots fill the cache.
+    #[arg(long, env = "NANOINFER_PREFIX_CACHE_TOKENS", default_value_t = 2048)]
+    pub prefix_cache_tokens: u32,
     /// Requests that may wait for the engine; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "NANOINFER_QUEUE", default_value_t = 16)]
     pub queue: u32,
@@ -93,6 +101,8 @@ pub struct WorkerConfig {
     pub prefill_chunk: u32,
     /// Prompt tokens per step while sequences decode (≤ `prefill_chunk`).
     pub prefill_chunk_decoding: u32,
+    /// Tokens of finished sequences kept warm for prefix reuse.
+    pub prefix_cache_tokens: u32,
     /// Drain time on shutdown.
     pub grace_period: Duration,
 }
@@ -160,6 +170,7 @@ impl Args {
             parallel: self.parallel,
             prefill_chunk: self.prefill_chunk,
             prefill_chunk_decoding: self.prefill_chunk_decoding.min(self.prefill_chunk),
+            prefix_cache_tokens: self.prefix_cache_tokens,
             grace_period: Duration::from_secs(self.grace_period),
         })
     }

@@ -99,6 +99,7 @@ pub async fn run(
             parallel: config.parallel,
             step_tokens: config.prefill_chunk,
             step_tokens_decoding: config.prefill_chunk_decoding,
+            prefix_cache_tokens: config.prefix_cache_tokens,
             threads: config.threads as i32,
             queue: config.queue,
         },

@@ -139,6 +139,8 @@ pub struct EngineConfig {
     pub step_tokens: u32,
     /// The same while some sequence decodes (≤ `step_tokens`).
     pub step_tokens_decoding: u32,
+    /// Tokens of finished sequences kept in the KV cache for prefix reuse.
+    pub prefix_cache_tokens: u32,
     /// CPU threads for llama.cpp.
     pub threads: i32,
     /// Requests that may wait for the engine.

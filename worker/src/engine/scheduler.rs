@@ -10,7 +10,10 @@
 //! (tokens known in [`Scheduler::cache`]). A new request takes the slot whose
 //! cached tokens, or a running sequence's prompt, share the longest prefix
 //! with its prompt, and starts prefill after that prefix (copying the cells
-//! from a running sequence when that is where they are).
+//! from a running sequence when that is where they are). Kept cells are not
+//! free: the KV cache is unified, so every step's attention spans every used
+//! cell, kept ones included. At most `--prefix-cache-tokens` are kept, the
+//! most recently finished first ([`trim_warm`]).
 
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
@@ -99,6 +102,23 @@ pub fn plan_step(seqs: &[SeqView], budget: usize, decoding_budget: usize) -> Vec
 /// Length of the common prefix of two token lists.
 pub fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Which kept ("warm") caches to cut so that at most `budget` tokens stay
+/// warm. `warm` lists (slot, cached tokens), least recently finished first;
+/// the most recent keep theirs first. Returns (slot, tokens to keep) for
+/// each cache to cut (0: drop it).
+pub fn trim_warm(warm: &[(i32, usize)], budget: usize) -> Vec<(i32, usize)> {
+    let mut left = budget;
+    let mut cuts = Vec::new();
+    for &(slot, len) in warm.iter().rev() {
+        let keep = len.min(left);
+        left -= keep;
+        if keep < len {
+            cuts.push((slot, keep));
+        }
+    }
+    cuts
 }
 
 /// Where a new prompt should run and what it can reuse.
@@ -195,6 +215,8 @@ pub(super) fn run(
         active: Vec::new(),
         free: (0..parallel as i32).rev().collect(),
         cache: vec![Vec::new(); parallel as usize],
+        warm: Vec::new(),
+        prefix_cache_tokens: config.prefix_cache_tokens as usize,
     };
     while engine.admit(&jobs, &mut ctx) {
         engine.step(&mut ctx);
@@ -225,6 +247,10 @@ struct Scheduler<'m> {
     /// Per slot: the tokens whose KV cells (positions 0..len) a free slot
     /// still holds from its last sequence.
     cache: Vec<Vec<LlamaToken>>,
+    /// Free slots whose cache is not empty, least recently finished first.
+    warm: Vec<i32>,
+    /// Most tokens kept in `cache` over all free slots.
+    prefix_cache_tokens: usize,
 }
 
 impl Scheduler<'_> {
@@ -259,6 +285,7 @@ impl Scheduler<'_> {
             };
             let slot = placement.slot;
             self.free.retain(|&s| s != slot);
+            self.warm.retain(|&s| s != slot);
             let reused = self.prepare_slot(ctx, placement);
             let metrics = &self.shared.metrics;
             metrics.waiting.dec();
@@ -457,6 +484,29 @@ impl Scheduler<'_> {
             .set(used as f64 / f64::from(self.kv_total));
     }
 
+    /// Cuts the kept caches down to `prefix_cache_tokens` in all.
+    fn trim_warm(&mut self, ctx: &mut LlamaContext<'_>) {
+        let warm: Vec<(i32, usize)> = self
+            .warm
+            .iter()
+            .map(|&s| (s, self.cache[s as usize].len()))
+            .collect();
+        for (slot, keep) in trim_warm(&warm, self.prefix_cache_tokens) {
+            let removed = if keep == 0 {
+                ctx.kv_cache_seq_rm(slot, None, None)
+            } else {
+                ctx.kv_cache_seq_rm(slot, Some(keep as u32), None)
+            };
+            if let Err(e) = removed {
+                tracing::warn!(slot, error = %e, "could not free kept KV cells");
+            }
+            self.cache[slot as usize].truncate(keep);
+            if keep == 0 {
+                self.warm.retain(|&s| s != slot);
+            }
+        }
+    }
+
     /// Frees a sequence's slot and KV cells and records its outcome.
     fn retire(&mut self, ctx: &mut LlamaContext<'_>, seq: Sequence, client_left: bool) {
         // Keep the cells warm for a later prompt with the same prefix, unless
@@ -472,6 +522,10 @@ impl Scheduler<'_> {
             tracing::warn!(slot = seq.slot, error = %e, "could not free KV cells");
         }
         self.free.push(seq.slot);
+        if !self.cache[seq.slot as usize].is_empty() {
+            self.warm.push(seq.slot);
+            self.trim_warm(ctx);
+        }
         let metrics = &self.shared.metrics;
         metrics.running.dec();
         let span = &seq.job.generation.span;
@@ -642,6 +696,18 @@ mod tests {
             place(&toks(&[1]), &[(0, &toks(&[1]))], &[]).unwrap().reuse,
             None
         );
+    }
+
+    #[test]
+    fn kept_caches_fit_the_budget_most_recent_first() {
+        // Oldest first: slot 2 (100 tokens), slot 0 (300), slot 1 (200).
+        let warm = [(2, 100), (0, 300), (1, 200)];
+        assert_eq!(trim_warm(&warm, 1000), vec![]);
+        assert_eq!(trim_warm(&warm, 512), vec![(2, 12)]);
+        assert_eq!(trim_warm(&warm, 450), vec![(0, 250), (2, 0)]);
+        assert_eq!(trim_warm(&warm, 150), vec![(1, 150), (0, 0), (2, 0)]);
+        assert_eq!(trim_warm(&warm, 0), vec![(1, 0), (0, 0), (2, 0)]);
+        assert_eq!(trim_warm(&[], 0), vec![]);
     }
 
     #[test]
