@@ -590,3 +590,35 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamped_tokens_give_their_transit_time() {
+        assert_eq!(transit_us(" @1000000", 1_250_000), Some(250.0));
+        assert_eq!(transit_us("@5000", 5_000), Some(0.0));
+        // A clock that went backwards reads as 0, not a huge number.
+        assert_eq!(transit_us("@9000", 5_000), Some(0.0));
+        for text in [" tok", "", "@", "@12x", "1000"] {
+            assert_eq!(transit_us(text, 1), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentiles(values), [50.0, 90.0, 99.0]);
+        assert_eq!(percentiles(vec![7.0]), [7.0; 3]);
+        assert_eq!(percentiles(Vec::new()), [0.0; 3]);
+    }
+
+    #[test]
+    fn this_process_has_memory_and_cpu_time() {
+        let pid = std::process::id();
+        assert!(rss_bytes(pid).unwrap() > 1 << 20);
+        assert!(cpu_seconds(pid).unwrap() >= 0.0);
+        assert_eq!(rss_bytes(u32::MAX), None);
+    }
+}

@@ -170,6 +170,11 @@ impl Proc {
         line.rsplit(needle).next().unwrap().trim().to_string()
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")
