@@ -115,6 +115,14 @@ async fn probes_and_metrics_follow_real_requests() {
     assert_eq!(w1["nanoinfer_worker_num_requests_running"], 0.0);
     assert_eq!(w1["nanoinfer_worker_num_requests_waiting"], 0.0);
     assert_eq!(w1["nanoinfer_worker_kv_cache_usage_perc"], 0.0);
+    // Every generated token came out of an engine step; the finished
+    // requests' tokens stay warm for prefix reuse, within the default budget.
+    let steps = delta(&w0, &w1, "nanoinfer_worker_step_duration_seconds_count");
+    assert!(steps >= 1.0, "{steps} steps");
+    assert_eq!(delta(&w0, &w1, "nanoinfer_worker_step_tokens_count"), steps);
+    assert!(delta(&w0, &w1, "nanoinfer_worker_step_tokens_sum") >= steps);
+    let kept = w1["nanoinfer_worker_prefix_cache_tokens"];
+    assert!(kept > 0.0 && kept <= 2048.0, "{kept} tokens kept");
     assert_eq!(w1["nanoinfer_worker_context_length"], 2048.0);
     assert_eq!(w1["nanoinfer_worker_capacity_slots"], 4.0);
     assert!(w1["nanoinfer_worker_model_load_seconds"] > 0.0);

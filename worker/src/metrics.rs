@@ -21,6 +21,11 @@ pub struct FinishLabel {
     pub finish_reason: &'static str,
 }
 
+/// Buckets for tokens per engine step: 1 to 8192.
+pub const STEP_TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+];
+
 /// Every worker metric.
 pub struct WorkerMetrics {
     /// Requests generating now.
@@ -45,6 +50,12 @@ pub struct WorkerMetrics {
     pub prefill_time: Histogram,
     /// Decode time per request.
     pub decode_time: Histogram,
+    /// Duration of one engine step (llama.cpp decode plus sampling).
+    pub step_duration: Histogram,
+    /// Tokens computed in one engine step (decodes plus prompt chunk).
+    pub step_tokens: Histogram,
+    /// Tokens of finished requests kept in the KV cache for prefix reuse.
+    pub prefix_cache_tokens: Gauge,
     /// Share of the KV cache (context window) in use, 0..=1.
     pub kv_cache_usage: Gauge<f64, AtomicU64>,
     /// Seconds it took to load the model.
@@ -71,6 +82,9 @@ impl Default for WorkerMetrics {
             queue_time: histogram(LATENCY_BUCKETS),
             prefill_time: histogram(LATENCY_BUCKETS),
             decode_time: histogram(LATENCY_BUCKETS),
+            step_duration: histogram(TOKEN_BUCKETS),
+            step_tokens: histogram(STEP_TOKEN_BUCKETS),
+            prefix_cache_tokens: Gauge::default(),
             kv_cache_usage: Gauge::default(),
             model_load_seconds: Gauge::default(),
             capacity_slots: Gauge::default(),
@@ -123,6 +137,21 @@ impl WorkerMetrics {
             "time_per_output_token_seconds",
             "Decode time per output token after the first, per request",
             self.time_per_output_token.clone(),
+        );
+        r.register(
+            "step_duration_seconds",
+            "Engine step: llama.cpp decode of the batch plus sampling",
+            self.step_duration.clone(),
+        );
+        r.register(
+            "step_tokens",
+            "Tokens computed per engine step (one per generating request plus prompt tokens)",
+            self.step_tokens.clone(),
+        );
+        r.register(
+            "prefix_cache_tokens",
+            "Tokens of finished requests kept in the KV cache for prefix reuse",
+            self.prefix_cache_tokens.clone(),
         );
         r.register(
             "request_queue_time_seconds",

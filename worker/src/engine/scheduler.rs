@@ -286,6 +286,7 @@ impl Scheduler<'_> {
             let slot = placement.slot;
             self.free.retain(|&s| s != slot);
             self.warm.retain(|&s| s != slot);
+            self.report_warm();
             let reused = self.prepare_slot(ctx, placement);
             let metrics = &self.shared.metrics;
             metrics.waiting.dec();
@@ -419,6 +420,8 @@ impl Scheduler<'_> {
                 seq.fail(format!("batch: {e}"));
             }
         }
+        let step_started = std::time::Instant::now();
+        let step_tokens = self.batch.n_tokens();
         if let Err(e) = ctx.decode(&mut self.batch) {
             tracing::error!(error = %e, sequences = plan.len(), "decode failed");
             for &(i, _) in &plan {
@@ -454,6 +457,10 @@ impl Scheduler<'_> {
 
         let vocab = self.model.vocab();
         let metrics = &self.shared.metrics;
+        metrics
+            .step_duration
+            .observe(step_started.elapsed().as_secs_f64());
+        metrics.step_tokens.observe(f64::from(step_tokens));
         for (i, token) in picks {
             let seq = &mut self.active[i];
             let first = seq.decode_started.is_none();
@@ -505,6 +512,17 @@ impl Scheduler<'_> {
                 self.warm.retain(|&s| s != slot);
             }
         }
+        self.report_warm();
+    }
+
+    /// Publishes how many tokens the idle slots keep warm.
+    fn report_warm(&self) {
+        let kept: usize = self
+            .warm
+            .iter()
+            .map(|&s| self.cache[s as usize].len())
+            .sum();
+        self.shared.metrics.prefix_cache_tokens.set(kept as i64);
     }
 
     /// Frees a sequence's slot and KV cells and records its outcome.
