@@ -24,7 +24,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the workspace's binaries first (cargo build --release --workspace --bins)",
+        "{} is missing: build the workspace's binaries and examples first (cargo build --release --workspace --bins --examples)",
         path.display()
     );
     path
