@@ -19,8 +19,8 @@ mkdir -p "$NANOINFER_CACHE_DIR"
 # ggml for x86-64-v3 (AVX2, FMA, F16C, BMI2), which runs on any x86-64 CPU of
 # the last decade. NANOINFER_CPU=auto (the default) adds AVX-512 when the CPU
 # these scripts run on has it (AVX-512 F/CD/VL/DQ/BW, plus VBMI, VNNI and
-# BF16 where present): about 35% faster prompt processing and up to 10%
-# faster decode. AMX and GGML_NATIVE are never enabled (ggml's AMX path
+# BF16 where present): measured here, 25-37% faster prompt processing and
+# 2-4% faster decode. AMX and GGML_NATIVE are never enabled (ggml's AMX path
 # crashes on some hosts). NANOINFER_CPU=portable keeps x86-64-v3, for
 # binaries that will run on other machines (images); NANOINFER_CPU=avx512
 # forces AVX-512. Each choice builds into its own target dir.

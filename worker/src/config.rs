@@ -61,8 +61,8 @@ pub struct Args {
     /// over all idle slots (most recently finished first; 0 keeps none).
     /// Kept cells serve a later prompt that shares their prefix, but in
     /// llama.cpp's unified KV cache every decode step's attention spans
-    /// them too. The default, one --ctx-size window, keeps a conversation
-    /// warm without letting idle slots fill the cache.
+    /// them too. The default, as long as the default --ctx-size window,
+    /// keeps a conversation warm without letting idle slots fill the cache.
     #[arg(long, env = "NANOINFER_PREFIX_CACHE_TOKENS", default_value_t = 2048)]
     pub prefix_cache_tokens: u32,
     /// Requests that may wait for the engine; beyond it, RESOURCE_EXHAUSTED.
