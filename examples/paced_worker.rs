@@ -65,10 +65,7 @@ impl WorkerService for Paced {
             if i < n {
                 tokio::time::sleep(interval).await;
                 let text = if stamp {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos());
-                    format!(" @{now}")
+                    nanoinfer::stamp::text(nanoinfer::stamp::unix_nanos())
                 } else {
                     " tok".into()
                 };

@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`connect`]: a channel to a coordinator (or worker) address.
 //! - [`finish_reason_name`]: short names for the public finish reasons.
+//! - [`stamp`]: the send-time stamp a test-double worker writes into its
+//!   tokens and the benchmark reads back.
 
 #![forbid(unsafe_code)]
 
@@ -36,5 +38,47 @@ pub fn finish_reason_name(reason: i32) -> &'static str {
         Ok(FinishReason::ContextLength) => "CONTEXT_LENGTH",
         Ok(FinishReason::Cancelled) => "CANCELLED",
         Ok(FinishReason::Unspecified) | Err(_) => "UNSPECIFIED",
+    }
+}
+
+pub mod stamp {
+    //! Token send stamps for router benchmarks: `examples/paced_worker.rs
+    //! --stamp` makes each token's text `@<nanoseconds since the Unix
+    //! epoch>`, and `nanoinfer-bench` turns it into the token's transit time.
+    //! Both ends run on one machine, so they read the same clock.
+
+    /// Nanoseconds since the Unix epoch.
+    pub fn unix_nanos() -> u128 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    }
+
+    /// A token text carrying the send time `now`.
+    pub fn text(now: u128) -> String {
+        format!(" @{now}")
+    }
+
+    /// The transit time in µs of a token whose text is a send stamp (spaces
+    /// allowed around it), received at `now`; `None` for any other text.
+    pub fn transit_us(text: &str, now: u128) -> Option<f64> {
+        let sent: u128 = text.trim().strip_prefix('@')?.parse().ok()?;
+        Some(now.saturating_sub(sent) as f64 / 1e3)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn stamped_tokens_give_their_transit_time() {
+            assert_eq!(transit_us(&text(1_000_000), 1_250_000), Some(250.0));
+            assert_eq!(transit_us("@5000", 5_000), Some(0.0));
+            // A clock that went backwards reads as 0, not a huge number.
+            assert_eq!(transit_us("@9000", 5_000), Some(0.0));
+            for text in [" tok", "", "@", "@12x", "1000"] {
+                assert_eq!(transit_us(text, 1), None, "{text:?}");
+            }
+        }
     }
 }

@@ -35,7 +35,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nanoinfer::connect;
+use nanoinfer::{connect, stamp};
 use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, InferRequest};
 use nanoinfer_proto::worker::{worker_service_client::WorkerServiceClient, GenerateRequest};
 use tonic::transport::Channel;
@@ -236,20 +236,6 @@ async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std
     .await
 }
 
-/// Nanoseconds since the Unix epoch, the clock `paced_worker --stamp` uses.
-fn unix_nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos())
-}
-
-/// The transit time in µs of a token whose text is a send stamp
-/// (`@<unix nanos>`, spaces allowed around it).
-fn transit_us(text: &str, now: u128) -> Option<f64> {
-    let sent: u128 = text.trim().strip_prefix('@')?.parse().ok()?;
-    Some(now.saturating_sub(sent) as f64 / 1e3)
-}
-
 /// CPU time (user + system) a process has used so far, in seconds (Linux).
 fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -282,7 +268,7 @@ async fn time_stream<M>(
     let mut times = Vec::new();
     let mut transit = Vec::new();
     while let Some(msg) = stream.message().await? {
-        let now = unix_nanos();
+        let now = stamp::unix_nanos();
         if let Some(prompt_tokens) = final_prompt_tokens(&msg) {
             return Ok(Sample {
                 ttft: times
@@ -296,7 +282,7 @@ async fn time_stream<M>(
             });
         }
         times.push(Instant::now());
-        transit.extend(transit_us(token_text(&msg), now));
+        transit.extend(stamp::transit_us(token_text(&msg), now));
     }
     Err("stream ended without a final message".into())
 }
@@ -594,17 +580,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stamped_tokens_give_their_transit_time() {
-        assert_eq!(transit_us(" @1000000", 1_250_000), Some(250.0));
-        assert_eq!(transit_us("@5000", 5_000), Some(0.0));
-        // A clock that went backwards reads as 0, not a huge number.
-        assert_eq!(transit_us("@9000", 5_000), Some(0.0));
-        for text in [" tok", "", "@", "@12x", "1000"] {
-            assert_eq!(transit_us(text, 1), None, "{text:?}");
-        }
-    }
 
     #[test]
     fn percentiles_use_the_nearest_rank() {
