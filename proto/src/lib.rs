@@ -8,7 +8,10 @@
 //! - [`INFERENCE_DESCRIPTOR_SET`], [`WORKER_DESCRIPTOR_SET`] and
 //!   [`add_reflection`]: gRPC reflection for each process's own services.
 //! - [`codec::SmallBufferCodec`]: the prost codec every generated client and
-//!   server uses, with small per-call buffers.
+//!   server uses, with small per-call buffers; a message that does not decode
+//!   (invalid UTF-8 in a string field, a truncated field) is
+//!   `INVALID_ARGUMENT`, not prost's `INTERNAL`.
+//! - [`deadline`]: the standard `grpc-timeout` header, read and written.
 //!
 //! The tonic and prost crates are re-exported so users of the generated code
 //! need no direct dependency with a matching version.
@@ -27,9 +30,19 @@ pub mod codec {
     //! nothing; larger messages (a long prompt) still grow the buffer.
 
     use std::marker::PhantomData;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
-    use tonic::codec::{BufferSettings, Codec};
+    use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder};
+    use tonic::{Code, Status};
     use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
+
+    static DECODE_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+    /// Messages this process could not decode since it started (the
+    /// processes export it as a metric).
+    pub fn decode_errors() -> u64 {
+        DECODE_ERRORS.load(Ordering::Relaxed)
+    }
 
     /// Initial size of each call's encode and decode buffer.
     pub const BUFFER_SIZE: usize = 1024;
@@ -54,14 +67,105 @@ pub mod codec {
         type Encode = T;
         type Decode = U;
         type Encoder = ProstEncoder<T>;
-        type Decoder = ProstDecoder<U>;
+        type Decoder = InvalidArgumentDecoder<U>;
 
         fn encoder(&mut self) -> Self::Encoder {
             ProstCodec::<T, U>::raw_encoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
         }
 
         fn decoder(&mut self) -> Self::Decoder {
-            ProstCodec::<T, U>::raw_decoder(BufferSettings::new(BUFFER_SIZE, YIELD_THRESHOLD))
+            InvalidArgumentDecoder(ProstCodec::<T, U>::raw_decoder(BufferSettings::new(
+                BUFFER_SIZE,
+                YIELD_THRESHOLD,
+            )))
+        }
+    }
+
+    /// prost's decoder, with decode failures as `INVALID_ARGUMENT`: the
+    /// sender's message is malformed (prost names the field, e.g.
+    /// `InferRequest.prompt: invalid string value: data is not UTF-8
+    /// encoded`), which is the caller's error, not the server's.
+    #[derive(Debug)]
+    pub struct InvalidArgumentDecoder<U>(ProstDecoder<U>);
+
+    impl<U: prost::Message + Default> Decoder for InvalidArgumentDecoder<U> {
+        type Item = U;
+        type Error = Status;
+
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+            self.0.decode(src).map_err(|status| {
+                if status.code() != Code::Internal {
+                    return status;
+                }
+                DECODE_ERRORS.fetch_add(1, Ordering::Relaxed);
+                let message = format!("malformed message: {}", status.message());
+                tracing::info!(error = %message.escape_debug(), "message refused");
+                Status::invalid_argument(message)
+            })
+        }
+
+        fn buffer_settings(&self) -> BufferSettings {
+            self.0.buffer_settings()
+        }
+    }
+}
+
+pub mod deadline {
+    //! The standard `grpc-timeout` request header: how long the caller
+    //! waits for the whole call. The coordinator reads the client's and
+    //! forwards what is left of it to the worker; the worker reads it to drop
+    //! or stop a request whose caller has given up.
+
+    use std::time::Duration;
+
+    use tonic::metadata::MetadataMap;
+
+    /// The header's name.
+    pub const HEADER: &str = "grpc-timeout";
+
+    /// The timeout the caller sent, if any (a malformed value counts as
+    /// none, as gRPC servers do).
+    pub fn from_metadata(metadata: &MetadataMap) -> Option<Duration> {
+        parse(metadata.get(HEADER)?.to_str().ok()?)
+    }
+
+    /// Parses a `grpc-timeout` value: at most 8 digits and a unit (H, M, S,
+    /// m, u, n).
+    pub fn parse(value: &str) -> Option<Duration> {
+        if value.len() < 2 || value.len() > 9 {
+            return None;
+        }
+        let (digits, unit) = value.split_at(value.len() - 1);
+        if !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let n: u64 = digits.parse().ok()?;
+        Some(match unit {
+            "H" => Duration::from_secs(n * 3600),
+            "M" => Duration::from_secs(n * 60),
+            "S" => Duration::from_secs(n),
+            "m" => Duration::from_millis(n),
+            "u" => Duration::from_micros(n),
+            "n" => Duration::from_nanos(n),
+            _ => return None,
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn parses_every_unit_and_refuses_junk() {
+            assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+            assert_eq!(parse("1500m"), Some(Duration::from_millis(1500)));
+            assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+            assert_eq!(parse("3M"), Some(Duration::from_secs(180)));
+            assert_eq!(parse("7u"), Some(Duration::from_micros(7)));
+            assert_eq!(parse("9n"), Some(Duration::from_nanos(9)));
+            for bad in ["", "S", "12", "1x", "-1S", "123456789S", "1.5S"] {
+                assert_eq!(parse(bad), None, "{bad:?}");
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod schema;
 
 pub use discovery::{spawn_discovery, WorkerSet};
 pub use registration::Registration;
-pub use schema::{Capacity, WorkerInfo, WORKERS_PREFIX};
+pub use schema::{validate_address, Capacity, WorkerInfo, WORKERS_PREFIX};
 
 use std::time::Duration;
 

@@ -35,6 +35,41 @@ pub fn validate_worker_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that `address` is a `host:port` the coordinator can dial: a
+/// hostname or IP (IPv6 in brackets), a port 1..=65535, nothing else. The
+/// worker refuses to register a bad `--advertise`, and the coordinator skips a
+/// record that fails this (one bad record must not poison routing).
+pub fn validate_address(address: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("address {:?} is not host:port: {why}", address));
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return bad("no port");
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 && port.bytes().all(|b| b.is_ascii_digit()) => {}
+        _ => return bad("the port must be 1..=65535"),
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match v6.parse::<std::net::Ipv6Addr>() {
+            Ok(_) => Ok(()),
+            Err(_) => bad("invalid IPv6 address"),
+        };
+    }
+    if host.is_empty() || host.len() > 253 {
+        return bad("empty or overlong host");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !host.split('.').all(label_ok) {
+        return bad("the host must be a DNS name or an IP address");
+    }
+    Ok(())
+}
+
 /// Generation capacity a worker advertises.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
@@ -122,6 +157,32 @@ mod tests {
         assert!(validate_worker_id("").is_err());
         assert!(validate_worker_id("a/b").unwrap_err().contains("'/'"));
         assert!(validate_worker_id(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn addresses_must_be_host_port() {
+        for ok in [
+            "127.0.0.1:50061",
+            "worker-0.workers.default.svc:50061",
+            "[::1]:50061",
+            "localhost:1",
+        ] {
+            assert_eq!(validate_address(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "my host:15063",
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:70000",
+            ":50061",
+            "host:+5",
+            "[zz]:1",
+            "a..b:1",
+            "http://x:1",
+        ] {
+            let err = validate_address(bad).unwrap_err();
+            assert!(err.contains("host:port"), "{bad}: {err}");
+        }
     }
 
     #[test]
