@@ -1,6 +1,7 @@
 //! Command-line flags (each also read from a `NANOINFER_…` env var).
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -32,6 +33,38 @@ pub struct Args {
     /// Seconds open streams get to finish after SIGTERM.
     #[arg(long, env = "NANOINFER_GRACE_PERIOD", default_value_t = 20)]
     pub grace_period: u64,
+    /// Longest a request may take, in seconds, when its client sets no
+    /// deadline (a client's own `grpc-timeout` wins when shorter). At the
+    /// deadline the client gets DEADLINE_EXCEEDED after the tokens sent, and
+    /// the worker stops generating.
+    #[arg(long, env = "NANOINFER_REQUEST_TIMEOUT", default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Seconds a worker may take to send its first token (queueing and
+    /// prompt processing included) before the request moves to another
+    /// worker.
+    #[arg(long, env = "NANOINFER_FIRST_TOKEN_TIMEOUT", default_value_t = 30)]
+    pub first_token_timeout: u64,
+    /// Seconds a client may go without reading (its HTTP/2 window full)
+    /// before its stream is cancelled and its worker slot freed.
+    #[arg(long, env = "NANOINFER_STALLED_STREAM_TIMEOUT", default_value_t = 30)]
+    pub stalled_stream_timeout: u64,
+    /// Milliseconds a TCP connection to a worker may take.
+    #[arg(long, env = "NANOINFER_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
+    pub connect_timeout_ms: u64,
+    /// Milliseconds between HTTP/2 pings on each worker connection; a
+    /// worker that does not answer one within --keepalive-timeout-ms is
+    /// ejected and its requests move (a hung worker is found in about the
+    /// sum of the two).
+    #[arg(long, env = "NANOINFER_KEEPALIVE_INTERVAL_MS", default_value_t = 1000)]
+    pub keepalive_interval_ms: u64,
+    /// Milliseconds a worker has to answer an HTTP/2 ping.
+    #[arg(long, env = "NANOINFER_KEEPALIVE_TIMEOUT_MS", default_value_t = 1000)]
+    pub keepalive_timeout_ms: u64,
+    /// Workers one request may be opened on, first try, retries before the
+    /// first token and mid-stream resumes together (never the same worker
+    /// twice).
+    #[arg(long, env = "NANOINFER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
     #[command(flatten)]
     pub telemetry: nanoinfer_telemetry::TelemetryArgs,
 }
@@ -45,6 +78,41 @@ pub struct CoordinatorConfig {
     pub limits: Limits,
     /// Drain time on shutdown.
     pub grace_period: std::time::Duration,
+    /// Timeouts and retry bounds of the worker path.
+    pub upstream: UpstreamConfig,
+}
+
+/// Timeouts and retry bounds of the path to workers.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Default (and longest) request duration.
+    pub request_timeout: Duration,
+    /// Open → first token, per worker.
+    pub first_token_timeout: Duration,
+    /// No read progress by the client → cancelled.
+    pub stalled_stream_timeout: Duration,
+    /// TCP connect to a worker.
+    pub connect_timeout: Duration,
+    /// HTTP/2 ping period on worker connections.
+    pub keepalive_interval: Duration,
+    /// HTTP/2 ping answer deadline.
+    pub keepalive_timeout: Duration,
+    /// Worker attempts per request.
+    pub max_attempts: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            request_timeout: Duration::from_secs(600),
+            first_token_timeout: Duration::from_secs(30),
+            stalled_stream_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_millis(1000),
+            keepalive_interval: Duration::from_millis(1000),
+            keepalive_timeout: Duration::from_millis(1000),
+            max_attempts: 3,
+        }
+    }
 }
 
 impl Args {
@@ -59,6 +127,24 @@ impl Args {
                 self.max_tokens_limit, self.default_max_tokens
             ));
         }
+        for (flag, value) in [
+            ("--request-timeout", self.request_timeout),
+            ("--first-token-timeout", self.first_token_timeout),
+            ("--stalled-stream-timeout", self.stalled_stream_timeout),
+            ("--connect-timeout-ms", self.connect_timeout_ms),
+            ("--keepalive-interval-ms", self.keepalive_interval_ms),
+            ("--keepalive-timeout-ms", self.keepalive_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if !(1..=16).contains(&self.max_attempts) {
+            return Err(format!(
+                "--max-attempts must be 1..=16, got {}",
+                self.max_attempts
+            ));
+        }
         Ok(CoordinatorConfig {
             etcd_endpoints: self.etcd.validate()?,
             limits: Limits {
@@ -66,7 +152,16 @@ impl Args {
                 max_tokens_limit: self.max_tokens_limit,
                 max_prompt_bytes: self.max_prompt_bytes,
             },
-            grace_period: std::time::Duration::from_secs(self.grace_period),
+            grace_period: Duration::from_secs(self.grace_period),
+            upstream: UpstreamConfig {
+                request_timeout: Duration::from_secs(self.request_timeout),
+                first_token_timeout: Duration::from_secs(self.first_token_timeout),
+                stalled_stream_timeout: Duration::from_secs(self.stalled_stream_timeout),
+                connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+                keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
+                keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
+                max_attempts: self.max_attempts as usize,
+            },
         })
     }
 }
@@ -95,5 +190,15 @@ mod tests {
         assert!(err.contains("--default-max-tokens"), "{err}");
         assert!(args(&["--max-tokens-limit", "0"]).is_err());
         assert!(args(&["--max-tokens-limit", "64", "--default-max-tokens", "64"]).is_ok());
+    }
+
+    #[test]
+    fn timeouts_must_be_positive() {
+        let err = args(&["--stalled-stream-timeout", "0"]).unwrap_err();
+        assert!(err.contains("--stalled-stream-timeout"), "{err}");
+        assert!(args(&["--max-attempts", "0"]).is_err());
+        let c = args(&["--keepalive-interval-ms", "250"]).unwrap();
+        assert_eq!(c.upstream.keepalive_interval, Duration::from_millis(250));
+        assert_eq!(c.upstream.max_attempts, 3);
     }
 }

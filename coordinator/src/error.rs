@@ -1,6 +1,23 @@
 //! The coordinator's errors and their one mapping to gRPC status codes.
+//!
+//! | error | code |
+//! |---|---|
+//! | a field out of range | `INVALID_ARGUMENT` (the message names the field) |
+//! | no live worker at all | `UNAVAILABLE` |
+//! | every worker tried was full | `RESOURCE_EXHAUSTED` (names each worker) |
+//! | no worker left to retry or resume on | `UNAVAILABLE` (says how many tokens were delivered) |
+//! | the deadline passed | `DEADLINE_EXCEEDED` |
+//! | the client stopped reading | `CANCELLED` (nobody reads it; for logs and metrics) |
+//! | a worker's own answer | its code, kept so retry logic can read it |
+//!
+//! Every status leaves through [`CoordinatorError::into_status`], which puts
+//! the request id in the message and in the `x-request-id` metadata.
 
+use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
+
+/// The response metadata key carrying the request id.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Why an `Infer` call failed.
 #[derive(Debug, thiserror::Error)]
@@ -13,7 +30,7 @@ pub enum CoordinatorError {
         /// What is wrong with it.
         message: String,
     },
-    /// No live worker is registered.
+    /// No live worker is registered (or every one is ejected).
     #[error("no live worker is registered")]
     NoWorkers,
     /// A worker answered with an error status; its code is kept so clients
@@ -28,6 +45,41 @@ pub enum CoordinatorError {
     /// The worker's stream ended without a final message.
     #[error("worker {0} closed the stream before the final message")]
     Truncated(String),
+    /// The worker sent nothing within the first-token timeout.
+    #[error("worker {worker} sent no token within {seconds} s")]
+    FirstTokenTimeout {
+        /// The worker's id.
+        worker: String,
+        /// The timeout.
+        seconds: u64,
+    },
+    /// Every worker tried answered RESOURCE_EXHAUSTED.
+    #[error("every worker is at capacity; tried {}", tried.join("; "))]
+    AllBusy {
+        /// `worker: message` for each worker tried.
+        tried: Vec<String>,
+    },
+    /// Retries and resumes ran out (no worker left, or the attempt limit).
+    #[error("no worker left to {} on after {delivered} tokens were delivered; tried {}",
+        if *delivered == 0 { "run it" } else { "resume it" }, tried.join("; "))]
+    OutOfWorkers {
+        /// Tokens the client received.
+        delivered: u32,
+        /// `worker: what went wrong` for each attempt.
+        tried: Vec<String>,
+    },
+    /// The request's deadline passed.
+    #[error("deadline exceeded after {delivered} tokens were delivered")]
+    DeadlineExceeded {
+        /// Tokens the client received.
+        delivered: u32,
+    },
+    /// The client made no read progress for the stalled-stream timeout.
+    #[error("the client read nothing for {seconds} s; the stream was cancelled")]
+    Stalled {
+        /// The timeout.
+        seconds: u64,
+    },
 }
 
 impl CoordinatorError {
@@ -45,24 +97,34 @@ impl CoordinatorError {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::NoWorkers => Code::Unavailable,
             Self::Upstream { status, .. } => status.code(),
-            Self::Truncated(_) => Code::Unavailable,
+            Self::Truncated(_) | Self::FirstTokenTimeout { .. } => Code::Unavailable,
+            Self::AllBusy { .. } => Code::ResourceExhausted,
+            Self::OutOfWorkers { .. } => Code::Unavailable,
+            Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            Self::Stalled { .. } => Code::Cancelled,
         }
     }
-}
 
-impl From<CoordinatorError> for Status {
-    fn from(e: CoordinatorError) -> Self {
-        match &e {
-            // The worker's message already names the field; pass it unchanged.
-            CoordinatorError::Upstream { status, .. } if status.code() == Code::InvalidArgument => {
-                Status::new(Code::InvalidArgument, status.message().to_string())
+    /// The status a client sees: the code from the table, the request id in
+    /// the message (when known) and in `x-request-id`.
+    pub fn into_status(self, request_id: Option<&str>) -> Status {
+        let code = self.code();
+        let detail = match &self {
+            // The worker's message already names the field; pass it on.
+            Self::Upstream { status, .. } if code == Code::InvalidArgument => {
+                status.message().to_string()
             }
-            CoordinatorError::Upstream { worker, status } => Status::new(
-                status.code(),
-                format!("worker {worker}: {}", status.message()),
-            ),
-            _ => Status::new(e.code(), e.to_string()),
+            Self::Upstream { worker, status } => format!("worker {worker}: {}", status.message()),
+            _ => self.to_string(),
+        };
+        let Some(id) = request_id else {
+            return Status::new(code, detail);
+        };
+        let mut status = Status::new(code, format!("request {}: {detail}", id.escape_debug()));
+        if let Ok(value) = MetadataValue::try_from(id) {
+            status.metadata_mut().insert(REQUEST_ID_HEADER, value);
         }
+        status
     }
 }
 
@@ -72,25 +134,60 @@ mod tests {
 
     #[test]
     fn codes_follow_the_table() {
+        let status = CoordinatorError::invalid("top_p", "x").into_status(None);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(status.message(), "top_p: x");
         assert_eq!(
-            Status::from(CoordinatorError::invalid("top_p", "x")).code(),
-            Code::InvalidArgument
-        );
-        assert_eq!(
-            Status::from(CoordinatorError::NoWorkers).code(),
+            CoordinatorError::NoWorkers.into_status(None).code(),
             Code::Unavailable
         );
         let upstream = CoordinatorError::Upstream {
             worker: "w1".into(),
             status: Status::resource_exhausted("queue is full"),
         };
-        let status = Status::from(upstream);
+        let status = upstream.into_status(Some("r-1"));
         assert_eq!(status.code(), Code::ResourceExhausted);
-        assert!(status.message().contains("w1"));
+        assert!(status.message().contains("w1"), "{status:?}");
+        assert!(status.message().contains("request r-1"), "{status:?}");
+        assert_eq!(status.metadata().get(REQUEST_ID_HEADER).unwrap(), "r-1");
         let bad_prompt = CoordinatorError::Upstream {
             worker: "w1".into(),
             status: Status::invalid_argument("prompt: too long"),
         };
-        assert_eq!(Status::from(bad_prompt).message(), "prompt: too long");
+        assert_eq!(
+            bad_prompt.into_status(Some("r")).message(),
+            "request r: prompt: too long"
+        );
+        let out = CoordinatorError::OutOfWorkers {
+            delivered: 20,
+            tried: vec!["w1: broken".into(), "w2: broken".into()],
+        };
+        assert_eq!(out.code(), Code::Unavailable);
+        let message = out.into_status(Some("abc")).message().to_string();
+        assert!(
+            message.contains("abc") && message.contains("20 tokens"),
+            "{message}"
+        );
+        let full = CoordinatorError::AllBusy {
+            tried: vec!["w1: queue is full".into(), "w2: queue is full".into()],
+        };
+        let message = full.into_status(None).message().to_string();
+        assert!(
+            message.contains("w1") && message.contains("w2"),
+            "{message}"
+        );
+        assert_eq!(
+            CoordinatorError::DeadlineExceeded { delivered: 3 }.code(),
+            Code::DeadlineExceeded
+        );
+    }
+
+    #[test]
+    fn ids_are_escaped_and_only_valid_headers_are_sent() {
+        let status = CoordinatorError::NoWorkers.into_status(Some("é"));
+        assert!(status.message().starts_with("request é:"));
+        let status = CoordinatorError::NoWorkers.into_status(Some("a\nb"));
+        assert!(status.message().starts_with("request a\\nb:"), "{status:?}");
+        assert!(status.metadata().get(REQUEST_ID_HEADER).is_none());
     }
 }

@@ -3,8 +3,13 @@
 //! # Layout
 //! - [`config`]: flags and env vars, validated into [`CoordinatorConfig`].
 //! - [`validate`]: public request → [`validate::InferParams`] with defaults.
-//! - [`routing`]: least-in-flight worker choice and per-worker channels.
-//! - [`service`]: `Health` and `Infer` (pick, open upstream, relay).
+//! - [`service`]: the gRPC front: `Health`, and `Infer` (validate, span,
+//!   hand over to the relay).
+//! - [`relay`]: one request's task: pick, open, relay, retry before the
+//!   first token, resume mid-stream, deadline, stalled clients.
+//! - [`upstream`]: `Generate` calls and the retry/ejection rule.
+//! - [`routing`]: the worker table (fed by discovery), least-in-flight
+//!   choice, passive ejection and re-admission probes.
 //! - [`error`]: the one status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
 //! - [`run`]: discovery, health, reflection, serve, drain.
@@ -14,8 +19,10 @@
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod relay;
 pub mod routing;
 pub mod service;
+pub mod upstream;
 pub mod validate;
 
 use std::future::Future;
@@ -55,7 +62,7 @@ pub async fn run(
         .map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!("nanoinfer-coordinator listening on {local}");
 
-    let (live, discovery) = nanoinfer_registry::spawn_discovery(config.etcd_endpoints.clone());
+    let discovery = nanoinfer_registry::spawn_discovery(config.etcd_endpoints.clone());
     let metrics = Arc::new(metrics::CoordinatorMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
@@ -63,19 +70,24 @@ pub async fn run(
     let ready_tx = Arc::new(ready_tx);
     let metrics_http = nanoinfer_telemetry::http::spawn(metrics_listener, registry, ready_rx);
 
+    let router = Arc::new(routing::Router::new(
+        metrics.router.clone(),
+        config.upstream.clone(),
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(track_health(
-        live.clone(),
+        discovery.workers.clone(),
+        discovery.status.clone(),
+        router.clone(),
         health.clone(),
         ready_tx.clone(),
         metrics.clone(),
     ));
-
-    let router = Arc::new(routing::Router::new(metrics.worker_in_flight.clone()));
     let service = service::InferServiceImpl::new(
-        live.clone(),
         router.clone(),
+        discovery.status.clone(),
         config.limits.clone(),
+        config.upstream.clone(),
         metrics.clone(),
     );
 
@@ -99,7 +111,7 @@ pub async fn run(
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown requested; draining"),
         res = &mut server => {
-            discovery.abort();
+            discovery.task.abort();
             health_task.abort();
             res.map_err(|e| RunError::Setup(e.to_string()))??;
             return Ok(());
@@ -124,34 +136,63 @@ pub async fn run(
             server.abort();
         }
     }
-    discovery.abort();
+    discovery.task.abort();
     metrics_http.stop();
     tracing::info!("coordinator stopped");
     Ok(())
 }
 
-/// Keeps grpc.health.v1, `/readyz` and the live-workers gauge in step with
-/// the live set: ready iff ≥ 1 worker.
+/// Feeds the router from the discovery watch (the one place its worker
+/// table changes) and keeps grpc.health.v1, `/readyz` and the gauges in step:
+/// ready iff ≥ 1 routable worker.
 async fn track_health(
     mut live: tokio::sync::watch::Receiver<nanoinfer_registry::WorkerSet>,
+    mut status: tokio::sync::watch::Receiver<nanoinfer_registry::DiscoveryStatus>,
+    router: Arc<routing::Router>,
     health: tonic_health::server::HealthReporter,
     ready: Arc<tokio::sync::watch::Sender<bool>>,
     metrics: Arc<metrics::CoordinatorMetrics>,
 ) {
+    let mut routable = router.routable();
+    let mut decode_errors = 0;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut last = None;
     loop {
-        let n = live.borrow_and_update().len();
-        metrics.live_workers.set(n as i64);
+        let set = live.borrow_and_update().clone();
+        router.sync(&set);
+        metrics.live_workers.set(set.len() as i64);
+        {
+            let s = status.borrow_and_update();
+            metrics.etcd_up.set(i64::from(s.etcd_error.is_none()));
+            metrics.malformed_worker_records.set(s.skipped.len() as i64);
+        }
+        let n = *routable.borrow_and_update();
         ready.send_replace(n > 0);
-        let status = if n > 0 {
+        let serving = if n > 0 {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        health.set_service_status("", status).await;
-        health.set_service_status(SERVICE_NAME, status).await;
-        tracing::info!(live_workers = n, "live worker set changed");
-        if live.changed().await.is_err() {
-            return;
+        if last != Some(n) {
+            health.set_service_status("", serving).await;
+            health.set_service_status(SERVICE_NAME, serving).await;
+            tracing::info!(
+                live_workers = set.len(),
+                routable_workers = n,
+                "routable worker set changed"
+            );
+            last = Some(n);
+        }
+        // Decode failures happen inside tonic, before any handler: the
+        // codec counts them and this copies the count into the registry.
+        let now = nanoinfer_proto::codec::decode_errors();
+        metrics.decode_errors.inc_by(now - decode_errors);
+        decode_errors = now;
+        tokio::select! {
+            r = live.changed() => if r.is_err() { return },
+            r = status.changed() => if r.is_err() { return },
+            r = routable.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
         }
     }
 }

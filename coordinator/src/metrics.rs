@@ -15,6 +15,8 @@ use tonic::Code;
 
 use nanoinfer_telemetry::http::{histogram, LATENCY_BUCKETS, TOKEN_BUCKETS};
 
+pub use crate::routing::RouterMetrics;
+
 /// Outcome of a request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -56,11 +58,24 @@ pub struct CoordinatorMetrics {
     pub e2e_latency: Histogram,
     /// Live workers in the set from etcd.
     pub live_workers: Gauge,
-    /// Requests in flight per worker.
-    pub worker_in_flight: Family<WorkerLabel, Gauge>,
+    /// In-flight counts, ejections, re-admissions, routable workers.
+    pub router: RouterMetrics,
     /// Errors from workers: refusals when opening a stream and failures
     /// mid-stream.
     pub worker_errors: Family<CodeLabel, Counter>,
+    /// Requests moved to another worker before their first token.
+    pub retries: Counter,
+    /// Streams resumed on another worker after tokens were relayed.
+    pub resumes: Counter,
+    /// Streams cancelled because their client read nothing for the
+    /// stalled-stream timeout.
+    pub stalled_streams: Counter,
+    /// Worker records in etcd skipped as malformed.
+    pub malformed_worker_records: Gauge,
+    /// Whether etcd answers (1) or not (0).
+    pub etcd_up: Gauge,
+    /// Request messages that did not decode (invalid UTF-8 and the like).
+    pub decode_errors: Counter,
 }
 
 impl Default for CoordinatorMetrics {
@@ -73,8 +88,14 @@ impl Default for CoordinatorMetrics {
             inter_token_latency: histogram(TOKEN_BUCKETS),
             e2e_latency: histogram(LATENCY_BUCKETS),
             live_workers: Gauge::default(),
-            worker_in_flight: Family::default(),
+            router: RouterMetrics::default(),
             worker_errors: Family::default(),
+            retries: Counter::default(),
+            resumes: Counter::default(),
+            stalled_streams: Counter::default(),
+            malformed_worker_records: Gauge::default(),
+            etcd_up: Gauge::default(),
+            decode_errors: Counter::default(),
         }
     }
 }
@@ -121,12 +142,57 @@ impl CoordinatorMetrics {
         r.register(
             "worker_requests_in_flight",
             "Requests in flight per worker",
-            self.worker_in_flight.clone(),
+            self.router.in_flight.clone(),
+        );
+        r.register(
+            "routable_workers",
+            "Workers that take requests now (live and not ejected)",
+            self.router.routable.clone(),
+        );
+        r.register(
+            "worker_ejections",
+            "Workers taken out of routing after a transport failure",
+            self.router.ejections.clone(),
+        );
+        r.register(
+            "worker_readmissions",
+            "Ejected workers re-admitted after a healthy probe",
+            self.router.readmissions.clone(),
         );
         r.register(
             "worker_errors",
             "Worker refusals and mid-stream failures, by gRPC code",
             self.worker_errors.clone(),
+        );
+        r.register(
+            "retries",
+            "Requests moved to another worker before their first token",
+            self.retries.clone(),
+        );
+        r.register(
+            "resumes",
+            "Streams resumed on another worker after tokens were relayed",
+            self.resumes.clone(),
+        );
+        r.register(
+            "stalled_streams",
+            "Streams cancelled because their client stopped reading",
+            self.stalled_streams.clone(),
+        );
+        r.register(
+            "malformed_worker_records",
+            "Worker records in etcd skipped as malformed",
+            self.malformed_worker_records.clone(),
+        );
+        r.register(
+            "etcd_up",
+            "Whether the etcd watch is running (1) or etcd is unreachable (0)",
+            self.etcd_up.clone(),
+        );
+        r.register(
+            "request_decode_errors",
+            "Request messages that did not decode (e.g. invalid UTF-8)",
+            self.decode_errors.clone(),
         );
     }
 }

@@ -1,19 +1,35 @@
-//! Worker choice: the live worker with the fewest requests in flight.
+//! Worker choice: the routable worker with the fewest requests in flight.
 //!
-//! Ties rotate, so sequential requests spread over equally idle workers.
-//! Each pick holds an [`InFlight`] guard that counts the request against its
-//! worker until the relay ends (whatever way it ends).
+//! The [`Router`] owns the one table of workers (channel, in-flight count,
+//! ejection state). Only [`Router::sync`], fed by the discovery watch, adds
+//! or removes workers, so no request can delete another's count from a
+//! stale snapshot. Ties rotate, so sequential requests spread over equally
+//! idle workers. Each pick holds an [`InFlight`] guard that counts the
+//! request against its worker until the attempt ends (whatever way).
+//!
+//! **Passive ejection**: a worker whose call fails at the transport level
+//! (connection refused or reset, an unanswered HTTP/2 ping, a stream cut
+//! short, no first token in time) is taken out of routing at once by
+//! [`Router::eject`]. A probe task then asks its `grpc.health.v1` with
+//! jittered exponential backoff and re-admits it when it answers SERVING.
+//! A worker that leaves etcd is forgotten, probe and all.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nanoinfer_registry::WorkerSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
+use crate::config::UpstreamConfig;
 use crate::metrics::WorkerLabel;
 
 /// Counts one request against a worker while alive.
@@ -39,19 +55,39 @@ pub struct Picked {
     pub guard: InFlight,
 }
 
+/// The router's metrics (registered by [`crate::metrics`]).
+#[derive(Clone, Default)]
+pub struct RouterMetrics {
+    /// Requests in flight per worker.
+    pub in_flight: Family<WorkerLabel, Gauge>,
+    /// Ejections per worker.
+    pub ejections: Family<WorkerLabel, Counter>,
+    /// Re-admissions per worker.
+    pub readmissions: Family<WorkerLabel, Counter>,
+    /// Workers that can take requests now.
+    pub routable: Gauge,
+}
+
 struct WorkerState {
     address: String,
     channel: Channel,
     /// The worker's series of `worker_requests_in_flight`: the count itself.
     in_flight: Gauge,
+    /// Set while ejected.
+    ejected: bool,
+    /// Distinguishes this registration from a later one under the same id
+    /// (a probe of an old one must not re-admit a new one).
+    generation: u64,
 }
 
-/// Per-worker channels and in-flight counts, kept in step with the live set.
-#[derive(Default)]
+/// Per-worker channels, in-flight counts and ejections.
 pub struct Router {
     workers: Mutex<HashMap<String, WorkerState>>,
     rotation: AtomicUsize,
-    in_flight: Family<WorkerLabel, Gauge>,
+    generations: AtomicU64,
+    metrics: RouterMetrics,
+    upstream: UpstreamConfig,
+    routable: watch::Sender<usize>,
 }
 
 /// Index of the candidate with the fewest in flight; among ties, the one at
@@ -64,62 +100,189 @@ pub fn choose(in_flight: &[usize], rotation: usize) -> Option<usize> {
     Some(ties[rotation % ties.len()])
 }
 
+/// The probe delay after `failures` failed probes: 200 ms doubling to 5 s,
+/// with ±25% jitter from `jitter` (in [0, 1)) so probes of many ejected
+/// workers do not fall into step.
+pub fn probe_delay(failures: u32, jitter: f64) -> Duration {
+    let base = 200.0 * 2f64.powi(failures.min(5) as i32);
+    let ms = base.min(5000.0) * (0.75 + 0.5 * jitter);
+    Duration::from_millis(ms as u64)
+}
+
 impl Router {
-    /// A router that keeps its in-flight counts in `in_flight`.
-    pub fn new(in_flight: Family<WorkerLabel, Gauge>) -> Self {
+    /// A router whose channels follow `upstream`'s timeouts.
+    pub fn new(metrics: RouterMetrics, upstream: UpstreamConfig) -> Self {
         Self {
-            in_flight,
-            ..Self::default()
+            workers: Mutex::default(),
+            rotation: AtomicUsize::new(0),
+            generations: AtomicU64::new(0),
+            metrics,
+            upstream,
+            routable: watch::channel(0).0,
         }
     }
 
-    /// Picks a worker from `live`, skipping ids in `exclude`.
-    pub fn pick(&self, live: &WorkerSet, exclude: &[String]) -> Option<Picked> {
+    /// The number of routable (known, not ejected) workers, as it changes.
+    pub fn routable(&self) -> watch::Receiver<usize> {
+        self.routable.subscribe()
+    }
+
+    fn endpoint(&self, address: &str) -> Result<Endpoint, tonic::transport::Error> {
+        let u = &self.upstream;
+        Ok(Endpoint::from_shared(format!("http://{address}"))?
+            .connect_timeout(u.connect_timeout)
+            .tcp_nodelay(true)
+            // A hung worker (stopped, or its host gone) answers no ping: the
+            // connection closes after interval + timeout, its streams fail
+            // and move elsewhere, long before its lease would expire.
+            .http2_keep_alive_interval(u.keepalive_interval)
+            .keep_alive_timeout(u.keepalive_timeout)
+            .keep_alive_while_idle(true))
+    }
+
+    /// Brings the table in step with the live set from etcd: new workers
+    /// join (routable), departed ones and ones whose address changed are
+    /// dropped with their series.
+    pub fn sync(&self, live: &WorkerSet) {
         let mut workers = self.workers.lock().expect("router lock");
         workers.retain(|id, w| {
             let keep = live.get(id).is_some_and(|info| info.address == w.address);
             if !keep {
-                self.in_flight.remove(&WorkerLabel { worker: id.clone() });
+                self.metrics
+                    .in_flight
+                    .remove(&WorkerLabel { worker: id.clone() });
             }
             keep
         });
-        let candidates: Vec<&String> = live.keys().filter(|id| !exclude.contains(id)).collect();
-        for id in &candidates {
-            if !workers.contains_key(*id) {
-                let address = live[*id].address.clone();
-                let channel = Endpoint::from_shared(format!("http://{address}"))
-                    .ok()?
-                    .connect_timeout(Duration::from_secs(1))
-                    .tcp_nodelay(true)
-                    .connect_lazy();
-                let label = WorkerLabel {
-                    worker: (*id).clone(),
-                };
-                let in_flight = self.in_flight.get_or_create_owned(&label);
-                workers.insert(
-                    (*id).clone(),
-                    WorkerState {
-                        address,
-                        channel,
-                        in_flight,
-                    },
-                );
+        for (id, info) in live.iter() {
+            if workers.contains_key(id) {
+                continue;
             }
+            // Discovery already checked the address; a URI tonic still
+            // refuses is skipped here rather than poisoning every pick.
+            let channel = match self.endpoint(&info.address) {
+                Ok(e) => e.connect_lazy(),
+                Err(e) => {
+                    tracing::warn!(worker = %id, address = %info.address.escape_debug(), error = %e,
+                        "skipping worker with an unusable address");
+                    continue;
+                }
+            };
+            let label = WorkerLabel { worker: id.clone() };
+            workers.insert(
+                id.clone(),
+                WorkerState {
+                    address: info.address.clone(),
+                    channel,
+                    in_flight: self.metrics.in_flight.get_or_create_owned(&label),
+                    ejected: false,
+                    generation: self.generations.fetch_add(1, Ordering::Relaxed),
+                },
+            );
         }
+        self.publish(&workers);
+    }
+
+    fn publish(&self, workers: &HashMap<String, WorkerState>) {
+        let n = workers.values().filter(|w| !w.ejected).count();
+        self.metrics.routable.set(n as i64);
+        self.routable.send_if_modified(|old| {
+            let changed = *old != n;
+            *old = n;
+            changed
+        });
+    }
+
+    /// Picks a routable worker, skipping ids in `exclude`.
+    pub fn pick(&self, exclude: &[String]) -> Option<Picked> {
+        let workers = self.workers.lock().expect("router lock");
+        let mut candidates: Vec<(&String, &WorkerState)> = workers
+            .iter()
+            .filter(|(id, w)| !w.ejected && !exclude.contains(id))
+            .collect();
+        // A stable order, so rotation among ties is fair.
+        candidates.sort_by(|a, b| a.0.cmp(b.0));
         let counts: Vec<usize> = candidates
             .iter()
-            .map(|id| workers[*id].in_flight.get().max(0) as usize)
+            .map(|(_, w)| w.in_flight.get().max(0) as usize)
             .collect();
         let index = choose(&counts, self.rotation.fetch_add(1, Ordering::Relaxed))?;
-        let id = candidates[index].clone();
-        let w = &workers[&id];
+        let (id, w) = candidates[index];
         w.in_flight.inc();
         Some(Picked {
+            id: id.clone(),
             address: w.address.clone(),
             channel: w.channel.clone(),
             guard: InFlight(w.in_flight.clone()),
-            id,
         })
+    }
+
+    /// Takes `id` out of routing after a transport failure and starts
+    /// probing it. A worker already ejected (or unknown) is left alone.
+    pub fn eject(self: &Arc<Self>, id: &str, reason: &str) {
+        let (channel, generation) = {
+            let mut workers = self.workers.lock().expect("router lock");
+            let Some(w) = workers.get_mut(id) else { return };
+            if w.ejected {
+                return;
+            }
+            w.ejected = true;
+            let probe = (w.channel.clone(), w.generation);
+            self.publish(&workers);
+            probe
+        };
+        tracing::warn!(worker = %id, reason = %reason.escape_debug(),
+            "worker ejected from routing; probing it");
+        self.metrics
+            .ejections
+            .get_or_create(&WorkerLabel { worker: id.into() })
+            .inc();
+        tokio::spawn(self.clone().probe(id.to_string(), channel, generation));
+    }
+
+    /// Asks the worker's health service until it is SERVING (re-admitted)
+    /// or it is gone from the table.
+    async fn probe(self: Arc<Self>, id: String, channel: Channel, generation: u64) {
+        let mut failures = 0u32;
+        loop {
+            let jitter = f64::from(uuid::Uuid::new_v4().as_u128() as u16) / 65536.0;
+            tokio::time::sleep(probe_delay(failures, jitter)).await;
+            let still_ours = {
+                let workers = self.workers.lock().expect("router lock");
+                workers
+                    .get(&id)
+                    .is_some_and(|w| w.generation == generation && w.ejected)
+            };
+            if !still_ours {
+                return;
+            }
+            let mut health = HealthClient::new(channel.clone());
+            let answer = tokio::time::timeout(
+                Duration::from_secs(1),
+                health.check(HealthCheckRequest {
+                    service: String::new(),
+                }),
+            )
+            .await;
+            let serving =
+                matches!(&answer, Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving);
+            if serving {
+                let mut workers = self.workers.lock().expect("router lock");
+                if let Some(w) = workers.get_mut(&id).filter(|w| w.generation == generation) {
+                    w.ejected = false;
+                    self.publish(&workers);
+                    drop(workers);
+                    tracing::info!(worker = %id, probes = failures + 1, "worker re-admitted to routing");
+                    self.metrics
+                        .readmissions
+                        .get_or_create(&WorkerLabel { worker: id.clone() })
+                        .inc();
+                }
+                return;
+            }
+            failures += 1;
+            tracing::debug!(worker = %id, failures, "probe failed; worker stays ejected");
+        }
     }
 
     /// Requests in flight per worker id.
@@ -137,7 +300,6 @@ mod tests {
     use super::*;
     use nanoinfer_registry::{Capacity, WorkerInfo};
     use std::collections::BTreeMap;
-    use std::sync::Arc;
 
     fn set(ids: &[&str]) -> WorkerSet {
         let mut m = BTreeMap::new();
@@ -146,7 +308,8 @@ mod tests {
                 id.to_string(),
                 WorkerInfo {
                     id: id.to_string(),
-                    address: format!("127.0.0.1:{}", 40000 + i),
+                    // Nothing listens there: probes fail.
+                    address: format!("127.0.0.1:{}", 1 + i),
                     model: "m".into(),
                     capacity: Capacity {
                         slots: 1,
@@ -160,6 +323,13 @@ mod tests {
         Arc::new(m)
     }
 
+    fn router() -> Arc<Router> {
+        Arc::new(Router::new(
+            RouterMetrics::default(),
+            UpstreamConfig::default(),
+        ))
+    }
+
     #[test]
     fn choose_prefers_least_loaded_and_rotates_ties() {
         assert_eq!(choose(&[], 0), None);
@@ -169,12 +339,21 @@ mod tests {
         assert_eq!(choose(&[2, 0, 0], 1), Some(2));
     }
 
+    #[test]
+    fn probe_backoff_grows_to_a_cap_with_jitter() {
+        assert_eq!(probe_delay(0, 0.5), Duration::from_millis(200));
+        assert_eq!(probe_delay(1, 0.5), Duration::from_millis(400));
+        assert_eq!(probe_delay(10, 0.5), Duration::from_millis(5000));
+        assert_eq!(probe_delay(0, 0.0), Duration::from_millis(150));
+        assert!(probe_delay(30, 0.999) <= Duration::from_millis(6250));
+    }
+
     #[tokio::test]
     async fn picks_spread_while_in_flight_and_release_on_drop() {
-        let router = Router::default();
-        let live = set(&["a", "b"]);
-        let first = router.pick(&live, &[]).unwrap();
-        let second = router.pick(&live, &[]).unwrap();
+        let router = router();
+        router.sync(&set(&["a", "b"]));
+        let first = router.pick(&[]).unwrap();
+        let second = router.pick(&[]).unwrap();
         assert_ne!(
             first.id, second.id,
             "a busy worker is not picked while another is idle"
@@ -186,23 +365,57 @@ mod tests {
 
     #[tokio::test]
     async fn excluded_and_departed_workers_are_skipped() {
-        let family = Family::<WorkerLabel, Gauge>::default();
-        let router = Router::new(family.clone());
-        let live = set(&["a", "b"]);
+        let metrics = RouterMetrics::default();
+        let router = Arc::new(Router::new(metrics.clone(), UpstreamConfig::default()));
+        router.sync(&set(&["a", "b"]));
         for _ in 0..4 {
-            assert_eq!(router.pick(&live, &["a".to_string()]).unwrap().id, "b");
+            assert_eq!(router.pick(&["a".to_string()]).unwrap().id, "b");
         }
-        assert!(router
-            .pick(&live, &["a".to_string(), "b".to_string()])
-            .is_none());
-        let _ = router.pick(&live, &[]);
-        let only_b = set(&["b"]);
-        let _ = router.pick(&only_b, &[]);
-        assert_eq!(family.len(), 1, "a departed worker's series is removed");
+        assert!(router.pick(&["a".to_string(), "b".to_string()]).is_none());
+        router.sync(&set(&["b"]));
         assert_eq!(
-            router.in_flight().len(),
+            metrics.in_flight.len(),
             1,
-            "state of a departed worker is dropped"
+            "a departed worker's series is removed"
         );
+        assert_eq!(router.in_flight().len(), 1);
+        assert_eq!(*router.routable().borrow(), 1);
+    }
+
+    #[tokio::test]
+    async fn only_discovery_changes_the_table() {
+        // A request holding a worker that the table still has keeps its
+        // count, whatever the request saw when it started.
+        let router = router();
+        router.sync(&set(&["a"]));
+        let held = router.pick(&[]).unwrap();
+        router.sync(&set(&["a", "b"]));
+        assert_eq!(router.in_flight()["a"], 1);
+        assert_eq!(router.in_flight()["b"], 0);
+        assert_eq!(router.pick(&[]).unwrap().id, "b", "b is idle, a is busy");
+        drop(held);
+    }
+
+    #[tokio::test]
+    async fn ejected_workers_get_no_requests_until_readmitted() {
+        let router = router();
+        router.sync(&set(&["a", "b"]));
+        let routable = router.routable();
+        router.eject("a", "test");
+        router.eject("a", "twice is once");
+        assert_eq!(*routable.borrow(), 1);
+        for _ in 0..4 {
+            assert_eq!(router.pick(&[]).unwrap().id, "b");
+        }
+        router.eject("b", "test");
+        assert!(router.pick(&[]).is_none());
+        // The probe finds nothing listening: still ejected a while later.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(router.pick(&[]).is_none());
+        // Re-registering (a new record) makes it routable again.
+        let mut moved = (*set(&["a", "b"])).clone();
+        moved.get_mut("a").unwrap().address = "127.0.0.1:9".into();
+        router.sync(&Arc::new(moved));
+        assert_eq!(router.pick(&[]).unwrap().id, "a");
     }
 }

@@ -59,6 +59,15 @@ impl Limits {
                 format!("must be at most {MAX_REQUEST_ID_BYTES} bytes"),
             ));
         }
+        // Ids end up in logs, span attributes and response headers: a
+        // newline or an escape sequence there could forge a log line.
+        if req.request_id.chars().any(char::is_control) {
+            return Err(invalid(
+                "request_id",
+                "must not contain control characters (newline, carriage return, escape, …)"
+                    .to_string(),
+            ));
+        }
         if req.prompt.is_empty() {
             return Err(invalid("prompt", "must not be empty".to_string()));
         }
@@ -251,6 +260,27 @@ mod tests {
             (
                 InferRequest {
                     request_id: "r".repeat(129),
+                    ..req("a")
+                },
+                "request_id",
+            ),
+            (
+                InferRequest {
+                    request_id: "ok\nINFO forged line".into(),
+                    ..req("a")
+                },
+                "request_id",
+            ),
+            (
+                InferRequest {
+                    request_id: "a\rb".into(),
+                    ..req("a")
+                },
+                "request_id",
+            ),
+            (
+                InferRequest {
+                    request_id: "\u{1b}[31mred".into(),
                     ..req("a")
                 },
                 "request_id",

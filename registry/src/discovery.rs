@@ -5,6 +5,12 @@
 //! two is lost, applying PUT and DELETE. On any failure it keeps the last
 //! published set (requests keep flowing while etcd is down), backs off and
 //! starts over with a fresh list.
+//!
+//! Beside the set it publishes [`DiscoveryStatus`]: whether etcd answers now
+//! (so the coordinator can tell "etcd is down" from "no worker registered")
+//! and which records it skipped as malformed. A malformed record (JSON that
+//! does not decode, an address that is not `host:port`) is skipped with a
+//! warning; it never reaches routing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,29 +20,64 @@ use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::schema::{worker_id, WORKERS_PREFIX};
+use crate::schema::{validate_address, worker_id, WORKERS_PREFIX};
 use crate::{connect, RegistryError, WorkerInfo};
 
 /// Live workers by id.
 pub type WorkerSet = Arc<BTreeMap<String, WorkerInfo>>;
 
-/// Starts the discovery supervisor. The receiver always holds the latest
-/// known set (empty until the first successful list). The task runs until
-/// the returned handle is aborted or every receiver is dropped.
-pub fn spawn_discovery(endpoints: Vec<String>) -> (watch::Receiver<WorkerSet>, JoinHandle<()>) {
-    let (tx, rx) = watch::channel(WorkerSet::default());
-    let task = tokio::spawn(supervise(endpoints, tx));
-    (rx, task)
+/// How discovery stands with etcd.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiscoveryStatus {
+    /// The last etcd error, while etcd is unreachable (or has never been
+    /// reached); `None` while the watch runs.
+    pub etcd_error: Option<String>,
+    /// Whether a listing ever succeeded (before that the set is empty
+    /// because nothing is known, not because no worker is registered).
+    pub listed: bool,
+    /// Records skipped as malformed: worker key → why.
+    pub skipped: BTreeMap<String, String>,
 }
 
-async fn supervise(endpoints: Vec<String>, tx: watch::Sender<WorkerSet>) {
+/// The running discovery: the live set, its status and the task.
+pub struct Discovery {
+    /// The latest known set (empty until the first successful list).
+    pub workers: watch::Receiver<WorkerSet>,
+    /// etcd reachability and skipped records.
+    pub status: watch::Receiver<DiscoveryStatus>,
+    /// The supervisor task; abort it to stop.
+    pub task: JoinHandle<()>,
+}
+
+/// Starts the discovery supervisor. The task runs until it is aborted or
+/// every receiver of the set is dropped.
+pub fn spawn_discovery(endpoints: Vec<String>) -> Discovery {
+    let (tx, workers) = watch::channel(WorkerSet::default());
+    let (status_tx, status) = watch::channel(DiscoveryStatus {
+        etcd_error: Some("not connected yet".into()),
+        ..DiscoveryStatus::default()
+    });
+    let task = tokio::spawn(supervise(endpoints, tx, status_tx));
+    Discovery {
+        workers,
+        status,
+        task,
+    }
+}
+
+async fn supervise(
+    endpoints: Vec<String>,
+    tx: watch::Sender<WorkerSet>,
+    status: watch::Sender<DiscoveryStatus>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match list_and_watch(&endpoints, &tx, &mut backoff).await {
+        match list_and_watch(&endpoints, &tx, &status, &mut backoff).await {
             Ok(()) => return, // no receivers left
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, live = tx.borrow().len(),
                     "etcd discovery interrupted; serving the last known worker set");
+                status.send_modify(|s| s.etcd_error = Some(e.to_string()));
             }
         }
         tokio::select! {
@@ -51,6 +92,7 @@ async fn supervise(endpoints: Vec<String>, tx: watch::Sender<WorkerSet>) {
 async fn list_and_watch(
     endpoints: &[String],
     tx: &watch::Sender<WorkerSet>,
+    status: &watch::Sender<DiscoveryStatus>,
     backoff: &mut Duration,
 ) -> Result<(), RegistryError> {
     let mut client = connect(endpoints).await?;
@@ -59,14 +101,31 @@ async fn list_and_watch(
         .await?;
     let revision = listing.header().map(|h| h.revision()).unwrap_or(0);
     let mut set = BTreeMap::new();
+    let mut skipped = BTreeMap::new();
     for kv in listing.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        if let Some((id, info)) = decode(&key, kv.value()) {
-            set.insert(id, info);
+        match decode(&key, kv.value()) {
+            Ok(Some((id, info))) => {
+                set.insert(id, info);
+            }
+            Ok(None) => {}
+            Err(why) => {
+                skipped.insert(key, why);
+            }
         }
     }
-    tracing::info!(workers = set.len(), revision, "listed workers from etcd");
+    tracing::info!(
+        workers = set.len(),
+        skipped = skipped.len(),
+        revision,
+        "listed workers from etcd"
+    );
     publish(tx, &set);
+    status.send_replace(DiscoveryStatus {
+        etcd_error: None,
+        listed: true,
+        skipped: skipped.clone(),
+    });
 
     let mut stream = client
         .watch(
@@ -95,17 +154,27 @@ async fn list_and_watch(
             )));
         }
         let mut changed = false;
+        let skipped_before = skipped.clone();
         for event in resp.events() {
             let Some(kv) = event.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
+            skipped.remove(&key);
             match event.event_type() {
-                EventType::Put => {
-                    if let Some((id, info)) = decode(&key, kv.value()) {
+                EventType::Put => match decode(&key, kv.value()) {
+                    Ok(Some((id, info))) => {
                         tracing::info!(worker = %id, address = %info.address, "worker joined");
                         set.insert(id, info);
                         changed = true;
                     }
-                }
+                    Ok(None) => {}
+                    Err(why) => {
+                        // A record that turned bad takes its worker out.
+                        if let Some(id) = worker_id(&key) {
+                            changed |= set.remove(id).is_some();
+                        }
+                        skipped.insert(key, why);
+                    }
+                },
                 EventType::Delete => {
                     if let Some(id) = worker_id(&key) {
                         if set.remove(id).is_some() {
@@ -116,19 +185,37 @@ async fn list_and_watch(
                 }
             }
         }
+        if skipped != skipped_before {
+            let skipped = skipped.clone();
+            status.send_modify(|s| s.skipped = skipped);
+        }
         if changed {
             publish(tx, &set);
         }
     }
 }
 
-fn decode(key: &str, value: &[u8]) -> Option<(String, WorkerInfo)> {
-    let id = worker_id(key)?;
-    match WorkerInfo::from_json(value) {
-        Ok(info) => Some((id.to_string(), info)),
-        Err(e) => {
-            tracing::warn!(%key, error = %e, "ignoring malformed worker record");
-            None
+/// The record at `key`: `Ok(None)` for a key outside the schema, `Err`
+/// (with the reason, already logged) for a malformed record.
+fn decode(key: &str, value: &[u8]) -> Result<Option<(String, WorkerInfo)>, String> {
+    let Some(id) = worker_id(key) else {
+        return Ok(None);
+    };
+    let checked = WorkerInfo::from_json(value)
+        .map_err(|e| e.to_string())
+        .and_then(|info| {
+            validate_address(&info.address)?;
+            if info.id != id {
+                return Err(format!("its id {:?} is not its key's {id:?}", info.id));
+            }
+            Ok(info)
+        });
+    match checked {
+        Ok(info) => Ok(Some((id.to_string(), info))),
+        Err(why) => {
+            tracing::warn!(key = %key.escape_debug(), error = %why.escape_debug(),
+                "skipping malformed worker record");
+            Err(why)
         }
     }
 }

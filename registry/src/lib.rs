@@ -14,7 +14,7 @@ pub mod discovery;
 pub mod registration;
 pub mod schema;
 
-pub use discovery::{spawn_discovery, WorkerSet};
+pub use discovery::{spawn_discovery, Discovery, DiscoveryStatus, WorkerSet};
 pub use registration::Registration;
 pub use schema::{validate_address, Capacity, WorkerInfo, WORKERS_PREFIX};
 

@@ -1,0 +1,403 @@
+//! One request's life after validation, as a task: pick a worker, open
+//! `Generate`, relay its tokens into the client's bounded channel, and when
+//! a worker fails, move the request (STYLE 7: a bounded `mpsc` feeds the
+//! response stream; a failed send or `closed()` means the client left).
+//!
+//! - **Before the first token** a failed attempt (connect error, full queue,
+//!   the worker dying while the request was queued or prefilling, no first
+//!   token within `--first-token-timeout`) is retried on another worker.
+//! - **After tokens were relayed** the request resumes on another worker from
+//!   the token ids already delivered ([`crate::upstream::generate_request`]),
+//!   so the client sees one unbroken stream: `index` stays contiguous and the
+//!   final usage counts the original prompt and every generated token.
+//! - Never the same worker twice, at most `--max-attempts` workers, with a
+//!   short jittered backoff between attempts.
+//! - The deadline (the client's `grpc-timeout`, at most `--request-timeout`)
+//!   travels to each worker; when it passes the client gets
+//!   DEADLINE_EXCEEDED after the tokens it already has.
+//! - A client that reads nothing for `--stalled-stream-timeout` (its HTTP/2
+//!   window and this channel full) is cancelled, which frees its worker slot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nanoinfer_proto::nanoinfer::{FinishReason, InferResponse, UsageMetrics};
+use nanoinfer_proto::worker::{self as wpb, worker_service_client::WorkerServiceClient};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tonic::{Code, Status};
+use tracing::Span;
+
+use crate::config::UpstreamConfig;
+use crate::error::CoordinatorError;
+use crate::metrics::{code_name, CodeLabel, CoordinatorMetrics, RequestRecorder};
+use crate::routing::{Picked, Router};
+use crate::upstream::{finish_label, generate_request, judge, Failure};
+use crate::validate::InferParams;
+
+/// Messages buffered between the relay task and the client's stream. Small:
+/// h2 already buffers up to the client's window, and memory per stream is
+/// what a coordinator with 10,000 streams pays.
+pub const RELAY_BUFFER: usize = 4;
+
+/// Items of the client's stream.
+pub type Item = Result<InferResponse, Status>;
+
+/// Everything one relay needs.
+pub struct Relay {
+    /// The validated request.
+    pub params: InferParams,
+    /// When the request must be over.
+    pub deadline: Instant,
+    /// Worker choice and ejection.
+    pub router: Arc<Router>,
+    /// Timeouts and attempt bound.
+    pub upstream: UpstreamConfig,
+    /// Metrics.
+    pub metrics: Arc<CoordinatorMetrics>,
+    /// This request's metrics.
+    pub recorder: RequestRecorder,
+    /// The request's span (the task runs inside it).
+    pub span: Span,
+}
+
+/// How one attempt on one worker ended.
+enum Attempt {
+    /// The final message reached the client's channel.
+    Done,
+    /// The client went away.
+    ClientGone,
+    /// The worker failed.
+    Failed(String, Failure),
+    /// The request is over for a reason no other worker changes.
+    End(CoordinatorError),
+}
+
+struct State {
+    relay: Relay,
+    tx: mpsc::Sender<Item>,
+    /// Until the first worker accepted the request: where a failure goes so
+    /// the call itself fails (trailers only), as before any streaming.
+    opened: Option<oneshot::Sender<Result<(), Status>>>,
+    /// Token ids the client has received, in order.
+    delivered: Vec<i32>,
+    /// Workers tried, never tried again.
+    tried: Vec<String>,
+    /// `worker: what went wrong`, for the final error.
+    notes: Vec<String>,
+    /// Whether every failure so far was RESOURCE_EXHAUSTED.
+    all_busy: bool,
+}
+
+/// Runs the relay; `opened` learns whether the first worker took the
+/// request (the call's headers wait for it) and `tx` feeds the client.
+pub async fn run(
+    relay: Relay,
+    tx: mpsc::Sender<Item>,
+    opened: oneshot::Sender<Result<(), Status>>,
+) {
+    let mut state = State {
+        relay,
+        tx,
+        opened: Some(opened),
+        delivered: Vec::new(),
+        tried: Vec::new(),
+        notes: Vec::new(),
+        all_busy: true,
+    };
+    if let Err(e) = state.serve().await {
+        state.fail(e).await;
+    }
+}
+
+/// A jittered pause before retry `n` (1-based): 20 ms doubling, at most
+/// 320 ms, times a factor in [0.5, 1.5) from `jitter` in [0, 1).
+pub fn retry_delay(n: usize, jitter: f64) -> Duration {
+    let base = 20.0 * 2f64.powi(n.saturating_sub(1).min(4) as i32);
+    Duration::from_micros((base * (0.5 + jitter) * 1000.0) as u64)
+}
+
+fn jitter() -> f64 {
+    f64::from(uuid::Uuid::new_v4().as_u128() as u16) / 65536.0
+}
+
+impl State {
+    async fn serve(&mut self) -> Result<(), CoordinatorError> {
+        loop {
+            if self.tried.len() >= self.relay.upstream.max_attempts {
+                return Err(self.out_of_workers());
+            }
+            if !self.tried.is_empty() {
+                tokio::select! {
+                    _ = tokio::time::sleep(retry_delay(self.tried.len(), jitter())) => {}
+                    _ = self.tx.closed() => return Ok(()),
+                }
+            }
+            let Some(picked) = self.relay.router.pick(&self.tried) else {
+                return Err(if self.tried.is_empty() {
+                    CoordinatorError::NoWorkers
+                } else {
+                    self.out_of_workers()
+                });
+            };
+            tracing::info!(request_id = %self.relay.params.request_id, worker = %picked.id,
+                address = %picked.address, attempt = self.tried.len() + 1,
+                resume_from = self.delivered.len(), "routing request");
+            self.relay.span.record("worker", picked.id.as_str());
+            match self.attempt(picked).await {
+                Attempt::Done | Attempt::ClientGone => return Ok(()),
+                Attempt::End(e) => return Err(e),
+                Attempt::Failed(worker, failure) => self.failed(worker, failure)?,
+            }
+        }
+    }
+
+    /// Books a worker failure; `Err` when the request must end with it.
+    fn failed(&mut self, worker: String, failure: Failure) -> Result<(), CoordinatorError> {
+        let verdict = judge(&failure);
+        let (code, what) = match &failure {
+            Failure::Status(s) => (s.code(), s.message().to_string()),
+            Failure::Truncated => (
+                Code::Unavailable,
+                "stream closed before the final message".into(),
+            ),
+            Failure::FirstTokenTimeout => (
+                Code::Unavailable,
+                format!(
+                    "no token within {} s",
+                    self.relay.upstream.first_token_timeout.as_secs()
+                ),
+            ),
+        };
+        self.relay
+            .metrics
+            .worker_errors
+            .get_or_create(&CodeLabel {
+                code: code_name(code),
+            })
+            .inc();
+        if verdict.eject {
+            self.relay.router.eject(&worker, &what);
+        }
+        if !verdict.retry {
+            return Err(match failure {
+                Failure::Status(status) => CoordinatorError::Upstream { worker, status },
+                Failure::Truncated => CoordinatorError::Truncated(worker),
+                Failure::FirstTokenTimeout => CoordinatorError::FirstTokenTimeout {
+                    worker,
+                    seconds: self.relay.upstream.first_token_timeout.as_secs(),
+                },
+            });
+        }
+        self.all_busy &= code == Code::ResourceExhausted;
+        tracing::warn!(request_id = %self.relay.params.request_id, worker = %worker,
+            code = code_name(code), error = %what.escape_debug(), delivered = self.delivered.len(),
+            "worker failed the request; moving it");
+        self.notes.push(format!("{worker}: {what}"));
+        self.tried.push(worker);
+        if self.delivered.is_empty() {
+            self.relay.metrics.retries.inc();
+        } else {
+            // Also a span event of the request's span.
+            tracing::info!(request_id = %self.relay.params.request_id,
+                delivered = self.delivered.len(), "resuming the stream on another worker");
+            self.relay.metrics.resumes.inc();
+        }
+        Ok(())
+    }
+
+    fn out_of_workers(&mut self) -> CoordinatorError {
+        let tried = std::mem::take(&mut self.notes);
+        if self.all_busy && self.delivered.is_empty() && !tried.is_empty() {
+            CoordinatorError::AllBusy { tried }
+        } else {
+            CoordinatorError::OutOfWorkers {
+                delivered: self.delivered.len() as u32,
+                tried,
+            }
+        }
+    }
+
+    async fn attempt(&mut self, picked: Picked) -> Attempt {
+        let Picked {
+            id: worker,
+            channel,
+            guard: _guard,
+            ..
+        } = picked;
+        let now = Instant::now();
+        let deadline = self.relay.deadline;
+        if now >= deadline {
+            return self.deadline_passed();
+        }
+        let first_token_by = now + self.relay.upstream.first_token_timeout;
+        let mut request = generate_request(&self.relay.params, &self.delivered, deadline - now);
+        nanoinfer_telemetry::propagation::inject(&self.relay.span, request.metadata_mut());
+        let mut client = WorkerServiceClient::new(channel);
+        let opened = tokio::select! {
+            r = client.generate(request) => r,
+            _ = tokio::time::sleep_until(first_token_by) => return Attempt::Failed(worker, Failure::FirstTokenTimeout),
+            _ = tokio::time::sleep_until(deadline) => return self.deadline_passed(),
+            _ = self.tx.closed() => return Attempt::ClientGone,
+        };
+        let mut stream = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Attempt::Failed(worker, Failure::Status(status)),
+        };
+        if let Some(opened) = self.opened.take() {
+            self.relay.recorder.upstream_opened();
+            let _ = opened.send(Ok(()));
+        }
+        let mut got_token = false;
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = tokio::time::sleep_until(first_token_by), if !got_token => {
+                    return Attempt::Failed(worker, Failure::FirstTokenTimeout)
+                }
+                _ = tokio::time::sleep_until(deadline) => return self.deadline_passed(),
+                _ = self.tx.closed() => return Attempt::ClientGone,
+            };
+            let msg = match message {
+                Ok(Some(msg)) => msg,
+                Ok(None) => return Attempt::Failed(worker, Failure::Truncated),
+                Err(status) => return Attempt::Failed(worker, Failure::Status(status)),
+            };
+            got_token = true;
+            match msg.finished {
+                None => {
+                    let index = self.delivered.len() as u32;
+                    if let Some(ttft) = self.relay.recorder.token() {
+                        self.relay
+                            .span
+                            .record("nanoinfer.time_to_first_token_ms", ttft * 1e3);
+                    }
+                    let response = InferResponse {
+                        request_id: self.relay.params.request_id.clone(),
+                        token: msg.text,
+                        index,
+                        finish_reason: FinishReason::Unspecified as i32,
+                        usage: None,
+                    };
+                    if let Some(end) = self.send(response).await {
+                        return end;
+                    }
+                    // Only a token the client has is resumed from.
+                    self.delivered.push(msg.token_id.unwrap_or_default());
+                }
+                Some(f) => {
+                    let response = self.finish(&worker, msg.text, f);
+                    return self.send(response).await.unwrap_or(Attempt::Done);
+                }
+            }
+        }
+    }
+
+    /// The final message; records the request's outcome.
+    fn finish(&mut self, worker: &str, text: String, f: wpb::Finished) -> InferResponse {
+        let r = &mut self.relay;
+        let label = finish_label(f.reason);
+        r.recorder.finished(label);
+        r.span.record("gen_ai.usage.input_tokens", f.prompt_tokens);
+        r.span
+            .record("gen_ai.usage.output_tokens", f.generated_tokens);
+        r.span.record("gen_ai.response.finish_reasons", label);
+        tracing::info!(request_id = %r.params.request_id, worker = %worker,
+            finish_reason = label, prompt_tokens = f.prompt_tokens,
+            generated_tokens = f.generated_tokens, workers_tried = self.tried.len() + 1,
+            e2e_ms = (r.recorder.elapsed() * 1e3) as u64, "request finished");
+        InferResponse {
+            request_id: r.params.request_id.clone(),
+            token: text,
+            index: self.delivered.len() as u32,
+            finish_reason: public_finish_reason(f.reason) as i32,
+            usage: Some(UsageMetrics {
+                prompt_tokens: f.prompt_tokens,
+                generated_tokens: f.generated_tokens,
+                total_tokens: f.prompt_tokens + f.generated_tokens,
+            }),
+        }
+    }
+
+    /// Hands a message to the client; `Some` when the request is over
+    /// (client gone, or stalled past the timeout).
+    async fn send(&mut self, response: InferResponse) -> Option<Attempt> {
+        let stall = self.relay.upstream.stalled_stream_timeout;
+        match self.tx.send_timeout(Ok(response), stall).await {
+            Ok(()) => None,
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Some(Attempt::ClientGone),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.relay.metrics.stalled_streams.inc();
+                Some(Attempt::End(CoordinatorError::Stalled {
+                    seconds: stall.as_secs(),
+                }))
+            }
+        }
+    }
+
+    fn deadline_passed(&self) -> Attempt {
+        Attempt::End(CoordinatorError::DeadlineExceeded {
+            delivered: self.delivered.len() as u32,
+        })
+    }
+
+    /// Ends the request with `error`: counted, logged, marked on the span,
+    /// and sent to the client (through the call itself if nothing was
+    /// streamed yet).
+    async fn fail(&mut self, error: CoordinatorError) {
+        let r = &mut self.relay;
+        let code = error.code();
+        r.recorder.failed(code);
+        tracing::warn!(request_id = %r.params.request_id, error = %error, "request failed");
+        nanoinfer_telemetry::mark_span_error(&r.span, &error.to_string());
+        let stalled = matches!(error, CoordinatorError::Stalled { .. });
+        let status = error.into_status(Some(&r.params.request_id));
+        if let Some(opened) = self.opened.take() {
+            let _ = opened.send(Err(status));
+        } else if !stalled {
+            // Bounded: a client that is not reading does not hold the task.
+            let _ = self
+                .tx
+                .send_timeout(Err(status), Duration::from_secs(1))
+                .await;
+        }
+    }
+}
+
+fn public_finish_reason(reason: i32) -> FinishReason {
+    match wpb::FinishReason::try_from(reason).unwrap_or(wpb::FinishReason::Unspecified) {
+        wpb::FinishReason::Unspecified => FinishReason::Unspecified,
+        wpb::FinishReason::Length => FinishReason::Length,
+        wpb::FinishReason::StopSequence => FinishReason::StopSequence,
+        wpb::FinishReason::Eos => FinishReason::Eos,
+        wpb::FinishReason::ContextLength => FinishReason::ContextLength,
+        wpb::FinishReason::Cancelled => FinishReason::Cancelled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_grow_with_jitter_and_a_cap() {
+        assert_eq!(retry_delay(1, 0.5), Duration::from_millis(20));
+        assert_eq!(retry_delay(2, 0.5), Duration::from_millis(40));
+        assert_eq!(retry_delay(9, 0.5), Duration::from_millis(320));
+        assert_eq!(retry_delay(1, 0.0), Duration::from_millis(10));
+        assert!(retry_delay(9, 0.999) < Duration::from_millis(481));
+    }
+
+    #[test]
+    fn finish_reasons_map_one_to_one() {
+        assert_eq!(
+            public_finish_reason(wpb::FinishReason::Eos as i32),
+            FinishReason::Eos
+        );
+        assert_eq!(
+            public_finish_reason(wpb::FinishReason::Cancelled as i32),
+            FinishReason::Cancelled
+        );
+        assert_eq!(public_finish_reason(99), FinishReason::Unspecified);
+    }
+}
