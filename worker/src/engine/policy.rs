@@ -1,0 +1,288 @@
+//! Pure scheduling policy: what each sequence contributes to a step
+//! ([`plan_step`]), where a new request runs and which cached prefix it
+//! reuses ([`place`]), and which kept caches to cut ([`trim_warm`]). No
+//! llama.cpp state here, so every rule is unit-tested on plain values.
+
+use llama_cpp_2::token::LlamaToken;
+
+/// What one sequence contributes to a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Decode its last sampled token (one token, logits on).
+    Decode,
+    /// Decode prompt tokens `from..from + len` (logits on the prompt's last).
+    Prefill {
+        /// First prompt index.
+        from: usize,
+        /// How many tokens.
+        len: usize,
+    },
+}
+
+/// What the planner needs to know of a sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqView {
+    /// Prompt tokens not yet in the KV cache.
+    pub prompt_left: usize,
+    /// Prompt tokens already in the KV cache.
+    pub prefilled: usize,
+    /// It has a sampled token waiting to be decoded.
+    pub has_next: bool,
+    /// Its client's channel is full, or it is over: skip it this step.
+    pub blocked: bool,
+}
+
+/// Plans one step: every unblocked sequence with a token to decode gets one
+/// decode slot (running streams never wait on prompts), then sequences still
+/// in prefill get prompt chunks, oldest first, within `budget` tokens — or
+/// within `decoding_budget` when the step decodes for some sequence, so that
+/// a new prompt delays running streams' next token by a bounded amount
+/// while an idle engine still prefills in large, fast chunks.
+pub fn plan_step(seqs: &[SeqView], budget: usize, decoding_budget: usize) -> Vec<(usize, Work)> {
+    let mut plan: Vec<(usize, Work)> = seqs
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.blocked && s.has_next)
+        .map(|(i, _)| (i, Work::Decode))
+        .collect();
+    let mut left = if plan.is_empty() {
+        budget
+    } else {
+        decoding_budget.min(budget)
+    };
+    for (i, s) in seqs.iter().enumerate() {
+        if left == 0 {
+            break;
+        }
+        if s.blocked || s.prompt_left == 0 {
+            continue;
+        }
+        let len = s.prompt_left.min(left);
+        left -= len;
+        plan.push((
+            i,
+            Work::Prefill {
+                from: s.prefilled,
+                len,
+            },
+        ));
+    }
+    plan
+}
+
+/// Length of the common prefix of two token lists.
+pub fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// Which kept ("warm") caches to cut so that at most `budget` tokens stay
+/// warm. `warm` lists (slot, cached tokens), least recently finished first;
+/// the most recent keep theirs first. Returns (slot, tokens to keep) for
+/// each cache to cut (0: drop it).
+pub fn trim_warm(warm: &[(i32, usize)], budget: usize) -> Vec<(i32, usize)> {
+    let mut left = budget;
+    let mut cuts = Vec::new();
+    for &(slot, len) in warm.iter().rev() {
+        let keep = len.min(left);
+        left -= keep;
+        if keep < len {
+            cuts.push((slot, keep));
+        }
+    }
+    cuts
+}
+
+/// Where a new prompt should run and what it can reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    /// The free slot it takes.
+    pub slot: i32,
+    /// Reuse `len` cached tokens from slot `from` (itself, or another slot
+    /// whose cells are copied).
+    pub reuse: Option<(i32, usize)>,
+}
+
+/// Places `prompt` in one of the `free` slots (slot, cached tokens), reusing
+/// the longest prefix found there or in `running` (slot, known tokens). At
+/// least one prompt token is always left to compute (its logits start
+/// generation). Without any reuse, the free slot with the least cached is
+/// taken, to keep the rest warm.
+pub fn place(
+    prompt: &[LlamaToken],
+    free: &[(i32, &[LlamaToken])],
+    running: &[(i32, &[LlamaToken])],
+) -> Option<Placement> {
+    let limit = prompt.len().saturating_sub(1);
+    let best = |slots: &[(i32, &[LlamaToken])]| {
+        slots
+            .iter()
+            .map(|(slot, tokens)| (*slot, common_prefix(prompt, tokens).min(limit)))
+            .filter(|(_, len)| *len > 0)
+            .max_by_key(|(slot, len)| (*len, -slot))
+    };
+    let in_free = best(free);
+    let in_running = best(running);
+    let coldest = free.iter().min_by_key(|(slot, t)| (t.len(), *slot))?.0;
+    Some(match (in_free, in_running) {
+        (Some((slot, len)), r) if r.is_none_or(|(_, rl)| rl <= len) => Placement {
+            slot,
+            reuse: Some((slot, len)),
+        },
+        (_, Some((from, len))) => Placement {
+            slot: coldest,
+            reuse: Some((from, len)),
+        },
+        _ => Placement {
+            slot: coldest,
+            reuse: None,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(prompt_left: usize, prefilled: usize, has_next: bool, blocked: bool) -> SeqView {
+        SeqView {
+            prompt_left,
+            prefilled,
+            has_next,
+            blocked,
+        }
+    }
+
+    #[test]
+    fn running_streams_decode_before_any_prefill() {
+        let seqs = [
+            view(0, 10, true, false),
+            view(500, 0, false, false),
+            view(0, 8, true, false),
+        ];
+        let plan = plan_step(&seqs, 64, 64);
+        assert_eq!(
+            plan,
+            vec![
+                (0, Work::Decode),
+                (2, Work::Decode),
+                (1, Work::Prefill { from: 0, len: 64 })
+            ]
+        );
+    }
+
+    #[test]
+    fn prompts_get_the_smaller_budget_while_streams_decode() {
+        let decoding = [view(0, 10, true, false), view(500, 0, false, false)];
+        assert_eq!(
+            plan_step(&decoding, 128, 32),
+            vec![(0, Work::Decode), (1, Work::Prefill { from: 0, len: 32 })]
+        );
+        // Nothing decodes (the stream waits on its client): the full budget.
+        let idle = [view(0, 10, true, true), view(500, 0, false, false)];
+        assert_eq!(
+            plan_step(&idle, 128, 32),
+            vec![(1, Work::Prefill { from: 0, len: 128 })]
+        );
+        // The decoding budget never exceeds the other.
+        assert_eq!(
+            plan_step(&decoding, 16, 32),
+            vec![(0, Work::Decode), (1, Work::Prefill { from: 0, len: 16 })]
+        );
+    }
+
+    #[test]
+    fn prefill_is_chunked_within_the_budget_oldest_first() {
+        let seqs = [
+            view(30, 100, false, false),
+            view(50, 0, false, false),
+            view(10, 0, false, false),
+        ];
+        assert_eq!(
+            plan_step(&seqs, 64, 8),
+            vec![
+                (0, Work::Prefill { from: 100, len: 30 }),
+                (1, Work::Prefill { from: 0, len: 34 })
+            ]
+        );
+    }
+
+    fn toks(v: &[i32]) -> Vec<LlamaToken> {
+        v.iter().map(|&t| LlamaToken(t)).collect()
+    }
+
+    #[test]
+    fn placement_reuses_the_longest_prefix() {
+        let prompt = toks(&[1, 2, 3, 4, 5]);
+        let (a, b, c) = (
+            toks(&[1, 2, 9]),
+            toks(&[1, 2, 3, 4, 7, 8]),
+            toks(&[1, 2, 3]),
+        );
+        // Best in a free slot: take that very slot.
+        let p = place(&prompt, &[(0, &a), (1, &b)], &[]).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                slot: 1,
+                reuse: Some((1, 4))
+            }
+        );
+        // Best in a running sequence: copy into the coldest free slot.
+        let p = place(&prompt, &[(0, &a), (2, &[])], &[(1, &b)]).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                slot: 2,
+                reuse: Some((1, 4))
+            }
+        );
+        // A free slot ties with a running one: no copy needed.
+        let p = place(&prompt, &[(0, &b)], &[(1, &b)]).unwrap();
+        assert_eq!(p.reuse, Some((0, 4)));
+        // Nothing shared: the coldest slot, no reuse.
+        let short = toks(&[9]);
+        let p = place(&toks(&[8, 8]), &[(0, &c), (3, &short)], &[]).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                slot: 3,
+                reuse: None
+            }
+        );
+        assert!(place(&prompt, &[], &[(1, &b)]).is_none());
+    }
+
+    #[test]
+    fn at_least_one_prompt_token_is_computed() {
+        let prompt = toks(&[1, 2, 3]);
+        let p = place(&prompt, &[(0, &toks(&[1, 2, 3, 4]))], &[]).unwrap();
+        assert_eq!(p.reuse, Some((0, 2)));
+        assert_eq!(
+            place(&toks(&[1]), &[(0, &toks(&[1]))], &[]).unwrap().reuse,
+            None
+        );
+    }
+
+    #[test]
+    fn kept_caches_fit_the_budget_most_recent_first() {
+        // Oldest first: slot 2 (100 tokens), slot 0 (300), slot 1 (200).
+        let warm = [(2, 100), (0, 300), (1, 200)];
+        assert_eq!(trim_warm(&warm, 1000), vec![]);
+        assert_eq!(trim_warm(&warm, 512), vec![(2, 12)]);
+        assert_eq!(trim_warm(&warm, 450), vec![(0, 250), (2, 0)]);
+        assert_eq!(trim_warm(&warm, 150), vec![(1, 150), (0, 0), (2, 0)]);
+        assert_eq!(trim_warm(&warm, 0), vec![(1, 0), (0, 0), (2, 0)]);
+        assert_eq!(trim_warm(&[], 0), vec![]);
+    }
+
+    #[test]
+    fn blocked_sequences_wait() {
+        let seqs = [
+            view(0, 5, true, true),
+            view(20, 0, false, true),
+            view(0, 5, true, false),
+        ];
+        assert_eq!(plan_step(&seqs, 64, 64), vec![(2, Work::Decode)]);
+        assert!(plan_step(&[], 64, 64).is_empty());
+    }
+}

@@ -1,0 +1,147 @@
+//! The KV slot table and the prefix cache. Every KV cell copy or removal
+//! happens here, so what a slot's cells hold is known in one place.
+//!
+//! A free slot keeps the cells of the last sequence it ran (the tokens are
+//! in `cache`) for a later prompt with the same prefix. A new request takes
+//! the slot whose kept tokens, or a running sequence's decoded tokens, share
+//! the longest prefix with its input ([`policy::place`]), and starts prefill
+//! after that prefix, copying the cells from the running sequence when that
+//! is where they are. Callers offer only cells a successful decode wrote
+//! ([`super::sequence::Sequence::reusable`]). Kept cells are not free: the
+//! KV cache is unified, so every step's attention spans every used cell,
+//! kept ones included; at most `prefix_cache_tokens` are kept, the most
+//! recently finished first ([`policy::trim_warm`]).
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::token::LlamaToken;
+
+use super::policy::{self, Placement};
+
+pub(super) struct Slots {
+    /// Free slots.
+    free: Vec<i32>,
+    /// Per slot: the tokens whose KV cells (positions 0..len) a free slot
+    /// still holds from its last sequence.
+    cache: Vec<Vec<LlamaToken>>,
+    /// Free slots whose cache is not empty, least recently finished first.
+    warm: Vec<i32>,
+    /// Most tokens kept in `cache` over all free slots.
+    prefix_cache_tokens: usize,
+}
+
+impl Slots {
+    /// `parallel` empty slots.
+    pub fn new(parallel: u32, prefix_cache_tokens: usize) -> Self {
+        Self {
+            free: (0..parallel as i32).rev().collect(),
+            cache: vec![Vec::new(); parallel as usize],
+            warm: Vec::new(),
+            prefix_cache_tokens,
+        }
+    }
+
+    /// Whether a slot is free.
+    pub fn has_free(&self) -> bool {
+        !self.free.is_empty()
+    }
+
+    /// Takes a free slot for `input` (there must be one), reusing the
+    /// longest cached prefix among the free slots and `running` (slot,
+    /// decoded tokens). Returns the slot and how many input tokens' cells
+    /// it holds already.
+    pub fn take(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        input: &[LlamaToken],
+        running: &[(i32, &[LlamaToken])],
+    ) -> (i32, usize) {
+        let placement = {
+            let free: Vec<(i32, &[LlamaToken])> = self
+                .free
+                .iter()
+                .map(|&s| (s, self.cache[s as usize].as_slice()))
+                .collect();
+            policy::place(input, &free, running).expect("a free slot exists")
+        };
+        let slot = placement.slot;
+        self.free.retain(|&s| s != slot);
+        self.warm.retain(|&s| s != slot);
+        (slot, self.prepare(ctx, placement))
+    }
+
+    /// Makes `placement.slot` hold exactly the reused prefix; returns its
+    /// length (0 when nothing could be reused).
+    fn prepare(&mut self, ctx: &mut LlamaContext<'_>, placement: Placement) -> usize {
+        let slot = placement.slot;
+        self.cache[slot as usize].clear();
+        let reused = match placement.reuse {
+            Some((from, len)) if from == slot => ctx
+                .kv_cache_seq_rm(slot, Some(len as u32), None)
+                .map(|()| len),
+            Some((from, len)) => ctx
+                .kv_cache_seq_rm(slot, None, None)
+                .and_then(|()| ctx.copy_kv_cache_seq(from, slot, Some(0), Some(len as u32)))
+                .map(|()| len),
+            None => Ok(0),
+        };
+        match reused {
+            Ok(len) if len > 0 => len,
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(slot, error = %e, "cannot reuse cached prefix; recomputing");
+                }
+                if let Err(e) = ctx.kv_cache_seq_rm(slot, None, None) {
+                    tracing::warn!(slot, error = %e, "could not clear KV cells");
+                }
+                0
+            }
+        }
+    }
+
+    /// Frees `slot`. `keep` lists the tokens whose cells (positions
+    /// `0..len`) a successful decode wrote; they stay for prefix reuse,
+    /// within the budget, and every other cell of the slot is removed.
+    pub fn release(&mut self, ctx: &mut LlamaContext<'_>, slot: i32, keep: &[LlamaToken]) {
+        // Cells past `keep` (staged for a batch that failed, or never
+        // decoded) must not survive under the slot.
+        let start = (!keep.is_empty()).then_some(keep.len() as u32);
+        if let Err(e) = ctx.kv_cache_seq_rm(slot, start, None) {
+            tracing::warn!(slot, error = %e, "could not free KV cells");
+        }
+        let cache = &mut self.cache[slot as usize];
+        cache.clear();
+        cache.extend_from_slice(keep);
+        self.free.push(slot);
+        if !keep.is_empty() {
+            self.warm.push(slot);
+            self.trim(ctx);
+        }
+    }
+
+    /// Cuts the kept caches down to `prefix_cache_tokens` in all.
+    fn trim(&mut self, ctx: &mut LlamaContext<'_>) {
+        let warm: Vec<(i32, usize)> = self
+            .warm
+            .iter()
+            .map(|&s| (s, self.cache[s as usize].len()))
+            .collect();
+        for (slot, keep) in policy::trim_warm(&warm, self.prefix_cache_tokens) {
+            let start = (keep > 0).then_some(keep as u32);
+            if let Err(e) = ctx.kv_cache_seq_rm(slot, start, None) {
+                tracing::warn!(slot, error = %e, "could not free kept KV cells");
+            }
+            self.cache[slot as usize].truncate(keep);
+            if keep == 0 {
+                self.warm.retain(|&s| s != slot);
+            }
+        }
+    }
+
+    /// Tokens the free slots keep warm.
+    pub fn warm_tokens(&self) -> usize {
+        self.warm
+            .iter()
+            .map(|&s| self.cache[s as usize].len())
+            .sum()
+    }
+}

@@ -1,0 +1,168 @@
+//! One engine step: deliver queued events and retire finished sequences,
+//! plan the batch ([`plan_step`]: one decode token for every sequence that
+//! can take one, then prompt chunks within the step budget), decode it,
+//! then sample for every sequence whose logits were computed.
+//!
+//! A decode that finds no KV slot fails the step's sequences with
+//! [`Failure::Capacity`] and the engine goes on; any other decode failure
+//! leaves the context in an unknown state, so every sequence fails with
+//! [`Failure::Internal`] and the engine stops.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::DecodeError;
+
+use super::policy::plan_step;
+use super::scheduler::Scheduler;
+use super::sequence::Delivery;
+use super::{Failure, FinishReason};
+use crate::sampler::{sample_all, Sampler};
+
+impl Scheduler<'_> {
+    /// One step of the batch. `Err` means the engine must stop (its
+    /// sequences have been failed).
+    pub(super) fn step(&mut self, ctx: &mut LlamaContext<'_>) -> Result<(), String> {
+        let cancel = self.shared.cancel.load(Ordering::SeqCst);
+        let now = Instant::now();
+        // Deliver what is queued; retire sequences that are over or whose
+        // client left.
+        let mut views = Vec::with_capacity(self.active.len());
+        let mut i = 0;
+        while i < self.active.len() {
+            let seq = &mut self.active[i];
+            if cancel {
+                seq.end(FinishReason::Cancelled);
+            }
+            if seq.past_deadline(now) {
+                // The caller gave up: stop computing for it. Tokens already
+                // queued go first, then the failure.
+                seq.fail(Failure::DeadlineExceeded, false);
+            }
+            let delivery = seq.flush();
+            // Over and fully delivered: done, even if the client has already
+            // hung up after reading the final message.
+            let done = seq.is_over() && seq.delivered();
+            if done || delivery == Delivery::Gone {
+                let seq = self.active.remove(i);
+                self.retire(ctx, seq, !done);
+                continue;
+            }
+            views.push(seq.view(delivery));
+            i += 1;
+        }
+        let plan = plan_step(&views, self.step_tokens, self.step_tokens_decoding);
+        if plan.is_empty() {
+            if !self.active.is_empty() {
+                // Every sequence waits on a slow client: do not spin.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            return Ok(());
+        }
+
+        // Build the batch; remember which batch index holds whose logits.
+        self.batch.clear();
+        let mut sample_at: Vec<(usize, i32)> = Vec::new();
+        for &(i, work) in &plan {
+            let seq = &mut self.active[i];
+            match seq.stage(work, &mut self.batch) {
+                Ok(true) => sample_at.push((i, self.batch.n_tokens() - 1)),
+                Ok(false) => {}
+                Err(e) => {
+                    let failure = Failure::Internal(format!("batch: {e}"));
+                    seq.fail(failure, true);
+                }
+            }
+        }
+        let step_started = Instant::now();
+        let step_tokens = self.batch.n_tokens();
+        if let Err(e) = ctx.decode(&mut self.batch) {
+            tracing::error!(error = %e, sequences = plan.len(), "decode failed");
+            if matches!(e, DecodeError::NoKvCacheSlot) {
+                // The cache is full: these sequences cannot go on here, the
+                // others can. Their cells are not reusable.
+                for &(i, _) in &plan {
+                    let failure = Failure::Capacity(format!("decode: {e}"));
+                    self.active[i].fail(failure, true);
+                }
+                return Ok(());
+            }
+            // The context is in an unknown state: fail everything, deliver
+            // what fits, and stop the engine.
+            for seq in &mut self.active {
+                seq.fail(Failure::Internal(format!("decode: {e}")), true);
+                seq.flush();
+            }
+            return Err(format!("llama.cpp decode failed: {e}"));
+        }
+        for &(i, _) in &plan {
+            self.active[i].decoded();
+        }
+
+        // Sample every sequence whose logits were computed; split over
+        // spare cores when there are any and the work is worth a thread.
+        let mut logits_at: Vec<Option<i32>> = vec![None; self.active.len()];
+        for (i, idx) in sample_at {
+            if !self.active[i].is_over() {
+                logits_at[i] = Some(idx);
+            }
+        }
+        let picks: Vec<(usize, LlamaToken)> = {
+            let ctx = &*ctx;
+            let mut order = Vec::new();
+            let mut jobs: Vec<(&mut Sampler, &[f32], u32)> = Vec::new();
+            for (i, seq) in self.active.iter_mut().enumerate() {
+                if let Some(idx) = logits_at[i] {
+                    order.push(i);
+                    jobs.push((seq.sampler_mut(), ctx.get_logits_ith(idx), 0));
+                }
+            }
+            let sampled = jobs.iter().filter(|(s, _, _)| !s.is_greedy()).count();
+            let threads = if sampled >= 2 { self.sample_threads } else { 1 };
+            sample_all(&mut jobs, threads);
+            let tokens = jobs.iter().map(|(_, _, token)| LlamaToken(*token as i32));
+            order.into_iter().zip(tokens).collect()
+        };
+
+        let vocab = self.model.vocab();
+        let metrics = &self.shared.metrics;
+        metrics
+            .step_duration
+            .observe(step_started.elapsed().as_secs_f64());
+        metrics.step_tokens.observe(f64::from(step_tokens));
+        for (i, token) in picks {
+            let seq = &mut self.active[i];
+            if seq.decode_started().is_none() {
+                metrics
+                    .prefill_time
+                    .observe(seq.admitted().elapsed().as_secs_f64());
+                metrics.prompt_tokens.inc_by(seq.input_len() as u64);
+            }
+            if seq.accept(token, &vocab, self.window) {
+                self.tokens_generated += 1;
+                metrics.generation_tokens.inc();
+                if seq.new_tokens() == 1 {
+                    metrics
+                        .time_to_first_token
+                        .observe(seq.submitted().elapsed().as_secs_f64());
+                }
+            }
+            // Deliver at once rather than a step later.
+            seq.flush();
+        }
+        let used: usize = self.active.iter().map(|s| s.cells_in_use()).sum();
+        metrics
+            .kv_cache_usage
+            .set(used as f64 / f64::from(self.kv_total));
+        if let Some(n) = self.panic_after_tokens {
+            if self.tokens_generated >= n {
+                // Test-only (NANOINFER_FAILPOINT): the tokens above are in
+                // their channels; now die as a crash in llama.cpp would.
+                panic!("failpoint engine-panic-after-tokens={n} reached");
+            }
+        }
+        Ok(())
+    }
+}
