@@ -224,6 +224,7 @@ async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std
         top_p: args.top_p,
         seed: 1,
         stop: Vec::new(),
+        resume_token_ids: Vec::new(),
     };
     let started = Instant::now();
     let stream = client.generate(req).await?.into_inner();
