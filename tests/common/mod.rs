@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod fake_worker;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -217,29 +219,54 @@ impl Drop for Proc {
     }
 }
 
-/// A throwaway single-member etcd on loopback ports.
+/// A throwaway single-member etcd on loopback ports. It can be stopped and
+/// started again on the same ports and data (an etcd outage).
 pub struct Etcd {
     pub endpoint: String,
-    proc: Proc,
+    proc: Option<Proc>,
     data_dir: PathBuf,
+    peer: String,
 }
 
 impl Etcd {
     pub async fn start() -> Self {
-        let client_port = free_port();
+        Self::start_on(free_port()).await
+    }
+
+    /// An etcd on `client_port`, which may have been handed out before
+    /// (e.g. to a process started while etcd was down).
+    pub async fn start_on(client_port: u16) -> Self {
         let peer_port = free_port();
         let data_dir = std::env::temp_dir().join(format!(
             "nanoinfer-etcd-{}-{client_port}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&data_dir);
-        let endpoint = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
+        let mut etcd = Self {
+            endpoint: format!("http://127.0.0.1:{client_port}"),
+            proc: None,
+            data_dir,
+            peer: format!("http://127.0.0.1:{peer_port}"),
+        };
+        etcd.resume().await;
+        etcd
+    }
+
+    /// Stops the server (SIGKILL); its data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the server again on the same ports and data.
+    pub async fn resume(&mut self) {
+        let (endpoint, peer) = (self.endpoint.clone(), self.peer.clone());
         let mut proc = Proc::spawn(
             "etcd",
             Command::new("etcd")
                 .arg("--name=test")
-                .arg(format!("--data-dir={}", data_dir.display()))
+                .arg(format!("--data-dir={}", self.data_dir.display()))
                 .arg(format!("--listen-client-urls={endpoint}"))
                 .arg(format!("--advertise-client-urls={endpoint}"))
                 .arg(format!("--listen-peer-urls={peer}"))
@@ -248,12 +275,7 @@ impl Etcd {
         );
         proc.wait_for_line("ready to serve client requests", Duration::from_secs(30))
             .await;
-        let etcd = Self {
-            endpoint,
-            proc,
-            data_dir,
-        };
-        let endpoint = etcd.endpoint.clone();
+        self.proc = Some(proc);
         eventually(Duration::from_secs(10), "etcd to answer", || {
             let endpoint = endpoint.clone();
             async move {
@@ -264,7 +286,14 @@ impl Etcd {
             }
         })
         .await;
-        etcd
+    }
+
+    /// Puts `value` at `key` (no lease).
+    pub async fn put(&self, key: &str, value: &str) {
+        let mut c = etcd_client::Client::connect([self.endpoint.clone()], None)
+            .await
+            .unwrap();
+        c.put(key, value, None).await.unwrap();
     }
 
     /// Worker ids registered now.
@@ -291,7 +320,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        self.proc.kill();
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.data_dir);
     }
 }

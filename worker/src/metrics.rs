@@ -17,8 +17,7 @@ use nanoinfer_telemetry::http::{histogram, LATENCY_BUCKETS, TOKEN_BUCKETS};
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FinishLabel {
     /// `length`, `stop_sequence`, `eos`, `context_length`, `cancelled`,
-    /// `client_left`, `error`, `kv_cache_full`, `deadline_exceeded` or
-    /// `queue_timeout`.
+    /// `client_left` or `error`.
     pub finish_reason: &'static str,
 }
 

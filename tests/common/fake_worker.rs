@@ -1,0 +1,286 @@
+//! A programmable test-double worker: speaks `nanoinfer.worker.v1` and
+//! `grpc.health.v1`, registers in a real etcd under a lease like a real
+//! worker, and fails on command. It runs on its own tokio runtime, so
+//! [`FakeWorker::kill`] is a process death as the coordinator sees it: every
+//! connection drops at once and the lease keep-alive stops.
+//!
+//! Its tokens are predictable: token `i` has id `1000 + i` and text `t{i} `,
+//! and a call with `resume_token_ids` continues at index `len(ids)`, so a
+//! stream stitched from two workers reads exactly like one uninterrupted.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::Stream;
+use nanoinfer_proto::worker::worker_service_server::{WorkerService, WorkerServiceServer};
+use nanoinfer_proto::worker::{
+    FinishReason, Finished, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse,
+};
+use tonic::{Request, Response, Status};
+
+/// What the fake does with its calls.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Serve normally.
+    None,
+    /// A fresh call sends this many tokens, then the whole "process" dies;
+    /// a resumed call is served normally.
+    DieAfter(u32),
+    /// Accept calls but never send a token.
+    Hang,
+    /// Refuse with RESOURCE_EXHAUSTED.
+    Exhausted,
+    /// Wait this long before the first token.
+    SlowStart(Duration),
+}
+
+/// One `Generate` call as the fake received it.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub request_id: String,
+    pub max_tokens: u32,
+    pub resume_token_ids: Vec<i32>,
+    /// The `grpc-timeout` it carried.
+    pub timeout: Option<Duration>,
+}
+
+/// What the fake's streams share with the test.
+#[derive(Default)]
+struct Shared {
+    fault: Mutex<Option<Fault>>,
+    calls: Mutex<Vec<Call>>,
+    /// Streams dropped before their end (the caller went away).
+    abandoned: Mutex<u32>,
+    die: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+pub struct FakeWorker {
+    pub id: String,
+    pub addr: String,
+    shared: Arc<Shared>,
+    runtime: Arc<Mutex<Option<tokio::runtime::Runtime>>>,
+}
+
+/// Text of fake token `i`.
+pub fn token_text(i: u32) -> String {
+    format!("t{i} ")
+}
+
+/// The text of `n` fake tokens.
+pub fn fake_text(n: u32) -> String {
+    (0..n).map(token_text).collect()
+}
+
+/// Interval between fake tokens.
+const TOKEN_INTERVAL: Duration = Duration::from_millis(5);
+
+struct Svc(Arc<Shared>);
+
+/// Counts a stream dropped before its final message.
+struct Abandon(Arc<Shared>, bool);
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        if !self.1 {
+            *self.0.abandoned.lock().unwrap() += 1;
+        }
+    }
+}
+
+type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for Svc {
+    type GenerateStream = GenStream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenStream>, Status> {
+        let timeout = nanoinfer_proto::deadline::from_metadata(request.metadata());
+        let req = request.into_inner();
+        self.0.calls.lock().unwrap().push(Call {
+            request_id: req.request_id.clone(),
+            max_tokens: req.max_tokens,
+            resume_token_ids: req.resume_token_ids.clone(),
+            timeout,
+        });
+        let fault = self.0.fault.lock().unwrap().clone().unwrap_or(Fault::None);
+        if fault == Fault::Exhausted {
+            return Err(Status::resource_exhausted("worker queue is full (fake)"));
+        }
+        let shared = self.0.clone();
+        let start = req.resume_token_ids.len() as u32;
+        let n = req.max_tokens;
+        let stream = async_stream(shared, fault, start, n);
+        Ok(Response::new(stream))
+    }
+
+    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        Ok(Response::new(LoadResponse::default()))
+    }
+}
+
+fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStream {
+    let guard = Abandon(shared.clone(), false);
+    let state = (start, 0u32, guard);
+    Box::pin(futures::stream::unfold(Some(state), move |state| {
+        let shared = shared.clone();
+        let fault = fault.clone();
+        async move {
+            let (i, sent, mut guard) = state?;
+            if sent == 0 {
+                match &fault {
+                    Fault::Hang => std::future::pending::<()>().await,
+                    Fault::SlowStart(d) => tokio::time::sleep(*d).await,
+                    _ => {}
+                }
+            }
+            if let Fault::DieAfter(k) = fault {
+                if start == 0 && sent == k {
+                    if let Some(die) = shared.die.lock().unwrap().take() {
+                        let _ = die.send(());
+                    }
+                    std::future::pending::<()>().await;
+                }
+            }
+            tokio::time::sleep(TOKEN_INTERVAL).await;
+            if i < n {
+                let msg = GenerateResponse {
+                    text: token_text(i),
+                    token_id: Some(1000 + i as i32),
+                    index: i,
+                    finished: None,
+                };
+                return Some((Ok(msg), Some((i + 1, sent + 1, guard))));
+            }
+            guard.1 = true;
+            let last = GenerateResponse {
+                text: String::new(),
+                token_id: None,
+                index: n,
+                finished: Some(Finished {
+                    reason: FinishReason::Length as i32,
+                    prompt_tokens: 3,
+                    generated_tokens: n,
+                }),
+            };
+            Some((Ok(last), None))
+        }
+    }))
+}
+
+impl FakeWorker {
+    /// Starts a fake worker `id` and registers it in `etcd` under a lease of
+    /// `ttl` seconds.
+    pub async fn start(etcd: &str, id: &str, ttl: i64) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let shared = Arc::new(Shared::default());
+        let (die_tx, died) = std::sync::mpsc::channel();
+        *shared.die.lock().unwrap() = Some(die_tx);
+        let svc = Svc(shared.clone());
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let (registered_tx, registered) = tokio::sync::oneshot::channel();
+        let (endpoint, key, info) = (
+            etcd.to_string(),
+            format!("/nanoinfer/workers/{id}"),
+            serde_json::json!({
+                "id": id,
+                "address": addr,
+                "model": "fake",
+                "capacity": {"slots": 64, "queue": 64, "context_length": 4096},
+                "version": "test",
+            })
+            .to_string(),
+        );
+        runtime.spawn(async move {
+            health
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(health_service)
+                    .add_service(WorkerServiceServer::new(svc))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            let mut client = etcd_client::Client::connect([endpoint], None)
+                .await
+                .unwrap();
+            let lease = client.lease_grant(ttl, None).await.unwrap().id();
+            client
+                .put(
+                    key,
+                    info,
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+                .await
+                .unwrap();
+            let _ = registered_tx.send(());
+            let (mut keeper, _responses) = client.lease_keep_alive(lease).await.unwrap();
+            loop {
+                tokio::time::sleep(Duration::from_millis(ttl as u64 * 300)).await;
+                if keeper.keep_alive().await.is_err() {
+                    return;
+                }
+            }
+        });
+        registered.await.expect("fake worker registered");
+        let runtime = Arc::new(Mutex::new(Some(runtime)));
+        // A runtime cannot stop itself from inside: a thread of its own
+        // kills it when a `DieAfter` stream asks.
+        let killer = runtime.clone();
+        std::thread::spawn(move || {
+            if died.recv().is_ok() {
+                if let Some(rt) = killer.lock().unwrap().take() {
+                    rt.shutdown_background();
+                }
+            }
+        });
+        Self {
+            id: id.to_string(),
+            addr,
+            shared,
+            runtime,
+        }
+    }
+
+    /// Whether the fake is dead (killed, or died by its fault).
+    pub fn is_dead(&self) -> bool {
+        self.runtime.lock().unwrap().is_none()
+    }
+
+    pub fn set_fault(&self, fault: Fault) {
+        *self.shared.fault.lock().unwrap() = Some(fault);
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.shared.calls.lock().unwrap().clone()
+    }
+
+    /// Streams dropped by their caller before the end.
+    pub fn abandoned(&self) -> u32 {
+        *self.shared.abandoned.lock().unwrap()
+    }
+
+    /// Dies like a killed process: connections dropped, keep-alive stopped.
+    pub fn kill(&self) {
+        if let Some(rt) = self.runtime.lock().unwrap().take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for FakeWorker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

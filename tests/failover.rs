@@ -1,0 +1,458 @@
+//! Every coordinator failure path, fast: a real etcd, the real coordinator
+//! binary, and programmable in-process fake workers
+//! (`tests/common/fake_worker.rs`) that die, hang, refuse or start slowly on
+//! command. The real-process versions of these faults are in
+//! `tests/chaos.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::fake_worker::{fake_text, FakeWorker, Fault};
+use common::*;
+use nanoinfer_proto::nanoinfer::{
+    infer_service_client::InferServiceClient, HealthRequest, InferRequest,
+};
+use tonic::transport::Channel;
+use tonic::Code;
+
+async fn client(addr: &str) -> InferServiceClient<Channel> {
+    InferServiceClient::new(nanoinfer::connect(addr).await.unwrap())
+}
+
+async fn health(addr: &str) -> (String, u32) {
+    let Ok(channel) = nanoinfer::connect(addr).await else {
+        return (String::new(), u32::MAX);
+    };
+    match InferServiceClient::new(channel)
+        .health(HealthRequest {})
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            (r.status, r.live_workers)
+        }
+        Err(_) => (String::new(), u32::MAX),
+    }
+}
+
+async fn wait_routable(addr: &str, n: u32) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{n} routable workers"),
+        || async move { health(addr).await.1 == n },
+    )
+    .await;
+}
+
+/// A coordinator with short timeouts for the fakes.
+async fn coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
+    let mut args = extra.to_vec();
+    if !args.contains(&"--first-token-timeout") {
+        args.extend(["--first-token-timeout", "2"]);
+    }
+    start_coordinator(etcd, &args).await
+}
+
+fn request(id: &str, max_tokens: u32) -> InferRequest {
+    InferRequest {
+        request_id: id.into(),
+        ..greedy("hello", max_tokens)
+    }
+}
+
+/// The stream's messages are one unbroken stream: indexes 0.., the final
+/// one last with the usage of every token.
+fn assert_unbroken(msgs: &[nanoinfer_proto::nanoinfer::InferResponse], n: u32) {
+    assert_eq!(msgs.len(), n as usize + 1, "{msgs:?}");
+    for (i, m) in msgs[..n as usize].iter().enumerate() {
+        assert_eq!(m.index, i as u32, "contiguous indexes: {msgs:?}");
+        assert!(m.usage.is_none());
+    }
+    let last = msgs.last().unwrap();
+    assert_eq!(last.index, n);
+    assert_eq!(last.usage.unwrap().generated_tokens, n);
+    assert_eq!(text(msgs), fake_text(n));
+}
+
+async fn scrape_addr(coordinator: &mut Proc) -> std::collections::HashMap<String, f64> {
+    scrape(coordinator).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_record_never_poisons_routing() {
+    let etcd = Etcd::start().await;
+    let _w = FakeWorker::start(&etcd.endpoint, "good", 5).await;
+    etcd.put(
+        "/nanoinfer/workers/bad",
+        r#"{"id":"bad","address":"my host:15063","model":"m","capacity":{"slots":1,"queue":1,"context_length":1},"version":"0"}"#,
+    )
+    .await;
+    etcd.put("/nanoinfer/workers/junk", "not json").await;
+    let (mut coordinator, addr) = coordinator(&etcd, &[]).await;
+    wait_routable(&addr, 1).await;
+    let mut c = client(&addr).await;
+    for i in 0..10 {
+        let msgs = collect(&mut c, request(&format!("r{i}"), 3)).await.unwrap();
+        assert_unbroken(&msgs, 3);
+    }
+    let m = scrape_addr(&mut coordinator).await;
+    assert_eq!(m["nanoinfer_coordinator_malformed_worker_records"], 2.0);
+    assert!(coordinator
+        .log()
+        .contains("skipping malformed worker record"));
+    // A record that turns bad later is skipped too, and the good one stays.
+    etcd.put("/nanoinfer/workers/bad", "{}").await;
+    let msgs = collect(&mut c, request("after", 2)).await.unwrap();
+    assert_unbroken(&msgs, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_mid_stream_is_resumed_elsewhere_and_ejected() {
+    let etcd = Etcd::start().await;
+    let a = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let b = FakeWorker::start(&etcd.endpoint, "b", 30).await;
+    a.set_fault(Fault::DieAfter(7));
+    b.set_fault(Fault::DieAfter(7));
+    let (mut coordinator, addr) = coordinator(&etcd, &[]).await;
+    wait_routable(&addr, 2).await;
+    let mut c = client(&addr).await;
+    // Whoever takes it dies after 7 tokens; the other resumes it.
+    let msgs = collect(&mut c, request("long", 20)).await.unwrap();
+    assert_unbroken(&msgs, 20);
+    let (first, second) = if a.is_dead() { (&a, &b) } else { (&b, &a) };
+    assert!(!second.is_dead());
+    let resumed = second.calls().last().unwrap().clone();
+    assert_eq!(resumed.request_id, "long");
+    assert_eq!(
+        resumed.resume_token_ids,
+        (0..7).map(|i| 1000 + i).collect::<Vec<_>>(),
+        "resumed from the token ids the client has"
+    );
+    assert_eq!(resumed.max_tokens, 20);
+    // The dead worker is out of routing at once (its lease lives 30 s):
+    // the next requests go straight to the live one.
+    let m = scrape_addr(&mut coordinator).await;
+    assert_eq!(m["nanoinfer_coordinator_resumes_total"], 1.0);
+    assert_eq!(
+        m[&format!(
+            "nanoinfer_coordinator_worker_ejections_total{{worker=\"{}\"}}",
+            first.id
+        )],
+        1.0
+    );
+    let before = second.calls().len();
+    for i in 0..5 {
+        collect(&mut c, request(&format!("next{i}"), 2))
+            .await
+            .unwrap();
+    }
+    assert_eq!(second.calls().len(), before + 5);
+    let m = scrape_addr(&mut coordinator).await;
+    assert_eq!(
+        m["nanoinfer_coordinator_retries_total"], 0.0,
+        "no request tried the dead worker"
+    );
+    assert_eq!(health(&addr).await.1, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_before_the_first_token_are_retried_on_another_worker() {
+    let etcd = Etcd::start().await;
+    let dying = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let busy = FakeWorker::start(&etcd.endpoint, "b", 30).await;
+    let good = FakeWorker::start(&etcd.endpoint, "c", 30).await;
+    dying.set_fault(Fault::DieAfter(0));
+    busy.set_fault(Fault::Exhausted);
+    let (mut coordinator, addr) = coordinator(&etcd, &[]).await;
+    wait_routable(&addr, 3).await;
+    let mut c = client(&addr).await;
+    for i in 0..6 {
+        let msgs = collect(&mut c, request(&format!("r{i}"), 4)).await.unwrap();
+        assert_unbroken(&msgs, 4);
+    }
+    assert!(dying.is_dead());
+    assert_eq!(good.calls().len(), 6);
+    assert!(
+        good.calls().iter().all(|c| c.resume_token_ids.is_empty()),
+        "nothing was delivered, so nothing is resumed"
+    );
+    let m = scrape_addr(&mut coordinator).await;
+    assert!(m["nanoinfer_coordinator_retries_total"] >= 2.0, "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_full_is_resource_exhausted_naming_each_one() {
+    let etcd = Etcd::start().await;
+    let a = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let b = FakeWorker::start(&etcd.endpoint, "b", 30).await;
+    a.set_fault(Fault::Exhausted);
+    b.set_fault(Fault::Exhausted);
+    let (_coordinator, addr) = coordinator(&etcd, &[]).await;
+    wait_routable(&addr, 2).await;
+    let mut c = client(&addr).await;
+    let err = collect(&mut c, request("full", 4)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let message = err.message();
+    assert!(message.contains("request full"), "{message}");
+    assert!(
+        message.contains("a: ") && message.contains("b: "),
+        "{message}"
+    );
+    assert_eq!(err.metadata().get("x-request-id").unwrap(), "full");
+    assert_eq!(
+        a.calls().len() + b.calls().len(),
+        2,
+        "each worker tried once"
+    );
+    // Full workers are healthy: not ejected.
+    assert_eq!(health(&addr).await.1, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_worker_loses_the_request_after_the_first_token_timeout() {
+    let etcd = Etcd::start().await;
+    let hung = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let good = FakeWorker::start(&etcd.endpoint, "b", 30).await;
+    hung.set_fault(Fault::Hang);
+    good.set_fault(Fault::SlowStart(Duration::from_millis(300)));
+    let (_coordinator, addr) = coordinator(&etcd, &["--first-token-timeout", "1"]).await;
+    wait_routable(&addr, 2).await;
+    let mut c = client(&addr).await;
+    for i in 0..3 {
+        let started = Instant::now();
+        let msgs = collect(&mut c, request(&format!("r{i}"), 3)).await.unwrap();
+        assert_unbroken(&msgs, 3);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert!(!hung.calls().is_empty(), "the silent worker was tried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_deadline_travels_to_the_worker_and_ends_the_stream() {
+    let etcd = Etcd::start().await;
+    let slow = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    slow.set_fault(Fault::SlowStart(Duration::from_secs(30)));
+    let (_coordinator, addr) = coordinator(&etcd, &["--first-token-timeout", "60"]).await;
+    wait_routable(&addr, 1).await;
+    let mut c = client(&addr).await;
+    let mut req = tonic::Request::new(request("deadline", 4));
+    req.set_timeout(Duration::from_millis(1500));
+    let started = Instant::now();
+    let result = async {
+        let mut stream = c.infer(req).await?.into_inner();
+        while stream.message().await?.is_some() {}
+        Ok::<_, tonic::Status>(())
+    }
+    .await;
+    let err = result.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let call = &slow.calls()[0];
+    let timeout = call.timeout.expect("grpc-timeout reached the worker");
+    assert!(
+        timeout <= Duration::from_millis(1500) && timeout > Duration::from_millis(1000),
+        "{timeout:?}"
+    );
+    // The worker's stream was dropped at the deadline.
+    eventually(
+        Duration::from_secs(2),
+        "the worker stream to be dropped",
+        || async { slow.abandoned() == 1 },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cancelled_and_frees_its_worker() {
+    let etcd = Etcd::start().await;
+    let w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let (mut coordinator, addr) = coordinator(&etcd, &["--stalled-stream-timeout", "1"]).await;
+    wait_routable(&addr, 1).await;
+    // A client with a tiny HTTP/2 window that reads one message, then stops.
+    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(65535)
+        .connect()
+        .await
+        .unwrap();
+    let mut c = InferServiceClient::new(channel);
+    let mut stream = c
+        .infer(request("stalled", 4000))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the stalled stream to be cancelled",
+        || async { w.abandoned() == 1 },
+    )
+    .await;
+    let m = scrape_addr(&mut coordinator).await;
+    assert_eq!(m["nanoinfer_coordinator_stalled_streams_total"], 1.0);
+    assert_eq!(
+        m["nanoinfer_coordinator_worker_requests_in_flight{worker=\"a\"}"],
+        0.0
+    );
+    drop(stream);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_worker_left_to_resume_on_is_unavailable_with_the_count() {
+    let etcd = Etcd::start().await;
+    let a = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    a.set_fault(Fault::DieAfter(3));
+    let (_coordinator, addr) = coordinator(&etcd, &[]).await;
+    wait_routable(&addr, 1).await;
+    let mut c = client(&addr).await;
+    let mut stream = c.infer(request("orphan", 10)).await.unwrap().into_inner();
+    let mut got = 0;
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => got += 1,
+            Ok(None) => panic!("stream ended without an error"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(got, 3);
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("orphan") && err.message().contains("3 tokens"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_etcd_is_down_rather_than_no_workers() {
+    let port = free_port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let mut cmd = std::process::Command::new(bin("nanoinfer-coordinator"));
+    cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--etcd-endpoints", &endpoint]);
+    let mut coordinator = Proc::spawn("coordinator", &mut cmd);
+    let addr = format!("http://{}", coordinator.listen_addr().await);
+    eventually(Duration::from_secs(10), "ETCD_UNAVAILABLE", || async {
+        health(&addr).await.0.starts_with("ETCD_UNAVAILABLE")
+    })
+    .await;
+    let etcd = Etcd::start_on(port).await;
+    let _w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    eventually(Duration::from_secs(20), "OK once etcd is up", || async {
+        health(&addr).await == ("OK".to_string(), 1)
+    })
+    .await;
+    let msgs = collect(&mut client(&addr).await, request("up", 2))
+        .await
+        .unwrap();
+    assert_unbroken(&msgs, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bytes_and_bad_ids_are_invalid_argument() {
+    let etcd = Etcd::start().await;
+    let _w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let (mut coordinator, addr) = coordinator(&etcd, &[]).await;
+    wait_routable(&addr, 1).await;
+    // A request_id that would forge a log line.
+    let mut c = client(&addr).await;
+    let forged = "x\nINFO forged line\u{1b}[0m";
+    let err = collect(&mut c, request(forged, 2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("request_id"), "{err:?}");
+    assert!(
+        !coordinator
+            .log()
+            .lines()
+            .any(|l| l.starts_with("INFO forged")),
+        "logs escape the id:\n{}",
+        coordinator.log()
+    );
+    // An InferRequest whose prompt (field 2) is not UTF-8.
+    let mut body = vec![0x12, 3, 0xff, 0xfe, 0xfd];
+    body.extend_from_slice(&[0x18, 2]); // max_tokens = 2
+    let err = raw_infer(&addr, body).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("prompt"), "{err:?}");
+    // (The count is copied into the registry once a second.)
+    let metrics = coordinator.metrics_addr().await;
+    eventually(
+        Duration::from_secs(5),
+        "the decode error to be counted",
+        || {
+            let metrics = metrics.clone();
+            async move {
+                let (_, body) = http_get(&metrics, "/metrics").await;
+                parse_metrics(&body).get("nanoinfer_coordinator_request_decode_errors_total")
+                    == Some(&1.0)
+            }
+        },
+    )
+    .await;
+}
+
+/// Calls `Infer` with raw protobuf bytes as the request.
+async fn raw_infer(addr: &str, body: Vec<u8>) -> Result<(), tonic::Status> {
+    let channel = nanoinfer::connect(addr).await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/nanoinfer.InferService/Infer");
+    let mut stream = grpc
+        .server_streaming(tonic::Request::new(body), path, raw::RawCodec)
+        .await?
+        .into_inner();
+    while stream.message().await?.is_some() {}
+    Ok(())
+}
+
+mod raw {
+    //! A codec that sends bytes as they are and reads replies as bytes.
+    use nanoinfer_proto::prost::bytes::Bytes;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+    use tonic::Status;
+
+    pub struct RawCodec;
+    pub struct Raw;
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Bytes;
+        type Encoder = Raw;
+        type Decoder = Raw;
+        fn encoder(&mut self) -> Raw {
+            Raw
+        }
+        fn decoder(&mut self) -> Raw {
+            Raw
+        }
+    }
+
+    impl Encoder for Raw {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            use nanoinfer_proto::prost::bytes::BufMut;
+            dst.put_slice(&item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for Raw {
+        type Item = Bytes;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+            use nanoinfer_proto::prost::bytes::Buf;
+            Ok(Some(src.copy_to_bytes(src.remaining())))
+        }
+    }
+}
