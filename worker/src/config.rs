@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::engine::Failpoint;
+
 /// nanoinfer worker: serves a GGUF model over nanoinfer.worker.v1 and
 /// registers itself in etcd.
 #[derive(Debug, Clone, Parser)]
@@ -72,6 +74,15 @@ pub struct Args {
     /// are cancelled. Keep it below the pod's terminationGracePeriodSeconds.
     #[arg(long, env = "NANOINFER_GRACE_PERIOD", default_value_t = 20)]
     pub grace_period: u64,
+    /// Seconds a request may wait in the queue for a slot; past it, it fails
+    /// with UNAVAILABLE so the coordinator can try another worker.
+    #[arg(long, env = "NANOINFER_QUEUE_TIMEOUT", default_value_t = 30)]
+    pub queue_timeout: u64,
+    /// Test-only fault injection, like etcd's failpoints; never set it in
+    /// production. `engine-panic-after-tokens=N`: the engine thread panics
+    /// once it has generated N tokens.
+    #[arg(long, env = "NANOINFER_FAILPOINT", hide = true)]
+    pub failpoint: Option<String>,
     #[command(flatten)]
     pub telemetry: nanoinfer_telemetry::TelemetryArgs,
 }
@@ -105,6 +116,10 @@ pub struct WorkerConfig {
     pub prefix_cache_tokens: u32,
     /// Drain time on shutdown.
     pub grace_period: Duration,
+    /// Longest wait in the queue.
+    pub queue_timeout: Duration,
+    /// Test-only fault injection.
+    pub failpoint: Option<Failpoint>,
 }
 
 impl Args {
@@ -148,13 +163,22 @@ impl Args {
             return Err("--queue must be at least 1".into());
         }
         if let Some(addr) = &self.advertise {
-            let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
-            if !port_ok || addr.contains("://") {
-                return Err(format!("--advertise must be host:port, got {addr:?}"));
-            }
+            // The same check the coordinator applies to what it reads from
+            // etcd: refused here, at start, rather than ignored there.
+            nanoinfer_registry::validate_address(addr).map_err(|e| format!("--advertise: {e}"))?;
         }
+        if !(1..=3600).contains(&self.queue_timeout) {
+            return Err(format!(
+                "--queue-timeout must be 1..=3600 seconds, got {}",
+                self.queue_timeout
+            ));
+        }
+        let failpoint = self
+            .failpoint
+            .as_deref()
+            .filter(|f| !f.is_empty())
+            .map(parse_failpoint)
+            .transpose()?;
         if let Some(id) = &self.id {
             nanoinfer_registry::schema::validate_worker_id(id).map_err(|e| format!("--id: {e}"))?;
         }
@@ -172,7 +196,25 @@ impl Args {
             prefill_chunk_decoding: self.prefill_chunk_decoding.min(self.prefill_chunk),
             prefix_cache_tokens: self.prefix_cache_tokens,
             grace_period: Duration::from_secs(self.grace_period),
+            queue_timeout: Duration::from_secs(self.queue_timeout),
+            failpoint,
         })
+    }
+}
+
+/// Parses a `NANOINFER_FAILPOINT` value.
+fn parse_failpoint(value: &str) -> Result<Failpoint, String> {
+    let bad = || {
+        format!(
+            "NANOINFER_FAILPOINT (--failpoint) must be engine-panic-after-tokens=N, got {value:?}"
+        )
+    };
+    match value.split_once('=') {
+        Some(("engine-panic-after-tokens", n)) => n
+            .parse::<u64>()
+            .map(Failpoint::EnginePanicAfterTokens)
+            .map_err(|_| bad()),
+        _ => Err(bad()),
     }
 }
 
@@ -190,6 +232,8 @@ mod tests {
     fn defaults_are_valid() {
         let c = args(&[]).unwrap();
         assert_eq!(c.ctx_size, 2048);
+        assert_eq!(c.queue_timeout, Duration::from_secs(30));
+        assert_eq!(c.failpoint, None);
         assert_eq!(c.lease_ttl, 10);
         assert!(c.threads >= 1);
         assert_eq!((c.prefill_chunk, c.prefill_chunk_decoding), (128, 32));
@@ -211,6 +255,11 @@ mod tests {
             ("--advertise", "no-port"),
             ("--advertise", "http://h:1"),
             ("--advertise", "h:0"),
+            ("--advertise", "bad host:1"),
+            ("--advertise", "h:99999"),
+            ("--queue-timeout", "0"),
+            ("--failpoint", "explode"),
+            ("--failpoint", "engine-panic-after-tokens=x"),
             ("--id", "a/b"),
             ("--etcd-endpoints", ""),
         ] {
@@ -223,6 +272,12 @@ mod tests {
                 .advertise
                 .as_deref(),
             Some("worker-0.workers:50061")
+        );
+        assert_eq!(
+            args(&["--failpoint", "engine-panic-after-tokens=3"])
+                .unwrap()
+                .failpoint,
+            Some(Failpoint::EnginePanicAfterTokens(3))
         );
     }
 }

@@ -1,10 +1,21 @@
 //! The worker's errors and their one mapping to gRPC status codes.
+//!
+//! | error | code |
+//! |---|---|
+//! | a field out of range | `INVALID_ARGUMENT` (the message starts with the field) |
+//! | queue full, or no room in the KV cache | `RESOURCE_EXHAUSTED` |
+//! | shutting down, or waited past `--queue-timeout` | `UNAVAILABLE` |
+//! | the call's deadline passed | `DEADLINE_EXCEEDED` |
+//! | the engine failed | `INTERNAL` |
+//!
+//! Every message ends with the request id, so a client's error can be
+//! found in the worker's logs.
 
 use tonic::{Code, Status};
 
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Failure};
 
-/// Why a `Generate` call was refused.
+/// Why a `Generate` call was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// A request field is out of range; the message names the field.
@@ -18,6 +29,9 @@ pub enum WorkerError {
     /// The engine refused the request.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The engine gave up on the request after accepting it.
+    #[error(transparent)]
+    Failed(#[from] Failure),
 }
 
 impl WorkerError {
@@ -30,18 +44,53 @@ impl WorkerError {
     }
 
     /// The status code table.
-    fn code(&self) -> Code {
+    pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::Engine(EngineError::QueueFull(_)) => Code::ResourceExhausted,
             Self::Engine(EngineError::ShuttingDown) => Code::Unavailable,
             Self::Engine(EngineError::Context(_)) => Code::Internal,
+            Self::Failed(Failure::Capacity(_)) => Code::ResourceExhausted,
+            Self::Failed(Failure::Internal(_)) => Code::Internal,
+            Self::Failed(Failure::DeadlineExceeded) => Code::DeadlineExceeded,
+            Self::Failed(Failure::QueueTimeout(_)) => Code::Unavailable,
         }
+    }
+
+    /// The status sent to the caller of request `request_id`.
+    pub fn status(&self, request_id: &str) -> Status {
+        let message = if request_id.is_empty() {
+            self.to_string()
+        } else {
+            format!("{self} (request_id {request_id})")
+        };
+        Status::new(self.code(), message)
     }
 }
 
-impl From<WorkerError> for Status {
-    fn from(e: WorkerError) -> Self {
-        Status::new(e.code(), e.to_string())
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn engine_failures_have_their_codes_and_name_the_request() {
+        for (failure, code) in [
+            (Failure::Capacity("no slot".into()), Code::ResourceExhausted),
+            (Failure::Internal("boom".into()), Code::Internal),
+            (Failure::DeadlineExceeded, Code::DeadlineExceeded),
+            (
+                Failure::QueueTimeout(Duration::from_secs(30)),
+                Code::Unavailable,
+            ),
+        ] {
+            let status = WorkerError::from(failure).status("req-7");
+            assert_eq!(status.code(), code);
+            assert!(status.message().contains("req-7"), "{status:?}");
+        }
+        let status = WorkerError::invalid("resume_token_ids", "bad").status("r");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("resume_token_ids"));
     }
 }

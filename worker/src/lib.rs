@@ -10,7 +10,9 @@
 //! - [`stop`], [`detok`]: stop-sequence matching and UTF-8-safe detokenizing.
 //! - [`service`]: the gRPC service; [`error`]: the status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
-//! - [`run`]: serve, register in etcd, and shut down in order.
+//! - [`run`]: serve, register in etcd (retrying while etcd is down), and
+//!   shut down in order — or, if the engine dies, stop serving and fail so
+//!   a supervisor restarts the process.
 
 pub mod config;
 pub mod detok;
@@ -25,7 +27,7 @@ pub mod stop;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nanoinfer_proto::worker::worker_service_server::WorkerServiceServer;
 use nanoinfer_registry::{Capacity, Registration, WorkerInfo};
@@ -54,18 +56,38 @@ pub enum RunError {
     /// Socket setup failed.
     #[error("{0}")]
     Setup(String),
+    /// The engine thread died (a panic, or llama.cpp failed); the worker
+    /// stopped serving and revoked its registration.
+    #[error("engine died: {0}")]
+    EngineDied(String),
+}
+
+/// The least time the gRPC server gets, after the engine is done, to hand
+/// the last buffered tokens and final messages to slow readers.
+const SERVER_DRAIN_MIN: Duration = Duration::from_secs(2);
+
+/// Why serving stopped.
+enum Ended {
+    Shutdown,
+    EngineDied(String),
 }
 
 /// Serves gRPC on `listener` and metrics/probes on `metrics_listener` until
 /// `shutdown` completes, then drains: health goes NOT_SERVING, the etcd lease
 /// is revoked, in-flight requests get the grace period, and whatever is left
-/// is cancelled.
+/// is cancelled; then the gRPC server finishes its streams (bounded), so a
+/// slow reader still gets every token and the final message.
+///
+/// Until it is registered in etcd (retried while etcd is down) the worker
+/// reports NOT_SERVING. If the engine dies, it goes NOT_SERVING, revokes its
+/// lease and returns [`RunError::EngineDied`].
 pub async fn run(
     config: WorkerConfig,
     listener: TcpListener,
     metrics_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
+    tokio::pin!(shutdown);
     let local = listener
         .local_addr()
         .map_err(|e| RunError::Setup(e.to_string()))?;
@@ -102,6 +124,8 @@ pub async fn run(
             prefix_cache_tokens: config.prefix_cache_tokens,
             threads: config.threads as i32,
             queue: config.queue,
+            queue_timeout: config.queue_timeout,
+            failpoint: config.failpoint,
         },
         metrics.clone(),
     )
@@ -113,12 +137,19 @@ pub async fn run(
         ctx_size = engine.ctx_size(),
         threads = config.threads,
         queue = config.queue,
+        queue_timeout = ?config.queue_timeout,
         "engine ready"
     );
+    if let Some(failpoint) = config.failpoint {
+        tracing::warn!(
+            ?failpoint,
+            "test-only failpoint armed (NANOINFER_FAILPOINT)"
+        );
+    }
 
     let service = service::WorkerServiceImpl::new(model.clone(), engine.clone());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
+    let mut server = tokio::spawn(
         nanoinfer_proto::add_reflection(
             tonic::transport::Server::builder().add_service(health_service),
             nanoinfer_proto::WORKER_DESCRIPTOR_SET,
@@ -147,38 +178,94 @@ pub async fn run(
         },
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let registration = Registration::register(
-        &config.etcd_endpoints,
-        info.clone(),
-        config.lease_ttl as i64,
-    )
-    .await?;
-    readiness.set(true).await;
-    tracing::info!(id = %info.id, address = %info.address, "worker ready");
-
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutdown requested; draining"),
-        res = server => {
-            // The server only ends early on a transport error.
+    // Serve nothing (NOT_SERVING, /readyz 503) until registered; etcd may
+    // come up after the worker.
+    let registration = tokio::select! {
+        r = Registration::register_with_retry(
+            &config.etcd_endpoints,
+            info.clone(),
+            config.lease_ttl as i64,
+        ) => r?,
+        _ = &mut shutdown => {
+            tracing::info!("shutdown requested before registration");
+            let _ = stop_server.send(());
+            let _ = tokio::time::timeout(SERVER_DRAIN_MIN, &mut server).await;
+            metrics_http.stop();
+            return Ok(());
+        }
+        reason = engine.died() => {
+            let _ = stop_server.send(());
+            let _ = tokio::time::timeout(SERVER_DRAIN_MIN, &mut server).await;
+            metrics_http.stop();
+            return Err(RunError::EngineDied(reason));
+        }
+        res = &mut server => {
+            metrics_http.stop();
             res.map_err(|e| RunError::Setup(e.to_string()))??;
             return Ok(());
         }
-    }
+    };
+    readiness.set(true).await;
+    tracing::info!(id = %info.id, address = %info.address, "worker ready");
 
+    let ended = tokio::select! {
+        _ = &mut shutdown => {
+            tracing::info!("shutdown requested; draining");
+            Ended::Shutdown
+        }
+        reason = engine.died() => {
+            tracing::error!(%reason, "engine died; leaving the cluster");
+            Ended::EngineDied(reason)
+        }
+        res = &mut server => {
+            // The server only ends early on a transport error.
+            readiness.set(false).await;
+            let _ = registration.revoke().await;
+            metrics_http.stop();
+            res.map_err(|e| RunError::Setup(e.to_string()))??;
+            return Ok(());
+        }
+    };
+
+    let drain_started = Instant::now();
     readiness.set(false).await;
     engine.drain();
     if let Err(e) = registration.revoke().await {
         tracing::warn!(error = %e, "could not revoke the etcd lease; it will expire by itself");
     }
-    if !engine.wait_idle(config.grace_period).await {
+    if matches!(ended, Ended::Shutdown) && !engine.wait_idle(config.grace_period).await {
         tracing::warn!(grace = ?config.grace_period, "grace period over; cancelling in-flight requests");
         engine.cancel_all();
         engine.wait_idle(Duration::from_secs(5)).await;
     }
+    // The engine is done, but the last tokens and final messages may still
+    // sit in the streams' buffers for slow readers: let the server finish
+    // its streams (graceful shutdown) within what is left of the grace
+    // period, and at least SERVER_DRAIN_MIN.
     let _ = stop_server.send(());
+    let bound = config
+        .grace_period
+        .saturating_sub(drain_started.elapsed())
+        .max(SERVER_DRAIN_MIN);
+    match tokio::time::timeout(bound, &mut server).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
+        Ok(_) => {}
+        Err(_) => {
+            tracing::warn!(
+                ?bound,
+                "streams still open after the drain bound; closing them"
+            );
+            server.abort();
+        }
+    }
     metrics_http.stop();
-    tracing::info!("worker stopped");
-    Ok(())
+    match ended {
+        Ended::Shutdown => {
+            tracing::info!("worker stopped");
+            Ok(())
+        }
+        Ended::EngineDied(reason) => Err(RunError::EngineDied(reason)),
+    }
 }
 
 /// The worker's readiness, reported both by `grpc.health.v1` (for the whole

@@ -17,7 +17,8 @@ use nanoinfer_telemetry::http::{histogram, LATENCY_BUCKETS, TOKEN_BUCKETS};
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FinishLabel {
     /// `length`, `stop_sequence`, `eos`, `context_length`, `cancelled`,
-    /// `client_left` or `error`.
+    /// `client_left`, `error`, `kv_cache_full`, `deadline_exceeded` or
+    /// `queue_timeout`.
     pub finish_reason: &'static str,
 }
 

@@ -55,4 +55,9 @@ impl Model {
     pub fn tokenize(&self, prompt: &str) -> Vec<LlamaToken> {
         self.model.vocab().tokenize(prompt.as_bytes(), true, false)
     }
+
+    /// Vocabulary size: token ids are `0..n_vocab`.
+    pub fn n_vocab(&self) -> i32 {
+        self.model.n_vocab()
+    }
 }

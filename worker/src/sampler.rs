@@ -60,6 +60,18 @@ impl Sampler {
         self.temperature == 0.0
     }
 
+    /// Advances the random sequence past `n` tokens sampled elsewhere (a
+    /// resumed request's): [`Sampler::sample`] takes exactly one draw per
+    /// token when not greedy, so the next pick uses the same draw it would
+    /// have had on the first worker.
+    pub fn skip(&mut self, n: usize) {
+        if !self.is_greedy() {
+            for _ in 0..n {
+                self.rng.next_f64();
+            }
+        }
+    }
+
     /// Picks the next token from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.temperature == 0.0 {
@@ -381,6 +393,23 @@ mod tests {
         assert_eq!(argmax(&[f32::NAN, f32::NEG_INFINITY]), 0);
         let mut s = Sampler::new(0.0, 0.5, 1);
         assert_eq!(s.sample(&[1.0, 5.0, 2.0]), 1);
+    }
+
+    #[test]
+    fn skipping_continues_the_same_random_sequence() {
+        let mut rng = Rng::new(11);
+        let logits = random_logits(&mut rng, 500, 6.0);
+        let mut whole = Sampler::new(0.9, 0.95, 42);
+        let picks: Vec<u32> = (0..8).map(|_| whole.sample(&logits)).collect();
+        // Three tokens came from another worker: the rest match.
+        let mut resumed = Sampler::new(0.9, 0.95, 42);
+        resumed.skip(3);
+        let rest: Vec<u32> = (0..5).map(|_| resumed.sample(&logits)).collect();
+        assert_eq!(rest, picks[3..]);
+        // Greedy sampling has no random sequence to advance.
+        let mut greedy = Sampler::new(0.0, 1.0, 42);
+        greedy.skip(3);
+        assert_eq!(greedy.sample(&logits), argmax(&logits));
     }
 
     #[test]

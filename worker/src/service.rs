@@ -1,21 +1,23 @@
 //! `nanoinfer.worker.v1.WorkerService`: validates, tokenizes, queues into the
-//! engine and turns engine events into the response stream.
+//! engine and turns engine events into the response stream, which also ends
+//! at the call's deadline (`grpc-timeout`).
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 use futures::Stream;
+use llama_cpp_2::token::LlamaToken;
 use nanoinfer_proto::worker::{
     self as pb, worker_service_server::WorkerService, GenerateRequest, GenerateResponse,
     LoadRequest, LoadResponse,
 };
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
+use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use tracing::field::Empty;
-use tracing::Span;
+use tracing::{Instrument, Span};
 
-use crate::engine::{Engine, Event, FinishReason, Generation};
+use crate::engine::{Engine, Event, Failure, FinishReason, Generation};
 use crate::error::WorkerError;
 use crate::model::Model;
 
@@ -31,7 +33,15 @@ impl WorkerServiceImpl {
         Self { model, engine }
     }
 
-    fn to_generation(&self, req: GenerateRequest, span: Span) -> Result<Generation, WorkerError> {
+    /// Validates the request and tokenizes its prompt (off the async
+    /// runtime: a prompt may be a megabyte, and tokenizing it would stall
+    /// every other stream on this runtime thread).
+    async fn to_generation(
+        &self,
+        req: GenerateRequest,
+        deadline: Option<Instant>,
+        span: Span,
+    ) -> Result<Generation, WorkerError> {
         if req.prompt.is_empty() {
             return Err(WorkerError::invalid("prompt", "must not be empty"));
         }
@@ -47,7 +57,12 @@ impl WorkerServiceImpl {
         if !(req.top_p > 0.0 && req.top_p <= 1.0) {
             return Err(WorkerError::invalid("top_p", "must be in (0, 1]"));
         }
-        let prompt = self.model.tokenize(&req.prompt);
+        let resume = check_resume(&req.resume_token_ids, self.model.n_vocab(), req.max_tokens)?;
+        let model = self.model.clone();
+        let text = req.prompt;
+        let prompt = tokio::task::spawn_blocking(move || model.tokenize(&text))
+            .await
+            .map_err(|e| Failure::Internal(format!("tokenizing the prompt: {e}")))?;
         let ctx = self.engine.ctx_size() as usize;
         if prompt.len() >= ctx {
             return Err(WorkerError::invalid(
@@ -58,17 +73,60 @@ impl WorkerServiceImpl {
                 ),
             ));
         }
+        if prompt.len() + resume.len() >= ctx {
+            return Err(WorkerError::invalid(
+                "resume_token_ids",
+                format!(
+                    "{} prompt tokens and {} resumed tokens leave no room in the context \
+                     window of {ctx} tokens",
+                    prompt.len(),
+                    resume.len()
+                ),
+            ));
+        }
         Ok(Generation {
             request_id: req.request_id,
             prompt,
+            resume,
             max_tokens: req.max_tokens,
             temperature: req.temperature,
             top_p: req.top_p,
             seed: req.seed,
             stop: req.stop,
+            deadline,
             span,
         })
     }
+}
+
+/// Checks `resume_token_ids` (see [`Generation::resume`]): every id in the
+/// vocabulary, and fewer of them than `max_tokens` (at least one token is
+/// left to generate).
+fn check_resume(
+    ids: &[i32],
+    n_vocab: i32,
+    max_tokens: u32,
+) -> Result<Vec<LlamaToken>, WorkerError> {
+    if ids.len() as u64 >= u64::from(max_tokens) {
+        return Err(WorkerError::invalid(
+            "resume_token_ids",
+            format!(
+                "{} resumed tokens leave nothing to generate within max_tokens {max_tokens}",
+                ids.len()
+            ),
+        ));
+    }
+    if let Some((at, id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| !(0..n_vocab).contains(&id))
+    {
+        return Err(WorkerError::invalid(
+            "resume_token_ids",
+            format!("id {id} at {at} is not in the vocabulary (0..{n_vocab})"),
+        ));
+    }
+    Ok(ids.iter().map(|&id| LlamaToken(id)).collect())
 }
 
 fn finish_reason(reason: FinishReason) -> pb::FinishReason {
@@ -81,7 +139,7 @@ fn finish_reason(reason: FinishReason) -> pb::FinishReason {
     }
 }
 
-fn to_response(event: Event) -> Result<GenerateResponse, Status> {
+fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Status> {
     Ok(match event {
         Event::Token { text, id, index } => GenerateResponse {
             text,
@@ -104,8 +162,56 @@ fn to_response(event: Event) -> Result<GenerateResponse, Status> {
                 generated_tokens,
             }),
         },
-        Event::Failed(message) => return Err(Status::internal(message)),
+        Event::Failed(failure) => return Err(WorkerError::from(failure).status(request_id)),
     })
+}
+
+/// State of one response stream.
+struct Relay {
+    events: mpsc::Receiver<Event>,
+    deadline: Option<tokio::time::Instant>,
+    request_id: String,
+    done: bool,
+}
+
+/// The response stream of one request: its engine events, ended with
+/// DEADLINE_EXCEEDED at the deadline (the receiver is dropped, so the engine
+/// stops at its next step), and with INTERNAL if the engine dropped the
+/// channel without a last event (its thread died).
+fn response_stream(relay: Relay) -> GenerateStream {
+    Box::pin(futures::stream::unfold(relay, |mut relay| async move {
+        if relay.done {
+            return None;
+        }
+        let deadline = async {
+            match relay.deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let item = tokio::select! {
+            // Events already there go out before the deadline's error.
+            biased;
+            event = relay.events.recv() => match event {
+                Some(event) => {
+                    relay.done = !matches!(event, Event::Token { .. });
+                    to_response(event, &relay.request_id)
+                }
+                None => {
+                    relay.done = true;
+                    let failure = Failure::Internal(
+                        "the engine stopped before the generation finished".into(),
+                    );
+                    Err(WorkerError::from(failure).status(&relay.request_id))
+                }
+            },
+            () = deadline => {
+                relay.done = true;
+                Err(WorkerError::from(Failure::DeadlineExceeded).status(&relay.request_id))
+            }
+        };
+        Some((item, relay))
+    }))
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -136,29 +242,39 @@ impl WorkerService for WorkerServiceImpl {
             otel.status_description = Empty,
         );
         nanoinfer_telemetry::propagation::set_remote_parent(&span, request.metadata());
+        // The deadline counts from the request's arrival.
+        let timeout = nanoinfer_proto::deadline::from_metadata(request.metadata());
+        let deadline = timeout.map(|t| Instant::now() + t);
         let req = request.into_inner();
-        let _entered = span.enter();
         span.record("request_id", req.request_id.as_str());
-        let result = self
-            .to_generation(req, span.clone())
-            .and_then(|generation| {
-                span.record("gen_ai.request.max_tokens", generation.max_tokens);
-                span.record("gen_ai.usage.input_tokens", generation.prompt.len());
-                tracing::info!(
-                    prompt_tokens = generation.prompt.len(),
-                    max_tokens = generation.max_tokens,
-                    "generate queued"
-                );
-                Ok(self.engine.submit(generation)?)
-            });
+        let request_id = req.request_id.clone();
+        let result = async {
+            let generation = self.to_generation(req, deadline, span.clone()).await?;
+            span.record("gen_ai.request.max_tokens", generation.max_tokens);
+            span.record("gen_ai.usage.input_tokens", generation.prompt.len());
+            tracing::info!(
+                prompt_tokens = generation.prompt.len(),
+                resumed_tokens = generation.resume.len(),
+                max_tokens = generation.max_tokens,
+                timeout_ms = timeout.map(|t| t.as_millis() as u64),
+                "generate queued"
+            );
+            Ok::<_, WorkerError>(self.engine.submit(generation)?)
+        }
+        .instrument(span.clone())
+        .await;
         match result {
-            Ok(events) => Ok(Response::new(Box::pin(
-                ReceiverStream::new(events).map(to_response),
-            ))),
+            Ok(events) => Ok(Response::new(response_stream(Relay {
+                events,
+                deadline: deadline.map(tokio::time::Instant::from_std),
+                request_id,
+                done: false,
+            }))),
             Err(e) => {
+                let _entered = span.enter();
                 tracing::info!(error = %e, "generate refused");
                 nanoinfer_telemetry::mark_span_error(&span, &e.to_string());
-                Err(Status::from(e))
+                Err(e.status(&request_id))
             }
         }
     }
@@ -173,5 +289,29 @@ impl WorkerService for WorkerServiceImpl {
             context_length: self.engine.ctx_size(),
             model: self.model.name.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resumed_ids_must_be_in_the_vocabulary_and_leave_a_token() {
+        assert_eq!(
+            check_resume(&[0, 5, 99], 100, 4).unwrap(),
+            vec![LlamaToken(0), LlamaToken(5), LlamaToken(99)]
+        );
+        assert!(check_resume(&[], 100, 1).unwrap().is_empty());
+        for (ids, max_tokens) in [
+            (&[1, 2, 3][..], 3),
+            (&[1][..], 1),
+            (&[100][..], 4),
+            (&[-1][..], 4),
+        ] {
+            let err = check_resume(ids, 100, max_tokens).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.to_string().starts_with("resume_token_ids"), "{err}");
+        }
     }
 }

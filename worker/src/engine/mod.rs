@@ -11,15 +11,34 @@
 //! that sequence only (backpressure; memory stays bounded), a closed one means
 //! the client left and the sequence leaves the batch, its KV cells freed.
 //!
+//! Nothing waits for ever: a queued request leaves the queue as soon as its
+//! client goes away, its deadline passes ([`Failure::DeadlineExceeded`]) or
+//! it has waited `queue_timeout` ([`Failure::QueueTimeout`]); a running one
+//! stops at its deadline. If the engine thread dies (a panic, or a decode
+//! failure that is not a full KV cache), its requests fail with
+//! [`Failure::Internal`] and [`Engine::died`] resolves, so the worker can
+//! stop serving and exit.
+//!
 //! # Layout
 //! - this module: the public handle, requests, events, errors;
-//! - [`scheduler`]: the engine thread's step loop and step planning;
-//! - [`sequence`]: one sequence's sampling, stop matching and outbox.
+//! - [`scheduler`]: the engine thread's loop: the queue, admission and
+//!   retirement;
+//! - [`policy`]: pure step planning and placement rules;
+//! - [`slots`]: the KV slot table and prefix cache (every cell copy or
+//!   removal);
+//! - [`step`]: one step: build the batch, decode, sample;
+//! - [`sequence`]: one sequence's sampling, stop matching, KV cells and
+//!   outbox;
+//! - [`outcome`]: spans, logs and metrics when a request leaves.
 
+mod outcome;
+mod policy;
 mod scheduler;
 mod sequence;
+mod slots;
+mod step;
 
-pub use scheduler::{plan_step, SeqView, Work};
+pub use policy::{plan_step, SeqView, Work};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -29,7 +48,7 @@ use std::time::{Duration, Instant};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::WorkerMetrics;
 
@@ -71,7 +90,10 @@ pub struct Generation {
     pub request_id: String,
     /// Prompt tokens (with BOS).
     pub prompt: Vec<LlamaToken>,
-    /// Tokens to generate at most (≥ 1).
+    /// Tokens another worker already generated (mid-stream failover):
+    /// prefilled after the prompt and replayed, never sent again.
+    pub resume: Vec<LlamaToken>,
+    /// Tokens to generate at most, `resume` included (> `resume.len()`).
     pub max_tokens: u32,
     /// 0 = greedy.
     pub temperature: f32,
@@ -81,6 +103,9 @@ pub struct Generation {
     pub seed: u64,
     /// Stop sequences.
     pub stop: Vec<String>,
+    /// When the caller gives up (its `grpc-timeout`): the request leaves
+    /// the queue, or stops generating, then.
+    pub deadline: Option<Instant>,
     /// The request's `Generate` span: parent of the engine's `queue`,
     /// `prefill` and `decode` spans, ended when the engine is done with it.
     pub span: tracing::Span,
@@ -95,7 +120,7 @@ pub enum Event {
         text: String,
         /// Vocabulary id.
         id: i32,
-        /// 0-based index among generated tokens.
+        /// 0-based index among generated tokens (resumed ones included).
         index: u32,
     },
     /// The last event of a successful generation.
@@ -105,13 +130,53 @@ pub enum Event {
         /// Text held back until the end (partial stop-sequence match,
         /// incomplete character); may be empty.
         text: String,
-        /// Prompt tokens.
+        /// Prompt tokens (resumed tokens not included).
         prompt_tokens: u32,
-        /// Generated tokens (= number of `Token` events).
+        /// Generated tokens: resumed ones plus one per `Token` event.
         generated_tokens: u32,
     },
-    /// llama.cpp failed; the last event.
-    Failed(String),
+    /// The generation failed; the last event.
+    Failed(Failure),
+}
+
+/// Why the engine gave up on a request (mapped to a gRPC code in
+/// [`crate::error`], the one place that does it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// The KV cache had no room for the step (llama.cpp found no slot);
+    /// another worker, or this one later, may have room.
+    #[error("no room in the KV cache: {0}")]
+    Capacity(String),
+    /// llama.cpp or the engine failed.
+    #[error("engine failure: {0}")]
+    Internal(String),
+    /// The caller's deadline passed.
+    #[error("the call's deadline passed")]
+    DeadlineExceeded,
+    /// The request waited in the queue longer than the queue timeout.
+    #[error("waited in the queue longer than the worker's queue timeout ({0:?})")]
+    QueueTimeout(Duration),
+}
+
+impl Failure {
+    /// The `finish_reason` metric label of requests that ended this way.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Capacity(_) => "kv_cache_full",
+            Self::Internal(_) => "error",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::QueueTimeout(_) => "queue_timeout",
+        }
+    }
+}
+
+/// Test-only fault injection, in the manner of etcd's failpoints: set with
+/// the `NANOINFER_FAILPOINT` env var, never in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// The engine thread panics once it has generated this many tokens in
+    /// all (after sending them), as a crash in llama.cpp would end it.
+    EnginePanicAfterTokens(u64),
 }
 
 /// Errors of [`Engine::submit`] and [`Engine::start`].
@@ -145,6 +210,11 @@ pub struct EngineConfig {
     pub threads: i32,
     /// Requests that may wait for the engine.
     pub queue: u32,
+    /// How long a request may wait in the queue before it fails with
+    /// [`Failure::QueueTimeout`] (so the coordinator tries elsewhere).
+    pub queue_timeout: Duration,
+    /// Test-only fault injection.
+    pub failpoint: Option<Failpoint>,
 }
 
 /// State shared by the handles and the engine thread.
@@ -153,6 +223,8 @@ struct Shared {
     metrics: Arc<WorkerMetrics>,
     draining: AtomicBool,
     cancel: AtomicBool,
+    /// Set once, with the reason, when the engine thread dies.
+    died: watch::Sender<Option<String>>,
 }
 
 struct Job {
@@ -167,7 +239,10 @@ struct Job {
 /// the sequences it is running are done (queued requests are still served).
 #[derive(Clone)]
 pub struct Engine {
-    jobs: std_mpsc::SyncSender<Job>,
+    /// Unbounded: the bound is the `waiting` count checked in
+    /// [`Engine::submit`], and the engine thread moves jobs at once into its
+    /// own queue, where it can drop the dead ones.
+    jobs: std_mpsc::Sender<Job>,
     shared: Arc<Shared>,
     queue: u32,
     ctx_size: u32,
@@ -191,11 +266,12 @@ impl Engine {
         config: EngineConfig,
         metrics: Arc<WorkerMetrics>,
     ) -> Result<Self, EngineError> {
-        let (jobs, rx) = std_mpsc::sync_channel::<Job>(config.queue as usize);
+        let (jobs, rx) = std_mpsc::channel::<Job>();
         let shared = Arc::new(Shared {
             metrics,
             draining: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
+            died: watch::channel(None).0,
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_shared = shared.clone();
@@ -203,7 +279,23 @@ impl Engine {
         std::thread::Builder::new()
             .name("nanoinfer-engine".into())
             .spawn(move || {
-                scheduler::run(backend, model, thread_config, rx, thread_shared, ready_tx)
+                let shared = thread_shared.clone();
+                // A panic must not leave a worker that accepts requests no
+                // one will serve: catch it and report the death. Unwinding
+                // drops every sequence's and queued request's sender, and
+                // the service turns a stream that ends without its final
+                // event into INTERNAL.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    scheduler::run(backend, model, thread_config, rx, thread_shared, ready_tx)
+                }));
+                let reason = match result {
+                    Ok(Ok(())) => return,
+                    Ok(Err(reason)) => reason,
+                    Err(panic) => format!("engine thread panicked: {}", panic_message(&*panic)),
+                };
+                tracing::error!(%reason, "engine died");
+                shared.draining.store(true, Ordering::SeqCst);
+                shared.died.send_replace(Some(reason));
             })
             .map_err(|e| EngineError::Context(e.to_string()))?;
         let ctx_size = ready_rx
@@ -224,9 +316,14 @@ impl Engine {
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
         }
-        let (events, rx) = mpsc::channel(EVENT_BUFFER);
         let waiting = &self.shared.metrics.waiting;
-        waiting.inc();
+        // The gauge is the queue's counter: the engine decrements it when a
+        // job leaves the queue, whichever way.
+        if waiting.inc() >= i64::from(self.queue) {
+            waiting.dec();
+            return Err(EngineError::QueueFull(self.queue));
+        }
+        let (events, rx) = mpsc::channel(EVENT_BUFFER);
         let queue_span = tracing::info_span!(parent: &generation.span, "queue");
         let job = Job {
             generation,
@@ -234,14 +331,12 @@ impl Engine {
             submitted: Instant::now(),
             queue_span,
         };
-        match self.jobs.try_send(job) {
+        match self.jobs.send(job) {
             Ok(()) => Ok(rx),
-            Err(e) => {
+            Err(_) => {
+                // The engine thread is gone.
                 waiting.dec();
-                match e {
-                    std_mpsc::TrySendError::Full(_) => Err(EngineError::QueueFull(self.queue)),
-                    std_mpsc::TrySendError::Disconnected(_) => Err(EngineError::ShuttingDown),
-                }
+                Err(EngineError::ShuttingDown)
             }
         }
     }
@@ -297,5 +392,29 @@ impl Engine {
     /// Ends every running and queued request with [`FinishReason::Cancelled`].
     pub fn cancel_all(&self) {
         self.shared.cancel.store(true, Ordering::SeqCst);
+    }
+
+    /// Resolves, with the reason, once the engine thread has died (it
+    /// panicked or llama.cpp failed beyond a full KV cache); never resolves
+    /// while it runs.
+    pub async fn died(&self) -> String {
+        let mut rx = self.shared.died.subscribe();
+        let reason = match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The sender lives in `shared`, which `self` holds.
+            Err(_) => std::future::pending().await,
+        };
+        reason
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".into()
     }
 }

@@ -1,15 +1,25 @@
-//! One running sequence: its sampler, detokenizer, stop matcher, position in
-//! the KV cache, and the outbox of events waiting for room in its channel.
+//! One running sequence: its sampler, detokenizer, stop matcher, its cells
+//! in the KV cache, and the outbox of events waiting for room in its channel.
+//!
+//! The state is private behind methods that keep one promise: the tokens
+//! [`Sequence::reusable`] lists are exactly those whose KV cells a
+//! successful decode wrote, at positions `0..len` of the sequence's slot.
+//! Tokens move from "staged" (in the batch being decoded) to "decoded" only
+//! after `ctx.decode` succeeded, and a sequence whose decode failed offers
+//! nothing ([`Cells`]). Only those cells may be copied to another slot or
+//! kept for a later prompt.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
+use llama_cpp_2::llama_batch::{BatchAddError, LlamaBatch};
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::vocab::LlamaVocab;
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::field::Empty;
 
-use super::{Event, FinishReason, Job};
+use super::policy::{SeqView, Work};
+use super::{Event, Failure, FinishReason, Generation, Job};
 use crate::detok::Utf8Carry;
 use crate::sampler::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
@@ -25,67 +35,271 @@ pub(super) enum Delivery {
     Gone,
 }
 
+/// The tokens whose KV cells hold a sequence's positions, by how far they
+/// got: `decoded` ones (positions `0..decoded.len()`) were written by a
+/// successful decode, `staged` ones (the positions after) are in the batch
+/// being decoded. Only decoded cells may be reused; once a decode failed
+/// for the sequence, none are (what llama.cpp left in them is unknown).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Cells<T> {
+    decoded: Vec<T>,
+    staged: Vec<T>,
+    broken: bool,
+}
+
+impl<T: Copy> Cells<T> {
+    /// Cells that start with `reused`, whose cells an earlier decode wrote
+    /// (a kept prefix, or a copy of one).
+    pub fn starting_with(reused: &[T]) -> Self {
+        Self {
+            decoded: reused.to_vec(),
+            staged: Vec::new(),
+            broken: false,
+        }
+    }
+
+    /// Puts `token` at the next position (in the batch being built) and
+    /// returns that position.
+    pub fn stage(&mut self, token: T) -> i32 {
+        self.staged.push(token);
+        (self.decoded.len() + self.staged.len() - 1) as i32
+    }
+
+    /// The batch decoded: its cells are written.
+    pub fn commit(&mut self) {
+        if !self.broken {
+            self.decoded.append(&mut self.staged);
+        }
+    }
+
+    /// A decode failed for this sequence: nothing of it is reusable.
+    pub fn break_all(&mut self) {
+        self.broken = true;
+        self.staged.clear();
+    }
+
+    /// Tokens whose cells may be copied or kept: positions `0..len`.
+    pub fn reusable(&self) -> &[T] {
+        if self.broken {
+            &[]
+        } else {
+            &self.decoded
+        }
+    }
+
+    /// Positions in use (decoded or staged).
+    pub fn len(&self) -> usize {
+        self.decoded.len() + self.staged.len()
+    }
+}
+
 pub(super) struct Sequence {
     /// KV-cache sequence id (the slot).
-    pub slot: i32,
-    pub job: Job,
+    slot: i32,
+    job: Job,
     sampler: Sampler,
     utf8: Utf8Carry,
     stop: StopMatcher,
-    /// Prompt tokens already in the KV cache.
-    pub prefilled: usize,
-    /// Next KV position to write.
-    pub pos: i32,
+    /// The prompt, then the resumed tokens: what prefill feeds the model.
+    input: Vec<LlamaToken>,
+    /// Input tokens already handed to a batch.
+    prefilled: usize,
+    cells: Cells<LlamaToken>,
     /// The last sampled token, decoded in the next step.
-    pub next: Option<LlamaToken>,
-    /// Generated tokens already decoded into the KV cache.
-    pub decoded: Vec<LlamaToken>,
-    pub generated: u32,
+    next: Option<LlamaToken>,
+    /// Generated tokens, resumed ones included (the next token's index).
+    generated: u32,
     outbox: VecDeque<Event>,
     /// Set once generation is over; the slot is freed when the outbox drains.
-    pub finish: Option<FinishReason>,
-    /// Set when llama.cpp failed for this sequence.
-    pub error: Option<String>,
-    pub prefill_span: Option<tracing::Span>,
-    pub decode_span: Option<tracing::Span>,
-    pub admitted: Instant,
-    pub decode_started: Option<Instant>,
+    finish: Option<FinishReason>,
+    /// Set when the generation failed.
+    failure: Option<Failure>,
+    prefill_span: Option<tracing::Span>,
+    decode_span: Option<tracing::Span>,
+    admitted: Instant,
+    decode_started: Option<Instant>,
 }
 
 impl Sequence {
-    pub fn new(slot: i32, job: Job) -> Self {
+    /// A sequence in `slot`, whose first `reused` input tokens already have
+    /// their cells there. Replays the resumed tokens (see
+    /// [`Generation::resume`]) before anything is generated.
+    pub fn new(slot: i32, job: Job, reused: usize, vocab: &LlamaVocab<'_>) -> Self {
         let g = &job.generation;
-        let sampler = Sampler::new(g.temperature, g.top_p, g.seed);
-        let stop = StopMatcher::new(g.stop.iter().cloned());
+        let input: Vec<LlamaToken> = g.prompt.iter().chain(&g.resume).copied().collect();
         let prefill_span = tracing::info_span!(
             parent: &g.span,
             "prefill",
             prompt_tokens = g.prompt.len(),
+            resumed_tokens = g.resume.len(),
             reused_tokens = Empty
         );
-        Self {
+        let mut seq = Self {
             slot,
-            sampler,
+            sampler: Sampler::new(g.temperature, g.top_p, g.seed),
             utf8: Utf8Carry::default(),
-            stop,
-            prefilled: 0,
-            pos: 0,
+            stop: StopMatcher::new(g.stop.iter().cloned()),
+            cells: Cells::starting_with(&input[..reused]),
+            prefilled: reused,
+            input,
             next: None,
-            decoded: Vec::new(),
             generated: 0,
             outbox: VecDeque::new(),
             finish: None,
-            error: None,
+            failure: None,
             prefill_span: Some(prefill_span),
             decode_span: None,
             admitted: Instant::now(),
             decode_started: None,
             job,
+        };
+        seq.replay(vocab);
+        seq
+    }
+
+    /// Puts the resumed tokens through the detokenizer, the stop matcher and
+    /// the sampler's random sequence as if this worker had generated them,
+    /// discarding their text (the client has it): text the first worker
+    /// held back (a partial character or stop sequence) is held back here
+    /// too, and a seeded request continues the same random sequence.
+    fn replay(&mut self, vocab: &LlamaVocab<'_>) {
+        let resume = std::mem::take(&mut self.job.generation.resume);
+        self.sampler.skip(resume.len());
+        for &token in &resume {
+            if vocab.is_eog(token) {
+                // The first worker would have ended here.
+                self.end(FinishReason::Eos);
+                break;
+            }
+            self.generated += 1;
+            let text = self.utf8.push(&vocab.token_to_piece(token, false, None));
+            if let StopOutcome::Stop(_) = self.stop.push(&text) {
+                self.end(FinishReason::StopSequence);
+                break;
+            }
+        }
+        self.job.generation.resume = resume;
+    }
+
+    /// The KV slot.
+    pub fn slot(&self) -> i32 {
+        self.slot
+    }
+
+    /// The request.
+    pub fn generation(&self) -> &Generation {
+        &self.job.generation
+    }
+
+    /// When the request was submitted.
+    pub fn submitted(&self) -> Instant {
+        self.job.submitted
+    }
+
+    /// When the sequence was admitted.
+    pub fn admitted(&self) -> Instant {
+        self.admitted
+    }
+
+    /// When its first token was sampled.
+    pub fn decode_started(&self) -> Option<Instant> {
+        self.decode_started
+    }
+
+    /// The open `prefill` span, until the first token.
+    pub fn prefill_span(&self) -> Option<&tracing::Span> {
+        self.prefill_span.as_ref()
+    }
+
+    /// The open `decode` span, from the first token.
+    pub fn decode_span(&self) -> Option<&tracing::Span> {
+        self.decode_span.as_ref()
+    }
+
+    /// Prompt tokens (resumed ones not included).
+    pub fn prompt_len(&self) -> usize {
+        self.job.generation.prompt.len()
+    }
+
+    /// Prompt plus resumed tokens.
+    pub fn input_len(&self) -> usize {
+        self.input.len()
+    }
+
+    /// Generated tokens, resumed ones included.
+    pub fn generated(&self) -> u32 {
+        self.generated
+    }
+
+    /// Tokens this worker generated (resumed ones not included).
+    pub fn new_tokens(&self) -> u32 {
+        self.generated - self.job.generation.resume.len() as u32
+    }
+
+    /// Why the sequence ended, if it did without failing.
+    pub fn finish(&self) -> Option<FinishReason> {
+        self.finish
+    }
+
+    /// Why the sequence failed, if it did.
+    pub fn failure(&self) -> Option<&Failure> {
+        self.failure.as_ref()
+    }
+
+    /// Tokens whose KV cells at positions `0..len` a successful decode
+    /// wrote; empty once a decode failed for this sequence.
+    pub fn reusable(&self) -> &[LlamaToken] {
+        self.cells.reusable()
+    }
+
+    /// KV positions in use.
+    pub fn cells_in_use(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// Whether the deadline of the request has passed at `now`.
+    pub fn past_deadline(&self, now: Instant) -> bool {
+        self.job.generation.deadline.is_some_and(|d| now >= d)
+    }
+
+    /// What the step planner needs to know; `delivery` is the state of the
+    /// channel after the last flush.
+    pub fn view(&self, delivery: Delivery) -> SeqView {
+        SeqView {
+            prompt_left: self.input.len() - self.prefilled,
+            prefilled: self.prefilled,
+            has_next: self.next.is_some(),
+            blocked: delivery == Delivery::Blocked || self.is_over(),
         }
     }
 
-    pub fn prompt_len(&self) -> usize {
-        self.job.generation.prompt.len()
+    /// Adds this sequence's `work` to `batch`. Returns whether its logits
+    /// will be computed (then it samples after the decode).
+    pub fn stage(&mut self, work: Work, batch: &mut LlamaBatch) -> Result<bool, BatchAddError> {
+        match work {
+            Work::Decode => {
+                let token = self.next.take().expect("planned decode has a token");
+                let pos = self.cells.stage(token);
+                batch.add(token, pos, &[self.slot], true)?;
+                Ok(true)
+            }
+            Work::Prefill { from, len } => {
+                for k in from..from + len {
+                    let token = self.input[k];
+                    let pos = self.cells.stage(token);
+                    // Logits only for the input's last token: they start
+                    // generation.
+                    batch.add(token, pos, &[self.slot], k + 1 == self.input.len())?;
+                }
+                self.prefilled = from + len;
+                Ok(self.prefilled == self.input.len())
+            }
+        }
+    }
+
+    /// The step's decode succeeded: the staged cells are written.
+    pub fn decoded(&mut self) {
+        self.cells.commit();
     }
 
     /// Moves queued events into the channel, as far as it has room.
@@ -115,7 +329,9 @@ impl Sequence {
 
     /// Handles a sampled token: queues its event and decides whether
     /// generation is over. `window` is the per-sequence context window.
-    pub fn accept(&mut self, token: LlamaToken, vocab: &LlamaVocab<'_>, window: u32) {
+    /// Returns whether the token was emitted (an end-of-generation token
+    /// is not).
+    pub fn accept(&mut self, token: LlamaToken, vocab: &LlamaVocab<'_>, window: u32) -> bool {
         if self.decode_started.is_none() {
             self.decode_started = Some(Instant::now());
             self.prefill_span = None;
@@ -126,7 +342,8 @@ impl Sequence {
             ));
         }
         if vocab.is_eog(token) {
-            return self.end(FinishReason::Eos);
+            self.end(FinishReason::Eos);
+            return false;
         }
         let index = self.generated;
         self.generated += 1;
@@ -152,12 +369,13 @@ impl Sequence {
         } else {
             self.next = Some(token);
         }
+        true
     }
 
     /// Ends generation with `reason`: releases held-back text and queues the
     /// final event.
     pub fn end(&mut self, reason: FinishReason) {
-        if self.finish.is_some() {
+        if self.is_over() {
             return;
         }
         let text = if reason == FinishReason::StopSequence {
@@ -179,11 +397,18 @@ impl Sequence {
         });
     }
 
-    /// Queues a failure as the last event.
-    pub fn fail(&mut self, message: String) {
+    /// Ends the sequence with `failure` as its last event. When a decode
+    /// failed (`cells_broken`), none of its KV cells may be reused.
+    pub fn fail(&mut self, failure: Failure, cells_broken: bool) {
+        if cells_broken {
+            self.cells.break_all();
+        }
+        if self.is_over() {
+            return;
+        }
         self.next = None;
-        self.error = Some(message.clone());
-        self.outbox.push_back(Event::Failed(message));
+        self.failure = Some(failure.clone());
+        self.outbox.push_back(Event::Failed(failure));
     }
 
     /// Whether every queued event reached the channel.
@@ -193,6 +418,37 @@ impl Sequence {
 
     /// Whether the sequence is done and only its outbox is left to deliver.
     pub fn is_over(&self) -> bool {
-        self.finish.is_some() || self.error.is_some()
+        self.finish.is_some() || self.failure.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cells;
+
+    #[test]
+    fn only_decoded_cells_are_reusable() {
+        let mut cells = Cells::starting_with(&[1, 2]);
+        assert_eq!(cells.reusable(), &[1, 2]);
+        // Staged for a batch: positions 2 and 3, not yet reusable.
+        assert_eq!(cells.stage(3), 2);
+        assert_eq!(cells.stage(4), 3);
+        assert_eq!(cells.len(), 4);
+        assert_eq!(cells.reusable(), &[1, 2]);
+        // The decode succeeded.
+        cells.commit();
+        assert_eq!(cells.reusable(), &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_failed_decode_leaves_nothing_reusable() {
+        let mut cells = Cells::starting_with(&[1, 2]);
+        cells.stage(3);
+        cells.break_all();
+        assert_eq!(cells.reusable(), &[] as &[i32]);
+        // A later commit (of a batch that still held it) changes nothing.
+        cells.stage(4);
+        cells.commit();
+        assert_eq!(cells.reusable(), &[] as &[i32]);
     }
 }
