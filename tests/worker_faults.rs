@@ -308,7 +308,19 @@ async fn a_dying_engine_fails_its_streams_and_the_worker_leaves() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_still_delivers_every_token_to_a_slow_reader() {
     let etcd = Etcd::start().await;
-    let (mut w, mut client) = worker(&etcd, "drains", &[], &[]).await;
+    let mut w = spawn_worker(&etcd.endpoint, "drains", &[], &[]);
+    w.wait_for_line("worker ready", Duration::from_secs(60))
+        .await;
+    // A stream window of a few messages: what the reader has not read stays
+    // in the worker (its buffers), not in this process's socket.
+    let addr = w.listen_addr().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .initial_stream_window_size(Some(128))
+        .connect()
+        .await
+        .unwrap();
+    let mut client = WorkerServiceClient::new(channel);
     const N: u32 = 20;
     let mut stream = client
         .generate(greedy("slow-reader", PROMPT, N))

@@ -50,6 +50,16 @@ pub(super) fn retired(metrics: &WorkerMetrics, seq: &Sequence, client_left: bool
                 generated_tokens = seq.generated(), elapsed_ms, "generation finished");
             reason.label()
         }
+        // The response stream ends a request at its deadline itself (the
+        // engine sees the client leave): count it as what it was.
+        _ if seq.past_deadline(std::time::Instant::now()) => {
+            let failure = Failure::DeadlineExceeded;
+            nanoinfer_telemetry::mark_span_error(span, &failure.to_string());
+            span.record("gen_ai.response.finish_reasons", failure.label());
+            tracing::warn!(request_id = %g.request_id, error = %failure,
+                generated_tokens = seq.generated(), elapsed_ms, "generation failed");
+            failure.label()
+        }
         _ => {
             span.record("gen_ai.response.finish_reasons", "client_left");
             tracing::info!(request_id = %g.request_id,
