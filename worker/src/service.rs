@@ -294,7 +294,69 @@ impl WorkerService for WorkerServiceImpl {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+
     use super::*;
+
+    fn relay(deadline: Option<Duration>) -> (mpsc::Sender<Event>, GenerateStream) {
+        let (tx, events) = mpsc::channel(4);
+        let stream = response_stream(Relay {
+            events,
+            deadline: deadline.map(|d| tokio::time::Instant::now() + d),
+            request_id: "r1".into(),
+            done: false,
+        });
+        (tx, stream)
+    }
+
+    fn token(index: u32) -> Event {
+        Event::Token {
+            text: "a".into(),
+            id: 7,
+            index,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_engine_drops_without_its_last_event_is_internal() {
+        let (tx, mut stream) = relay(None);
+        tx.send(token(0)).await.unwrap();
+        drop(tx);
+        assert_eq!(stream.next().await.unwrap().unwrap().index, 0);
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert!(err.message().contains("r1"), "{err:?}");
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_deadline_ends_the_stream_after_what_was_already_sent() {
+        let (tx, mut stream) = relay(Some(Duration::from_secs(1)));
+        tx.send(token(0)).await.unwrap();
+        assert!(stream.next().await.unwrap().is_ok());
+        // Nothing more comes: at the deadline, DEADLINE_EXCEEDED, and the
+        // engine sees the receiver gone.
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert!(stream.next().await.is_none());
+        drop(stream);
+        assert!(tx.is_closed());
+    }
+
+    #[tokio::test]
+    async fn failures_keep_their_codes_in_the_stream() {
+        let (tx, mut stream) = relay(None);
+        tx.send(Event::Failed(Failure::QueueTimeout(Duration::from_secs(
+            30,
+        ))))
+        .await
+        .unwrap();
+        let err = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(stream.next().await.is_none());
+    }
 
     #[test]
     fn resumed_ids_must_be_in_the_vocabulary_and_leave_a_token() {
