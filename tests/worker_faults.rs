@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{bin, eventually, free_port, http_get, model_path, parse_metrics, Etcd, Proc, PROMPT};
 use nanoinfer_proto::worker::worker_service_client::WorkerServiceClient;
-use nanoinfer_proto::worker::{GenerateRequest, GenerateResponse};
+use nanoinfer_proto::worker::{FinishReason, GenerateRequest, GenerateResponse};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -89,6 +89,11 @@ async fn metric(addr: &str, name: &str) -> f64 {
     parse_metrics(&body).get(name).copied().unwrap_or(0.0)
 }
 
+/// The text of the messages.
+fn text(msgs: &[GenerateResponse]) -> String {
+    msgs.iter().map(|m| m.text.as_str()).collect()
+}
+
 /// Token ids of the token messages.
 fn ids(msgs: &[GenerateResponse]) -> Vec<i32> {
     msgs.iter().filter_map(|m| m.token_id).collect()
@@ -104,7 +109,6 @@ async fn a_resumed_stream_continues_where_the_first_worker_stopped() {
     let whole_ids = ids(&whole);
     let done = whole.last().unwrap().finished.unwrap();
     assert_eq!((whole_ids.len() as u32, done.generated_tokens), (N, N));
-    let text = |msgs: &[GenerateResponse]| msgs.iter().map(|m| m.text.as_str()).collect::<String>();
     let whole_text = text(&whole);
 
     let mut same_text = 0;
@@ -150,6 +154,40 @@ async fn a_resumed_stream_continues_where_the_first_worker_stopped() {
         "first token equal {same_first}/{}",
         cuts.len()
     );
+
+    // Held-back text survives the cut: a stop sequence spanning tokens K-1
+    // and K. The first worker held token K-1's text back (a possible stop);
+    // the resumed one, replaying it, still completes the stop at token K.
+    let texts: Vec<&str> = whole.iter().map(|m| m.text.as_str()).collect();
+    let offset = |k: usize| texts[..k].concat().len();
+    let k = (6..N as usize - 1)
+        .find(|&k| {
+            let stop = texts[k - 1].to_string() + texts[k];
+            !texts[k - 1].is_empty()
+                && !texts[k].is_empty()
+                && whole_text.find(&stop) == Some(offset(k - 1))
+        })
+        .expect("two adjacent non-empty token texts");
+    let stop = texts[k - 1].to_string() + texts[k];
+    let with_stop = |id: &str, resume: &[i32]| GenerateRequest {
+        stop: vec![stop.clone()],
+        resume_token_ids: resume.to_vec(),
+        ..greedy(id, PROMPT, N)
+    };
+    let (first, err) = run(&mut client, with_stop("stop-whole", &[])).await;
+    assert!(err.is_none(), "{err:?}");
+    let fin = first.last().unwrap().finished.unwrap();
+    assert_eq!(fin.reason, FinishReason::StopSequence as i32);
+    assert_eq!(fin.generated_tokens as usize, k + 1);
+    assert_eq!(first[k - 1].text, "", "token K-1's text is held back");
+    let (resumed, err) = run(&mut client, with_stop("stop-resumed", &whole_ids[..k])).await;
+    assert!(err.is_none(), "{err:?}");
+    let fin = resumed.last().unwrap().finished.unwrap();
+    assert_eq!(fin.reason, FinishReason::StopSequence as i32, "{resumed:?}");
+    assert_eq!(fin.generated_tokens as usize, k + 1);
+    let joined = text(&first[..k]) + &text(&resumed);
+    assert_eq!(joined, text(&first));
+    assert_eq!(joined, whole_text[..offset(k - 1)]);
 
     // Bad resumes name the field.
     for (ids, max_tokens) in [(vec![-1], 4), (vec![i32::MAX], 4), (vec![1, 2], 2)] {
