@@ -267,6 +267,13 @@ impl State {
             match msg.finished {
                 None => {
                     let index = self.delivered.len() as u32;
+                    if msg.index != index {
+                        // The worker's count and ours disagree: a resume
+                        // went wrong somewhere. Say so loudly.
+                        tracing::warn!(request_id = %self.relay.params.request_id,
+                            worker = %worker, worker_index = msg.index, delivered = index,
+                            "worker token index differs from the tokens delivered");
+                    }
                     if let Some(ttft) = self.relay.recorder.token() {
                         self.relay
                             .span
