@@ -53,7 +53,7 @@ async fn one_request(
     req: InferRequest,
 ) -> Result<(), Result<Code, String>> {
     let run = async {
-        let mut stream = client.infer(req).await.map_err(|s| Ok(s))?.into_inner();
+        let mut stream = client.infer(req).await.map_err(Ok)?.into_inner();
         let mut tokens = 0u32;
         loop {
             match stream.message().await {
@@ -475,8 +475,8 @@ async fn a_greedy_stream_resumed_after_sigkill_is_measured_against_an_uninterrup
         let mut last = Instant::now();
         while let Some(m) = stream.message().await.unwrap() {
             got += &m.token;
-            if m.usage.is_some() {
-                assert_eq!(m.usage.unwrap().generated_tokens, N);
+            if let Some(usage) = m.usage {
+                assert_eq!(usage.generated_tokens, N);
                 break;
             }
             assert_eq!(m.index, tokens, "contiguous across the resume");

@@ -380,29 +380,6 @@ async fn sigterm_still_delivers_every_token_to_a_slow_reader() {
     assert_eq!(w.wait_exit(Duration::from_secs(10)).await, Some(0));
 }
 
-/// An etcd on a given client port (the worker already points at it).
-async fn etcd_on(port: u16) -> Proc {
-    let peer = free_port();
-    let data_dir = std::env::temp_dir().join(format!("nanoinfer-etcd-late-{port}"));
-    let _ = std::fs::remove_dir_all(&data_dir);
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let peer = format!("http://127.0.0.1:{peer}");
-    let mut proc = Proc::spawn(
-        "etcd",
-        Command::new("etcd")
-            .arg("--name=late")
-            .arg(format!("--data-dir={}", data_dir.display()))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=late={peer}")),
-    );
-    proc.wait_for_line("ready to serve client requests", Duration::from_secs(30))
-        .await;
-    proc
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_before_etcd_registers_once_etcd_is_up() {
     let port = free_port();
@@ -417,7 +394,7 @@ async fn a_worker_started_before_etcd_registers_once_etcd_is_up() {
     let metrics = w.metrics_addr().await;
     assert_eq!(http_get(&metrics, "/readyz").await.0, 503);
     let started = Instant::now();
-    let _etcd = etcd_on(port).await;
+    let _etcd = Etcd::start_on(port).await;
     w.wait_for_line("worker ready", Duration::from_secs(15))
         .await;
     println!("etcd up -> worker registered after {:?}", started.elapsed());
