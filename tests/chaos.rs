@@ -150,14 +150,14 @@ impl Load {
             .copied()
             .unwrap_or(0.0);
         let tally = std::mem::take(&mut *self.tally.lock().unwrap());
-        println!(
+        report(format!(
             "chaos {name}: sent={} completed={} failed={:?} resumed={resumed} lost={} slowest={:.1}s",
             tally.sent,
             tally.completed,
             tally.failed,
             tally.lost,
             tally.slowest.as_secs_f64()
-        );
+        ));
         if tally.lost > 0 {
             let ids: Vec<&str> = tally
                 .lost_why
@@ -188,6 +188,13 @@ impl Load {
         );
         tally
     }
+}
+
+/// Prints a chaos summary line where it is seen: straight to stderr, past
+/// the test harness's output capture, so `scripts/test` shows it.
+fn report(line: String) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 fn signal(proc: &Proc, sig: &str) {
@@ -232,10 +239,10 @@ async fn sigstop_under_load_moves_requests_within_seconds() {
         || async { coordinator.log().contains("worker ejected") },
     )
     .await;
-    println!(
+    report(format!(
         "chaos sigstop: hung worker ejected {:.1}s after SIGSTOP",
         stopped.elapsed().as_secs_f64()
-    );
+    ));
     load.wait_completed(4, Duration::from_secs(60)).await;
     let detected = cluster.coordinator.log();
     signal(&cluster.workers[0], "CONT");
@@ -329,7 +336,7 @@ async fn coordinator_and_worker_started_with_etcd_down_serve_once_it_is_up() {
         async move { collect(&mut c, greedy(PROMPT, 2)).await.is_ok() }
     })
     .await;
-    println!("chaos etcd-down-at-start: coordinator and worker served once etcd came up");
+    report("chaos etcd-down-at-start: coordinator and worker served once etcd came up".into());
     coordinator.terminate();
 }
 
@@ -414,10 +421,10 @@ async fn a_client_that_stops_reading_loses_its_slot_after_the_stall_timeout() {
     wait_worker_idle(&mut cluster.workers[0], Duration::from_secs(30)).await;
     let freed = started.elapsed();
     let m = scrape(&mut cluster.coordinator).await;
-    println!(
+    report(format!(
         "chaos stalled-client: slot freed {:.1}s after the client stopped reading",
         freed.as_secs_f64()
-    );
+    ));
     assert_eq!(m["nanoinfer_coordinator_stalled_streams_total"], 1.0);
     drop(stream);
 }
@@ -442,11 +449,11 @@ async fn a_client_deadline_frees_the_worker_within_a_second() {
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(tokens > 0, "a partial stream before the deadline");
     wait_worker_idle(&mut cluster.workers[0], Duration::from_secs(1)).await;
-    println!(
+    report(format!(
         "chaos deadline: DEADLINE_EXCEEDED after {tokens} tokens at {:.2}s; worker idle {:.2}s later",
         at.as_secs_f64(),
         (started.elapsed() - at).as_secs_f64()
-    );
+    ));
 }
 
 /// Median of `xs` (sorted here).
@@ -511,10 +518,12 @@ async fn a_greedy_stream_resumed_after_sigkill_is_measured_against_an_uninterrup
     }
     let resumed = scrape(&mut cluster.coordinator).await["nanoinfer_coordinator_resumes_total"];
     assert_eq!(resumed, 3.0);
-    println!(
-        "chaos greedy-resume (gemma-3-270m, {N} tokens, SIGKILL after 4/12/20): identical text {same}/{rounds}; \
+    let model = model_path();
+    report(format!(
+        "chaos greedy-resume ({}, {N} tokens, SIGKILL after 4/12/20): identical text {same}/{rounds}; \
          gap at the resume p50 {:.0} ms against inter-token p50 {:.0} ms",
+        model.file_name().unwrap_or_default().to_string_lossy(),
         median(&mut gaps).as_secs_f64() * 1e3,
         median(&mut itls).as_secs_f64() * 1e3
-    );
+    ));
 }
