@@ -412,3 +412,22 @@ async fn a_worker_started_before_etcd_registers_once_etcd_is_up() {
     let _ =
         std::fs::remove_dir_all(std::env::temp_dir().join(format!("nanoinfer-etcd-late-{port}")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_caller_cannot_forge_a_worker_log_line() {
+    let etcd = Etcd::start().await;
+    let (w, mut client) = worker(&etcd, "escape", &[], &[]).await;
+    let forged = "x\nINFO forged line\r\u{1b}[0m";
+    let (msgs, err) = run(&mut client, greedy(forged, PROMPT, 2)).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(msgs.last().unwrap().finished.unwrap().generated_tokens, 2);
+    let log = w.log();
+    assert!(
+        log.contains("x\\nINFO forged line"),
+        "the id is logged escaped:\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("INFO forged")),
+        "no forged line:\n{log}"
+    );
+}

@@ -245,7 +245,14 @@ impl WorkerService for WorkerServiceImpl {
         // The deadline counts from the request's arrival.
         let timeout = nanoinfer_proto::deadline::from_metadata(request.metadata());
         let deadline = timeout.map(|t| Instant::now() + t);
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        // The coordinator refuses ids with control characters; a direct
+        // caller is not checked, so the worker escapes the id once, here,
+        // before any log line, span or message can carry it (a valid id is
+        // unchanged).
+        if req.request_id.chars().any(char::is_control) {
+            req.request_id = req.request_id.escape_debug().to_string();
+        }
         span.record("request_id", req.request_id.as_str());
         let request_id = req.request_id.clone();
         let result = async {
