@@ -380,10 +380,11 @@ async fn bad_bytes_and_bad_ids_are_invalid_argument() {
     // An InferRequest whose prompt (field 2) is not UTF-8.
     let mut body = vec![0x12, 3, 0xff, 0xfe, 0xfd];
     body.extend_from_slice(&[0x18, 2]); // max_tokens = 2
-    let err = raw_infer(&addr, body).await.unwrap_err();
+    let err = raw::call(&addr, "/nanoinfer.InferService/Infer", body)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("prompt"), "{err:?}");
-    // (The count is copied into the registry once a second.)
     let metrics = coordinator.metrics_addr().await;
     eventually(
         Duration::from_secs(5),
@@ -398,61 +399,4 @@ async fn bad_bytes_and_bad_ids_are_invalid_argument() {
         },
     )
     .await;
-}
-
-/// Calls `Infer` with raw protobuf bytes as the request.
-async fn raw_infer(addr: &str, body: Vec<u8>) -> Result<(), tonic::Status> {
-    let channel = nanoinfer::connect(addr).await.unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let path =
-        tonic::codegen::http::uri::PathAndQuery::from_static("/nanoinfer.InferService/Infer");
-    let mut stream = grpc
-        .server_streaming(tonic::Request::new(body), path, raw::RawCodec)
-        .await?
-        .into_inner();
-    while stream.message().await?.is_some() {}
-    Ok(())
-}
-
-mod raw {
-    //! A codec that sends bytes as they are and reads replies as bytes.
-    use nanoinfer_proto::prost::bytes::Bytes;
-    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-    use tonic::Status;
-
-    pub struct RawCodec;
-    pub struct Raw;
-
-    impl Codec for RawCodec {
-        type Encode = Vec<u8>;
-        type Decode = Bytes;
-        type Encoder = Raw;
-        type Decoder = Raw;
-        fn encoder(&mut self) -> Raw {
-            Raw
-        }
-        fn decoder(&mut self) -> Raw {
-            Raw
-        }
-    }
-
-    impl Encoder for Raw {
-        type Item = Vec<u8>;
-        type Error = Status;
-        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-            use nanoinfer_proto::prost::bytes::BufMut;
-            dst.put_slice(&item);
-            Ok(())
-        }
-    }
-
-    impl Decoder for Raw {
-        type Item = Bytes;
-        type Error = Status;
-        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
-            use nanoinfer_proto::prost::bytes::Buf;
-            Ok(Some(src.copy_to_bytes(src.remaining())))
-        }
-    }
 }

@@ -416,7 +416,7 @@ async fn a_worker_started_before_etcd_registers_once_etcd_is_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_caller_cannot_forge_a_worker_log_line() {
     let etcd = Etcd::start().await;
-    let (w, mut client) = worker(&etcd, "escape", &[], &[]).await;
+    let (mut w, mut client) = worker(&etcd, "escape", &[], &[]).await;
     let forged = "x\nINFO forged line\r\u{1b}[0m";
     let (msgs, err) = run(&mut client, greedy(forged, PROMPT, 2)).await;
     assert!(err.is_none(), "{err:?}");
@@ -429,5 +429,17 @@ async fn a_direct_caller_cannot_forge_a_worker_log_line() {
     assert!(
         !log.lines().any(|l| l.starts_with("INFO forged")),
         "no forged line:\n{log}"
+    );
+    // A prompt (field 2) that is not UTF-8: refused, counted.
+    let addr = w.listen_addr().await;
+    let body = vec![0x12, 2, 0xff, 0xfe, 0x18, 2];
+    let path = "/nanoinfer.worker.v1.WorkerService/Generate";
+    let err = common::raw::call(&addr, path, body).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("prompt"), "{err:?}");
+    let metrics = w.metrics_addr().await;
+    assert_eq!(
+        metric(&metrics, "nanoinfer_worker_request_decode_errors_total").await,
+        1.0
     );
 }

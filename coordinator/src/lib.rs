@@ -154,8 +154,6 @@ async fn track_health(
     metrics: Arc<metrics::CoordinatorMetrics>,
 ) {
     let mut routable = router.routable();
-    let mut decode_errors = 0;
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut last = None;
     loop {
         let set = live.borrow_and_update().clone();
@@ -183,16 +181,10 @@ async fn track_health(
             );
             last = Some(n);
         }
-        // Decode failures happen inside tonic, before any handler: the
-        // codec counts them and this copies the count into the registry.
-        let now = nanoinfer_proto::codec::decode_errors();
-        metrics.decode_errors.inc_by(now - decode_errors);
-        decode_errors = now;
         tokio::select! {
             r = live.changed() => if r.is_err() { return },
             r = status.changed() => if r.is_err() { return },
             r = routable.changed() => if r.is_err() { return },
-            _ = tick.tick() => {}
         }
     }
 }

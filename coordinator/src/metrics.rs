@@ -74,8 +74,6 @@ pub struct CoordinatorMetrics {
     pub malformed_worker_records: Gauge,
     /// Whether etcd answers (1) or not (0).
     pub etcd_up: Gauge,
-    /// Request messages that did not decode (invalid UTF-8 and the like).
-    pub decode_errors: Counter,
 }
 
 impl Default for CoordinatorMetrics {
@@ -95,7 +93,6 @@ impl Default for CoordinatorMetrics {
             stalled_streams: Counter::default(),
             malformed_worker_records: Gauge::default(),
             etcd_up: Gauge::default(),
-            decode_errors: Counter::default(),
         }
     }
 }
@@ -189,11 +186,11 @@ impl CoordinatorMetrics {
             "Whether the etcd watch is running (1) or etcd is unreachable (0)",
             self.etcd_up.clone(),
         );
-        r.register(
-            "request_decode_errors",
-            "Request messages that did not decode (e.g. invalid UTF-8)",
-            self.decode_errors.clone(),
-        );
+        r.register_collector(Box::new(nanoinfer_telemetry::http::FnCounter {
+            name: "request_decode_errors",
+            help: "Request messages that did not decode (e.g. invalid UTF-8)",
+            read: nanoinfer_proto::codec::decode_errors,
+        }));
     }
 }
 

@@ -122,3 +122,54 @@ pub const TOKEN_BUCKETS: &[f64] = &[
 pub fn histogram(buckets: &[f64]) -> prometheus_client::metrics::histogram::Histogram {
     prometheus_client::metrics::histogram::Histogram::new(buckets.iter().copied())
 }
+
+/// A counter whose value is read from a function at each scrape: for counts
+/// kept outside any registry, such as the protobuf codec's decode failures
+/// (`nanoinfer_proto::codec::decode_errors`), which happen inside tonic
+/// before any handler runs.
+#[derive(Debug)]
+pub struct FnCounter {
+    /// Metric name, without the registry's prefix and the `_total` suffix.
+    pub name: &'static str,
+    /// Help text.
+    pub help: &'static str,
+    /// Where the value comes from.
+    pub read: fn() -> u64,
+}
+
+impl prometheus_client::collector::Collector for FnCounter {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let counter = prometheus_client::metrics::counter::ConstCounter::new((self.read)());
+        let metric =
+            encoder.encode_descriptor(self.name, self.help, None, counter.metric_type())?;
+        counter.encode(metric)
+    }
+}
+
+#[cfg(test)]
+mod fn_counter_tests {
+    use super::*;
+
+    fn seven() -> u64 {
+        7
+    }
+
+    #[test]
+    fn a_function_counter_is_read_at_scrape_time() {
+        let mut registry = Registry::default();
+        registry
+            .sub_registry_with_prefix("p")
+            .register_collector(Box::new(FnCounter {
+                name: "things",
+                help: "Things",
+                read: seven,
+            }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(text.contains("p_things_total 7"), "{text}");
+    }
+}

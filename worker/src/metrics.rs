@@ -99,6 +99,11 @@ impl WorkerMetrics {
     /// Registers every metric under `nanoinfer_worker_`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("nanoinfer_worker");
+        r.register_collector(Box::new(nanoinfer_telemetry::http::FnCounter {
+            name: "request_decode_errors",
+            help: "Request messages that did not decode (e.g. invalid UTF-8)",
+            read: nanoinfer_proto::codec::decode_errors,
+        }));
         r.register(
             "num_requests_running",
             "Requests generating now",
