@@ -87,6 +87,9 @@ struct State {
     notes: Vec<String>,
     /// Whether every failure so far was RESOURCE_EXHAUSTED.
     all_busy: bool,
+    /// Whether to pause before the next attempt (the last failure was an
+    /// answer, not a dead connection).
+    backoff: bool,
 }
 
 /// Runs the relay; `opened` learns whether the first worker took the
@@ -104,13 +107,15 @@ pub async fn run(
         tried: Vec::new(),
         notes: Vec::new(),
         all_busy: true,
+        backoff: false,
     };
     if let Err(e) = state.serve().await {
         state.fail(e).await;
     }
 }
 
-/// A jittered pause before retry `n` (1-based): 20 ms doubling, at most
+/// A jittered pause before retry `n` (1-based) after a worker refused:
+/// 20 ms doubling, at most
 /// 320 ms, times a factor in [0.5, 1.5) from `jitter` in [0, 1).
 pub fn retry_delay(n: usize, jitter: f64) -> Duration {
     let base = 20.0 * 2f64.powi(n.saturating_sub(1).min(4) as i32);
@@ -127,7 +132,10 @@ impl State {
             if self.tried.len() >= self.relay.upstream.max_attempts {
                 return Err(self.out_of_workers());
             }
-            if !self.tried.is_empty() {
+            // Back off only from workers that answered (full, draining):
+            // after a dead one the next worker is a different target, and
+            // a resume should not wait.
+            if self.backoff {
                 tokio::select! {
                     _ = tokio::time::sleep(retry_delay(self.tried.len(), jitter())) => {}
                     _ = self.tx.closed() => return Ok(()),
@@ -190,6 +198,7 @@ impl State {
             });
         }
         self.all_busy &= code == Code::ResourceExhausted;
+        self.backoff = !verdict.eject;
         tracing::warn!(request_id = %self.relay.params.request_id, worker = %worker,
             code = code_name(code), error = %what.escape_debug(), delivered = self.delivered.len(),
             "worker failed the request; moving it");
