@@ -414,17 +414,58 @@ async fn a_worker_started_before_etcd_registers_once_etcd_is_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_caller_gets_the_coordinators_limits() {
+    let etcd = Etcd::start().await;
+    let (_w, mut client) = worker(&etcd, "limits", &[], &[]).await;
+    let cases = [
+        (greedy("big", PROMPT, u32::MAX), "max_tokens"),
+        (greedy(&"r".repeat(100_000), PROMPT, 2), "request_id"),
+        (
+            GenerateRequest {
+                stop: vec!["s".into(); 12_000],
+                ..greedy("stops", PROMPT, 2)
+            },
+            "stop",
+        ),
+        (
+            GenerateRequest {
+                stop: vec!["x".repeat(300)],
+                ..greedy("long-stop", PROMPT, 2)
+            },
+            "stop",
+        ),
+        (greedy("prompt", &"p".repeat((1 << 20) + 1), 2), "prompt"),
+    ];
+    for (req, field) in cases {
+        let (msgs, err) = run(&mut client, req).await;
+        assert!(msgs.is_empty());
+        let err = err.expect("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
+        assert!(
+            err.message().starts_with(&format!("{field}: ")),
+            "{field}: {err:?}"
+        );
+    }
+    // Within the limits it serves.
+    let (msgs, err) = run(&mut client, greedy("fine", PROMPT, 2)).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(msgs.last().unwrap().finished.unwrap().generated_tokens, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_direct_caller_cannot_forge_a_worker_log_line() {
     let etcd = Etcd::start().await;
     let (mut w, mut client) = worker(&etcd, "escape", &[], &[]).await;
     let forged = "x\nINFO forged line\r\u{1b}[0m";
-    let (msgs, err) = run(&mut client, greedy(forged, PROMPT, 2)).await;
-    assert!(err.is_none(), "{err:?}");
-    assert_eq!(msgs.last().unwrap().finished.unwrap().generated_tokens, 2);
+    let (_, err) = run(&mut client, greedy(forged, PROMPT, 2)).await;
+    let err = err.expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("request_id: "), "{err:?}");
     let log = w.log();
+    // Findable, escaped (a span field's text is escaped once more).
     assert!(
-        log.contains("x\\nINFO forged line"),
-        "the id is logged escaped:\n{log}"
+        log.contains("nINFO forged line") && log.contains("generate refused"),
+        "the refusal is logged with the id escaped:\n{log}"
     );
     assert!(
         !log.lines().any(|l| l.starts_with("INFO forged")),

@@ -1,5 +1,6 @@
 //! Public `InferRequest` → validated [`InferParams`], at the edge.
 
+use nanoinfer_proto::limits::{self, FieldError, Limits as SharedLimits};
 use nanoinfer_proto::nanoinfer::InferRequest;
 
 use crate::error::CoordinatorError;
@@ -19,12 +20,7 @@ pub struct Limits {
 pub const DEFAULT_TEMPERATURE: f32 = 0.8;
 /// Default top-p when unset.
 pub const DEFAULT_TOP_P: f32 = 0.95;
-/// Most stop sequences per request.
-pub const MAX_STOP_SEQUENCES: usize = 8;
-/// Longest stop sequence, in bytes.
-pub const MAX_STOP_BYTES: usize = 256;
-/// Longest client request id, in bytes.
-pub const MAX_REQUEST_ID_BYTES: usize = 128;
+pub use nanoinfer_proto::limits::{MAX_REQUEST_ID_BYTES, MAX_STOP_BYTES, MAX_STOP_SEQUENCES};
 
 /// A validated request with every default filled in.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,82 +41,39 @@ pub struct InferParams {
     pub stop: Vec<String>,
 }
 
+impl From<FieldError> for CoordinatorError {
+    fn from(e: FieldError) -> Self {
+        CoordinatorError::InvalidArgument {
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
 impl Limits {
-    /// Validates `req`. `seed` supplies a seed when the request has none.
+    /// Validates `req` with the checks the worker shares
+    /// ([`nanoinfer_proto::limits`]). `seed` supplies a seed when the
+    /// request has none.
     pub fn validate(
         &self,
         req: InferRequest,
         seed: impl FnOnce() -> u64,
     ) -> Result<InferParams, CoordinatorError> {
-        let invalid = CoordinatorError::invalid;
-        if req.request_id.len() > MAX_REQUEST_ID_BYTES {
-            return Err(invalid(
-                "request_id",
-                format!("must be at most {MAX_REQUEST_ID_BYTES} bytes"),
-            ));
-        }
-        // Ids end up in logs, span attributes and response headers: a
-        // newline or an escape sequence there could forge a log line.
-        if req.request_id.chars().any(char::is_control) {
-            return Err(invalid(
-                "request_id",
-                "must not contain control characters (newline, carriage return, escape, …)"
-                    .to_string(),
-            ));
-        }
-        if req.prompt.is_empty() {
-            return Err(invalid("prompt", "must not be empty".to_string()));
-        }
-        if req.prompt.len() > self.max_prompt_bytes {
-            return Err(invalid(
-                "prompt",
-                format!(
-                    "is {} bytes; the limit is {}",
-                    req.prompt.len(),
-                    self.max_prompt_bytes
-                ),
-            ));
-        }
+        let shared = SharedLimits {
+            max_tokens_limit: self.max_tokens_limit,
+            max_prompt_bytes: self.max_prompt_bytes,
+        };
+        limits::check_request_id(&req.request_id)?;
+        shared.check_prompt(&req.prompt)?;
         let max_tokens = match req.max_tokens {
             0 => self.default_max_tokens,
-            n if n > self.max_tokens_limit => {
-                return Err(invalid(
-                    "max_tokens",
-                    format!("{n} exceeds the limit of {}", self.max_tokens_limit),
-                ))
-            }
             n => n,
         };
+        shared.check_max_tokens(max_tokens)?;
         let temperature = req.temperature.unwrap_or(DEFAULT_TEMPERATURE);
-        if !temperature.is_finite() || temperature < 0.0 {
-            return Err(invalid(
-                "temperature",
-                format!("must be a finite number >= 0, got {temperature}"),
-            ));
-        }
         let top_p = req.top_p.unwrap_or(DEFAULT_TOP_P);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(invalid("top_p", format!("must be in (0, 1], got {top_p}")));
-        }
-        if req.stop.len() > MAX_STOP_SEQUENCES {
-            return Err(invalid(
-                "stop",
-                format!("at most {MAX_STOP_SEQUENCES} sequences"),
-            ));
-        }
-        if let Some(s) = req
-            .stop
-            .iter()
-            .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
-        {
-            return Err(invalid(
-                "stop",
-                format!(
-                    "each sequence must be 1..={MAX_STOP_BYTES} bytes, got {}",
-                    s.len()
-                ),
-            ));
-        }
+        limits::check_sampling(temperature, top_p)?;
+        limits::check_stop(&req.stop)?;
         let request_id = if req.request_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {

@@ -12,6 +12,8 @@
 //!   (invalid UTF-8 in a string field, a truncated field) is
 //!   `INVALID_ARGUMENT`, not prost's `INTERNAL`.
 //! - [`deadline`]: the standard `grpc-timeout` header, read and written.
+//! - [`limits`]: the request limits both processes apply, with one set of
+//!   messages.
 //!
 //! The tonic and prost crates are re-exported so users of the generated code
 //! need no direct dependency with a matching version.
@@ -109,6 +111,8 @@ pub mod codec {
         }
     }
 }
+
+pub mod limits;
 
 pub mod deadline {
     //! The standard `grpc-timeout` request header: how long the caller

@@ -78,6 +78,15 @@ pub struct Args {
     /// with UNAVAILABLE so the coordinator can try another worker.
     #[arg(long, env = "NANOINFER_QUEUE_TIMEOUT", default_value_t = 30)]
     pub queue_timeout: u64,
+    /// Largest `max_tokens` a request may ask for (counting resumed
+    /// tokens); above it, INVALID_ARGUMENT. The coordinator applies the same
+    /// limit; the worker checks again for callers that reach it directly.
+    #[arg(long, env = "NANOINFER_MAX_TOKENS_LIMIT", default_value_t = nanoinfer_proto::limits::DEFAULT_MAX_TOKENS_LIMIT)]
+    pub max_tokens_limit: u32,
+    /// Largest prompt accepted, in bytes; above it, INVALID_ARGUMENT (as on
+    /// the coordinator).
+    #[arg(long, env = "NANOINFER_MAX_PROMPT_BYTES", default_value_t = nanoinfer_proto::limits::DEFAULT_MAX_PROMPT_BYTES)]
+    pub max_prompt_bytes: usize,
     /// Test-only fault injection, like etcd's failpoints; never set it in
     /// production. `engine-panic-after-tokens=N`: the engine thread panics
     /// once it has generated N tokens.
@@ -120,6 +129,8 @@ pub struct WorkerConfig {
     pub queue_timeout: Duration,
     /// Test-only fault injection.
     pub failpoint: Option<Failpoint>,
+    /// Request limits (shared with the coordinator's checks).
+    pub limits: nanoinfer_proto::limits::Limits,
 }
 
 impl Args {
@@ -162,6 +173,12 @@ impl Args {
         if self.queue == 0 {
             return Err("--queue must be at least 1".into());
         }
+        if self.max_tokens_limit == 0 {
+            return Err("--max-tokens-limit must be at least 1".into());
+        }
+        if self.max_prompt_bytes == 0 {
+            return Err("--max-prompt-bytes must be at least 1".into());
+        }
         if let Some(addr) = &self.advertise {
             // The same check the coordinator applies to what it reads from
             // etcd: refused here, at start, rather than ignored there.
@@ -198,6 +215,10 @@ impl Args {
             grace_period: Duration::from_secs(self.grace_period),
             queue_timeout: Duration::from_secs(self.queue_timeout),
             failpoint,
+            limits: nanoinfer_proto::limits::Limits {
+                max_tokens_limit: self.max_tokens_limit,
+                max_prompt_bytes: self.max_prompt_bytes,
+            },
         })
     }
 }

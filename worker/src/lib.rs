@@ -147,7 +147,8 @@ pub async fn run(
         );
     }
 
-    let service = service::WorkerServiceImpl::new(model.clone(), engine.clone());
+    let service =
+        service::WorkerServiceImpl::new(model.clone(), engine.clone(), config.limits.clone());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
         nanoinfer_proto::add_reflection(

@@ -17,6 +17,8 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
+use nanoinfer_proto::limits::{self, FieldError, Limits};
+
 use crate::engine::{Engine, Event, Failure, FinishReason, Generation};
 use crate::error::WorkerError;
 use crate::model::Model;
@@ -25,12 +27,24 @@ use crate::model::Model;
 pub struct WorkerServiceImpl {
     model: Arc<Model>,
     engine: Engine,
+    limits: Limits,
+}
+
+impl From<FieldError> for WorkerError {
+    fn from(e: FieldError) -> Self {
+        WorkerError::invalid(e.field, e.message)
+    }
 }
 
 impl WorkerServiceImpl {
-    /// A service over a loaded model and its running engine.
-    pub fn new(model: Arc<Model>, engine: Engine) -> Self {
-        Self { model, engine }
+    /// A service over a loaded model and its running engine, refusing
+    /// requests beyond `limits`.
+    pub fn new(model: Arc<Model>, engine: Engine, limits: Limits) -> Self {
+        Self {
+            model,
+            engine,
+            limits,
+        }
     }
 
     /// Validates the request and tokenizes its prompt (off the async
@@ -42,21 +56,13 @@ impl WorkerServiceImpl {
         deadline: Option<Instant>,
         span: Span,
     ) -> Result<Generation, WorkerError> {
-        if req.prompt.is_empty() {
-            return Err(WorkerError::invalid("prompt", "must not be empty"));
-        }
-        if req.max_tokens == 0 {
-            return Err(WorkerError::invalid("max_tokens", "must be at least 1"));
-        }
-        if !(req.temperature.is_finite() && req.temperature >= 0.0) {
-            return Err(WorkerError::invalid(
-                "temperature",
-                "must be finite and >= 0",
-            ));
-        }
-        if !(req.top_p > 0.0 && req.top_p <= 1.0) {
-            return Err(WorkerError::invalid("top_p", "must be in (0, 1]"));
-        }
+        // The coordinator's checks, again (one module, one set of
+        // messages): a caller that reaches the worker directly gets no more.
+        // (The request id was checked on arrival, before it was escaped.)
+        self.limits.check_prompt(&req.prompt)?;
+        self.limits.check_max_tokens(req.max_tokens)?;
+        limits::check_sampling(req.temperature, req.top_p)?;
+        limits::check_stop(&req.stop)?;
         let resume = check_resume(&req.resume_token_ids, self.model.n_vocab(), req.max_tokens)?;
         let model = self.model.clone();
         let text = req.prompt;
@@ -246,16 +252,29 @@ impl WorkerService for WorkerServiceImpl {
         let timeout = nanoinfer_proto::deadline::from_metadata(request.metadata());
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut req = request.into_inner();
-        // The coordinator refuses ids with control characters; a direct
-        // caller is not checked, so the worker escapes the id once, here,
-        // before any log line, span or message can carry it (a valid id is
-        // unchanged).
-        if req.request_id.chars().any(char::is_control) {
-            req.request_id = req.request_id.escape_debug().to_string();
+        // A direct caller's id may hold control characters or be huge:
+        // checked as sent, refused below, and escaped here before any log
+        // line or span can carry it.
+        let bad_id = limits::check_request_id(&req.request_id).err();
+        if bad_id.is_some() {
+            // Escaped and cut to the limit: kept findable in logs and
+            // spans, but never raw and never echoed back in full.
+            req.request_id = req
+                .request_id
+                .escape_debug()
+                .take(limits::MAX_REQUEST_ID_BYTES)
+                .collect();
         }
         span.record("request_id", req.request_id.as_str());
-        let request_id = req.request_id.clone();
+        let request_id = if bad_id.is_some() {
+            String::new()
+        } else {
+            req.request_id.clone()
+        };
         let result = async {
+            if let Some(e) = bad_id {
+                return Err(e.into());
+            }
             let generation = self.to_generation(req, deadline, span.clone()).await?;
             span.record("gen_ai.request.max_tokens", generation.max_tokens);
             span.record("gen_ai.usage.input_tokens", generation.prompt.len());

@@ -1,0 +1,175 @@
+//! Request limits both processes apply, with one set of messages: the
+//! coordinator at the door, and the worker again for callers that reach it
+//! directly (defence in depth). Each check names the field it refuses.
+
+/// Most stop sequences per request.
+pub const MAX_STOP_SEQUENCES: usize = 8;
+/// Longest stop sequence, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
+/// Longest client request id, in bytes.
+pub const MAX_REQUEST_ID_BYTES: usize = 128;
+/// Default of `--max-tokens-limit` on both processes.
+pub const DEFAULT_MAX_TOKENS_LIMIT: u32 = 4096;
+/// Default of `--max-prompt-bytes` on both processes.
+pub const DEFAULT_MAX_PROMPT_BYTES: usize = 1 << 20;
+
+/// A refused field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field's name in the API.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn refuse(field: &'static str, message: impl Into<String>) -> Result<(), FieldError> {
+    Err(FieldError {
+        field,
+        message: message.into(),
+    })
+}
+
+/// The configurable limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest `max_tokens` accepted.
+    pub max_tokens_limit: u32,
+    /// Largest prompt accepted, in bytes.
+    pub max_prompt_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_tokens_limit: DEFAULT_MAX_TOKENS_LIMIT,
+            max_prompt_bytes: DEFAULT_MAX_PROMPT_BYTES,
+        }
+    }
+}
+
+/// A client request id (empty is allowed: the coordinator makes one).
+/// Control characters are refused: ids end up in logs, span attributes and
+/// response headers, where a newline or an escape sequence could forge a
+/// log line.
+pub fn check_request_id(id: &str) -> Result<(), FieldError> {
+    if id.len() > MAX_REQUEST_ID_BYTES {
+        return refuse(
+            "request_id",
+            format!("must be at most {MAX_REQUEST_ID_BYTES} bytes"),
+        );
+    }
+    if id.chars().any(char::is_control) {
+        return refuse(
+            "request_id",
+            "must not contain control characters (newline, carriage return, escape, …)",
+        );
+    }
+    Ok(())
+}
+
+/// Sampling parameters: temperature ≥ 0 and finite (0 = greedy), top_p in
+/// (0, 1].
+pub fn check_sampling(temperature: f32, top_p: f32) -> Result<(), FieldError> {
+    if !temperature.is_finite() || temperature < 0.0 {
+        return refuse(
+            "temperature",
+            format!("must be a finite number >= 0, got {temperature}"),
+        );
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return refuse("top_p", format!("must be in (0, 1], got {top_p}"));
+    }
+    Ok(())
+}
+
+/// Stop sequences: at most [`MAX_STOP_SEQUENCES`], each 1..=[`MAX_STOP_BYTES`].
+pub fn check_stop(stop: &[String]) -> Result<(), FieldError> {
+    if stop.len() > MAX_STOP_SEQUENCES {
+        return refuse("stop", format!("at most {MAX_STOP_SEQUENCES} sequences"));
+    }
+    if let Some(s) = stop
+        .iter()
+        .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
+        return refuse(
+            "stop",
+            format!(
+                "each sequence must be 1..={MAX_STOP_BYTES} bytes, got {}",
+                s.len()
+            ),
+        );
+    }
+    Ok(())
+}
+
+impl Limits {
+    /// A non-empty prompt within `max_prompt_bytes`.
+    pub fn check_prompt(&self, prompt: &str) -> Result<(), FieldError> {
+        if prompt.is_empty() {
+            return refuse("prompt", "must not be empty");
+        }
+        if prompt.len() > self.max_prompt_bytes {
+            return refuse(
+                "prompt",
+                format!(
+                    "is {} bytes; the limit is {}",
+                    prompt.len(),
+                    self.max_prompt_bytes
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// `max_tokens` in 1..=`max_tokens_limit` (the coordinator turns 0 into
+    /// its default before this).
+    pub fn check_max_tokens(&self, n: u32) -> Result<(), FieldError> {
+        if n == 0 {
+            return refuse("max_tokens", "must be at least 1");
+        }
+        if n > self.max_tokens_limit {
+            return refuse(
+                "max_tokens",
+                format!("{n} exceeds the limit of {}", self.max_tokens_limit),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field(r: Result<(), FieldError>) -> &'static str {
+        r.unwrap_err().field
+    }
+
+    #[test]
+    fn each_check_names_its_field() {
+        let l = Limits {
+            max_tokens_limit: 10,
+            max_prompt_bytes: 4,
+        };
+        assert_eq!(field(check_request_id(&"r".repeat(129))), "request_id");
+        assert_eq!(field(check_request_id("a\nb")), "request_id");
+        assert_eq!(field(check_request_id("\u{1b}[31m")), "request_id");
+        assert!(check_request_id("").is_ok());
+        assert!(check_request_id("é-123").is_ok());
+        assert_eq!(field(check_sampling(-0.1, 1.0)), "temperature");
+        assert_eq!(field(check_sampling(f32::NAN, 1.0)), "temperature");
+        assert_eq!(field(check_sampling(0.0, 0.0)), "top_p");
+        assert_eq!(field(check_sampling(0.0, 1.01)), "top_p");
+        assert!(check_sampling(0.0, 1.0).is_ok());
+        assert_eq!(field(check_stop(&[String::new()])), "stop");
+        assert_eq!(field(check_stop(&vec!["s".into(); 9])), "stop");
+        assert_eq!(field(check_stop(&["x".repeat(257)])), "stop");
+        assert!(check_stop(&vec!["s".into(); 8]).is_ok());
+        assert_eq!(field(l.check_prompt("")), "prompt");
+        assert_eq!(field(l.check_prompt("12345")), "prompt");
+        assert!(l.check_prompt("1234").is_ok());
+        assert_eq!(field(l.check_max_tokens(0)), "max_tokens");
+        assert_eq!(field(l.check_max_tokens(11)), "max_tokens");
+        assert!(l.check_max_tokens(10).is_ok());
+    }
+}
