@@ -21,6 +21,11 @@ if ! command -v grpcurl >/dev/null; then
   exit 1
 fi
 
+# NANOINFER_API_KEY, when set, goes as `authorization: Bearer <key>` (for a
+# coordinator started with --api-keys-file).
+auth=()
+if [ -n "${NANOINFER_API_KEY:-}" ]; then auth=(-H "authorization: Bearer $NANOINFER_API_KEY"); fi
+
 json_string() { python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 
 case "${1:-}" in
@@ -31,7 +36,7 @@ case "${1:-}" in
     prompt="${2:-Explain what a coordinator does in an LLM serving cluster.}"
     max_tokens="${3:-32}"
     [[ "$max_tokens" =~ ^[0-9]+$ ]] || { echo "max_tokens must be a non-negative integer" >&2; exit 2; }
-    grpcurl -plaintext -d "{\"prompt\": $(json_string "$prompt"), \"max_tokens\": $max_tokens}" \
+    grpcurl -plaintext "${auth[@]}" -d "{\"prompt\": $(json_string "$prompt"), \"max_tokens\": $max_tokens}" \
       "$ADDR" nanoinfer.InferService/Infer
     ;;
   trace)
@@ -40,7 +45,7 @@ case "${1:-}" in
     [[ "$max_tokens" =~ ^[0-9]+$ ]] || { echo "max_tokens must be a non-negative integer" >&2; exit 2; }
     trace_id=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
     span_id=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
-    grpcurl -plaintext -H "traceparent: 00-$trace_id-$span_id-01" \
+    grpcurl -plaintext "${auth[@]}" -H "traceparent: 00-$trace_id-$span_id-01" \
       -d "{\"prompt\": $(json_string "$prompt"), \"max_tokens\": $max_tokens, \"request_id\": \"trace-$trace_id\"}" \
       "$ADDR" nanoinfer.InferService/Infer
     echo "trace id: $trace_id (request_id trace-$trace_id)" >&2

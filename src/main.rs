@@ -25,6 +25,10 @@ struct Cli {
         default_value = "http://127.0.0.1:50052"
     )]
     addr: String,
+    /// API key sent as `authorization: Bearer <key>` (needed when the
+    /// coordinator runs with --api-keys-file).
+    #[arg(long, global = true, env = "NANOINFER_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -135,7 +139,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             stop,
             request_id,
         } => {
-            let request = InferRequest {
+            let mut request = tonic::Request::new(InferRequest {
                 request_id,
                 prompt,
                 max_tokens,
@@ -143,7 +147,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 top_p,
                 seed,
                 stop,
-            };
+            });
+            if let Some(key) = &cli.api_key {
+                let value = format!("Bearer {key}")
+                    .parse()
+                    .map_err(|_| "--api-key: not a valid header value")?;
+                request.metadata_mut().insert("authorization", value);
+            }
             let mut stream = match client.infer(request).await {
                 Ok(resp) => resp.into_inner(),
                 Err(status) => return Err(status_text(&status).into()),

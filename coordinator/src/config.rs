@@ -65,6 +65,13 @@ pub struct Args {
     /// twice).
     #[arg(long, env = "NANOINFER_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// File of API keys, one per line (`#` comments allowed), read again
+    /// every second so keys rotate without a restart. When set, `Infer`
+    /// requires `authorization: Bearer <key>` (UNAUTHENTICATED otherwise);
+    /// `Health`, grpc.health.v1 and the metrics port stay open. Unset: no
+    /// authentication.
+    #[arg(long, env = "NANOINFER_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub telemetry: nanoinfer_telemetry::TelemetryArgs,
 }
@@ -80,6 +87,8 @@ pub struct CoordinatorConfig {
     pub grace_period: std::time::Duration,
     /// Timeouts and retry bounds of the worker path.
     pub upstream: UpstreamConfig,
+    /// The API keys file, when authentication is on.
+    pub api_keys_file: Option<std::path::PathBuf>,
 }
 
 /// Timeouts and retry bounds of the path to workers.
@@ -162,6 +171,7 @@ impl Args {
                 keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
                 max_attempts: self.max_attempts as usize,
             },
+            api_keys_file: self.api_keys_file,
         })
     }
 }

@@ -10,12 +10,14 @@
 //! - [`upstream`]: `Generate` calls and the retry/ejection rule.
 //! - [`routing`]: the worker table (fed by discovery), least-in-flight
 //!   choice, passive ejection and re-admission probes.
+//! - [`auth`]: API keys at the door (`--api-keys-file`).
 //! - [`error`]: the one status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
 //! - [`run`]: discovery, health, reflection, serve, drain.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -83,13 +85,29 @@ pub async fn run(
         ready_tx.clone(),
         metrics.clone(),
     ));
+    let api_keys = match &config.api_keys_file {
+        Some(path) => {
+            let keys = Arc::new(auth::ApiKeys::load(path).map_err(RunError::Setup)?);
+            tracing::info!(keys = keys.len(), file = %path.display(),
+                "API keys required on Infer (reloaded every second)");
+            Some(keys)
+        }
+        None => {
+            tracing::warn!(
+                "authentication is off: no --api-keys-file, so any client may call Infer"
+            );
+            None
+        }
+    };
+    let reload = api_keys.clone().map(auth::ApiKeys::spawn_reload);
     let service = service::InferServiceImpl::new(
         router.clone(),
         discovery.status.clone(),
         config.limits.clone(),
         config.upstream.clone(),
         metrics.clone(),
-    );
+    )
+    .with_api_keys(api_keys);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut server = tokio::spawn(
@@ -137,6 +155,9 @@ pub async fn run(
         }
     }
     discovery.task.abort();
+    if let Some(reload) = reload {
+        reload.abort();
+    }
     metrics_http.stop();
     tracing::info!("coordinator stopped");
     Ok(())

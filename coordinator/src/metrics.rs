@@ -35,6 +35,13 @@ pub struct WorkerLabel {
     pub worker: String,
 }
 
+/// Why a request was refused at the door.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `missing` or `invalid`.
+    pub reason: &'static str,
+}
+
 /// A gRPC status code.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabel {
@@ -74,6 +81,8 @@ pub struct CoordinatorMetrics {
     pub malformed_worker_records: Gauge,
     /// Whether etcd answers (1) or not (0).
     pub etcd_up: Gauge,
+    /// Requests refused for a missing or wrong API key.
+    pub auth_rejections: Family<ReasonLabel, Counter>,
 }
 
 impl Default for CoordinatorMetrics {
@@ -93,6 +102,7 @@ impl Default for CoordinatorMetrics {
             stalled_streams: Counter::default(),
             malformed_worker_records: Gauge::default(),
             etcd_up: Gauge::default(),
+            auth_rejections: Family::default(),
         }
     }
 }
@@ -185,6 +195,11 @@ impl CoordinatorMetrics {
             "etcd_up",
             "Whether the etcd watch is running (1) or etcd is unreachable (0)",
             self.etcd_up.clone(),
+        );
+        r.register(
+            "auth_rejections",
+            "Requests refused for a missing or wrong API key",
+            self.auth_rejections.clone(),
         );
         r.register_collector(Box::new(nanoinfer_telemetry::http::FnCounter {
             name: "request_decode_errors",

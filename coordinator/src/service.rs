@@ -17,9 +17,10 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::Instrument;
 
+use crate::auth::ApiKeys;
 use crate::config::UpstreamConfig;
 use crate::error::REQUEST_ID_HEADER;
-use crate::metrics::{CoordinatorMetrics, RequestRecorder};
+use crate::metrics::{CoordinatorMetrics, ReasonLabel, RequestRecorder};
 use crate::relay::{self, Relay, RELAY_BUFFER};
 use crate::routing::Router;
 use crate::validate::Limits;
@@ -32,6 +33,7 @@ pub struct InferServiceImpl {
     limits: Limits,
     upstream: UpstreamConfig,
     metrics: Arc<CoordinatorMetrics>,
+    api_keys: Option<Arc<ApiKeys>>,
 }
 
 impl InferServiceImpl {
@@ -51,7 +53,14 @@ impl InferServiceImpl {
             limits,
             upstream,
             metrics,
+            api_keys: None,
         }
+    }
+
+    /// Requires one of `keys` on `Infer` (none: no authentication).
+    pub fn with_api_keys(mut self, keys: Option<Arc<ApiKeys>>) -> Self {
+        self.api_keys = keys;
+        self
     }
 }
 
@@ -90,6 +99,18 @@ impl InferService for InferServiceImpl {
         &self,
         request: Request<InferRequest>,
     ) -> Result<Response<Self::InferStream>, Status> {
+        if let Some(keys) = &self.api_keys {
+            if let Err(rejection) = keys.check(request.metadata()) {
+                self.metrics
+                    .auth_rejections
+                    .get_or_create(&ReasonLabel {
+                        reason: rejection.label(),
+                    })
+                    .inc();
+                tracing::info!(reason = rejection.label(), "request refused: API key");
+                return Err(Status::unauthenticated(rejection.message()));
+            }
+        }
         // The request's span: a child of the client's `traceparent` when it
         // sent one, carrying the GenAI semantic-convention attributes.
         let span = tracing::info_span!(
