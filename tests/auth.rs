@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::fake_worker::FakeWorker;
 use common::*;
-use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, HealthRequest};
+use nanoinfer_proto::nanoinfer::infer_service_client::InferServiceClient;
 use tonic::Code;
 
 async fn call(addr: &str, key: Option<&str>) -> Result<(), tonic::Status> {
@@ -37,17 +37,8 @@ async fn infer_needs_a_listed_key_and_keys_rotate_without_a_restart() {
     coordinator
         .wait_for_line("API keys required", Duration::from_secs(5))
         .await;
-    eventually(Duration::from_secs(20), "a routable worker", || async {
-        let Ok(channel) = nanoinfer::connect(&addr).await else {
-            return false;
-        };
-        // Health is open without a key.
-        InferServiceClient::new(channel)
-            .health(HealthRequest {})
-            .await
-            .is_ok_and(|r| r.into_inner().live_workers == 1)
-    })
-    .await;
+    // Health is open without a key.
+    wait_routable(&addr, 1).await;
 
     let missing = call(&addr, None).await.unwrap_err();
     assert_eq!(missing.code(), Code::Unauthenticated, "{missing:?}");

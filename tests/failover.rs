@@ -10,39 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::fake_worker::{fake_text, FakeWorker, Fault};
 use common::*;
-use nanoinfer_proto::nanoinfer::{
-    infer_service_client::InferServiceClient, HealthRequest, InferRequest,
-};
+use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, InferRequest};
 use tonic::transport::Channel;
 use tonic::Code;
 
 async fn client(addr: &str) -> InferServiceClient<Channel> {
     InferServiceClient::new(nanoinfer::connect(addr).await.unwrap())
-}
-
-async fn health(addr: &str) -> (String, u32) {
-    let Ok(channel) = nanoinfer::connect(addr).await else {
-        return (String::new(), u32::MAX);
-    };
-    match InferServiceClient::new(channel)
-        .health(HealthRequest {})
-        .await
-    {
-        Ok(r) => {
-            let r = r.into_inner();
-            (r.status, r.live_workers)
-        }
-        Err(_) => (String::new(), u32::MAX),
-    }
-}
-
-async fn wait_routable(addr: &str, n: u32) {
-    eventually(
-        Duration::from_secs(20),
-        &format!("{n} routable workers"),
-        || async move { health(addr).await.1 == n },
-    )
-    .await;
 }
 
 /// A coordinator with short timeouts for the fakes.
@@ -153,7 +126,7 @@ async fn a_worker_dying_mid_stream_is_resumed_elsewhere_and_ejected() {
         m["nanoinfer_coordinator_retries_total"], 0.0,
         "no request tried the dead worker"
     );
-    assert_eq!(health(&addr).await.1, 1);
+    assert_eq!(health_of(&addr).await.1, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -206,7 +179,7 @@ async fn every_worker_full_is_resource_exhausted_naming_each_one() {
         "each worker tried once"
     );
     // Full workers are healthy: not ejected.
-    assert_eq!(health(&addr).await.1, 2);
+    assert_eq!(health_of(&addr).await.1, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,13 +315,13 @@ async fn health_says_etcd_is_down_rather_than_no_workers() {
     let mut coordinator = Proc::spawn("coordinator", &mut cmd);
     let addr = format!("http://{}", coordinator.listen_addr().await);
     eventually(Duration::from_secs(10), "ETCD_UNAVAILABLE", || async {
-        health(&addr).await.0.starts_with("ETCD_UNAVAILABLE")
+        health_of(&addr).await.0.starts_with("ETCD_UNAVAILABLE")
     })
     .await;
     let etcd = Etcd::start_on(port).await;
     let _w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
     eventually(Duration::from_secs(20), "OK once etcd is up", || async {
-        health(&addr).await == ("OK".to_string(), 1)
+        health_of(&addr).await == ("OK".to_string(), 1)
     })
     .await;
     let msgs = collect(&mut client(&addr).await, request("up", 2))

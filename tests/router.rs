@@ -10,7 +10,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, HealthRequest};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_measures_each_tokens_transit_direct_and_through_the_coordinator() {
@@ -32,23 +31,7 @@ async fn bench_measures_each_tokens_transit_direct_and_through_the_coordinator()
         .wait_for_line("paced worker on", Duration::from_secs(20))
         .await;
     let (coordinator, addr) = start_coordinator(&etcd, &[]).await;
-    eventually(
-        Duration::from_secs(20),
-        "the coordinator to see the paced worker",
-        || {
-            let addr = addr.clone();
-            async move {
-                let Ok(channel) = nanoinfer::connect(&addr).await else {
-                    return false;
-                };
-                InferServiceClient::new(channel)
-                    .health(HealthRequest {})
-                    .await
-                    .is_ok_and(|r| r.into_inner().live_workers == 1)
-            }
-        },
-    )
-    .await;
+    wait_routable(&addr, 1).await;
 
     let out = Command::new(bin("nanoinfer-bench"))
         .args(["--worker", &format!("http://{worker_addr}")])

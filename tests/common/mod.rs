@@ -411,6 +411,34 @@ impl Cluster {
     }
 }
 
+/// The coordinator at `addr`'s `Health`: (status, routable workers), or
+/// (empty, u32::MAX) when it does not answer.
+pub async fn health_of(addr: &str) -> (String, u32) {
+    let Ok(channel) = nanoinfer::connect(addr).await else {
+        return (String::new(), u32::MAX);
+    };
+    match InferServiceClient::new(channel)
+        .health(HealthRequest {})
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            (r.status, r.live_workers)
+        }
+        Err(_) => (String::new(), u32::MAX),
+    }
+}
+
+/// Waits until the coordinator at `addr` routes to `n` workers.
+pub async fn wait_routable(addr: &str, n: u32) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{n} routable workers"),
+        || async move { health_of(addr).await.1 == n },
+    )
+    .await;
+}
+
 /// A greedy request for `prompt` with `max_tokens`.
 pub fn greedy(prompt: &str, max_tokens: u32) -> InferRequest {
     InferRequest {
