@@ -114,9 +114,9 @@ pub async fn run(
     }
 }
 
-/// A jittered pause before retry `n` (1-based) after a worker refused:
-/// 20 ms doubling, at most
-/// 320 ms, times a factor in [0.5, 1.5) from `jitter` in [0, 1).
+/// A jittered pause before retry `n` (1-based) after a worker refused: 20 ms
+/// doubling, at most 320 ms, times a factor in [0.5, 1.5) from `jitter` in
+/// [0, 1).
 pub fn retry_delay(n: usize, jitter: f64) -> Duration {
     let base = 20.0 * 2f64.powi(n.saturating_sub(1).min(4) as i32);
     Duration::from_micros((base * (0.5 + jitter) * 1000.0) as u64)
