@@ -122,6 +122,19 @@ impl Proc {
 
     /// Waits for a log line containing `needle` and returns it.
     pub async fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        match self.try_wait_for_line(needle, timeout).await {
+            Ok(line) => line,
+            Err(exited) => panic!("{exited}"),
+        }
+    }
+
+    /// Like [`Proc::wait_for_line`], but an exit before the line is an
+    /// `Err` (with the log) rather than a panic.
+    pub async fn try_wait_for_line(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self
@@ -131,16 +144,16 @@ impl Proc {
                 .iter()
                 .find(|l| l.contains(needle))
             {
-                return l.clone();
+                return Ok(l.clone());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Give the reader thread a moment to collect the last lines.
                 std::thread::sleep(Duration::from_millis(100));
-                panic!(
+                return Err(format!(
                     "{} exited ({status}) before logging {needle:?}:\n{}",
                     self.name,
                     self.log()
-                );
+                ));
             }
             if Instant::now() >= deadline {
                 panic!(
@@ -262,20 +275,41 @@ impl Etcd {
 
     /// Starts the server again on the same ports and data.
     pub async fn resume(&mut self) {
-        let (endpoint, peer) = (self.endpoint.clone(), self.peer.clone());
-        let mut proc = Proc::spawn(
-            "etcd",
-            Command::new("etcd")
-                .arg("--name=test")
-                .arg(format!("--data-dir={}", self.data_dir.display()))
-                .arg(format!("--listen-client-urls={endpoint}"))
-                .arg(format!("--advertise-client-urls={endpoint}"))
-                .arg(format!("--listen-peer-urls={peer}"))
-                .arg(format!("--initial-advertise-peer-urls={peer}"))
-                .arg(format!("--initial-cluster=test={peer}")),
-        );
-        proc.wait_for_line("ready to serve client requests", Duration::from_secs(30))
-            .await;
+        let fresh = !self.data_dir.exists();
+        let mut attempt = 0;
+        let proc = loop {
+            attempt += 1;
+            let (endpoint, peer) = (self.endpoint.clone(), self.peer.clone());
+            let mut proc = Proc::spawn(
+                "etcd",
+                Command::new("etcd")
+                    .arg("--name=test")
+                    .arg(format!("--data-dir={}", self.data_dir.display()))
+                    .arg(format!("--listen-client-urls={endpoint}"))
+                    .arg(format!("--advertise-client-urls={endpoint}"))
+                    .arg(format!("--listen-peer-urls={peer}"))
+                    .arg(format!("--initial-advertise-peer-urls={peer}"))
+                    .arg(format!("--initial-cluster=test={peer}")),
+            );
+            match proc
+                .try_wait_for_line("ready to serve client requests", Duration::from_secs(30))
+                .await
+            {
+                Ok(_) => break proc,
+                // A port handed out by free_port can be taken again before
+                // etcd binds it (as another process's ephemeral port): try
+                // again, with a new peer port while the data dir is new.
+                Err(log) if log.contains("address already in use") && attempt < 10 => {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    if fresh {
+                        let _ = std::fs::remove_dir_all(&self.data_dir);
+                        self.peer = format!("http://127.0.0.1:{}", free_port());
+                    }
+                }
+                Err(log) => panic!("{log}"),
+            }
+        };
+        let endpoint = self.endpoint.clone();
         self.proc = Some(proc);
         eventually(Duration::from_secs(10), "etcd to answer", || {
             let endpoint = endpoint.clone();
