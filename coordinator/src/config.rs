@@ -25,10 +25,10 @@ pub struct Args {
     #[arg(long, env = "NANOINFER_DEFAULT_MAX_TOKENS", default_value_t = 128)]
     pub default_max_tokens: u32,
     /// Largest `max_tokens` a request may ask for; above it, INVALID_ARGUMENT.
-    #[arg(long, env = "NANOINFER_MAX_TOKENS_LIMIT", default_value_t = 4096)]
+    #[arg(long, env = "NANOINFER_MAX_TOKENS_LIMIT", default_value_t = nanoinfer_proto::limits::DEFAULT_MAX_TOKENS_LIMIT)]
     pub max_tokens_limit: u32,
     /// Largest prompt accepted, in bytes; above it, INVALID_ARGUMENT.
-    #[arg(long, env = "NANOINFER_MAX_PROMPT_BYTES", default_value_t = 1 << 20)]
+    #[arg(long, env = "NANOINFER_MAX_PROMPT_BYTES", default_value_t = nanoinfer_proto::limits::DEFAULT_MAX_PROMPT_BYTES)]
     pub max_prompt_bytes: usize,
     /// Seconds open streams get to finish after SIGTERM.
     #[arg(long, env = "NANOINFER_GRACE_PERIOD", default_value_t = 20)]
@@ -158,8 +158,10 @@ impl Args {
             etcd_endpoints: self.etcd.validate()?,
             limits: Limits {
                 default_max_tokens: self.default_max_tokens,
-                max_tokens_limit: self.max_tokens_limit,
-                max_prompt_bytes: self.max_prompt_bytes,
+                checks: nanoinfer_proto::limits::Limits {
+                    max_tokens_limit: self.max_tokens_limit,
+                    max_prompt_bytes: self.max_prompt_bytes,
+                },
             },
             grace_period: Duration::from_secs(self.grace_period),
             upstream: UpstreamConfig {
@@ -190,7 +192,7 @@ mod tests {
     fn defaults_are_valid() {
         let c = args(&[]).unwrap();
         assert_eq!(c.limits.default_max_tokens, 128);
-        assert_eq!(c.limits.max_tokens_limit, 4096);
+        assert_eq!(c.limits.checks.max_tokens_limit, 4096);
         assert_eq!(c.etcd_endpoints, vec!["http://127.0.0.1:2379".to_string()]);
     }
 

@@ -31,7 +31,7 @@ use tracing::Span;
 use crate::config::UpstreamConfig;
 use crate::error::CoordinatorError;
 use crate::metrics::{code_name, CodeLabel, CoordinatorMetrics, RequestRecorder};
-use crate::routing::{Picked, Router};
+use crate::routing::{jitter, Picked, Router};
 use crate::upstream::{finish_label, generate_request, judge, Failure};
 use crate::validate::InferParams;
 
@@ -120,10 +120,6 @@ pub async fn run(
 pub fn retry_delay(n: usize, jitter: f64) -> Duration {
     let base = 20.0 * 2f64.powi(n.saturating_sub(1).min(4) as i32);
     Duration::from_micros((base * (0.5 + jitter) * 1000.0) as u64)
-}
-
-fn jitter() -> f64 {
-    f64::from(uuid::Uuid::new_v4().as_u128() as u16) / 65536.0
 }
 
 impl State {

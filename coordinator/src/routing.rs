@@ -100,6 +100,11 @@ pub fn choose(in_flight: &[usize], rotation: usize) -> Option<usize> {
     Some(ties[rotation % ties.len()])
 }
 
+/// A random factor in [0, 1), to spread retries and probes apart.
+pub fn jitter() -> f64 {
+    f64::from(uuid::Uuid::new_v4().as_u128() as u16) / 65536.0
+}
+
 /// The probe delay after `failures` failed probes: 200 ms doubling to 5 s,
 /// with ±25% jitter from `jitter` (in [0, 1)) so probes of many ejected
 /// workers do not fall into step.
@@ -245,8 +250,7 @@ impl Router {
     async fn probe(self: Arc<Self>, id: String, channel: Channel, generation: u64) {
         let mut failures = 0u32;
         loop {
-            let jitter = f64::from(uuid::Uuid::new_v4().as_u128() as u16) / 65536.0;
-            tokio::time::sleep(probe_delay(failures, jitter)).await;
+            tokio::time::sleep(probe_delay(failures, jitter())).await;
             let still_ours = {
                 let workers = self.workers.lock().expect("router lock");
                 workers

@@ -10,10 +10,8 @@ use crate::error::CoordinatorError;
 pub struct Limits {
     /// `max_tokens` when the client sends 0.
     pub default_max_tokens: u32,
-    /// Largest `max_tokens` accepted.
-    pub max_tokens_limit: u32,
-    /// Largest prompt accepted, in bytes.
-    pub max_prompt_bytes: usize,
+    /// The limits the worker applies too (`max_tokens`, prompt bytes).
+    pub checks: SharedLimits,
 }
 
 /// Default temperature when unset.
@@ -59,17 +57,13 @@ impl Limits {
         req: InferRequest,
         seed: impl FnOnce() -> u64,
     ) -> Result<InferParams, CoordinatorError> {
-        let shared = SharedLimits {
-            max_tokens_limit: self.max_tokens_limit,
-            max_prompt_bytes: self.max_prompt_bytes,
-        };
         limits::check_request_id(&req.request_id)?;
-        shared.check_prompt(&req.prompt)?;
+        self.checks.check_prompt(&req.prompt)?;
         let max_tokens = match req.max_tokens {
             0 => self.default_max_tokens,
             n => n,
         };
-        shared.check_max_tokens(max_tokens)?;
+        self.checks.check_max_tokens(max_tokens)?;
         let temperature = req.temperature.unwrap_or(DEFAULT_TEMPERATURE);
         let top_p = req.top_p.unwrap_or(DEFAULT_TOP_P);
         limits::check_sampling(temperature, top_p)?;
@@ -98,8 +92,10 @@ mod tests {
     fn limits() -> Limits {
         Limits {
             default_max_tokens: 128,
-            max_tokens_limit: 4096,
-            max_prompt_bytes: 1000,
+            checks: SharedLimits {
+                max_tokens_limit: 4096,
+                max_prompt_bytes: 1000,
+            },
         }
     }
 
