@@ -111,7 +111,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    let registration = Registration::register(std::slice::from_ref(&args.etcd), info, 10).await?;
+    let registration = Registration::register(
+        &nanoinfer_registry::EtcdConfig::plain(vec![args.etcd.clone()]),
+        info,
+        10,
+    )
+    .await?;
     eprintln!(
         "paced worker on {} at {} tok/s per stream",
         args.listen, args.tokens_per_second

@@ -2,7 +2,8 @@
 //! small client library.
 //!
 //! # Layout
-//! - [`connect`]: a channel to a coordinator (or worker) address.
+//! - [`connect`], [`connect_with`], [`ClientTlsArgs`]: a channel to a
+//!   coordinator (or worker) address, plaintext or TLS.
 //! - [`finish_reason_name`]: short names for the public finish reasons.
 //! - [`stamp`]: the send-time stamp a test-double worker writes into its
 //!   tokens and the benchmark reads back.
@@ -12,21 +13,67 @@
 use std::time::Duration;
 
 use nanoinfer_proto::nanoinfer::FinishReason;
-use tonic::transport::{Channel, Endpoint};
+use std::path::PathBuf;
+
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 /// Connects to `addr` (`http://host:port` or `host:port`), failing within
 /// a few seconds when nothing listens there.
 pub async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+    connect_with(addr, None).await
+}
+
+/// Connects to `addr`, over TLS when `tls` is given (the scheme becomes
+/// `https`), failing within a few seconds when nothing listens there.
+pub async fn connect_with(
+    addr: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Channel, tonic::transport::Error> {
+    let hostport = addr.split_once("://").map_or(addr, |(_, rest)| rest);
+    let url = match (&tls, addr.contains("://")) {
+        (Some(_), _) => format!("https://{hostport}"),
+        (None, true) => addr.to_string(),
+        (None, false) => format!("http://{addr}"),
     };
-    Endpoint::from_shared(url)?
+    let mut endpoint = Endpoint::from_shared(url)?
         .connect_timeout(Duration::from_secs(3))
-        .tcp_nodelay(true)
-        .connect()
-        .await
+        .tcp_nodelay(true);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    endpoint.connect().await
+}
+
+/// TLS flags of the CLI and the benchmark (`#[command(flatten)]`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientTlsArgs {
+    /// CA (PEM) that signs the server's certificate; turns TLS on (the
+    /// coordinator runs with --tls-cert). scripts/gen-certs writes ca.pem.
+    #[arg(long, global = true, env = "NANOINFER_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a server started with --tls-client-ca
+    /// (or a worker's cluster port).
+    #[arg(long, global = true, env = "NANOINFER_CLIENT_CERT", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, env = "NANOINFER_CLIENT_KEY", requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// Name to expect on the server's certificate, when it is not the
+    /// address's host (e.g. `w1.worker.nanoinfer` for a worker).
+    #[arg(long, global = true, env = "NANOINFER_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
+}
+
+impl ClientTlsArgs {
+    /// The TLS configuration, `None` without --ca; an error names the file.
+    pub fn config(&self) -> Result<Option<ClientTlsConfig>, String> {
+        if self.ca.is_none() && (self.cert.is_some() || self.tls_server_name.is_some()) {
+            return Err("--cert and --tls-server-name need --ca (TLS)".into());
+        }
+        let Some(ca) = &self.ca else { return Ok(None) };
+        let identity = self.cert.as_deref().zip(self.key.as_deref());
+        nanoinfer_proto::tls::client_config(ca, identity, self.tls_server_name.clone()).map(Some)
+    }
 }
 
 /// The finish reason as users read it (`LENGTH`, `STOP_SEQUENCE`, …).

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use nanoinfer::{connect, finish_reason_name};
+use nanoinfer::{connect_with, finish_reason_name};
 use nanoinfer_proto::nanoinfer::{
     infer_service_client::InferServiceClient, HealthRequest, InferRequest,
 };
@@ -29,6 +29,8 @@ struct Cli {
     /// coordinator runs with --api-keys-file).
     #[arg(long, global = true, env = "NANOINFER_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    #[command(flatten)]
+    tls: nanoinfer::ClientTlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -116,7 +118,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     if let Command::Bench { args } = cli.command {
         return bench(&cli.addr, args);
     }
-    let channel = connect(&cli.addr)
+    let tls = cli.tls.config()?;
+    let channel = connect_with(&cli.addr, tls)
         .await
         .map_err(|e| format!("cannot connect to {}: {e}", cli.addr))?;
     let mut client = InferServiceClient::new(channel);

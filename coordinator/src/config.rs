@@ -72,6 +72,20 @@ pub struct Args {
     /// authentication.
     #[arg(long, env = "NANOINFER_API_KEYS_FILE")]
     pub api_keys_file: Option<std::path::PathBuf>,
+    /// Certificate chain (PEM) for TLS on the public gRPC port; with
+    /// --tls-key it turns TLS on there (plaintext clients are refused). The
+    /// files are read again when they change, so rotation needs no restart.
+    #[arg(long, env = "NANOINFER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "NANOINFER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// CA (PEM) whose client certificates the public port requires (with
+    /// --tls-cert): clients without one are refused in the handshake.
+    #[arg(long, env = "NANOINFER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub cluster: nanoinfer_proto::tls::ClusterTlsArgs,
     #[command(flatten)]
     pub telemetry: nanoinfer_telemetry::TelemetryArgs,
 }
@@ -79,8 +93,8 @@ pub struct Args {
 /// Validated coordinator configuration.
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
-    /// etcd endpoints.
-    pub etcd_endpoints: Vec<String>,
+    /// How to reach etcd.
+    pub etcd: nanoinfer_registry::EtcdConfig,
     /// Request defaults and limits.
     pub limits: Limits,
     /// Drain time on shutdown.
@@ -89,6 +103,8 @@ pub struct CoordinatorConfig {
     pub upstream: UpstreamConfig,
     /// The API keys file, when authentication is on.
     pub api_keys_file: Option<std::path::PathBuf>,
+    /// TLS on the public port.
+    pub public_tls: Option<nanoinfer_proto::tls::ServerTlsFiles>,
 }
 
 /// Timeouts and retry bounds of the path to workers.
@@ -108,6 +124,8 @@ pub struct UpstreamConfig {
     pub keepalive_timeout: Duration,
     /// Worker attempts per request.
     pub max_attempts: usize,
+    /// Mutual TLS to workers.
+    pub cluster_tls: Option<nanoinfer_proto::tls::ClusterTls>,
 }
 
 impl Default for UpstreamConfig {
@@ -120,6 +138,7 @@ impl Default for UpstreamConfig {
             keepalive_interval: Duration::from_millis(1000),
             keepalive_timeout: Duration::from_millis(1000),
             max_attempts: 3,
+            cluster_tls: None,
         }
     }
 }
@@ -154,8 +173,21 @@ impl Args {
                 self.max_attempts
             ));
         }
+        let public_tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let files = nanoinfer_proto::tls::ServerTlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                };
+                // Fail at start-up, naming the file, not at the first client.
+                files.build()?;
+                Some(files)
+            }
+            _ => None,
+        };
         Ok(CoordinatorConfig {
-            etcd_endpoints: self.etcd.validate()?,
+            etcd: self.etcd.validate()?,
             limits: Limits {
                 default_max_tokens: self.default_max_tokens,
                 checks: nanoinfer_proto::limits::Limits {
@@ -172,8 +204,10 @@ impl Args {
                 keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
                 keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
                 max_attempts: self.max_attempts as usize,
+                cluster_tls: self.cluster.validate()?,
             },
             api_keys_file: self.api_keys_file,
+            public_tls,
         })
     }
 }
@@ -193,7 +227,7 @@ mod tests {
         let c = args(&[]).unwrap();
         assert_eq!(c.limits.default_max_tokens, 128);
         assert_eq!(c.limits.checks.max_tokens_limit, 4096);
-        assert_eq!(c.etcd_endpoints, vec!["http://127.0.0.1:2379".to_string()]);
+        assert_eq!(c.etcd.endpoints, vec!["http://127.0.0.1:2379".to_string()]);
     }
 
     #[test]

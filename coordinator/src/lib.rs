@@ -64,7 +64,7 @@ pub async fn run(
         .map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!("nanoinfer-coordinator listening on {local}");
 
-    let discovery = nanoinfer_registry::spawn_discovery(config.etcd_endpoints.clone());
+    let discovery = nanoinfer_registry::spawn_discovery(config.etcd.clone());
     let metrics = Arc::new(metrics::CoordinatorMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
@@ -110,21 +110,48 @@ pub async fn run(
     .with_api_keys(api_keys);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut server = tokio::spawn(
-        nanoinfer_proto::add_reflection(
-            tonic::transport::Server::builder().add_service(health_service),
-            nanoinfer_proto::INFERENCE_DESCRIPTOR_SET,
-        )
-        .add_service(InferServiceServer::new(service))
-        .serve_with_incoming_shutdown(
-            // Tokens are small writes that must leave at once: no Nagle.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let mut rx = stop_rx;
-                let _ = rx.wait_for(|stop| *stop).await;
-            },
+    let routes = nanoinfer_proto::add_reflection(
+        tonic::transport::Server::builder().add_service(health_service),
+        nanoinfer_proto::INFERENCE_DESCRIPTOR_SET,
+    )
+    .add_service(InferServiceServer::new(service));
+    let stopped = async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let mut tasks = Vec::new();
+    let mut server = match &config.public_tls {
+        Some(files) => {
+            let tls = nanoinfer_proto::tls::ServerTls::load(files.clone(), "public")
+                .map_err(RunError::Setup)?;
+            tracing::info!(cert = %files.cert.display(),
+                client_certificates = files.client_ca.is_some(),
+                "TLS on the public port (certificate files reloaded on change)");
+            tasks.push(tls.clone().spawn_reload());
+            tokio::spawn(routes.serve_with_incoming_shutdown(
+                nanoinfer_proto::tls::incoming(listener, tls),
+                stopped,
+            ))
+        }
+        None => {
+            tracing::warn!("the public port is plaintext: no --tls-cert/--tls-key");
+            tokio::spawn(routes.serve_with_incoming_shutdown(
+                // Tokens are small writes that must leave at once: no Nagle.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stopped,
+            ))
+        }
+    };
+    match &config.upstream.cluster_tls {
+        Some(cluster) => {
+            tracing::info!(ca = %cluster.ca.display(),
+                "mutual TLS to workers: each must present <id>.worker.nanoinfer from the cluster CA");
+            tasks.push(tokio::spawn(follow_cluster_files(cluster.clone(), router.clone())));
+        }
+        None => tracing::warn!(
+            "workers are reached over plaintext: no --cluster-ca/--cluster-cert/--cluster-key, so any address registered in etcd gets prompts"
         ),
-    );
+    }
 
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown requested; draining"),
@@ -158,9 +185,37 @@ pub async fn run(
     if let Some(reload) = reload {
         reload.abort();
     }
+    for task in tasks {
+        task.abort();
+    }
     metrics_http.stop();
     tracing::info!("coordinator stopped");
     Ok(())
+}
+
+/// Rebuilds the worker channels when the cluster CA, certificate or key
+/// file changes, so new connections use the rotated files.
+async fn follow_cluster_files(
+    cluster: nanoinfer_proto::tls::ClusterTls,
+    router: Arc<routing::Router>,
+) {
+    let mut seen = cluster.stamp();
+    let mut tick = tokio::time::interval(nanoinfer_proto::tls::RELOAD_INTERVAL);
+    loop {
+        tick.tick().await;
+        let now = cluster.stamp();
+        if now != seen {
+            seen = now;
+            match cluster.client_for_worker("check") {
+                Ok(_) => {
+                    router.rebuild_channels();
+                    tracing::info!("cluster certificate files changed; worker connections rebuilt");
+                }
+                Err(e) => tracing::error!(error = %e,
+                    "cluster certificate files changed but do not load; keeping the old connections"),
+            }
+        }
+    }
 }
 
 /// Feeds the router from the discovery watch (the one place its worker

@@ -206,6 +206,11 @@ impl CoordinatorMetrics {
             help: "Request messages that did not decode (e.g. invalid UTF-8)",
             read: nanoinfer_proto::codec::decode_errors,
         }));
+        r.register_collector(Box::new(nanoinfer_telemetry::http::FnCounter {
+            name: "tls_handshake_failures",
+            help: "TLS handshakes refused or timed out on this process's gRPC port (plaintext clients, unknown certificates)",
+            read: nanoinfer_proto::tls::handshake_failures,
+        }));
     }
 }
 

@@ -132,9 +132,25 @@ impl Router {
         self.routable.subscribe()
     }
 
-    fn endpoint(&self, address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    /// The endpoint of worker `id` at `address`: over mutual TLS when the
+    /// cluster has a CA, expecting the certificate name
+    /// `<id>.worker.nanoinfer` (a record pointing elsewhere fails the
+    /// handshake before any request is sent).
+    fn endpoint(&self, id: &str, address: &str) -> Result<Endpoint, String> {
         let u = &self.upstream;
-        Ok(Endpoint::from_shared(format!("http://{address}"))?
+        let scheme = if u.cluster_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let mut endpoint =
+            Endpoint::from_shared(format!("{scheme}://{address}")).map_err(|e| e.to_string())?;
+        if let Some(tls) = &u.cluster_tls {
+            endpoint = endpoint
+                .tls_config(tls.client_for_worker(id)?)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(endpoint
             .connect_timeout(u.connect_timeout)
             .tcp_nodelay(true)
             // A hung worker (stopped, or its host gone) answers no ping: the
@@ -143,6 +159,19 @@ impl Router {
             .http2_keep_alive_interval(u.keepalive_interval)
             .keep_alive_timeout(u.keepalive_timeout)
             .keep_alive_while_idle(true))
+    }
+
+    /// Builds every worker's channel again (new connections; calls in
+    /// flight keep theirs): after the cluster certificate files changed.
+    pub fn rebuild_channels(&self) {
+        let mut workers = self.workers.lock().expect("router lock");
+        for (id, w) in workers.iter_mut() {
+            match self.endpoint(id, &w.address) {
+                Ok(e) => w.channel = e.connect_lazy(),
+                Err(e) => tracing::error!(worker = %id, error = %e,
+                    "cannot rebuild the worker channel; keeping the old one"),
+            }
+        }
     }
 
     /// Brings the table in step with the live set from etcd: new workers
@@ -165,7 +194,7 @@ impl Router {
             }
             // Discovery already checked the address; a URI tonic still
             // refuses is skipped here rather than poisoning every pick.
-            let channel = match self.endpoint(&info.address) {
+            let channel = match self.endpoint(id, &info.address) {
                 Ok(e) => e.connect_lazy(),
                 Err(e) => {
                     tracing::warn!(worker = %id, address = %info.address.escape_debug(), error = %e,

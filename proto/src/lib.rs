@@ -14,6 +14,8 @@
 //! - [`deadline`]: the standard `grpc-timeout` header, read and written.
 //! - [`limits`]: the request limits both processes apply, with one set of
 //!   messages.
+//! - [`tls`]: TLS servers with certificate reload, client configurations,
+//!   and the cluster's mutual-TLS naming contract.
 //!
 //! The tonic and prost crates are re-exported so users of the generated code
 //! need no direct dependency with a matching version.
@@ -113,6 +115,7 @@ pub mod codec {
 }
 
 pub mod limits;
+pub mod tls;
 
 pub mod deadline {
     //! The standard `grpc-timeout` request header: how long the caller

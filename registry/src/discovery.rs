@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::schema::{validate_address, worker_id, WORKERS_PREFIX};
-use crate::{connect, RegistryError, WorkerInfo};
+use crate::{connect, EtcdConfig, RegistryError, WorkerInfo};
 
 /// Live workers by id.
 pub type WorkerSet = Arc<BTreeMap<String, WorkerInfo>>;
@@ -51,13 +51,13 @@ pub struct Discovery {
 
 /// Starts the discovery supervisor. The task runs until it is aborted or
 /// every receiver of the set is dropped.
-pub fn spawn_discovery(endpoints: Vec<String>) -> Discovery {
+pub fn spawn_discovery(etcd: EtcdConfig) -> Discovery {
     let (tx, workers) = watch::channel(WorkerSet::default());
     let (status_tx, status) = watch::channel(DiscoveryStatus {
         etcd_error: Some("not connected yet".into()),
         ..DiscoveryStatus::default()
     });
-    let task = tokio::spawn(supervise(endpoints, tx, status_tx));
+    let task = tokio::spawn(supervise(etcd, tx, status_tx));
     Discovery {
         workers,
         status,
@@ -66,13 +66,13 @@ pub fn spawn_discovery(endpoints: Vec<String>) -> Discovery {
 }
 
 async fn supervise(
-    endpoints: Vec<String>,
+    etcd: EtcdConfig,
     tx: watch::Sender<WorkerSet>,
     status: watch::Sender<DiscoveryStatus>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match list_and_watch(&endpoints, &tx, &status, &mut backoff).await {
+        match list_and_watch(&etcd, &tx, &status, &mut backoff).await {
             Ok(()) => return, // no receivers left
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, live = tx.borrow().len(),
@@ -90,12 +90,12 @@ async fn supervise(
 
 /// Returns `Ok` only when every receiver is gone.
 async fn list_and_watch(
-    endpoints: &[String],
+    etcd: &EtcdConfig,
     tx: &watch::Sender<WorkerSet>,
     status: &watch::Sender<DiscoveryStatus>,
     backoff: &mut Duration,
 ) -> Result<(), RegistryError> {
-    let mut client = connect(endpoints).await?;
+    let mut client = connect(etcd).await?;
     let listing = client
         .get(WORKERS_PREFIX, Some(GetOptions::new().with_prefix()))
         .await?;

@@ -15,7 +15,7 @@ use etcd_client::{Client, PutOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::{connect, RegistryError, WorkerInfo};
+use crate::{connect, EtcdConfig, RegistryError, WorkerInfo};
 
 /// A live registration. Call [`Registration::revoke`] on graceful shutdown;
 /// if it is merely dropped, the keep-alive stops and the lease expires after
@@ -32,7 +32,7 @@ impl Registration {
     /// Grants a lease of `ttl_secs`, puts `info` under it and starts the
     /// keep-alive task.
     pub async fn register(
-        endpoints: &[String],
+        etcd: &EtcdConfig,
         info: WorkerInfo,
         ttl_secs: i64,
     ) -> Result<Self, RegistryError> {
@@ -41,7 +41,7 @@ impl Registration {
                 "lease TTL must be 2..=3600 seconds, got {ttl_secs}"
             )));
         }
-        let mut client = connect(endpoints).await?;
+        let mut client = connect(etcd).await?;
         let lease = put_under_new_lease(&mut client, &info, ttl_secs).await?;
         tracing::info!(key = %info.key(), lease = lease, ttl_secs, "registered in etcd");
         let (lease_tx, lease_rx) = watch::channel(lease);
@@ -68,13 +68,13 @@ impl Registration {
     /// record is in etcd; fails only on a bad configuration. Drop the
     /// future to give up (on shutdown).
     pub async fn register_with_retry(
-        endpoints: &[String],
+        etcd: &EtcdConfig,
         info: WorkerInfo,
         ttl_secs: i64,
     ) -> Result<Self, RegistryError> {
         let mut attempt = 0u32;
         loop {
-            match Self::register(endpoints, info.clone(), ttl_secs).await {
+            match Self::register(etcd, info.clone(), ttl_secs).await {
                 Ok(registration) => return Ok(registration),
                 Err(e @ RegistryError::Config(_)) => return Err(e),
                 Err(e) => {

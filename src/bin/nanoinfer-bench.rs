@@ -35,7 +35,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nanoinfer::{connect, stamp};
+use nanoinfer::{connect_with, stamp};
 use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, InferRequest};
 use nanoinfer_proto::worker::{worker_service_client::WorkerServiceClient, GenerateRequest};
 use tonic::transport::Channel;
@@ -90,6 +90,10 @@ struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// TLS to the targets (a coordinator run with --tls-cert; a worker's
+    /// cluster port takes --cert/--key and --tls-server-name).
+    #[command(flatten)]
+    tls: nanoinfer::ClientTlsArgs,
 }
 
 /// One request's timings.
@@ -333,7 +337,7 @@ async fn measure(
     } else {
         args.connections.min(streams)
     } {
-        channels.push(connect(addr).await?);
+        channels.push(connect_with(addr, args.tls.config()?).await?);
     }
     let channel = |k: usize| channels[k % channels.len()].clone();
     run(channel(0)).await?; // warm-up

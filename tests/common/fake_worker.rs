@@ -175,6 +175,16 @@ impl FakeWorker {
     /// Starts a fake worker `id` and registers it in `etcd` under a lease of
     /// `ttl` seconds.
     pub async fn start(etcd: &str, id: &str, ttl: i64) -> Self {
+        Self::start_with(etcd, id, ttl, None).await
+    }
+
+    /// Like [`FakeWorker::start`], serving TLS with `tls` when given.
+    pub async fn start_with(
+        etcd: &str,
+        id: &str,
+        ttl: i64,
+        tls: Option<nanoinfer_proto::tls::ServerTlsFiles>,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -206,12 +216,22 @@ impl FakeWorker {
                 .set_service_status("", tonic_health::ServingStatus::Serving)
                 .await;
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(health_service)
-                    .add_service(WorkerServiceServer::new(svc))
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
+            let routes = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(WorkerServiceServer::new(svc));
+            match tls {
+                Some(files) => {
+                    let tls = nanoinfer_proto::tls::ServerTls::load(files, "fake").unwrap();
+                    tokio::spawn(
+                        routes.serve_with_incoming(nanoinfer_proto::tls::incoming(listener, tls)),
+                    )
+                }
+                None => {
+                    tokio::spawn(routes.serve_with_incoming(
+                        tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    ))
+                }
+            };
             let mut client = etcd_client::Client::connect([endpoint], None)
                 .await
                 .unwrap();

@@ -541,3 +541,40 @@ pub async fn scrape(proc: &mut Proc) -> std::collections::HashMap<String, f64> {
     assert_eq!(status, 200);
     parse_metrics(&body)
 }
+
+/// Runs `scripts/gen-certs dir ids…` (openssl) and returns `dir`.
+pub fn gen_certs(dir: &Path, ids: &[&str]) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/gen-certs"))
+        .arg(dir)
+        .args(ids)
+        .output()
+        .expect("run scripts/gen-certs");
+    assert!(
+        out.status.success(),
+        "gen-certs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.to_path_buf()
+}
+
+/// A fresh temporary directory for this test process and `name`.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nanoinfer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A TLS channel to `addr` trusting `ca`, with a client certificate
+/// (`cert`, `key`) and an expected server name when given.
+pub async fn tls_channel(
+    addr: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    server_name: Option<&str>,
+) -> Result<Channel, tonic::transport::Error> {
+    let config = nanoinfer_proto::tls::client_config(ca, identity, server_name.map(str::to_string))
+        .expect("client TLS config");
+    nanoinfer::connect_with(addr, Some(config)).await
+}

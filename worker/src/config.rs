@@ -93,6 +93,8 @@ pub struct Args {
     #[arg(long, env = "NANOINFER_FAILPOINT", hide = true)]
     pub failpoint: Option<String>,
     #[command(flatten)]
+    pub cluster: nanoinfer_proto::tls::ClusterTlsArgs,
+    #[command(flatten)]
     pub telemetry: nanoinfer_telemetry::TelemetryArgs,
 }
 
@@ -103,8 +105,10 @@ pub struct WorkerConfig {
     pub model: PathBuf,
     /// Published address; `None` = derive from the bound address.
     pub advertise: Option<String>,
-    /// etcd endpoints.
-    pub etcd_endpoints: Vec<String>,
+    /// How to reach etcd.
+    pub etcd: nanoinfer_registry::EtcdConfig,
+    /// Mutual TLS on the worker port (clients need a cluster certificate).
+    pub cluster_tls: Option<nanoinfer_proto::tls::ClusterTls>,
     /// Worker id; `None` = `<hostname>-<port>`.
     pub id: Option<String>,
     /// llama.cpp threads.
@@ -202,7 +206,8 @@ impl Args {
         Ok(WorkerConfig {
             model: self.model,
             advertise: self.advertise,
-            etcd_endpoints: self.etcd.validate()?,
+            etcd: self.etcd.validate()?,
+            cluster_tls: self.cluster.validate()?,
             id: self.id,
             threads,
             lease_ttl: self.lease_ttl,

@@ -92,6 +92,26 @@ pub async fn run(
         .local_addr()
         .map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!("nanoinfer-worker listening on {local}");
+    let id = config.id.clone().unwrap_or_else(|| default_id(local));
+    // A certificate the coordinator would refuse is an error now, not a
+    // worker that silently never gets a request.
+    let tls = match &config.cluster_tls {
+        Some(cluster) => {
+            let name = nanoinfer_proto::tls::worker_server_name(&id);
+            nanoinfer_proto::tls::check_server_name(&cluster.cert, &cluster.ca, &name).map_err(
+                |e| RunError::Setup(format!("--cluster-cert: {e} (the worker id is {id:?})")),
+            )?;
+            let tls = nanoinfer_proto::tls::ServerTls::load(cluster.server_files(), "worker")
+                .map_err(RunError::Setup)?;
+            tracing::info!(%name, ca = %cluster.ca.display(),
+                "mutual TLS on the worker port: clients need a certificate from the cluster CA");
+            Some(tls)
+        }
+        None => {
+            tracing::warn!("the worker port is plaintext: no --cluster-ca/--cluster-cert/--cluster-key, so anyone who reaches it can call Generate");
+            None
+        }
+    };
 
     let metrics = Arc::new(metrics::WorkerMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
@@ -150,23 +170,32 @@ pub async fn run(
     let service =
         service::WorkerServiceImpl::new(model.clone(), engine.clone(), config.limits.clone());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        nanoinfer_proto::add_reflection(
-            tonic::transport::Server::builder().add_service(health_service),
-            nanoinfer_proto::WORKER_DESCRIPTOR_SET,
-        )
-        .add_service(WorkerServiceServer::new(service))
-        .serve_with_incoming_shutdown(
+    let routes = nanoinfer_proto::add_reflection(
+        tonic::transport::Server::builder().add_service(health_service),
+        nanoinfer_proto::WORKER_DESCRIPTOR_SET,
+    )
+    .add_service(WorkerServiceServer::new(service));
+    let stopped = async {
+        let _ = server_stopped.await;
+    };
+    let mut tls_reload = None;
+    let mut server = match tls {
+        Some(tls) => {
+            tls_reload = Some(tls.clone().spawn_reload());
+            tokio::spawn(routes.serve_with_incoming_shutdown(
+                nanoinfer_proto::tls::incoming(listener, tls),
+                stopped,
+            ))
+        }
+        None => tokio::spawn(routes.serve_with_incoming_shutdown(
             // Tokens are small writes that must leave at once: no Nagle.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = server_stopped.await;
-            },
-        ),
-    );
+            stopped,
+        )),
+    };
 
     let info = WorkerInfo {
-        id: config.id.clone().unwrap_or_else(|| default_id(local)),
+        id,
         address: config
             .advertise
             .clone()
@@ -183,7 +212,7 @@ pub async fn run(
     // come up after the worker.
     let registration = tokio::select! {
         r = Registration::register_with_retry(
-            &config.etcd_endpoints,
+            &config.etcd,
             info.clone(),
             config.lease_ttl as i64,
         ) => r?,
@@ -258,6 +287,9 @@ pub async fn run(
             );
             server.abort();
         }
+    }
+    if let Some(task) = tls_reload {
+        task.abort();
     }
     metrics_http.stop();
     match ended {

@@ -1,0 +1,369 @@
+//! TLS at the door and mutual TLS inside the cluster, on the real binaries
+//! with certificates from `scripts/gen-certs`:
+//! - the public port speaks TLS with the CA and refuses plaintext clients;
+//!   a replaced certificate is served without a restart; with
+//!   `--tls-client-ca` a client without a certificate is refused;
+//! - a worker serves only clients with a cluster certificate;
+//! - fake workers registered in etcd (plaintext, or with a certificate from
+//!   another CA) get no prompt while every request succeeds on the real
+//!   worker; a real worker's record pointed at an impostor holding another
+//!   worker's valid certificate gets no prompt either.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::fake_worker::FakeWorker;
+use common::*;
+use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, HealthRequest};
+use nanoinfer_proto::tls::ServerTlsFiles;
+use nanoinfer_proto::worker::worker_service_client::WorkerServiceClient;
+use nanoinfer_proto::worker::GenerateRequest;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+async fn health(channel: Channel) -> Result<String, tonic::Status> {
+    InferServiceClient::new(channel)
+        .health(HealthRequest {})
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+/// The coordinator's health over TLS with `ca` (and a client certificate).
+async fn tls_health(
+    addr: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<String, String> {
+    let channel = tls_channel(addr, ca, identity, None)
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    health(channel).await.map_err(|e| format!("{e:?}"))
+}
+
+/// A plaintext client gets no answer from a TLS port (an error, not a hang).
+async fn plaintext_refused(addr: &str) {
+    let result = tokio::time::timeout(Duration::from_secs(10), async {
+        match nanoinfer::connect(addr).await {
+            Ok(channel) => health(channel).await.map_err(|e| format!("{e:?}")),
+            Err(e) => Err(format!("connect: {e:?}")),
+        }
+    })
+    .await
+    .expect("a plaintext client is answered (refused) within 10 s");
+    assert!(result.is_err(), "plaintext client was served: {result:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_port_serves_tls_refuses_plaintext_and_follows_a_rotated_certificate() {
+    let dir = temp_dir("tls-public");
+    let certs = gen_certs(&dir.join("a"), &[]);
+    let other = gen_certs(&dir.join("b"), &[]);
+    // The files the coordinator serves; rotated below by overwriting them.
+    let (cert, key) = (dir.join("served.pem"), dir.join("served.key"));
+    std::fs::copy(certs.join("server.pem"), &cert).unwrap();
+    std::fs::copy(certs.join("server.key"), &key).unwrap();
+
+    let etcd = Etcd::start().await;
+    let _w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let (mut coordinator, addr) =
+        start_coordinator(&etcd, &["--tls-cert", p(&cert), "--tls-key", p(&key)]).await;
+    coordinator
+        .wait_for_line("TLS on the public port", Duration::from_secs(5))
+        .await;
+    let addr = addr.trim_start_matches("http://").to_string();
+    let ca = certs.join("ca.pem");
+
+    // The handshake works with the CA; requests stream as before.
+    assert_eq!(tls_health(&addr, &ca, None).await, Ok("OK".into()));
+    let channel = tls_channel(&addr, &ca, None, None).await.unwrap();
+    let msgs = collect(&mut InferServiceClient::new(channel), greedy("hi", 3))
+        .await
+        .unwrap();
+    assert_eq!(msgs.last().unwrap().usage.unwrap().generated_tokens, 3);
+    // The CLI takes the CA.
+    let out = Command::new(bin("nanoinfer"))
+        .args([
+            "--addr",
+            &addr,
+            "--ca",
+            p(&ca),
+            "infer",
+            "hello",
+            "--max-tokens",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A client that does not trust the CA, and a plaintext one, are refused.
+    let wrong = tls_health(&addr, &other.join("ca.pem"), None).await;
+    assert!(wrong.is_err(), "{wrong:?}");
+    plaintext_refused(&addr).await;
+
+    // Rotation: the other CA's certificate replaces the served one (key
+    // first, as a deploy tool writes them); new connections get it.
+    std::fs::copy(other.join("server.key"), &key).unwrap();
+    std::fs::copy(other.join("server.pem"), &cert).unwrap();
+    coordinator
+        .wait_for_line("TLS certificate reloaded", Duration::from_secs(10))
+        .await;
+    eventually(Duration::from_secs(10), "the rotated certificate", || {
+        let (addr, ca) = (addr.clone(), other.join("ca.pem"));
+        async move { tls_health(&addr, &ca, None).await.is_ok() }
+    })
+    .await;
+    let old = tls_health(&addr, &ca, None).await;
+    assert!(old.is_err(), "the old certificate is still served: {old:?}");
+    let metrics = scrape(&mut coordinator).await;
+    assert!(
+        metrics["nanoinfer_coordinator_tls_handshake_failures_total"] >= 2.0,
+        "{metrics:?}"
+    );
+    drop(coordinator);
+
+    // Client certificates: --tls-client-ca refuses clients without one.
+    let (mut coordinator, addr) = start_coordinator(
+        &etcd,
+        &[
+            "--tls-cert",
+            p(&certs.join("server.pem")),
+            "--tls-key",
+            p(&certs.join("server.key")),
+            "--tls-client-ca",
+            p(&ca),
+        ],
+    )
+    .await;
+    coordinator
+        .wait_for_line("TLS on the public port", Duration::from_secs(5))
+        .await;
+    let addr = addr.trim_start_matches("http://").to_string();
+    let anonymous = tls_health(&addr, &ca, None).await;
+    assert!(anonymous.is_err(), "{anonymous:?}");
+    let foreign = tls_health(
+        &addr,
+        &ca,
+        Some((&other.join("client.pem"), &other.join("client.key"))),
+    )
+    .await;
+    assert!(foreign.is_err(), "{foreign:?}");
+    let client = (certs.join("client.pem"), certs.join("client.key"));
+    assert_eq!(
+        tls_health(&addr, &ca, Some((&client.0, &client.1))).await,
+        Ok("OK".into())
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn generate(prompt: &str) -> GenerateRequest {
+    GenerateRequest {
+        request_id: "direct".into(),
+        prompt: prompt.into(),
+        max_tokens: 2,
+        temperature: 0.0,
+        top_p: 1.0,
+        seed: 0,
+        stop: vec![],
+        resume_token_ids: vec![],
+    }
+}
+
+/// Runs one Generate on a worker directly; Ok when it streamed to the end.
+async fn direct(channel: Result<Channel, tonic::transport::Error>) -> Result<(), String> {
+    let channel = channel.map_err(|e| format!("connect: {e:?}"))?;
+    let mut stream = WorkerServiceClient::new(channel)
+        .generate(generate("hello"))
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .into_inner();
+    while stream
+        .message()
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .is_some()
+    {}
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_workers_with_a_cluster_certificate_for_their_id_get_prompts() {
+    let dir = temp_dir("tls-cluster");
+    let certs = gen_certs(&dir.join("cluster"), &["w1", "w2"]);
+    let stranger = gen_certs(&dir.join("stranger"), &["evil-tls"]);
+    let cert = |name: &str| certs.join(name);
+    let ca = cert("ca.pem");
+    let cluster = |who: &str| {
+        vec![
+            "--cluster-ca".to_string(),
+            p(&ca).to_string(),
+            "--cluster-cert".to_string(),
+            p(&cert(&format!("{who}.pem"))).to_string(),
+            "--cluster-key".to_string(),
+            p(&cert(&format!("{who}.key"))).to_string(),
+        ]
+    };
+    let etcd = Etcd::start().await;
+
+    // A worker whose certificate names another id refuses to start.
+    let out = Command::new(bin("nanoinfer-worker"))
+        .args(["--model", p(&model_path()), "--listen", "127.0.0.1:0"])
+        .args(["--metrics-listen", "127.0.0.1:0", "--id", "w3"])
+        .args(["--etcd-endpoints", &etcd.endpoint])
+        .args(cluster("worker-w1"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("w3.worker.nanoinfer"), "{stderr}");
+
+    let worker_args = cluster("worker-w1");
+    let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
+    let mut worker = start_worker(&etcd, "w1", &worker_args).await;
+    let worker_addr = worker.listen_addr().await;
+    let coordinator_args = cluster("coordinator");
+    let coordinator_args: Vec<&str> = coordinator_args.iter().map(String::as_str).collect();
+    let (mut coordinator, addr) = start_coordinator(&etcd, &coordinator_args).await;
+    coordinator
+        .wait_for_line("mutual TLS to workers", Duration::from_secs(5))
+        .await;
+    wait_routable(&addr, 1).await;
+
+    // The worker's port: a cluster certificate is required.
+    let name = Some("w1.worker.nanoinfer");
+    let coordinator_identity = (cert("coordinator.pem"), cert("coordinator.key"));
+    let plain = direct(nanoinfer::connect(&worker_addr).await).await;
+    assert!(plain.is_err(), "plaintext client served: {plain:?}");
+    let anonymous = direct(tls_channel(&worker_addr, &ca, None, name).await).await;
+    assert!(
+        anonymous.is_err(),
+        "client without a certificate served: {anonymous:?}"
+    );
+    let foreign = direct(
+        tls_channel(
+            &worker_addr,
+            &ca,
+            Some((&stranger.join("client.pem"), &stranger.join("client.key"))),
+            name,
+        )
+        .await,
+    )
+    .await;
+    assert!(foreign.is_err(), "client of another CA served: {foreign:?}");
+    direct(
+        tls_channel(
+            &worker_addr,
+            &ca,
+            Some((&coordinator_identity.0, &coordinator_identity.1)),
+            name,
+        )
+        .await,
+    )
+    .await
+    .expect("a cluster client is served");
+    // Kubernetes' probes stay plaintext HTTP on the metrics port.
+    let metrics_addr = worker.metrics_addr().await;
+    assert_eq!(http_get(&metrics_addr, "/readyz").await.0, 200);
+
+    // Two strangers register as workers: one plaintext, one with a
+    // certificate for its own name from another CA.
+    let plain_fake = FakeWorker::start(&etcd.endpoint, "evil-plain", 30).await;
+    let tls_fake = FakeWorker::start_with(
+        &etcd.endpoint,
+        "evil-tls",
+        30,
+        Some(ServerTlsFiles {
+            cert: stranger.join("worker-evil-tls.pem"),
+            key: stranger.join("worker-evil-tls.key"),
+            client_ca: None,
+        }),
+    )
+    .await;
+    eventually(Duration::from_secs(10), "3 registered workers", || async {
+        etcd.worker_ids().await.len() == 3
+    })
+    .await;
+    let channel = nanoinfer::connect(&addr).await.unwrap();
+    let mut client = InferServiceClient::new(channel);
+    const N: usize = 8;
+    for i in 0..N {
+        let msgs = collect(&mut client, greedy(&format!("secret prompt {i}"), 2))
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e:?}"));
+        assert_eq!(msgs.last().unwrap().usage.unwrap().generated_tokens, 2);
+    }
+    assert_eq!(
+        plain_fake.calls().len(),
+        0,
+        "the plaintext fake got prompts"
+    );
+    assert_eq!(tls_fake.calls().len(), 0, "the foreign-CA fake got prompts");
+    let metrics = scrape(&mut coordinator).await;
+    for fake in ["evil-plain", "evil-tls"] {
+        let key = format!("nanoinfer_coordinator_worker_ejections_total{{worker=\"{fake}\"}}");
+        assert_eq!(metrics.get(&key), Some(&1.0), "{key} in {metrics:?}");
+    }
+
+    // An impostor holding w2's valid cluster certificate takes over w1's
+    // record: the name does not match, so it gets no prompt, and clients
+    // get an error rather than its answer.
+    let impostor = FakeWorker::start_with(
+        &etcd.endpoint,
+        "impostor",
+        30,
+        Some(ServerTlsFiles {
+            cert: cert("worker-w2.pem"),
+            key: cert("worker-w2.key"),
+            client_ca: None,
+        }),
+    )
+    .await;
+    drop(plain_fake);
+    drop(tls_fake);
+    etcd.put(
+        "/nanoinfer/workers/w1",
+        &serde_json::json!({
+            "id": "w1",
+            "address": impostor.addr,
+            "model": "fake",
+            "capacity": {"slots": 4, "queue": 4, "context_length": 4096},
+            "version": "test",
+        })
+        .to_string(),
+    )
+    .await;
+    // The strangers' records and the impostor's own go, so only the
+    // hijacked one is left.
+    let mut c = etcd_client::Client::connect([etcd.endpoint.clone()], None)
+        .await
+        .unwrap();
+    for id in ["impostor", "evil-plain", "evil-tls"] {
+        c.delete(format!("/nanoinfer/workers/{id}"), None)
+            .await
+            .unwrap();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "only the hijacked record",
+        || async { etcd.worker_ids().await == vec!["w1".to_string()] },
+    )
+    .await;
+    for i in 0..4 {
+        let err = collect(&mut client, greedy(&format!("hijacked prompt {i}"), 2))
+            .await
+            .expect_err("no worker can serve");
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    }
+    assert_eq!(impostor.calls().len(), 0, "the impostor got prompts");
+    let _ = std::fs::remove_dir_all(&dir);
+}
