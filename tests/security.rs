@@ -367,3 +367,192 @@ async fn only_workers_with_a_cluster_certificate_for_their_id_get_prompts() {
     assert_eq!(impostor.calls().len(), 0, "the impostor got prompts");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An etcd serving TLS only, requiring client certificates, with the roles
+/// of `deploy/etcd-auth.sh`.
+struct SecureEtcd {
+    endpoint: String,
+    passwords: std::path::PathBuf,
+    _proc: Proc,
+}
+
+impl SecureEtcd {
+    async fn start(dir: &Path, certs: &Path) -> Self {
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("https://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut proc = Proc::spawn(
+            "etcd",
+            Command::new("etcd")
+                .arg("--name=secure")
+                .arg(format!("--data-dir={}", dir.join("etcd-data").display()))
+                .arg(format!("--listen-client-urls={endpoint}"))
+                .arg(format!("--advertise-client-urls={endpoint}"))
+                .arg(format!("--listen-peer-urls={peer_url}"))
+                .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+                .arg(format!("--initial-cluster=secure={peer_url}"))
+                .arg(format!("--cert-file={}", certs.join("etcd.pem").display()))
+                .arg(format!("--key-file={}", certs.join("etcd.key").display()))
+                .arg(format!(
+                    "--trusted-ca-file={}",
+                    certs.join("ca.pem").display()
+                ))
+                .arg("--client-cert-auth"),
+        );
+        proc.wait_for_line("ready to serve client requests", Duration::from_secs(30))
+            .await;
+        let passwords = dir.join("etcd-passwords");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("deploy/etcd-auth.sh"))
+            .arg(&passwords)
+            .env("ETCDCTL_ENDPOINTS", &endpoint)
+            .env("ETCDCTL_CACERT", certs.join("ca.pem"))
+            .env("ETCDCTL_CERT", certs.join("coordinator.pem"))
+            .env("ETCDCTL_KEY", certs.join("coordinator.key"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "etcd-auth.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            endpoint,
+            passwords,
+            _proc: proc,
+        }
+    }
+
+    /// A client with `certs`' `who` certificate and, when given, a user.
+    async fn client(
+        &self,
+        certs: &Path,
+        who: &str,
+        user: Option<&str>,
+    ) -> Result<etcd_client::Client, etcd_client::Error> {
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(
+                std::fs::read(certs.join("ca.pem")).unwrap(),
+            ))
+            .identity(etcd_client::Identity::from_pem(
+                std::fs::read(certs.join(format!("{who}.pem"))).unwrap(),
+                std::fs::read(certs.join(format!("{who}.key"))).unwrap(),
+            ));
+        let mut options = etcd_client::ConnectOptions::new()
+            .with_tls(tls)
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        if let Some(user) = user {
+            let file = self.passwords.join(format!("etcd-{user}.password"));
+            options = options.with_user(
+                format!("nanoinfer-{user}"),
+                std::fs::read_to_string(file).unwrap(),
+            );
+        }
+        etcd_client::Client::connect([self.endpoint.clone()], Some(options)).await
+    }
+
+    /// The flags of a process with `certs`' `who` certificate as `user`.
+    fn flags(&self, certs: &Path, who: &str, user: &str) -> Vec<String> {
+        let file = |name: String| p(&certs.join(name)).to_string();
+        vec![
+            "--etcd-endpoints".into(),
+            self.endpoint.clone(),
+            "--etcd-ca".into(),
+            file("ca.pem".into()),
+            "--etcd-cert".into(),
+            file(format!("{who}.pem")),
+            "--etcd-key".into(),
+            file(format!("{who}.key")),
+            "--etcd-username".into(),
+            format!("nanoinfer-{user}"),
+            "--etcd-password-file".into(),
+            p(&self.passwords.join(format!("etcd-{user}.password"))).to_string(),
+        ]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_coordinator_use_etcd_over_tls_with_their_own_roles() {
+    let dir = temp_dir("tls-etcd");
+    let certs = gen_certs(&dir.join("certs"), &["w1"]);
+    let etcd = SecureEtcd::start(&dir, &certs).await;
+
+    // The roles hold: a coordinator cannot write, a worker cannot write
+    // outside its prefix, and without a user nothing can be read.
+    let mut coordinator_client = etcd
+        .client(&certs, "coordinator", Some("coordinator"))
+        .await
+        .unwrap();
+    let denied = coordinator_client
+        .put("/nanoinfer/workers/evil", "{}", None)
+        .await
+        .unwrap_err();
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    let mut worker_client = etcd
+        .client(&certs, "worker-w1", Some("worker"))
+        .await
+        .unwrap();
+    let denied = worker_client
+        .put("/elsewhere", "x", None)
+        .await
+        .unwrap_err();
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    let anonymous = match etcd.client(&certs, "coordinator", None).await {
+        Ok(mut c) => c.get("/nanoinfer/workers/", None).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    assert!(anonymous.is_err(), "read without a user: {anonymous:?}");
+
+    // A real worker registers, and the coordinator finds and uses it.
+    let worker_flags = etcd.flags(&certs, "worker-w1", "worker");
+    let mut cmd = Command::new(bin("nanoinfer-worker"));
+    cmd.args(["--model", p(&model_path()), "--listen", "127.0.0.1:0"])
+        .args([
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--id",
+            "w1",
+        ])
+        .args(&worker_flags);
+    let mut worker = Proc::spawn("w1", &mut cmd);
+    worker
+        .wait_for_line("worker ready", Duration::from_secs(60))
+        .await;
+    let coordinator_flags = etcd.flags(&certs, "coordinator", "coordinator");
+    let mut cmd = Command::new(bin("nanoinfer-coordinator"));
+    cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(&coordinator_flags);
+    let mut coordinator = Proc::spawn("coordinator", &mut cmd);
+    let addr = format!("http://{}", coordinator.listen_addr().await);
+    wait_routable(&addr, 1).await;
+    let channel = nanoinfer::connect(&addr).await.unwrap();
+    let msgs = collect(&mut InferServiceClient::new(channel), greedy("hello", 2))
+        .await
+        .unwrap();
+    assert_eq!(msgs.last().unwrap().usage.unwrap().generated_tokens, 2);
+    let log = worker.log() + &coordinator.log();
+    for password in ["worker", "coordinator"] {
+        let secret =
+            std::fs::read_to_string(etcd.passwords.join(format!("etcd-{password}.password")))
+                .unwrap();
+        assert!(!log.contains(secret.trim()), "a password was logged");
+    }
+
+    // A flag that does not fit is a clear error at start-up.
+    let out = Command::new(bin("nanoinfer-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--etcd-endpoints", &etcd.endpoint.replace("https", "http")])
+        .args(["--etcd-ca", p(&certs.join("ca.pem"))])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("use https:// endpoints with --etcd-ca"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
