@@ -4,6 +4,16 @@
 #   deploy/local-cluster.sh start    # start everything, wait until healthy
 #   deploy/local-cluster.sh status   # pids, ports, coordinator health
 #   deploy/local-cluster.sh stop     # SIGTERM in order: coordinator, workers, etcd
+#   deploy/local-cluster.sh start --secure   # the same with TLS everywhere (or NANOINFER_SECURE=1)
+#
+# Secure mode: scripts/gen-certs writes a CA and certificates into
+# $NANOINFER_RUN_DIR/certs; etcd serves TLS only, requires client
+# certificates and has auth on with the roles of deploy/etcd-auth.sh; workers
+# and coordinator use mutual TLS (--cluster-*); the coordinator's public port
+# is TLS (--tls-cert) and needs an API key (--api-keys-file, one key
+# generated). Everything a client needs is written to
+# $NANOINFER_RUN_DIR/secure.env: `. <that file>` and then ./test.sh, the CLI
+# and the bench use TLS and the key (NANOINFER_CA, NANOINFER_API_KEY).
 #
 # Ports (env overrides): coordinator 50052 (NANOINFER_COORDINATOR_PORT) with
 # metrics on 9052 (NANOINFER_COORDINATOR_METRICS_PORT), workers 50061 and 50062
@@ -25,8 +35,31 @@ read -r -a WORKER_PORTS <<<"${NANOINFER_WORKER_PORTS:-50061 50062}"
 read -r -a WORKER_METRICS_PORTS <<<"${NANOINFER_WORKER_METRICS_PORTS:-9061 9062 9063 9064 9065 9066 9067 9068}"
 ETCD_PORT="${NANOINFER_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${NANOINFER_ETCD_PEER_PORT:-2380}"
-ETCD_URL="http://127.0.0.1:$ETCD_PORT"
 WORKERS=${#WORKER_PORTS[@]}
+CERTS="$RUN_DIR/certs"
+SECURE=0
+if [ "${NANOINFER_SECURE:-0}" = 1 ] || [ "${2:-}" = "--secure" ] || [ -f "$RUN_DIR/secure.env" ]; then
+  SECURE=1
+fi
+if [ "$SECURE" = 1 ]; then
+  ETCD_URL="https://127.0.0.1:$ETCD_PORT"
+  COORD_URL="127.0.0.1:$COORD_PORT"
+  etcd_client_flags() { # certificate name, role: sets the array `secure`
+    secure=(--etcd-ca "$CERTS/ca.pem" --etcd-cert "$CERTS/$1.pem" --etcd-key "$CERTS/$1.key"
+      --etcd-username "nanoinfer-$2" --etcd-password-file "$CERTS/etcd-$2.password")
+  }
+  cli() { "$BIN_DIR/nanoinfer" --addr "$COORD_URL" --ca "$CERTS/ca.pem" "$@"; }
+  etcdctl_() {
+    ETCDCTL_API=3 etcdctl --endpoints "$ETCD_URL" --cacert "$CERTS/ca.pem" \
+      --cert "$CERTS/coordinator.pem" --key "$CERTS/coordinator.key" "$@"
+  }
+else
+  ETCD_URL="http://127.0.0.1:$ETCD_PORT"
+  COORD_URL="http://127.0.0.1:$COORD_PORT"
+  etcd_client_flags() { secure=(); }
+  cli() { "$BIN_DIR/nanoinfer" --addr "$COORD_URL" "$@"; }
+  etcdctl_() { ETCDCTL_API=3 etcdctl --endpoints "$ETCD_URL" "$@"; }
+fi
 if [ "${#WORKER_METRICS_PORTS[@]}" -lt "$WORKERS" ]; then
   echo "NANOINFER_WORKER_METRICS_PORTS needs one port per worker ($WORKERS)" >&2
   exit 2
@@ -71,6 +104,16 @@ start() {
     [ -x "$BIN_DIR/$b" ] || { echo "$BIN_DIR/$b is missing: run scripts/setup" >&2; exit 1; }
   done
 
+  local ids=() i
+  for ((i = 1; i <= WORKERS; i++)); do ids+=("local-worker$i"); done
+  local etcd_tls=()
+  if [ "$SECURE" = 1 ]; then
+    log "secure mode: certificates in $CERTS"
+    "$ROOT/scripts/gen-certs" "$CERTS" "${ids[@]}" >/dev/null
+    etcd_tls=(--cert-file "$CERTS/etcd.pem" --key-file "$CERTS/etcd.key"
+      --trusted-ca-file "$CERTS/ca.pem" --client-cert-auth)
+  fi
+
   if alive etcd; then
     log "etcd already running"
   else
@@ -80,34 +123,64 @@ start() {
       --listen-client-urls "$ETCD_URL" --advertise-client-urls "$ETCD_URL" \
       --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
       --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-      --initial-cluster "nanoinfer-local=http://127.0.0.1:$ETCD_PEER_PORT"
-    wait_for etcd 20 etcdctl --endpoints "$ETCD_URL" endpoint health
+      --initial-cluster "nanoinfer-local=http://127.0.0.1:$ETCD_PEER_PORT" "${etcd_tls[@]}"
+    wait_for etcd 20 etcdctl_ endpoint health
+    if [ "$SECURE" = 1 ]; then
+      ETCDCTL_ENDPOINTS="$ETCD_URL" ETCDCTL_CACERT="$CERTS/ca.pem" \
+        ETCDCTL_CERT="$CERTS/coordinator.pem" ETCDCTL_KEY="$CERTS/coordinator.key" \
+        "$ROOT/deploy/etcd-auth.sh" "$CERTS"
+    fi
   fi
 
   local threads; threads=$(threads_per_worker)
-  local i
   for ((i = 1; i <= WORKERS; i++)); do
     if alive "worker$i"; then log "worker$i already running"; continue; fi
     local port=${WORKER_PORTS[$((i - 1))]}
     local metrics_port=${WORKER_METRICS_PORTS[$((i - 1))]}
     log "starting worker$i on 127.0.0.1:$port ($threads threads)"
+    local secure=()
+    if [ "$SECURE" = 1 ]; then
+      etcd_client_flags "worker-local-worker$i" worker
+      secure+=(--cluster-ca "$CERTS/ca.pem" --cluster-cert "$CERTS/worker-local-worker$i.pem"
+        --cluster-key "$CERTS/worker-local-worker$i.key")
+    fi
     start_bg "worker$i" "$BIN_DIR/nanoinfer-worker" --model "$model" \
       --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
       --etcd-endpoints "$ETCD_URL" --id "local-worker$i" \
-      --threads "$threads"
+      --threads "$threads" "${secure[@]}"
   done
 
   if alive coordinator; then
     log "coordinator already running"
   else
+    local secure=()
+    if [ "$SECURE" = 1 ]; then
+      [ -s "$CERTS/api-keys" ] || (umask 077; echo "ni-$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')" >"$CERTS/api-keys")
+      etcd_client_flags coordinator coordinator
+      secure+=(--cluster-ca "$CERTS/ca.pem" --cluster-cert "$CERTS/coordinator.pem"
+        --cluster-key "$CERTS/coordinator.key" --tls-cert "$CERTS/server.pem"
+        --tls-key "$CERTS/server.key" --api-keys-file "$CERTS/api-keys")
+      cat >"$RUN_DIR/secure.env" <<ENV
+# . this file, then ./test.sh, nanoinfer and nanoinfer-bench use TLS and the API key.
+export NANOINFER_ADDR=127.0.0.1:$COORD_PORT
+export NANOINFER_CA=$CERTS/ca.pem
+export NANOINFER_API_KEY=$(head -n1 "$CERTS/api-keys")
+ENV
+      chmod 600 "$RUN_DIR/secure.env"
+    fi
     log "starting coordinator on 127.0.0.1:$COORD_PORT"
     start_bg coordinator "$BIN_DIR/nanoinfer-coordinator" \
       --listen "127.0.0.1:$COORD_PORT" --metrics-listen "127.0.0.1:$COORD_METRICS_PORT" \
-      --etcd-endpoints "$ETCD_URL"
+      --etcd-endpoints "$ETCD_URL" "${secure[@]}"
   fi
   log "waiting for $WORKERS workers to register"
   wait_for "$WORKERS live workers" 60 all_workers_live
-  log "cluster is up: coordinator http://127.0.0.1:$COORD_PORT (logs in $RUN_DIR)"
+  if [ "$SECURE" = 1 ]; then
+    log "cluster is up (secure): coordinator https://127.0.0.1:$COORD_PORT (logs in $RUN_DIR)"
+    log "client settings: . $RUN_DIR/secure.env   (then ./test.sh infer, nanoinfer infer ...)"
+  else
+    log "cluster is up: coordinator http://127.0.0.1:$COORD_PORT (logs in $RUN_DIR)"
+  fi
   log "metrics: http://127.0.0.1:$COORD_METRICS_PORT/metrics (coordinator), http://127.0.0.1:${WORKER_METRICS_PORTS[0]}/metrics (worker1)"
   if [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then
     log "spans go to $OTEL_EXPORTER_OTLP_ENDPOINT (OTLP/gRPC)"
@@ -115,7 +188,7 @@ start() {
 }
 
 all_workers_live() {
-  "$BIN_DIR/nanoinfer" --addr "http://127.0.0.1:$COORD_PORT" health | grep -q "live workers: $WORKERS"
+  cli health | grep -q "live workers: $WORKERS"
 }
 
 stop_one() {
@@ -140,6 +213,7 @@ stop() {
   local i
   for ((i = 1; i <= WORKERS; i++)); do stop_one "worker$i"; done
   stop_one etcd
+  rm -f "$RUN_DIR/secure.env"
 }
 
 status() {
@@ -149,12 +223,12 @@ status() {
   for name in "${names[@]}" coordinator; do
     if alive "$name"; then echo "$name: running (pid $(cat "$(pidfile "$name")"))"; else echo "$name: stopped"; fi
   done
-  "$BIN_DIR/nanoinfer" --addr "http://127.0.0.1:$COORD_PORT" health || true
+  cli health || true
 }
 
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--secure]|stop|status" >&2; exit 2 ;;
 esac

@@ -37,6 +37,10 @@ struct Args {
     /// `nanoinfer-bench` measures every token's transit time.
     #[arg(long)]
     stamp: bool,
+    /// Mutual TLS on its port, as a real worker's (the certificate must name
+    /// `<id>.worker.nanoinfer`).
+    #[command(flatten)]
+    cluster: nanoinfer_proto::tls::ClusterTlsArgs,
 }
 
 struct Paced {
@@ -125,13 +129,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         interval: Duration::from_secs_f64(1.0 / args.tokens_per_second),
         stamp: args.stamp,
     };
-    tonic::transport::Server::builder()
+    let routes = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(WorkerServiceServer::new(service))
-        .serve_with_shutdown(args.listen, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+        .add_service(WorkerServiceServer::new(service));
+    let stop = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match args.cluster.validate()? {
+        Some(cluster) => {
+            let tls = nanoinfer_proto::tls::ServerTls::load(cluster.server_files(), "worker")?;
+            let listener = tokio::net::TcpListener::bind(args.listen).await?;
+            routes
+                .serve_with_incoming_shutdown(nanoinfer_proto::tls::incoming(listener, tls), stop)
+                .await?
+        }
+        None => routes.serve_with_shutdown(args.listen, stop).await?,
+    }
     registration.revoke().await?;
     Ok(())
 }
