@@ -35,7 +35,12 @@ impl LocalCluster {
     }
 
     fn start() -> Self {
-        let run_dir = std::env::temp_dir().join(format!("nanoinfer-e2e-{}", std::process::id()));
+        Self::start_with("plain", &["start"])
+    }
+
+    fn start_with(name: &str, args: &[&str]) -> Self {
+        let run_dir =
+            std::env::temp_dir().join(format!("nanoinfer-e2e-{name}-{}", std::process::id()));
         let coordinator = free_port();
         let worker = free_port();
         let env = vec![
@@ -65,7 +70,7 @@ impl LocalCluster {
             addr: format!("127.0.0.1:{coordinator}"),
             worker_addr: format!("127.0.0.1:{worker}"),
         };
-        let out = cluster.script(&["start"]);
+        let out = cluster.script(args);
         assert!(
             out.status.success(),
             "local-cluster.sh start failed:\n{}",
@@ -79,17 +84,35 @@ impl LocalCluster {
     }
 
     fn test_sh_at(&self, addr: &str, args: &[&str]) -> String {
-        let out = Command::new(root().join("test.sh"))
-            .args(args)
-            .env("NANOINFER_ADDR", addr)
-            .output()
-            .unwrap();
+        let out = self.test_sh_with(addr, args, &[]);
         assert!(
             out.status.success(),
             "test.sh {args:?} failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
+    }
+
+    fn test_sh_with(&self, addr: &str, args: &[&str], env: &[(String, String)]) -> Output {
+        Command::new(root().join("test.sh"))
+            .args(args)
+            .env("NANOINFER_ADDR", addr)
+            .env_remove("NANOINFER_CA")
+            .env_remove("NANOINFER_API_KEY")
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap()
+    }
+
+    /// The settings a secure cluster writes for clients (`secure.env`).
+    fn secure_env(&self) -> Vec<(String, String)> {
+        let run_dir = &self.env[0].1;
+        let text = std::fs::read_to_string(Path::new(run_dir).join("secure.env")).unwrap();
+        text.lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn cli(&self, args: &[&str]) -> Output {
@@ -228,4 +251,53 @@ fn readme_path_local_cluster_test_sh_and_cli() {
         stderr.contains("InvalidArgument") && stderr.contains("top_p"),
         "{stderr}"
     );
+}
+
+#[test]
+fn secure_local_cluster_works_with_test_sh_and_the_cli() {
+    let cluster = LocalCluster::start_with("secure", &["start", "--secure"]);
+    let env = cluster.secure_env();
+    let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        ["NANOINFER_ADDR", "NANOINFER_CA", "NANOINFER_API_KEY"]
+    );
+
+    let ok = cluster.test_sh_with(&cluster.addr, &["infer", "Hello", "4"], &env);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let msgs = json_messages(&String::from_utf8(ok.stdout).unwrap());
+    assert_eq!(msgs.last().unwrap()["usage"]["generatedTokens"], 4);
+
+    // Without the key: UNAUTHENTICATED; without the CA (plaintext): refused.
+    let no_key: Vec<_> = env
+        .iter()
+        .filter(|(k, _)| k != "NANOINFER_API_KEY")
+        .cloned()
+        .collect();
+    let out = cluster.test_sh_with(&cluster.addr, &["infer", "Hello", "4"], &no_key);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cluster.test_sh_with(&cluster.addr, &["health"], &[]);
+    assert!(!out.status.success(), "plaintext health was answered");
+
+    // The CLI reads the same settings from the environment.
+    let out = Command::new(env!("CARGO_BIN_EXE_nanoinfer"))
+        .args(["infer", "The capital of France is", "--max-tokens", "3"])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("generated_tokens=3"));
 }
