@@ -119,13 +119,33 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         return bench(&cli.addr, args);
     }
     let tls = cli.tls.config()?;
+    let plaintext = tls.is_none();
     let channel = connect_with(&cli.addr, tls)
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", cli.addr))?;
+        .map_err(|e| format!("cannot connect to {}: {e:?}", cli.addr))?;
+    // A plaintext client meets a TLS port as a broken HTTP/2 connection:
+    // say what is likely wrong.
+    let hint = |status: &tonic::Status| -> String {
+        let text = status_text(status);
+        if plaintext
+            && matches!(
+                status.code(),
+                tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Unavailable
+            )
+        {
+            format!("{text}\n(if the coordinator serves TLS, pass --ca FILE or set NANOINFER_CA)")
+        } else {
+            text
+        }
+    };
     let mut client = InferServiceClient::new(channel);
     match cli.command {
         Command::Health => {
-            let resp = client.health(HealthRequest {}).await?.into_inner();
+            let resp = client
+                .health(HealthRequest {})
+                .await
+                .map_err(|e| hint(&e))?
+                .into_inner();
             println!("{} (live workers: {})", resp.status, resp.live_workers);
             Ok(if resp.status == "OK" {
                 ExitCode::SUCCESS
@@ -159,7 +179,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             }
             let mut stream = match client.infer(request).await {
                 Ok(resp) => resp.into_inner(),
-                Err(status) => return Err(status_text(&status).into()),
+                Err(status) => return Err(hint(&status).into()),
             };
             let mut out = std::io::stdout().lock();
             loop {
