@@ -68,7 +68,7 @@ from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-DEFAULT_BIN_DIR = "/var/cache/nanoinfer/target-avx512/release"
+DEFAULT_BIN_DIR = "/var/cache/nanoinfer/target-x86-64-v3/release"  # deploy/k8s/validate passes BIN_DIR
 HELP_BINARIES = ("nanoinfer-coordinator", "nanoinfer-worker", "nanoinfer")
 APP_NAME = "nanoinfer"
 APP_UID = 10001
