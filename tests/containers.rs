@@ -30,9 +30,14 @@ fn docker(args: &[&str]) -> std::process::Output {
 /// Why this test cannot run here, if it cannot.
 fn skip_reason() -> Option<String> {
     let Ok(image) = std::env::var("NANOINFER_IMAGE") else {
-        return Some("NANOINFER_IMAGE is not set (scripts/test sets it after scripts/build-image)".into());
+        return Some(
+            "NANOINFER_IMAGE is not set (scripts/test sets it after scripts/build-image)".into(),
+        );
     };
-    match Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output() {
+    match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
         Ok(o) if o.status.success() => {}
         _ => return Some("no Docker daemon answers".into()),
     }
@@ -112,7 +117,11 @@ struct Tally {
 }
 
 impl Tally {
-    async fn one(&mut self, client: &mut InferServiceClient<tonic::transport::Channel>, tokens: u32) {
+    async fn one(
+        &mut self,
+        client: &mut InferServiceClient<tonic::transport::Channel>,
+        tokens: u32,
+    ) {
         self.sent += 1;
         match collect(client, greedy(PROMPT, tokens)).await {
             Ok(msgs) if msgs.last().and_then(|m| m.usage).is_some() => self.completed += 1,
@@ -147,19 +156,34 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
         .env_remove("NANOINFER_API_KEY")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"generatedTokens\": 4"));
     eprintln!(
         "containers: first completion {:.2}s after the cluster was ready",
         first_token.elapsed().as_secs_f64()
     );
     let out = Command::new(bin("nanoinfer"))
-        .args(["--addr", &addr, "infer", "The capital of France is", "--max-tokens", "3"])
+        .args([
+            "--addr",
+            &addr,
+            "infer",
+            "The capital of France is",
+            "--max-tokens",
+            "3",
+        ])
         .env_remove("NANOINFER_CA")
         .env_remove("NANOINFER_API_KEY")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let workers = deployment.pods("worker");
     assert_eq!(workers.len(), 2, "{:?}", deployment.state);
@@ -169,11 +193,7 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
     // docker kill a worker while a stream runs: the stream still completes
     // (resumed on the other worker), and later requests succeed.
     let (_, _, victim) = &workers[0];
-    let mut stream = client
-        .infer(greedy(PROMPT, 60))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = client.infer(greedy(PROMPT, 60)).await.unwrap().into_inner();
     let mut tokens = 0;
     let mut killed = false;
     let mut finished = false;
@@ -209,7 +229,10 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
     if finished {
         tally.completed += 1;
     }
-    assert!(killed && finished, "the stream did not survive the kill ({tokens} messages)");
+    assert!(
+        killed && finished,
+        "the stream did not survive the kill ({tokens} messages)"
+    );
     for _ in 0..4 {
         tally.one(&mut client, 4).await;
     }
@@ -228,28 +251,38 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
     // Cut one worker off the network: requests keep succeeding on the other.
     let network = deployment.state["network"].as_str().unwrap().to_string();
     let (_, cut_ip, cut) = &workers[1];
-    assert!(docker(&["network", "disconnect", &network, cut]).status.success());
+    assert!(docker(&["network", "disconnect", &network, cut])
+        .status
+        .success());
     for _ in 0..6 {
         tally.one(&mut client, 4).await;
     }
     // Reconnect it with its address: it registers again (its lease may have
     // expired meanwhile) and takes traffic again.
     let pod = &workers[1].0;
-    assert!(docker(&["network", "connect", "--ip", cut_ip, "--alias", pod, "--alias", "worker", &network, cut])
-        .status
-        .success());
-    eventually(Duration::from_secs(60), "the reconnected worker to be routable", || async {
-        health_of(&addr).await.1 == 2
-    })
+    assert!(docker(&[
+        "network", "connect", "--ip", cut_ip, "--alias", pod, "--alias", "worker", &network, cut
+    ])
+    .status
+    .success());
+    eventually(
+        Duration::from_secs(60),
+        "the reconnected worker to be routable",
+        || async { health_of(&addr).await.1 == 2 },
+    )
     .await;
     let before = generated(cut_ip).await;
-    eventually(Duration::from_secs(60), "the reconnected worker to take requests", || {
-        let mut client = client.clone();
-        async move {
-            let _ = collect(&mut client, greedy("hello", 2)).await;
-            generated(cut_ip).await > before
-        }
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the reconnected worker to take requests",
+        || {
+            let mut client = client.clone();
+            async move {
+                let _ = collect(&mut client, greedy("hello", 2)).await;
+                generated(cut_ip).await > before
+            }
+        },
+    )
     .await;
     for _ in 0..4 {
         tally.one(&mut client, 4).await;
