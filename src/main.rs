@@ -65,6 +65,8 @@ enum Command {
     /// Runs the benchmark program, `nanoinfer-bench` (installed next to this
     /// binary), with ARGS; without `--worker` or `--coordinator` it measures
     /// the coordinator at `--addr`. `nanoinfer bench --help` lists its options.
+    // --help goes to nanoinfer-bench, which lists the options that matter.
+    #[command(disable_help_flag = true)]
     Bench {
         /// Arguments for nanoinfer-bench.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -131,8 +131,8 @@ fn one<'a>(spans: &'a [Received], name: &str) -> &'a Received {
 async fn one_trace_from_client_to_prefill_and_decode() {
     let collector = Collector::default();
     let endpoint = start_collector(collector.clone()).await;
-    let otlp = ["--otlp-endpoint", endpoint.as_str()];
-    let cluster = Cluster::start(1, &otlp, &otlp).await;
+    let otlp = ["--otlp-endpoint", endpoint.as_str(), "--log-format", "json"];
+    let mut cluster = Cluster::start(1, &otlp, &otlp).await;
     let mut client = cluster.client().await;
 
     // The client's own span, sent as a W3C traceparent.
@@ -192,6 +192,19 @@ async fn one_trace_from_client_to_prefill_and_decode() {
         "{decode:#?}"
     );
     assert_ne!(infer.status, 2);
+
+    // JSON log lines inside the request carry its trace id in their span
+    // (once: no list of enclosing spans repeating it).
+    for (who, proc, needle) in [
+        ("coordinator", &mut cluster.coordinator, "routing request"),
+        ("worker", &mut cluster.workers[0], "traced-1"),
+    ] {
+        let line = proc.wait_for_line(needle, Duration::from_secs(5)).await;
+        let line: serde_json::Value = serde_json::from_str(line.trim())
+            .unwrap_or_else(|e| panic!("{who} log line is not JSON ({e}): {line}"));
+        assert_eq!(line["span"]["trace_id"], trace_id, "{who}: {line}");
+        assert!(line.get("spans").is_none(), "{who}: {line}");
+    }
 
     // A rejected request is a span with an error status.
     let mut request = tonic::Request::new(InferRequest {

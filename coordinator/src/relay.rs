@@ -149,7 +149,15 @@ impl State {
                 resume_from = self.delivered.len(), "routing request");
             self.relay.span.record("worker", picked.id.as_str());
             match self.attempt(picked).await {
-                Attempt::Done | Attempt::ClientGone => return Ok(()),
+                Attempt::Done => return Ok(()),
+                Attempt::ClientGone => {
+                    // Counted as CANCELLED by the recorder; said here too, so
+                    // a request that "stopped" can be found in the logs.
+                    tracing::info!(request_id = %self.relay.params.request_id,
+                        delivered = self.delivered.len(),
+                        "client cancelled the request (stream closed); worker call dropped");
+                    return Ok(());
+                }
                 Attempt::End(e) => return Err(e),
                 Attempt::Failed(worker, failure) => self.failed(worker, failure)?,
             }

@@ -122,6 +122,7 @@ impl InferService for InferServiceImpl {
             rpc.method = "Infer",
             gen_ai.operation.name = "text_completion",
             request_id = Empty,
+            trace_id = Empty,
             worker = Empty,
             gen_ai.request.max_tokens = Empty,
             gen_ai.request.temperature = Empty,

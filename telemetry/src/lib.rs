@@ -83,7 +83,9 @@ pub fn init(service: &'static str, args: &TelemetryArgs) -> Result<Telemetry, Te
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match args.log_format {
         LogFormat::Text => fmt.boxed(),
-        LogFormat::Json => fmt.json().boxed(),
+        // The current span only (its fields: request_id, trace_id, …);
+        // the list of every enclosing span repeated the same data.
+        LogFormat::Json => fmt.json().with_span_list(false).boxed(),
     };
     let provider = match &args.otlp_endpoint {
         Some(endpoint) if !endpoint.trim().is_empty() => Some(tracer_provider(service, endpoint)?),

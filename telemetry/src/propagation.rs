@@ -3,6 +3,7 @@
 //! the server side makes the caller's span the parent of its own.
 
 use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TraceContextExt;
 use tonic::metadata::{KeyRef, MetadataKey, MetadataMap, MetadataValue};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -53,4 +54,11 @@ pub fn set_remote_parent(span: &tracing::Span, metadata: &MetadataMap) {
     // Fails only when tracing export is off (no OpenTelemetry layer) or the
     // span is disabled; there is then no parent to record.
     let _ = span.set_parent(cx);
+    // The trace id as a span field (declared `trace_id = Empty` by the
+    // caller), so JSON log lines inside the request carry it and a log line
+    // leads to its trace in Jaeger. Without span export there is no trace.
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", trace_id.to_string());
+    }
 }

@@ -183,7 +183,10 @@ impl Proc {
 
     async fn addr_after(&mut self, needle: &str) -> String {
         let line = self.wait_for_line(needle, Duration::from_secs(30)).await;
-        line.rsplit(needle).next().unwrap().trim().to_string()
+        // Text logs end the line with the address; JSON logs close the
+        // message with a quote.
+        let rest = line.rsplit(needle).next().unwrap().trim();
+        rest.split(['"', ' ']).next().unwrap().to_string()
     }
 
     /// The process id.

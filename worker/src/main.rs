@@ -9,6 +9,8 @@ async fn main() -> anyhow::Result<()> {
     let telemetry = nanoinfer_telemetry::init("nanoinfer-worker", &args.telemetry)?;
     let (listen, metrics_listen) = (args.listen, args.metrics_listen);
     let config = args.validate().map_err(anyhow::Error::msg)?;
+    // A wrong model path or file fails now, before any port is bound.
+    nanoinfer_worker::model::check_file(&config.model).map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -21,12 +21,38 @@ pub struct Model {
     pub load_seconds: f64,
 }
 
+/// Checks that `path` is a readable GGUF file (its magic bytes), so a wrong
+/// path or file is a clear error before anything else starts; llama.cpp
+/// itself only says "null result" for a file it cannot parse.
+pub fn check_file(path: &Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut file =
+        std::fs::File::open(path).map_err(|e| format!("model file {}: {e}", path.display()))?;
+    if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
+        return Err(format!(
+            "model file {} is not a regular file",
+            path.display()
+        ));
+    }
+    match file.read_exact(&mut magic) {
+        Ok(()) if &magic == b"GGUF" => Ok(()),
+        Ok(()) => Err(format!(
+            "model file {} is not a GGUF file (it starts with {:?}, not \"GGUF\")",
+            path.display(),
+            String::from_utf8_lossy(&magic)
+        )),
+        Err(_) => Err(format!(
+            "model file {} is not a GGUF file (shorter than its 4-byte magic)",
+            path.display()
+        )),
+    }
+}
+
 /// Loads `path` on the calling thread (blocking; call it from
 /// `spawn_blocking`). Errors name the path.
 pub fn load(path: &Path) -> Result<Model, String> {
-    if !path.is_file() {
-        return Err(format!("model file {} does not exist", path.display()));
-    }
+    check_file(path)?;
     let mut backend = LlamaBackend::init().map_err(|e| format!("llama.cpp backend: {e}"))?;
     // llama.cpp's own logging is verbose; keep it only at debug level.
     if !tracing::enabled!(tracing::Level::DEBUG) {
@@ -47,6 +73,34 @@ pub fn load(path: &Path) -> Result<Model, String> {
         name,
         load_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_gguf_files_pass_the_check() {
+        let dir = std::env::temp_dir().join(format!("nanoinfer-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let text = dir.join("notes.txt");
+        std::fs::write(&text, "hello world").unwrap();
+        let err = check_file(&text).unwrap_err();
+        assert!(
+            err.contains("is not a GGUF file") && err.contains("\"hell\""),
+            "{err}"
+        );
+        let short = dir.join("short");
+        std::fs::write(&short, "GG").unwrap();
+        assert!(check_file(&short).unwrap_err().contains("shorter"));
+        let gguf = dir.join("m.gguf");
+        std::fs::write(&gguf, b"GGUF\x03\x00\x00\x00").unwrap();
+        assert_eq!(check_file(&gguf), Ok(()));
+        let err = check_file(&dir.join("missing.gguf")).unwrap_err();
+        assert!(err.contains("missing.gguf"), "{err}");
+        assert!(check_file(&dir).unwrap_err().contains("not a regular file"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 impl Model {

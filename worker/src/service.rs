@@ -240,6 +240,7 @@ impl WorkerService for WorkerServiceImpl {
             rpc.service = "nanoinfer.worker.v1.WorkerService",
             rpc.method = "Generate",
             request_id = Empty,
+            trace_id = Empty,
             gen_ai.request.max_tokens = Empty,
             gen_ai.usage.input_tokens = Empty,
             gen_ai.usage.output_tokens = Empty,
