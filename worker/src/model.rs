@@ -75,6 +75,19 @@ pub fn load(path: &Path) -> Result<Model, String> {
     })
 }
 
+impl Model {
+    /// Tokenizes a prompt the way generation needs it (with BOS when the
+    /// model wants one; special-token text is treated as plain text).
+    pub fn tokenize(&self, prompt: &str) -> Vec<LlamaToken> {
+        self.model.vocab().tokenize(prompt.as_bytes(), true, false)
+    }
+
+    /// Vocabulary size: token ids are `0..n_vocab`.
+    pub fn n_vocab(&self) -> i32 {
+        self.model.n_vocab()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,18 +113,5 @@ mod tests {
         assert!(err.contains("missing.gguf"), "{err}");
         assert!(check_file(&dir).unwrap_err().contains("not a regular file"));
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
-impl Model {
-    /// Tokenizes a prompt the way generation needs it (with BOS when the
-    /// model wants one; special-token text is treated as plain text).
-    pub fn tokenize(&self, prompt: &str) -> Vec<LlamaToken> {
-        self.model.vocab().tokenize(prompt.as_bytes(), true, false)
-    }
-
-    /// Vocabulary size: token ids are `0..n_vocab`.
-    pub fn n_vocab(&self) -> i32 {
-        self.model.n_vocab()
     }
 }
