@@ -176,6 +176,7 @@ fn generate(prompt: &str) -> GenerateRequest {
         seed: 0,
         stop: vec![],
         resume_token_ids: vec![],
+        messages: vec![],
     }
 }
 

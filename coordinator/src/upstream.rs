@@ -88,6 +88,14 @@ pub fn generate_request(
         seed: params.seed,
         stop: params.stop.clone(),
         resume_token_ids: delivered.to_vec(),
+        messages: params
+            .messages
+            .iter()
+            .map(|(role, content)| wpb::ChatMessage {
+                role: role.clone(),
+                content: content.clone(),
+            })
+            .collect(),
     });
     request.set_timeout(remaining);
     request
@@ -158,6 +166,7 @@ mod tests {
         let params = InferParams {
             request_id: "r".into(),
             prompt: "p".into(),
+            messages: vec![],
             max_tokens: 10,
             temperature: 0.0,
             top_p: 1.0,

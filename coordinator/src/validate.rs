@@ -25,8 +25,10 @@ pub use nanoinfer_proto::limits::{MAX_REQUEST_ID_BYTES, MAX_STOP_BYTES, MAX_STOP
 pub struct InferParams {
     /// The client's id, or a generated UUID.
     pub request_id: String,
-    /// Non-empty prompt.
+    /// The prompt (empty when `messages` is used).
     pub prompt: String,
+    /// A conversation as `(role, content)` (empty when `prompt` is used).
+    pub messages: Vec<(String, String)>,
     /// 1..=limit.
     pub max_tokens: u32,
     /// ≥ 0, finite; 0 = greedy.
@@ -58,7 +60,16 @@ impl Limits {
         seed: impl FnOnce() -> u64,
     ) -> Result<InferParams, CoordinatorError> {
         limits::check_request_id(&req.request_id)?;
-        self.checks.check_prompt(&req.prompt)?;
+        let messages: Vec<(String, String)> = req
+            .messages
+            .into_iter()
+            .map(|m| (m.role, m.content))
+            .collect();
+        let pairs: Vec<(&str, &str)> = messages
+            .iter()
+            .map(|(r, c)| (r.as_str(), c.as_str()))
+            .collect();
+        self.checks.check_prompt_or_messages(&req.prompt, &pairs)?;
         let max_tokens = match req.max_tokens {
             0 => self.default_max_tokens,
             n => n,
@@ -76,6 +87,7 @@ impl Limits {
         Ok(InferParams {
             request_id,
             prompt: req.prompt,
+            messages,
             max_tokens,
             temperature,
             top_p,

@@ -102,7 +102,62 @@ pub fn check_stop(stop: &[String]) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Most messages one conversation may hold.
+pub const MAX_MESSAGES: usize = 256;
+/// The roles a chat message may have.
+pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
 impl Limits {
+    /// Exactly one of a prompt and a conversation (`(role, content)` pairs),
+    /// then the checks of that one.
+    pub fn check_prompt_or_messages(
+        &self,
+        prompt: &str,
+        messages: &[(&str, &str)],
+    ) -> Result<(), FieldError> {
+        match (prompt.is_empty(), messages.is_empty()) {
+            (false, false) => refuse("prompt", "and messages were both sent; send one of them"),
+            (_, true) => self.check_prompt(prompt),
+            (true, false) => self.check_messages(messages),
+        }
+    }
+
+    /// At most [`MAX_MESSAGES`] messages with known roles, their contents
+    /// within `max_prompt_bytes` together.
+    pub fn check_messages(&self, messages: &[(&str, &str)]) -> Result<(), FieldError> {
+        if messages.len() > MAX_MESSAGES {
+            return refuse(
+                "messages",
+                format!(
+                    "holds {} messages; the limit is {MAX_MESSAGES}",
+                    messages.len()
+                ),
+            );
+        }
+        for (i, (role, _)) in messages.iter().enumerate() {
+            if !ROLES.contains(role) {
+                return refuse(
+                    "messages",
+                    format!(
+                        "messages[{i}].role must be system, user or assistant, got {:?}",
+                        role.chars().take(32).collect::<String>()
+                    ),
+                );
+            }
+        }
+        let bytes: usize = messages.iter().map(|(_, c)| c.len()).sum();
+        if bytes > self.max_prompt_bytes {
+            return refuse(
+                "messages",
+                format!(
+                    "contents are {bytes} bytes together; the limit is {}",
+                    self.max_prompt_bytes
+                ),
+            );
+        }
+        Ok(())
+    }
+
     /// A non-empty prompt within `max_prompt_bytes`.
     pub fn check_prompt(&self, prompt: &str) -> Result<(), FieldError> {
         if prompt.is_empty() {
@@ -166,6 +221,22 @@ mod tests {
         assert_eq!(field(check_stop(&["x".repeat(257)])), "stop");
         assert!(check_stop(&vec!["s".into(); 8]).is_ok());
         assert_eq!(field(l.check_prompt("")), "prompt");
+        // A conversation instead of a prompt.
+        let chat = [("system", "be"), ("user", "hi")];
+        assert!(l.check_prompt_or_messages("", &chat).is_ok());
+        assert_eq!(field(l.check_prompt_or_messages("x", &chat)), "prompt");
+        assert_eq!(field(l.check_prompt_or_messages("", &[])), "prompt");
+        let bad = l.check_prompt_or_messages("", &[("user", "a"), ("bot", "b")]);
+        assert_eq!(
+            bad.unwrap_err().message,
+            "messages[1].role must be system, user or assistant, got \"bot\""
+        );
+        assert_eq!(
+            field(l.check_messages(&[("user", "123"), ("assistant", "45")])),
+            "messages"
+        );
+        let many = vec![("user", ""); MAX_MESSAGES + 1];
+        assert_eq!(field(l.check_messages(&many)), "messages");
         assert_eq!(field(l.check_prompt("12345")), "prompt");
         assert!(l.check_prompt("1234").is_ok());
         assert_eq!(field(l.check_max_tokens(0)), "max_tokens");

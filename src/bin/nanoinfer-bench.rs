@@ -229,6 +229,7 @@ async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std
         seed: 1,
         stop: Vec::new(),
         resume_token_ids: Vec::new(),
+        messages: Vec::new(),
     };
     let started = Instant::now();
     let stream = client.generate(req).await?.into_inner();

@@ -57,6 +57,32 @@ pub fn model_path() -> PathBuf {
     )
 }
 
+/// The instruction-tuned model for chat tests: `NANOINFER_TEST_CHAT_MODEL`,
+/// else `scripts/fetch-model smollm2-135m-instruct`.
+pub fn chat_model_path() -> PathBuf {
+    if let Ok(p) = std::env::var("NANOINFER_TEST_CHAT_MODEL") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/fetch-model"))
+        .arg("smollm2-135m-instruct")
+        .output()
+        .expect("run scripts/fetch-model");
+    assert!(
+        out.status.success(),
+        "fetch-model failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim(),
+    )
+}
+
 /// A free loopback port (the OS picks it; released before use).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -366,9 +392,14 @@ impl Drop for Etcd {
 /// Starts a worker with `--threads 1` and (unless `extra` sets one) a 3 s
 /// lease; returns once it is registered.
 pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
+    start_worker_with(etcd, id, &model_path(), extra).await
+}
+
+/// [`start_worker`] serving `model`.
+pub async fn start_worker_with(etcd: &Etcd, id: &str, model: &Path, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("nanoinfer-worker"));
     cmd.arg("--model")
-        .arg(model_path())
+        .arg(model)
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .args(["--threads", "1"])
         .args(["--id", id, "--etcd-endpoints", &etcd.endpoint])

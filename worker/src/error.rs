@@ -26,6 +26,10 @@ pub enum WorkerError {
         /// What is wrong with it.
         message: String,
     },
+    /// The request cannot be served by this model (e.g. messages to a
+    /// model without a chat template).
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The engine refused the request.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -47,6 +51,7 @@ impl WorkerError {
     pub fn code(&self) -> Code {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Engine(EngineError::QueueFull(_)) => Code::ResourceExhausted,
             Self::Engine(EngineError::ShuttingDown) => Code::Unavailable,
             Self::Engine(EngineError::Context(_)) => Code::Internal,

@@ -59,16 +59,37 @@ impl WorkerServiceImpl {
         // The coordinator's checks, again (one module, one set of
         // messages): a caller that reaches the worker directly gets no more.
         // (The request id was checked on arrival, before it was escaped.)
-        self.limits.check_prompt(&req.prompt)?;
+        let messages: Vec<(String, String)> = req
+            .messages
+            .into_iter()
+            .map(|m| (m.role, m.content))
+            .collect();
+        {
+            let pairs: Vec<(&str, &str)> = messages
+                .iter()
+                .map(|(r, c)| (r.as_str(), c.as_str()))
+                .collect();
+            self.limits.check_prompt_or_messages(&req.prompt, &pairs)?;
+        }
         self.limits.check_max_tokens(req.max_tokens)?;
         limits::check_sampling(req.temperature, req.top_p)?;
         limits::check_stop(&req.stop)?;
         let resume = check_resume(&req.resume_token_ids, self.model.n_vocab(), req.max_tokens)?;
         let model = self.model.clone();
         let text = req.prompt;
-        let prompt = tokio::task::spawn_blocking(move || model.tokenize(&text))
-            .await
-            .map_err(|e| Failure::Internal(format!("tokenizing the prompt: {e}")))?;
+        let prompt = tokio::task::spawn_blocking(move || {
+            if messages.is_empty() {
+                Ok(model.tokenize(&text))
+            } else {
+                model.render_chat(&messages).map(|(_, tokens)| tokens)
+            }
+        })
+        .await
+        .map_err(|e| Failure::Internal(format!("tokenizing the prompt: {e}")))?
+        .map_err(|e| match e {
+            crate::model::ChatError::NoTemplate => WorkerError::FailedPrecondition(e.to_string()),
+            crate::model::ChatError::Render(_) => WorkerError::invalid("messages", e.to_string()),
+        })?;
         let ctx = self.engine.ctx_size() as usize;
         if prompt.len() >= ctx {
             return Err(WorkerError::invalid(
