@@ -93,3 +93,23 @@ async fn a_chat_request_gets_the_instruct_models_answer() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("messages[1].role"), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_without_a_chat_template_refuses_messages() {
+    // Gemma 3 270M's GGUF (a base model) carries no chat template.
+    let etcd = Etcd::start().await;
+    let _worker = start_worker(&etcd, "w1", &[]).await;
+    let (_coordinator, addr) = start_coordinator(&etcd, &[]).await;
+    wait_routable(&addr, 1).await;
+    let mut client = nanoinfer_proto::nanoinfer::infer_service_client::InferServiceClient::new(
+        nanoinfer::connect(&addr).await.unwrap(),
+    );
+    let err = collect(&mut client, chat(&[("user", "hi")], 4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("no chat template"), "{err:?}");
+    // The same worker still serves prompts.
+    let msgs = collect(&mut client, greedy("hello", 2)).await.unwrap();
+    assert_eq!(msgs.last().unwrap().usage.unwrap().generated_tokens, 2);
+}
