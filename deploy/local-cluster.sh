@@ -16,7 +16,8 @@
 # and the bench use TLS and the key (NANOINFER_CA, NANOINFER_API_KEY).
 #
 # Ports (env overrides): coordinator 50052 (NANOINFER_COORDINATOR_PORT) with
-# metrics on 9052 (NANOINFER_COORDINATOR_METRICS_PORT), workers 50061 and 50062
+# metrics on 9052 (NANOINFER_COORDINATOR_METRICS_PORT) and the OpenAI-compatible
+# HTTP API on 8080 (NANOINFER_COORDINATOR_HTTP_PORT), workers 50061 and 50062
 # (NANOINFER_WORKER_PORTS, one worker per port) with metrics on 9061 and 9062
 # (NANOINFER_WORKER_METRICS_PORTS), etcd 2379/2380
 # (NANOINFER_ETCD_PORT / NANOINFER_ETCD_PEER_PORT). Logs and pids live in
@@ -24,13 +25,15 @@
 # machine's cores: each gets an equal share (at least 1 thread) so they do not
 # fight; NANOINFER_WORKER_THREADS overrides it. With OTEL_EXPORTER_OTLP_ENDPOINT
 # set (e.g. http://127.0.0.1:4317, see deploy/jaeger.sh) every process exports
-# its spans there. Needs the binaries and the model: run scripts/setup first.
+# its spans there. NANOINFER_MODEL (a GGUF path) replaces the default model
+# (scripts/fetch-model). Needs the binaries and the model: run scripts/setup first.
 set -euo pipefail
 . "$(dirname "$0")/../scripts/common.sh"
 
 RUN_DIR="${NANOINFER_RUN_DIR:-$NANOINFER_CACHE_DIR/cluster}"
 COORD_PORT="${NANOINFER_COORDINATOR_PORT:-50052}"
 COORD_METRICS_PORT="${NANOINFER_COORDINATOR_METRICS_PORT:-9052}"
+COORD_HTTP_PORT="${NANOINFER_COORDINATOR_HTTP_PORT:-8080}"
 read -r -a WORKER_PORTS <<<"${NANOINFER_WORKER_PORTS:-50061 50062}"
 read -r -a WORKER_METRICS_PORTS <<<"${NANOINFER_WORKER_METRICS_PORTS:-9061 9062 9063 9064 9065 9066 9067 9068}"
 ETCD_PORT="${NANOINFER_ETCD_PORT:-2379}"
@@ -99,7 +102,9 @@ threads_per_worker() {
 
 start() {
   mkdir -p "$RUN_DIR"
-  local model; model=$("$ROOT/scripts/fetch-model" | tail -n1)
+  # NANOINFER_MODEL (a GGUF path) overrides the default model.
+  local model="${NANOINFER_MODEL:-}"
+  [ -n "$model" ] || model=$("$ROOT/scripts/fetch-model" | tail -n1)
   for b in nanoinfer-coordinator nanoinfer-worker nanoinfer; do
     [ -x "$BIN_DIR/$b" ] || { echo "$BIN_DIR/$b is missing: run scripts/setup" >&2; exit 1; }
   done
@@ -171,15 +176,15 @@ ENV
     log "starting coordinator on 127.0.0.1:$COORD_PORT"
     start_bg coordinator "$BIN_DIR/nanoinfer-coordinator" \
       --listen "127.0.0.1:$COORD_PORT" --metrics-listen "127.0.0.1:$COORD_METRICS_PORT" \
-      --etcd-endpoints "$ETCD_URL" "${secure[@]}"
+      --http-listen "127.0.0.1:$COORD_HTTP_PORT" --etcd-endpoints "$ETCD_URL" "${secure[@]}"
   fi
   log "waiting for $WORKERS workers to register"
   wait_for "$WORKERS live workers" 60 all_workers_live
   if [ "$SECURE" = 1 ]; then
-    log "cluster is up (secure): coordinator https://127.0.0.1:$COORD_PORT (logs in $RUN_DIR)"
+    log "cluster is up (secure): coordinator https://127.0.0.1:$COORD_PORT, OpenAI API https://127.0.0.1:$COORD_HTTP_PORT/v1 (logs in $RUN_DIR)"
     log "client settings: . $RUN_DIR/secure.env   (then ./test.sh infer, nanoinfer infer ...)"
   else
-    log "cluster is up: coordinator http://127.0.0.1:$COORD_PORT (logs in $RUN_DIR)"
+    log "cluster is up: coordinator http://127.0.0.1:$COORD_PORT, OpenAI API http://127.0.0.1:$COORD_HTTP_PORT/v1 (logs in $RUN_DIR)"
   fi
   log "metrics: http://127.0.0.1:$COORD_METRICS_PORT/metrics (coordinator), http://127.0.0.1:${WORKER_METRICS_PORTS[0]}/metrics (worker1)"
   if [ -n "${OTEL_EXPORTER_OTLP_ENDPOINT:-}" ]; then

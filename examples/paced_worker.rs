@@ -78,6 +78,7 @@ impl WorkerService for Paced {
                     token_id: Some(i as i32),
                     index: i,
                     finished: None,
+                    ..Default::default()
                 };
                 return Some((Ok(msg), i + 1));
             }
@@ -90,6 +91,7 @@ impl WorkerService for Paced {
                     prompt_tokens,
                     generated_tokens: n,
                 }),
+                ..Default::default()
             };
             Some((Ok(last), i + 1))
         });
@@ -108,6 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         id: args.id.clone(),
         address: args.listen.to_string(),
         model: "paced-test-double".into(),
+        model_name: "paced-test-double".into(),
         capacity: Capacity {
             slots: 100_000,
             queue: 0,

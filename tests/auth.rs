@@ -109,6 +109,7 @@ async fn without_a_keys_file_auth_is_off_and_says_so() {
         "coordinator-empty-keys",
         std::process::Command::new(bin("nanoinfer-coordinator"))
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(["--etcd-endpoints", &etcd.endpoint])
             .args(["--api-keys-file", empty.to_str().unwrap()]),
     );

@@ -302,6 +302,7 @@ async fn coordinator_and_worker_started_with_etcd_down_serve_once_it_is_up() {
         "coordinator",
         Command::new(bin("nanoinfer-coordinator"))
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--http-listen", "127.0.0.1:0"])
             .args(["--etcd-endpoints", &endpoint]),
     );
     let addr = format!("http://{}", coordinator.listen_addr().await);

@@ -92,6 +92,97 @@ async fn a_chat_request_gets_the_instruct_models_answer() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("messages[1].role"), "{err:?}");
+
+    // Sampling controls out of range name their field; an unknown model is
+    // NOT_FOUND; `n` completions come back with their choice index.
+    let bad = InferRequest {
+        min_p: Some(1.5),
+        ..chat(&[("user", "hi")], 4)
+    };
+    let err = collect(&mut client, bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("min_p: must be in [0, 1]"),
+        "{err:?}"
+    );
+    let unknown = InferRequest {
+        model: "no-such-model".into(),
+        ..chat(&[("user", "hi")], 4)
+    };
+    let err = collect(&mut client, unknown).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let three = InferRequest {
+        n: 3,
+        temperature: Some(1.0),
+        seed: Some(5),
+        ..chat(&[("user", "Name a fruit.")], 6)
+    };
+    let msgs = collect(&mut client, three).await.unwrap();
+    let finals: Vec<u32> = msgs
+        .iter()
+        .filter(|m| m.usage.is_some())
+        .map(|m| m.choice)
+        .collect();
+    let mut sorted = finals.clone();
+    sorted.sort();
+    assert_eq!(sorted, vec![0, 1, 2], "one final message per choice");
+
+    // `nanoinfer chat`: the conversation carries over between turns.
+    let mut child = std::process::Command::new(bin("nanoinfer"))
+        .args([
+            "--addr",
+            &addr,
+            "chat",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "40",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "My name is Ada Lovelace.").unwrap();
+        writeln!(stdin, "What is my name?").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_ok(&out, "nanoinfer chat");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.matches("[request_id=").count(),
+        2,
+        "two turns: {stderr}"
+    );
+    // Turn 2 sends the whole conversation: its prompt holds turn 1's
+    // prompt and answer (the 135M model is too small to be asked what it
+    // remembers).
+    let usage: Vec<(u32, u32)> = stderr
+        .lines()
+        .filter_map(|l| {
+            let field = |name: &str| -> Option<u32> {
+                l.split(&format!("{name}="))
+                    .nth(1)?
+                    .split([' ', ']'])
+                    .next()?
+                    .parse()
+                    .ok()
+            };
+            Some((field("prompt_tokens")?, field("generated_tokens")?))
+        })
+        .collect();
+    assert_eq!(usage.len(), 2, "{stderr}");
+    assert!(
+        usage[1].0 > usage[0].0 + usage[0].1,
+        "turn 2's prompt ({}) holds turn 1's prompt and answer ({} + {}): {stderr}",
+        usage[1].0,
+        usage[0].0,
+        usage[0].1
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

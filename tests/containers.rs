@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nanoinfer_proto::nanoinfer::infer_service_client::InferServiceClient;
+use nanoinfer_proto::nanoinfer::{ChatMessage, InferRequest};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -58,7 +59,8 @@ impl Deployment {
         let out = Command::new(root().join("deploy/k8s/run-on-docker"))
             .args(["up", "--project", project])
             .args(["--publish", &format!("coordinator:50052={port}")])
-            .args(["--model", model_path().to_str().unwrap()])
+            // The image's default model, seeded into each worker's volume.
+            .args(["--model", chat_model_path().to_str().unwrap()])
             .output()
             .unwrap();
         let deployment = Self {
@@ -150,7 +152,7 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
 
     // test.sh and the CLI against the published port.
     let out = Command::new(root().join("test.sh"))
-        .args(["infer", "Hello", "4"])
+        .args(["infer", "Write a long story about a dragon.", "4"])
         .env("NANOINFER_ADDR", format!("127.0.0.1:{port}"))
         .env_remove("NANOINFER_CA")
         .env_remove("NANOINFER_API_KEY")
@@ -193,7 +195,17 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
     // docker kill a worker while a stream runs: the stream still completes
     // (resumed on the other worker), and later requests succeed.
     let (_, _, victim) = &workers[0];
-    let mut stream = client.infer(greedy(PROMPT, 60)).await.unwrap().into_inner();
+    // A chat request the instruction-tuned default model answers at length.
+    let story = InferRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "Write a long story about the history of the Roman Empire.".into(),
+        }],
+        max_tokens: 60,
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let mut stream = client.infer(story).await.unwrap().into_inner();
     let mut tokens = 0;
     let mut killed = false;
     let mut finished = false;
@@ -278,7 +290,7 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
         || {
             let mut client = client.clone();
             async move {
-                let _ = collect(&mut client, greedy("hello", 2)).await;
+                let _ = collect(&mut client, greedy(PROMPT, 4)).await;
                 generated(cut_ip).await > before
             }
         },

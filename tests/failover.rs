@@ -311,6 +311,7 @@ async fn health_says_etcd_is_down_rather_than_no_workers() {
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut cmd = std::process::Command::new(bin("nanoinfer-coordinator"));
     cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(["--etcd-endpoints", &endpoint]);
     let mut coordinator = Proc::spawn("coordinator", &mut cmd);
     let addr = format!("http://{}", coordinator.listen_addr().await);

@@ -27,7 +27,7 @@ async fn probes_and_metrics_follow_real_requests() {
     assert_eq!(http_get(&coordinator_http, "/healthz").await.0, 200);
     assert_eq!(http_get(&coordinator_http, "/readyz").await.0, 503);
 
-    let mut worker = start_worker(&etcd, "w1", &[]).await;
+    let mut worker = start_worker(&etcd, "w1", &["--model-name", "gemma"]).await;
     let worker_http = worker.metrics_addr().await;
     assert_eq!(http_get(&worker_http, "/healthz").await.0, 200);
     assert_eq!(http_get(&worker_http, "/readyz").await.0, 200);
@@ -53,10 +53,9 @@ async fn probes_and_metrics_follow_real_requests() {
     let w1 = scrape(&mut worker).await;
 
     // Coordinator.
-    let ok = r#"nanoinfer_coordinator_requests_total{code="OK",finish_reason="length"}"#;
+    let ok = r#"nanoinfer_coordinator_requests_total{api="grpc",model_name="gemma",code="OK",finish_reason="length"}"#;
     assert_eq!(delta(&c0, &c1, ok), 3.0);
-    let invalid =
-        r#"nanoinfer_coordinator_requests_total{code="INVALID_ARGUMENT",finish_reason=""}"#;
+    let invalid = r#"nanoinfer_coordinator_requests_total{api="grpc",model_name="",code="INVALID_ARGUMENT",finish_reason=""}"#;
     assert_eq!(delta(&c0, &c1, invalid), 1.0);
     for (series, n) in [
         (
@@ -117,6 +116,22 @@ async fn probes_and_metrics_follow_real_requests() {
     assert_eq!(w1["nanoinfer_worker_kv_cache_usage_perc"], 0.0);
     // Every generated token came out of an engine step; the finished
     // requests' tokens stay warm for prefix reuse, within the default budget.
+    assert_eq!(
+        delta(
+            &c0,
+            &c1,
+            r#"nanoinfer_coordinator_request_prompt_tokens_sum{model_name="gemma"}"#
+        ),
+        prompt_tokens
+    );
+    assert_eq!(
+        delta(
+            &c0,
+            &c1,
+            r#"nanoinfer_coordinator_request_generation_tokens_sum{model_name="gemma"}"#
+        ),
+        15.0
+    );
     let steps = delta(&w0, &w1, "nanoinfer_worker_step_duration_seconds_count");
     assert!(steps >= 1.0, "{steps} steps");
     assert_eq!(delta(&w0, &w1, "nanoinfer_worker_step_tokens_count"), steps);
@@ -136,7 +151,7 @@ async fn probes_and_metrics_follow_real_requests() {
         .into_inner();
     stream.message().await.unwrap().unwrap();
     drop(stream);
-    let cancelled = r#"nanoinfer_coordinator_requests_total{code="CANCELLED",finish_reason=""}"#;
+    let cancelled = r#"nanoinfer_coordinator_requests_total{api="grpc",model_name="gemma",code="CANCELLED",finish_reason=""}"#;
     let left = r#"nanoinfer_worker_requests_total{finish_reason="client_left"}"#;
     // Bounded poll (20 s): scrape both until the outcome shows up.
     let mut counted = false;

@@ -177,6 +177,7 @@ fn generate(prompt: &str) -> GenerateRequest {
         stop: vec![],
         resume_token_ids: vec![],
         messages: vec![],
+        ..Default::default()
     }
 }
 
@@ -525,6 +526,7 @@ async fn workers_and_coordinator_use_etcd_over_tls_with_their_own_roles() {
     let coordinator_flags = etcd.flags(&certs, "coordinator", "coordinator");
     let mut cmd = Command::new(bin("nanoinfer-coordinator"));
     cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(&coordinator_flags);
     let mut coordinator = Proc::spawn("coordinator", &mut cmd);
     let addr = format!("http://{}", coordinator.listen_addr().await);
@@ -545,6 +547,7 @@ async fn workers_and_coordinator_use_etcd_over_tls_with_their_own_roles() {
     // A flag that does not fit is a clear error at start-up.
     let out = Command::new(bin("nanoinfer-coordinator"))
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
         .args(["--etcd-endpoints", &etcd.endpoint.replace("https", "http")])
         .args(["--etcd-ca", p(&certs.join("ca.pem"))])
         .output()

@@ -7,6 +7,19 @@ use clap::Parser;
 
 use crate::validate::Limits;
 
+/// `--http-listen`: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
+    if s == "off" {
+        return Ok(HttpListen(None));
+    }
+    s.parse()
+        .map(|a| HttpListen(Some(a)))
+        .map_err(|e| format!("{e}: give host:port, or off"))
+}
+
 /// nanoinfer coordinator: the public InferService front door.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "nanoinfer-coordinator", version)]
@@ -19,6 +32,13 @@ pub struct Args {
     /// `/readyz`; port 0 picks a free port (the bound address is logged).
     #[arg(long, env = "NANOINFER_METRICS_LISTEN", default_value = "0.0.0.0:9052")]
     pub metrics_listen: SocketAddr,
+    /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`,
+    /// `/v1/completions`, `/v1/models`); port 0 picks a free port, `off`
+    /// serves none. It takes the same TLS files and API keys as the gRPC
+    /// port.
+    #[arg(long, env = "NANOINFER_HTTP_LISTEN", default_value = "0.0.0.0:8080",
+        value_parser = parse_http_listen)]
+    pub http_listen: HttpListen,
     #[command(flatten)]
     pub etcd: nanoinfer_registry::EtcdArgs,
     /// `max_tokens` used when a request leaves it at 0.

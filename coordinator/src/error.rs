@@ -19,6 +19,10 @@ use tonic::{Code, Status};
 /// The response metadata key carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 
+/// The trailer naming the refused field of an INVALID_ARGUMENT (the HTTP
+/// API's `param`).
+pub const INVALID_FIELD_HEADER: &str = "x-nanoinfer-invalid-field";
+
 /// Why an `Infer` call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -33,6 +37,9 @@ pub enum CoordinatorError {
     /// No live worker is registered (or every one is ejected).
     #[error("no live worker is registered")]
     NoWorkers,
+    /// No known worker serves the requested model.
+    #[error("model: no live worker serves model {0:?}")]
+    ModelNotFound(String),
     /// A worker answered with an error status; its code is kept so clients
     /// (and retry logic) see what the worker said.
     #[error("worker {worker}: {status}")]
@@ -96,6 +103,7 @@ impl CoordinatorError {
         match self {
             Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::NoWorkers => Code::Unavailable,
+            Self::ModelNotFound(_) => Code::NotFound,
             Self::Upstream { status, .. } => status.code(),
             Self::Truncated(_) | Self::FirstTokenTimeout { .. } => Code::Unavailable,
             Self::AllBusy { .. } => Code::ResourceExhausted,
@@ -117,12 +125,25 @@ impl CoordinatorError {
             Self::Upstream { worker, status } => format!("worker {worker}: {}", status.message()),
             _ => self.to_string(),
         };
-        let Some(id) = request_id else {
-            return Status::new(code, detail);
+        let field = match &self {
+            Self::InvalidArgument { field, .. } => Some(*field),
+            _ => None,
         };
-        let mut status = Status::new(code, format!("request {}: {detail}", id.escape_debug()));
-        if let Ok(value) = MetadataValue::try_from(id) {
-            status.metadata_mut().insert(REQUEST_ID_HEADER, value);
+        let mut status = match request_id {
+            None => Status::new(code, detail),
+            Some(id) => {
+                let mut status =
+                    Status::new(code, format!("request {}: {detail}", id.escape_debug()));
+                if let Ok(value) = MetadataValue::try_from(id) {
+                    status.metadata_mut().insert(REQUEST_ID_HEADER, value);
+                }
+                status
+            }
+        };
+        if let Some(field) = field {
+            status
+                .metadata_mut()
+                .insert(INVALID_FIELD_HEADER, MetadataValue::from_static(field));
         }
         status
     }

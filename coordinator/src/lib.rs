@@ -20,7 +20,9 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod front;
 pub mod metrics;
+pub mod openai;
 pub mod relay;
 pub mod routing;
 pub mod service;
@@ -57,6 +59,7 @@ pub async fn run(
     config: CoordinatorConfig,
     listener: TcpListener,
     metrics_listener: TcpListener,
+    http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let local = listener
@@ -100,16 +103,19 @@ pub async fn run(
         }
     };
     let reload = api_keys.clone().map(auth::ApiKeys::spawn_reload);
-    let service = service::InferServiceImpl::new(
-        router.clone(),
-        discovery.status.clone(),
-        config.limits.clone(),
-        config.upstream.clone(),
-        metrics.clone(),
-    )
-    .with_api_keys(api_keys);
+    let front = Arc::new(front::Front {
+        routable: router.routable(),
+        router: router.clone(),
+        discovery: discovery.status.clone(),
+        limits: config.limits.clone(),
+        upstream: config.upstream.clone(),
+        metrics: metrics.clone(),
+        api_keys,
+    });
+    let service = service::InferServiceImpl::new(front.clone());
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_http = stop_rx.clone();
     let routes = nanoinfer_proto::add_reflection(
         tonic::transport::Server::builder().add_service(health_service),
         nanoinfer_proto::INFERENCE_DESCRIPTOR_SET,
@@ -120,28 +126,37 @@ pub async fn run(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let mut tasks = Vec::new();
-    let mut server = match &config.public_tls {
+    let public_tls = match &config.public_tls {
         Some(files) => {
             let tls = nanoinfer_proto::tls::ServerTls::load(files.clone(), "public")
                 .map_err(RunError::Setup)?;
             tracing::info!(cert = %files.cert.display(),
                 client_certificates = files.client_ca.is_some(),
-                "TLS on the public port (certificate files reloaded on change)");
+                "TLS on the public ports (certificate files reloaded on change)");
             tasks.push(tls.clone().spawn_reload());
-            tokio::spawn(routes.serve_with_incoming_shutdown(
+            Some(tls)
+        }
+        None => None,
+    };
+    let mut http_server = http_listener
+        .map(|l| openai::spawn(l, front.clone(), public_tls.clone(), stop_http))
+        .transpose()
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let mut server =
+        match public_tls {
+            Some(tls) => tokio::spawn(routes.serve_with_incoming_shutdown(
                 nanoinfer_proto::tls::incoming(listener, tls),
                 stopped,
-            ))
-        }
-        None => {
-            tracing::warn!("the public port is plaintext: no --tls-cert/--tls-key");
-            tokio::spawn(routes.serve_with_incoming_shutdown(
-                // Tokens are small writes that must leave at once: no Nagle.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stopped,
-            ))
-        }
-    };
+            )),
+            None => {
+                tracing::warn!("the public port is plaintext: no --tls-cert/--tls-key");
+                tokio::spawn(routes.serve_with_incoming_shutdown(
+                    // Tokens are small writes that must leave at once: no Nagle.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stopped,
+                ))
+            }
+        };
     match &config.upstream.cluster_tls {
         Some(cluster) => {
             tracing::info!(ca = %cluster.ca.display(),
@@ -157,6 +172,9 @@ pub async fn run(
         _ = shutdown => tracing::info!("shutdown requested; draining"),
         res = &mut server => {
             discovery.task.abort();
+            if let Some(http) = &http_server {
+                http.abort();
+            }
             health_task.abort();
             res.map_err(|e| RunError::Setup(e.to_string()))??;
             return Ok(());
@@ -172,13 +190,24 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     // tonic's graceful shutdown stops accepting and waits for open streams.
-    match tokio::time::timeout(config.grace_period, &mut server).await {
+    let drained = tokio::time::timeout(config.grace_period, async {
+        let grpc = (&mut server).await;
+        if let Some(http) = &mut http_server {
+            let _ = http.await;
+        }
+        grpc
+    })
+    .await;
+    match drained {
         Ok(res) => {
             res.map_err(|e| RunError::Setup(e.to_string()))??;
         }
         Err(_) => {
             tracing::warn!(open = ?router.in_flight(), "grace period over; closing open streams");
             server.abort();
+            if let Some(http) = &http_server {
+                http.abort();
+            }
         }
     }
     discovery.task.abort();

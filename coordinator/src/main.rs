@@ -7,7 +7,8 @@ use nanoinfer_coordinator::{run, Args};
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let telemetry = nanoinfer_telemetry::init("nanoinfer-coordinator", &args.telemetry)?;
-    let (listen, metrics_listen) = (args.listen, args.metrics_listen);
+    let (listen, metrics_listen, http_listen) =
+        (args.listen, args.metrics_listen, args.http_listen);
     let config = args.validate().map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -15,10 +16,17 @@ async fn main() -> anyhow::Result<()> {
     let metrics_listener = tokio::net::TcpListener::bind(metrics_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {metrics_listen} for metrics: {e}"))?;
+    let http_listener = match http_listen.0 {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("cannot listen on {addr} for HTTP (--http-listen): {e}")
+        })?),
+        None => None,
+    };
     let result = run(
         config,
         listener,
         metrics_listener,
+        http_listener,
         nanoinfer_telemetry::shutdown_signal(),
     )
     .await;

@@ -20,6 +20,10 @@ pub use crate::routing::RouterMetrics;
 /// Outcome of a request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
+    /// The public API: `grpc` or `http`.
+    pub api: &'static str,
+    /// The model name of the worker that served it (empty when none did).
+    pub model_name: String,
     /// gRPC status code name (`OK`, `INVALID_ARGUMENT`, …; `CANCELLED` when
     /// the client left mid-stream).
     pub code: &'static str,
@@ -49,6 +53,35 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// A worker and a gRPC status code.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerCodeLabel {
+    /// The worker's id.
+    pub worker: String,
+    /// gRPC status code name.
+    pub code: &'static str,
+}
+
+/// A model name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// The worker's `--model-name`.
+    pub model_name: String,
+}
+
+/// Buckets for per-request token counts (vLLM's
+/// `request_prompt_tokens` / `request_generation_tokens`).
+pub const TOKEN_COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
+    50000.0, 100000.0,
+];
+
+fn token_count_histogram() -> Histogram {
+    histogram(TOKEN_COUNT_BUCKETS)
+}
+
+type TokenCounts = Family<ModelLabel, Histogram, fn() -> Histogram>;
+
 /// Every coordinator metric.
 pub struct CoordinatorMetrics {
     /// Requests by outcome.
@@ -69,7 +102,11 @@ pub struct CoordinatorMetrics {
     pub router: RouterMetrics,
     /// Errors from workers: refusals when opening a stream and failures
     /// mid-stream.
-    pub worker_errors: Family<CodeLabel, Counter>,
+    pub worker_errors: Family<WorkerCodeLabel, Counter>,
+    /// Prompt tokens per finished request (each of `n` completions counts).
+    pub prompt_tokens: TokenCounts,
+    /// Generated tokens per finished request.
+    pub generation_tokens: TokenCounts,
     /// Requests moved to another worker before their first token.
     pub retries: Counter,
     /// Streams resumed on another worker after tokens were relayed.
@@ -97,6 +134,8 @@ impl Default for CoordinatorMetrics {
             live_workers: Gauge::default(),
             router: RouterMetrics::default(),
             worker_errors: Family::default(),
+            prompt_tokens: Family::new_with_constructor(token_count_histogram),
+            generation_tokens: Family::new_with_constructor(token_count_histogram),
             retries: Counter::default(),
             resumes: Counter::default(),
             stalled_streams: Counter::default(),
@@ -112,9 +151,27 @@ impl CoordinatorMetrics {
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("nanoinfer_coordinator");
         r.register(
+            "build",
+            "The coordinator's version",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]),
+        );
+        r.register(
             "requests",
-            "Requests by gRPC code and finish reason",
+            "Requests by API, model, gRPC code and finish reason",
             self.requests.clone(),
+        );
+        r.register(
+            "request_prompt_tokens",
+            "Prompt tokens per finished request, by model",
+            self.prompt_tokens.clone(),
+        );
+        r.register(
+            "request_generation_tokens",
+            "Generated tokens per finished request, by model",
+            self.generation_tokens.clone(),
         );
         r.register(
             "num_requests_running",
@@ -168,7 +225,7 @@ impl CoordinatorMetrics {
         );
         r.register(
             "worker_errors",
-            "Worker refusals and mid-stream failures, by gRPC code",
+            "Worker refusals and mid-stream failures, by worker and gRPC code",
             self.worker_errors.clone(),
         );
         r.register(
@@ -242,6 +299,8 @@ pub fn code_name(code: Code) -> &'static str {
 /// left) before [`finished`](Self::finished) or [`failed`](Self::failed).
 pub struct RequestRecorder {
     metrics: Arc<CoordinatorMetrics>,
+    api: crate::front::Api,
+    model_name: String,
     started: Instant,
     last_token: Option<Instant>,
     recorded: bool,
@@ -249,10 +308,12 @@ pub struct RequestRecorder {
 
 impl RequestRecorder {
     /// Starts recording a request that arrived now.
-    pub fn start(metrics: Arc<CoordinatorMetrics>) -> Self {
+    pub fn start(metrics: Arc<CoordinatorMetrics>, api: crate::front::Api) -> Self {
         metrics.running.inc();
         Self {
             metrics,
+            api,
+            model_name: String::new(),
             started: Instant::now(),
             last_token: None,
             recorded: false,
@@ -262,6 +323,28 @@ impl RequestRecorder {
     /// Seconds since arrival.
     pub fn elapsed(&self) -> f64 {
         self.started.elapsed().as_secs_f64()
+    }
+
+    /// A worker serving `model_name` took the request.
+    pub fn served_by(&mut self, model_name: &str) {
+        if self.model_name != model_name {
+            self.model_name = model_name.to_string();
+        }
+    }
+
+    /// Token counts of a finished request.
+    pub fn tokens(&self, prompt: u32, generated: u32) {
+        let label = ModelLabel {
+            model_name: self.model_name.clone(),
+        };
+        self.metrics
+            .prompt_tokens
+            .get_or_create(&label)
+            .observe(f64::from(prompt));
+        self.metrics
+            .generation_tokens
+            .get_or_create(&label)
+            .observe(f64::from(generated));
     }
 
     /// The worker's stream is open.
@@ -305,6 +388,8 @@ impl RequestRecorder {
         if !self.recorded {
             self.recorded = true;
             let label = OutcomeLabel {
+                api: self.api.label(),
+                model_name: std::mem::take(&mut self.model_name),
                 code: code_name(code),
                 finish_reason,
             };
@@ -327,6 +412,8 @@ mod tests {
     fn count(m: &CoordinatorMetrics, code: &'static str, finish_reason: &'static str) -> u64 {
         m.requests
             .get_or_create(&OutcomeLabel {
+                api: "grpc",
+                model_name: String::new(),
                 code,
                 finish_reason,
             })
@@ -337,7 +424,7 @@ mod tests {
     fn each_request_has_one_outcome_and_leaves_the_running_gauge() {
         let m = Arc::new(CoordinatorMetrics::default());
         {
-            let mut r = RequestRecorder::start(m.clone());
+            let mut r = RequestRecorder::start(m.clone(), crate::front::Api::Grpc);
             assert_eq!(m.running.get(), 1);
             r.upstream_opened();
             assert!(r.token().is_some());
@@ -351,14 +438,14 @@ mod tests {
         assert_eq!(m.inter_token_latency.count(), 1);
         assert_eq!(m.e2e_latency.count(), 1);
 
-        drop(RequestRecorder::start(m.clone()));
+        drop(RequestRecorder::start(m.clone(), crate::front::Api::Grpc));
         assert_eq!(
             count(&m, "CANCELLED", ""),
             1,
             "a dropped request was cancelled"
         );
 
-        let mut r = RequestRecorder::start(m.clone());
+        let mut r = RequestRecorder::start(m.clone(), crate::front::Api::Grpc);
         r.failed(Code::InvalidArgument);
         drop(r);
         assert_eq!(count(&m, "INVALID_ARGUMENT", ""), 1);

@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nanoinfer_proto::nanoinfer::{FinishReason, InferResponse, UsageMetrics};
+use nanoinfer_proto::nanoinfer::{FinishReason, InferResponse, TopLogprob, UsageMetrics};
 use nanoinfer_proto::worker::{self as wpb, worker_service_client::WorkerServiceClient};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -30,7 +30,7 @@ use tracing::Span;
 
 use crate::config::UpstreamConfig;
 use crate::error::CoordinatorError;
-use crate::metrics::{code_name, CodeLabel, CoordinatorMetrics, RequestRecorder};
+use crate::metrics::{code_name, CoordinatorMetrics, RequestRecorder, WorkerCodeLabel};
 use crate::routing::{jitter, Picked, Router};
 use crate::upstream::{finish_label, generate_request, judge, Failure};
 use crate::validate::InferParams;
@@ -59,6 +59,8 @@ pub struct Relay {
     pub recorder: RequestRecorder,
     /// The request's span (the task runs inside it).
     pub span: Span,
+    /// Which of the request's `n` completions this relay produces.
+    pub choice: u32,
 }
 
 /// How one attempt on one worker ended.
@@ -137,12 +139,17 @@ impl State {
                     _ = self.tx.closed() => return Ok(()),
                 }
             }
-            let Some(picked) = self.relay.router.pick(&self.tried) else {
-                return Err(if self.tried.is_empty() {
-                    CoordinatorError::NoWorkers
-                } else {
-                    self.out_of_workers()
-                });
+            let model = self.relay.params.model.as_deref();
+            let Some(picked) = self.relay.router.pick(&self.tried, model) else {
+                return Err(
+                    if let Some(m) = model.filter(|m| !self.relay.router.knows_model(m)) {
+                        CoordinatorError::ModelNotFound(m.to_string())
+                    } else if self.tried.is_empty() {
+                        CoordinatorError::NoWorkers
+                    } else {
+                        self.out_of_workers()
+                    },
+                );
             };
             tracing::info!(request_id = %self.relay.params.request_id, worker = %picked.id,
                 address = %picked.address, attempt = self.tried.len() + 1,
@@ -184,7 +191,8 @@ impl State {
         self.relay
             .metrics
             .worker_errors
-            .get_or_create(&CodeLabel {
+            .get_or_create(&WorkerCodeLabel {
+                worker: worker.clone(),
                 code: code_name(code),
             })
             .inc();
@@ -235,6 +243,7 @@ impl State {
         let Picked {
             id: worker,
             channel,
+            model_name,
             guard: _guard,
             ..
         } = picked;
@@ -257,6 +266,7 @@ impl State {
             Ok(response) => response.into_inner(),
             Err(status) => return Attempt::Failed(worker, Failure::Status(status)),
         };
+        self.relay.recorder.served_by(&model_name);
         if let Some(opened) = self.opened.take() {
             self.relay.recorder.upstream_opened();
             let _ = opened.send(Ok(()));
@@ -298,6 +308,16 @@ impl State {
                         index,
                         finish_reason: FinishReason::Unspecified as i32,
                         usage: None,
+                        logprob: msg.logprob,
+                        top_logprobs: public_top_logprobs(msg.top_logprobs),
+                        choice: self.relay.choice,
+                        // Named on the first token (and the final message),
+                        // so a streaming client knows it at once.
+                        model: if index == 0 {
+                            model_name.clone()
+                        } else {
+                            String::new()
+                        },
                     };
                     if let Some(end) = self.send(response).await {
                         return end;
@@ -306,7 +326,10 @@ impl State {
                     self.delivered.push(msg.token_id.unwrap_or_default());
                 }
                 Some(f) => {
-                    let response = self.finish(&worker, msg.text, f);
+                    let mut response = self.finish(&worker, msg.text, f);
+                    response.logprob = msg.logprob;
+                    response.top_logprobs = public_top_logprobs(msg.top_logprobs);
+                    response.model = model_name;
                     return self.send(response).await.unwrap_or(Attempt::Done);
                 }
             }
@@ -317,6 +340,7 @@ impl State {
     fn finish(&mut self, worker: &str, text: String, f: wpb::Finished) -> InferResponse {
         let r = &mut self.relay;
         let label = finish_label(f.reason);
+        r.recorder.tokens(f.prompt_tokens, f.generated_tokens);
         r.recorder.finished(label);
         r.span.record("gen_ai.usage.input_tokens", f.prompt_tokens);
         r.span
@@ -336,6 +360,10 @@ impl State {
                 generated_tokens: f.generated_tokens,
                 total_tokens: f.prompt_tokens + f.generated_tokens,
             }),
+            logprob: None,
+            top_logprobs: Vec::new(),
+            choice: r.choice,
+            model: String::new(),
         }
     }
 
@@ -382,6 +410,15 @@ impl State {
                 .await;
         }
     }
+}
+
+fn public_top_logprobs(top: Vec<wpb::TopLogprob>) -> Vec<TopLogprob> {
+    top.into_iter()
+        .map(|t| TopLogprob {
+            token: t.text,
+            logprob: t.logprob,
+        })
+        .collect()
 }
 
 fn public_finish_reason(reason: i32) -> FinishReason {

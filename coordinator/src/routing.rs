@@ -51,6 +51,8 @@ pub struct Picked {
     pub address: String,
     /// A (lazily connected, shared) channel to it.
     pub channel: Channel,
+    /// The model name it serves.
+    pub model_name: String,
     /// The in-flight guard.
     pub guard: InFlight,
 }
@@ -70,6 +72,8 @@ pub struct RouterMetrics {
 
 struct WorkerState {
     address: String,
+    /// The model name it registered (`--model-name`).
+    model_name: String,
     channel: Channel,
     /// The worker's series of `worker_requests_in_flight`: the count itself.
     in_flight: Gauge,
@@ -180,7 +184,9 @@ impl Router {
     pub fn sync(&self, live: &WorkerSet) {
         let mut workers = self.workers.lock().expect("router lock");
         workers.retain(|id, w| {
-            let keep = live.get(id).is_some_and(|info| info.address == w.address);
+            let keep = live
+                .get(id)
+                .is_some_and(|info| info.address == w.address && info.model_name == w.model_name);
             if !keep {
                 self.metrics
                     .in_flight
@@ -207,6 +213,7 @@ impl Router {
                 id.clone(),
                 WorkerState {
                     address: info.address.clone(),
+                    model_name: info.model_name.clone(),
                     channel,
                     in_flight: self.metrics.in_flight.get_or_create_owned(&label),
                     ejected: false,
@@ -227,12 +234,15 @@ impl Router {
         });
     }
 
-    /// Picks a routable worker, skipping ids in `exclude`.
-    pub fn pick(&self, exclude: &[String]) -> Option<Picked> {
+    /// Picks a routable worker, skipping ids in `exclude`; with `model`,
+    /// only among workers serving it.
+    pub fn pick(&self, exclude: &[String], model: Option<&str>) -> Option<Picked> {
         let workers = self.workers.lock().expect("router lock");
         let mut candidates: Vec<(&String, &WorkerState)> = workers
             .iter()
-            .filter(|(id, w)| !w.ejected && !exclude.contains(id))
+            .filter(|(id, w)| {
+                !w.ejected && !exclude.contains(id) && model.is_none_or(|m| w.model_name == m)
+            })
             .collect();
         // A stable order, so rotation among ties is fair.
         candidates.sort_by(|a, b| a.0.cmp(b.0));
@@ -247,6 +257,7 @@ impl Router {
             id: id.clone(),
             address: w.address.clone(),
             channel: w.channel.clone(),
+            model_name: w.model_name.clone(),
             guard: InFlight(w.in_flight.clone()),
         })
     }
@@ -318,6 +329,23 @@ impl Router {
         }
     }
 
+    /// The model names known workers serve, each with its number of
+    /// routable (not ejected) workers, sorted by name.
+    pub fn models(&self) -> Vec<(String, usize)> {
+        let workers = self.workers.lock().expect("router lock");
+        let mut names: std::collections::BTreeMap<String, usize> = Default::default();
+        for w in workers.values() {
+            *names.entry(w.model_name.clone()).or_default() += usize::from(!w.ejected);
+        }
+        names.into_iter().collect()
+    }
+
+    /// Whether any known worker (routable or ejected) serves `model`.
+    pub fn knows_model(&self, model: &str) -> bool {
+        let workers = self.workers.lock().expect("router lock");
+        workers.values().any(|w| w.model_name == model)
+    }
+
     /// Requests in flight per worker id.
     pub fn in_flight(&self) -> HashMap<String, usize> {
         let workers = self.workers.lock().expect("router lock");
@@ -344,6 +372,7 @@ mod tests {
                     // Nothing listens there: probes fail.
                     address: format!("127.0.0.1:{}", 1 + i),
                     model: "m".into(),
+                    model_name: "m".into(),
                     capacity: Capacity {
                         slots: 1,
                         queue: 1,
@@ -385,8 +414,8 @@ mod tests {
     async fn picks_spread_while_in_flight_and_release_on_drop() {
         let router = router();
         router.sync(&set(&["a", "b"]));
-        let first = router.pick(&[]).unwrap();
-        let second = router.pick(&[]).unwrap();
+        let first = router.pick(&[], None).unwrap();
+        let second = router.pick(&[], None).unwrap();
         assert_ne!(
             first.id, second.id,
             "a busy worker is not picked while another is idle"
@@ -402,9 +431,11 @@ mod tests {
         let router = Arc::new(Router::new(metrics.clone(), UpstreamConfig::default()));
         router.sync(&set(&["a", "b"]));
         for _ in 0..4 {
-            assert_eq!(router.pick(&["a".to_string()]).unwrap().id, "b");
+            assert_eq!(router.pick(&["a".to_string()], None).unwrap().id, "b");
         }
-        assert!(router.pick(&["a".to_string(), "b".to_string()]).is_none());
+        assert!(router
+            .pick(&["a".to_string(), "b".to_string()], None)
+            .is_none());
         router.sync(&set(&["b"]));
         assert_eq!(
             metrics.in_flight.len(),
@@ -421,11 +452,15 @@ mod tests {
         // count, whatever the request saw when it started.
         let router = router();
         router.sync(&set(&["a"]));
-        let held = router.pick(&[]).unwrap();
+        let held = router.pick(&[], None).unwrap();
         router.sync(&set(&["a", "b"]));
         assert_eq!(router.in_flight()["a"], 1);
         assert_eq!(router.in_flight()["b"], 0);
-        assert_eq!(router.pick(&[]).unwrap().id, "b", "b is idle, a is busy");
+        assert_eq!(
+            router.pick(&[], None).unwrap().id,
+            "b",
+            "b is idle, a is busy"
+        );
         drop(held);
     }
 
@@ -438,17 +473,17 @@ mod tests {
         router.eject("a", "twice is once");
         assert_eq!(*routable.borrow(), 1);
         for _ in 0..4 {
-            assert_eq!(router.pick(&[]).unwrap().id, "b");
+            assert_eq!(router.pick(&[], None).unwrap().id, "b");
         }
         router.eject("b", "test");
-        assert!(router.pick(&[]).is_none());
+        assert!(router.pick(&[], None).is_none());
         // The probe finds nothing listening: still ejected a while later.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(router.pick(&[]).is_none());
+        assert!(router.pick(&[], None).is_none());
         // Re-registering (a new record) makes it routable again.
         let mut moved = (*set(&["a", "b"])).clone();
         moved.get_mut("a").unwrap().address = "127.0.0.1:9".into();
         router.sync(&Arc::new(moved));
-        assert_eq!(router.pick(&[]).unwrap().id, "a");
+        assert_eq!(router.pick(&[], None).unwrap().id, "a");
     }
 }

@@ -79,6 +79,12 @@ pub fn generate_request(
     delivered: &[i32],
     remaining: Duration,
 ) -> Request<GenerateRequest> {
+    // Controls left off are not sent (their absence means off).
+    fn set<T: PartialEq>(value: T, off: T) -> Option<T> {
+        (value != off).then_some(value)
+    }
+    let c = params.controls;
+    let off = nanoinfer_proto::limits::SamplingControls::default();
     let mut request = Request::new(GenerateRequest {
         request_id: params.request_id.clone(),
         prompt: params.prompt.clone(),
@@ -96,6 +102,13 @@ pub fn generate_request(
                 content: content.clone(),
             })
             .collect(),
+        top_k: set(c.top_k, off.top_k),
+        min_p: set(c.min_p, off.min_p),
+        repetition_penalty: set(c.repetition_penalty, off.repetition_penalty),
+        presence_penalty: set(c.presence_penalty, off.presence_penalty),
+        frequency_penalty: set(c.frequency_penalty, off.frequency_penalty),
+        logprobs: c.logprobs,
+        top_logprobs: c.top_logprobs,
     });
     request.set_timeout(remaining);
     request
@@ -172,8 +185,16 @@ mod tests {
             top_p: 1.0,
             seed: 3,
             stop: vec![],
+            controls: nanoinfer_proto::limits::SamplingControls {
+                top_k: 40,
+                ..Default::default()
+            },
+            n: 1,
+            model: None,
         };
         let req = generate_request(&params, &[5, 6], Duration::from_millis(1500));
+        assert_eq!(req.get_ref().top_k, Some(40));
+        assert_eq!(req.get_ref().min_p, None, "controls left off are not sent");
         assert_eq!(req.get_ref().resume_token_ids, vec![5, 6]);
         assert_eq!(
             req.get_ref().max_tokens,

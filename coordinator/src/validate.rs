@@ -1,6 +1,6 @@
 //! Public `InferRequest` → validated [`InferParams`], at the edge.
 
-use nanoinfer_proto::limits::{self, FieldError, Limits as SharedLimits};
+use nanoinfer_proto::limits::{self, FieldError, Limits as SharedLimits, SamplingControls};
 use nanoinfer_proto::nanoinfer::InferRequest;
 
 use crate::error::CoordinatorError;
@@ -39,6 +39,12 @@ pub struct InferParams {
     pub seed: u64,
     /// Stop sequences.
     pub stop: Vec<String>,
+    /// top-k, min-p, penalties, log-probabilities.
+    pub controls: SamplingControls,
+    /// Completions to generate, 1..=8.
+    pub n: u32,
+    /// Only workers serving this model name (`None`: any).
+    pub model: Option<String>,
 }
 
 impl From<FieldError> for CoordinatorError {
@@ -79,6 +85,33 @@ impl Limits {
         let top_p = req.top_p.unwrap_or(DEFAULT_TOP_P);
         limits::check_sampling(temperature, top_p)?;
         limits::check_stop(&req.stop)?;
+        let off = SamplingControls::default();
+        let controls = SamplingControls {
+            top_k: req.top_k.unwrap_or(off.top_k),
+            min_p: req.min_p.unwrap_or(off.min_p),
+            repetition_penalty: req.repetition_penalty.unwrap_or(off.repetition_penalty),
+            presence_penalty: req.presence_penalty.unwrap_or(off.presence_penalty),
+            frequency_penalty: req.frequency_penalty.unwrap_or(off.frequency_penalty),
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs,
+        };
+        controls.check()?;
+        if controls.top_logprobs > 0 && !controls.logprobs {
+            return Err(FieldError {
+                field: "top_logprobs",
+                message: "needs logprobs set to true".into(),
+            }
+            .into());
+        }
+        let n = limits::check_n(req.n)?;
+        if !req.model.is_empty() {
+            nanoinfer_registry::schema::validate_model_name(&req.model).map_err(|message| {
+                CoordinatorError::InvalidArgument {
+                    field: "model",
+                    message,
+                }
+            })?;
+        }
         let request_id = if req.request_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
@@ -93,6 +126,9 @@ impl Limits {
             top_p,
             seed: req.seed.unwrap_or_else(seed),
             stop: req.stop,
+            controls,
+            n,
+            model: (!req.model.is_empty()).then_some(req.model),
         })
     }
 }

@@ -467,7 +467,7 @@ class Checker:
         # The listen addresses must be set on the container: the image's own
         # ENV (deploy/Dockerfile sets NANOINFER_LISTEN=0.0.0.0:50061 for every
         # binary) would otherwise win over --help's default.
-        for var in ("NANOINFER_LISTEN", "NANOINFER_METRICS_LISTEN"):
+        for var in ("NANOINFER_LISTEN", "NANOINFER_METRICS_LISTEN", "NANOINFER_HTTP_LISTEN"):
             if var in helptext and not c.get("_init"):
                 self.check(env.get(var), cw, f"{var} is not set: set it explicitly (the image's ENV, "
                            "not --help's default, would apply)")
@@ -476,6 +476,8 @@ class Checker:
             ports["grpc"] = port_of(effective("NANOINFER_LISTEN"))
         if "NANOINFER_METRICS_LISTEN" in helptext:
             ports["metrics"] = port_of(effective("NANOINFER_METRICS_LISTEN"))
+        if "NANOINFER_HTTP_LISTEN" in helptext and effective("NANOINFER_HTTP_LISTEN") != "off":
+            ports["http"] = port_of(effective("NANOINFER_HTTP_LISTEN"))
         for role, port in ports.items():
             self.check(port is not None, cw, f"cannot read the {role} port from its env or --help default")
         listened = {p for p in ports.values() if p}
@@ -483,7 +485,7 @@ class Checker:
         if not c.get("_init"):
             self.check(declared == listened, cw,
                        f"containerPorts {sorted(declared)} differ from the ports {binary} listens on "
-                       f"{sorted(listened)} (NANOINFER_LISTEN / NANOINFER_METRICS_LISTEN)")
+                       f"{sorted(listened)} (NANOINFER_LISTEN / NANOINFER_METRICS_LISTEN / NANOINFER_HTTP_LISTEN)")
         if env.get("NANOINFER_ADVERTISE") and ports.get("grpc"):
             self.check(port_of(env["NANOINFER_ADVERTISE"]) == ports["grpc"], cw,
                        f"NANOINFER_ADVERTISE {env['NANOINFER_ADVERTISE']!r} is not on the listen port {ports['grpc']}")

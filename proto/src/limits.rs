@@ -82,6 +82,103 @@ pub fn check_sampling(temperature: f32, top_p: f32) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Most alternatives `top_logprobs` may ask for.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Most completions one request may ask for (`n`).
+pub const MAX_N: u32 = 8;
+/// Largest `repetition_penalty`.
+pub const MAX_REPETITION_PENALTY: f32 = 10.0;
+
+/// The sampling controls beyond temperature and top-p, with their "off"
+/// values as defaults. Both APIs and both processes share these ranges.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingControls {
+    /// Keep the k most likely tokens; 0 = off.
+    pub top_k: u32,
+    /// In [0, 1]: drop tokens below `min_p` × the top probability; 0 = off.
+    pub min_p: f32,
+    /// In (0, 10]; 1 = off.
+    pub repetition_penalty: f32,
+    /// In [-2, 2]; 0 = off.
+    pub presence_penalty: f32,
+    /// In [-2, 2]; 0 = off.
+    pub frequency_penalty: f32,
+    /// Return log-probabilities.
+    pub logprobs: bool,
+    /// Alternatives per position, 0..=20.
+    pub top_logprobs: u32,
+}
+
+impl Default for SamplingControls {
+    fn default() -> Self {
+        Self {
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logprobs: false,
+            top_logprobs: 0,
+        }
+    }
+}
+
+impl SamplingControls {
+    /// Each field within its range; the error names the field.
+    pub fn check(&self) -> Result<(), FieldError> {
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return refuse("min_p", format!("must be in [0, 1], got {}", self.min_p));
+        }
+        let r = self.repetition_penalty;
+        if !(r > 0.0 && r <= MAX_REPETITION_PENALTY) {
+            return refuse(
+                "repetition_penalty",
+                format!("must be in (0, {MAX_REPETITION_PENALTY}], got {r}"),
+            );
+        }
+        for (field, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return refuse(field, format!("must be in [-2, 2], got {v}"));
+            }
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return refuse(
+                "top_logprobs",
+                format!(
+                    "must be at most {MAX_TOP_LOGPROBS}, got {}",
+                    self.top_logprobs
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether any control changes the distribution (penalties, top-k,
+    /// min-p); log-probabilities do not.
+    pub fn shapes(&self) -> bool {
+        self.top_k != 0
+            || self.min_p != 0.0
+            || self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
+}
+
+/// `n`, the number of completions: 1..=[`MAX_N`] (0 means 1).
+pub fn check_n(n: u32) -> Result<u32, FieldError> {
+    match n {
+        0 => Ok(1),
+        1..=MAX_N => Ok(n),
+        _ => Err(FieldError {
+            field: "n",
+            message: format!("must be in 1..={MAX_N}, got {n}"),
+        }),
+    }
+}
+
 /// Stop sequences: at most [`MAX_STOP_SEQUENCES`], each 1..=[`MAX_STOP_BYTES`].
 pub fn check_stop(stop: &[String]) -> Result<(), FieldError> {
     if stop.len() > MAX_STOP_SEQUENCES {
@@ -242,5 +339,103 @@ mod tests {
         assert_eq!(field(l.check_max_tokens(0)), "max_tokens");
         assert_eq!(field(l.check_max_tokens(11)), "max_tokens");
         assert!(l.check_max_tokens(10).is_ok());
+    }
+
+    #[test]
+    fn sampling_controls_check_their_ranges() {
+        let off = SamplingControls::default();
+        assert!(off.check().is_ok());
+        assert!(!off.shapes());
+        let with = |f: fn(&mut SamplingControls)| {
+            let mut c = off;
+            f(&mut c);
+            c.check()
+        };
+        // Edges of each range are accepted.
+        for ok in [
+            with(|c| c.top_k = u32::MAX),
+            with(|c| c.min_p = 0.0),
+            with(|c| c.min_p = 1.0),
+            with(|c| c.repetition_penalty = f32::MIN_POSITIVE),
+            with(|c| c.repetition_penalty = MAX_REPETITION_PENALTY),
+            with(|c| c.presence_penalty = -2.0),
+            with(|c| c.presence_penalty = 2.0),
+            with(|c| c.frequency_penalty = -2.0),
+            with(|c| c.frequency_penalty = 2.0),
+            with(|c| c.top_logprobs = MAX_TOP_LOGPROBS),
+            with(|c| c.logprobs = true),
+        ] {
+            assert!(ok.is_ok(), "{ok:?}");
+        }
+        // Outside them, and NaN or infinite, the field is named.
+        for (bad, name) in [
+            (with(|c| c.min_p = -0.01), "min_p"),
+            (with(|c| c.min_p = 1.01), "min_p"),
+            (with(|c| c.min_p = f32::NAN), "min_p"),
+            (with(|c| c.repetition_penalty = 0.0), "repetition_penalty"),
+            (with(|c| c.repetition_penalty = -1.0), "repetition_penalty"),
+            (with(|c| c.repetition_penalty = 10.01), "repetition_penalty"),
+            (
+                with(|c| c.repetition_penalty = f32::NAN),
+                "repetition_penalty",
+            ),
+            (
+                with(|c| c.repetition_penalty = f32::INFINITY),
+                "repetition_penalty",
+            ),
+            (with(|c| c.presence_penalty = 2.01), "presence_penalty"),
+            (with(|c| c.presence_penalty = f32::NAN), "presence_penalty"),
+            (with(|c| c.frequency_penalty = -2.01), "frequency_penalty"),
+            (
+                with(|c| c.frequency_penalty = f32::NEG_INFINITY),
+                "frequency_penalty",
+            ),
+            (
+                with(|c| c.frequency_penalty = f32::NAN),
+                "frequency_penalty",
+            ),
+            (
+                with(|c| c.top_logprobs = MAX_TOP_LOGPROBS + 1),
+                "top_logprobs",
+            ),
+        ] {
+            assert_eq!(field(bad), name);
+        }
+        // Only the controls that change the distribution shape it.
+        for shaping in [
+            SamplingControls { top_k: 1, ..off },
+            SamplingControls { min_p: 0.1, ..off },
+            SamplingControls {
+                repetition_penalty: 1.1,
+                ..off
+            },
+            SamplingControls {
+                presence_penalty: -0.5,
+                ..off
+            },
+            SamplingControls {
+                frequency_penalty: 0.5,
+                ..off
+            },
+        ] {
+            assert!(shaping.shapes(), "{shaping:?}");
+        }
+        let logprobs = SamplingControls {
+            logprobs: true,
+            top_logprobs: 5,
+            ..off
+        };
+        assert!(!logprobs.shapes());
+    }
+
+    #[test]
+    fn n_defaults_to_one_and_is_bounded() {
+        assert_eq!(check_n(0), Ok(1));
+        assert_eq!(check_n(1), Ok(1));
+        assert_eq!(check_n(MAX_N), Ok(MAX_N));
+        let err = check_n(MAX_N + 1).unwrap_err();
+        assert_eq!(err.field, "n");
+        assert!(err.message.contains("1..=8"), "{}", err.message);
+        assert_eq!(check_n(u32::MAX).unwrap_err().field, "n");
     }
 }

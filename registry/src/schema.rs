@@ -70,6 +70,24 @@ pub fn validate_address(address: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a model name (`--model-name`, or one read from a GGUF): 1..=128
+/// bytes, no control characters. Names are matched exactly.
+pub fn validate_model_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err(format!(
+            "a model name must be 1..=128 bytes, got {} bytes",
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!(
+            "model name {:?} contains a control character",
+            name.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
 /// Generation capacity a worker advertises.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
@@ -88,8 +106,12 @@ pub struct WorkerInfo {
     pub id: String,
     /// gRPC address the coordinator dials, `host:port`.
     pub address: String,
-    /// Name of the model it serves (the GGUF file name).
+    /// The GGUF file it serves (its file name).
     pub model: String,
+    /// The name requests select it by (`--model-name`); empty in records
+    /// of workers older than the field.
+    #[serde(default)]
+    pub model_name: String,
     /// What it can take.
     pub capacity: Capacity,
     /// nanoinfer version of the worker binary.
@@ -122,6 +144,7 @@ mod tests {
             id: "host-50061".into(),
             address: "127.0.0.1:50061".into(),
             model: "gemma-3-270m-q4_k_m.gguf".into(),
+            model_name: "gemma-3-270m".into(),
             capacity: Capacity {
                 slots: 1,
                 queue: 16,

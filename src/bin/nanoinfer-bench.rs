@@ -230,6 +230,7 @@ async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std
         stop: Vec::new(),
         resume_token_ids: Vec::new(),
         messages: Vec::new(),
+        ..Default::default()
     };
     let started = Instant::now();
     let stream = client.generate(req).await?.into_inner();

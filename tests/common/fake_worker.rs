@@ -152,6 +152,7 @@ fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStr
                     token_id: Some(1000 + i as i32),
                     index: i,
                     finished: None,
+                    ..Default::default()
                 };
                 return Some((Ok(msg), Some((i + 1, sent + 1, guard))));
             }
@@ -165,6 +166,7 @@ fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStr
                     prompt_tokens: 3,
                     generated_tokens: n,
                 }),
+                ..Default::default()
             };
             Some((Ok(last), None))
         }

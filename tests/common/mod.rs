@@ -33,20 +33,31 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Path of the default model: `NANOINFER_TEST_MODEL`, else `scripts/fetch-model`.
+/// Path of the tests' model: `NANOINFER_TEST_MODEL`, else
+/// `scripts/fetch-model gemma3-270m`. A base model that keeps talking, so
+/// length-bound tests get the tokens they ask for (an instruction-tuned
+/// model ends its answers early); the chat tests use [`chat_model_path`].
 pub fn model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("NANOINFER_TEST_MODEL") {
+    fetched_model("NANOINFER_TEST_MODEL", "gemma3-270m")
+}
+
+/// The instruction-tuned model for chat tests: `NANOINFER_TEST_CHAT_MODEL`,
+/// else `scripts/fetch-model smollm2-135m-instruct`.
+pub fn chat_model_path() -> PathBuf {
+    fetched_model("NANOINFER_TEST_CHAT_MODEL", "smollm2-135m-instruct")
+}
+
+/// The path in `env_var`, else the one `scripts/fetch-model <key>` prints
+/// (it downloads and verifies the file the first time).
+pub fn fetched_model(env_var: &str, key: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env_var) {
         return PathBuf::from(p);
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("scripts/fetch-model"))
+    let out = Command::new(repo_root().join("scripts/fetch-model"))
+        .arg(key)
         .output()
         .expect("run scripts/fetch-model");
-    assert!(
-        out.status.success(),
-        "fetch-model failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out, &format!("scripts/fetch-model {key}"));
     let stdout = String::from_utf8(out.stdout).unwrap();
     PathBuf::from(
         stdout
@@ -57,30 +68,33 @@ pub fn model_path() -> PathBuf {
     )
 }
 
-/// The instruction-tuned model for chat tests: `NANOINFER_TEST_CHAT_MODEL`,
-/// else `scripts/fetch-model smollm2-135m-instruct`.
-pub fn chat_model_path() -> PathBuf {
-    if let Ok(p) = std::env::var("NANOINFER_TEST_CHAT_MODEL") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("scripts/fetch-model"))
-        .arg("smollm2-135m-instruct")
-        .output()
-        .expect("run scripts/fetch-model");
+/// The repository's root.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Panics with `what`, the exit status and stderr unless `out` succeeded.
+pub fn assert_ok(out: &std::process::Output, what: &str) {
     assert!(
         out.status.success(),
-        "fetch-model failed: {}",
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    PathBuf::from(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    )
+}
+
+/// The project venv's Python (scripts/setup installs the openai client
+/// there), found the way the scripts find it.
+pub fn venv_python() -> PathBuf {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(". scripts/common.sh >/dev/null && echo \"$VENV/bin/python\"")
+        .current_dir(repo_root())
+        .output()
+        .expect("run bash");
+    assert_ok(&out, "locating the venv");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// A free loopback port (the OS picks it; released before use).
@@ -200,6 +214,12 @@ impl Proc {
             "nanoinfer-worker"
         };
         self.addr_after(&format!("{name} listening on ")).await
+    }
+
+    /// The coordinator's OpenAI-compatible HTTP address (`HTTP API
+    /// listening on ADDR`).
+    pub async fn http_addr(&mut self) -> String {
+        self.addr_after("HTTP API listening on ").await
     }
 
     /// The address in the process's `metrics listening on ADDR` line.
@@ -419,6 +439,9 @@ pub async fn start_coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
     cmd.args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .args(["--etcd-endpoints", &etcd.endpoint])
         .args(extra);
+    if !extra.contains(&"--http-listen") {
+        cmd.args(["--http-listen", "127.0.0.1:0"]);
+    }
     let mut proc = Proc::spawn("coordinator", &mut cmd);
     let addr = proc.listen_addr().await;
     (proc, format!("http://{addr}"))

@@ -17,6 +17,11 @@ pub struct Args {
     /// Path of the GGUF model file to serve.
     #[arg(long, env = "NANOINFER_MODEL")]
     pub model: PathBuf,
+    /// Name the model is registered and requested by (`model` in both
+    /// APIs, `GET /v1/models`). Defaults to the GGUF's `general.name`, or
+    /// the file name without `.gguf`.
+    #[arg(long, env = "NANOINFER_MODEL_NAME")]
+    pub model_name: Option<String>,
     /// Address to listen on for gRPC; port 0 picks a free port (the bound
     /// address is logged).
     #[arg(long, env = "NANOINFER_LISTEN", default_value = "0.0.0.0:50061")]
@@ -103,6 +108,8 @@ pub struct Args {
 pub struct WorkerConfig {
     /// GGUF path.
     pub model: PathBuf,
+    /// `--model-name` (`None`: from the GGUF).
+    pub model_name: Option<String>,
     /// Published address; `None` = derive from the bound address.
     pub advertise: Option<String>,
     /// How to reach etcd.
@@ -203,8 +210,13 @@ impl Args {
         if let Some(id) = &self.id {
             nanoinfer_registry::schema::validate_worker_id(id).map_err(|e| format!("--id: {e}"))?;
         }
+        if let Some(name) = &self.model_name {
+            nanoinfer_registry::schema::validate_model_name(name)
+                .map_err(|e| format!("--model-name: {e}"))?;
+        }
         Ok(WorkerConfig {
             model: self.model,
+            model_name: self.model_name,
             advertise: self.advertise,
             etcd: self.etcd.validate()?,
             cluster_tls: self.cluster.validate()?,

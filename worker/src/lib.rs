@@ -6,7 +6,8 @@
 //! - [`model`]: loading the GGUF and tokenizing prompts.
 //! - [`engine`]: the dedicated llama.cpp thread, its bounded queue, sampling
 //!   and per-request event channels.
-//! - [`sampler`]: greedy and exact top-p sampling on raw logits.
+//! - [`sampler`]: sampling on raw logits: penalties, temperature, top-k,
+//!   min-p, exact top-p, log-probabilities.
 //! - [`stop`], [`detok`]: stop-sequence matching and UTF-8-safe detokenizing.
 //! - [`service`]: the gRPC service; [`error`]: the status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
@@ -127,11 +128,20 @@ pub async fn run(
     readiness.set(false).await;
 
     let path = config.model.clone();
-    let model = tokio::task::spawn_blocking(move || model::load(&path))
+    let name = config.model_name.clone();
+    let model = tokio::task::spawn_blocking(move || model::load(&path, name.as_deref()))
         .await
         .map_err(|e| RunError::Model(e.to_string()))?
         .map_err(RunError::Model)?;
     metrics.model_load_seconds.set(model.load_seconds);
+    metrics
+        .model_info
+        .get_or_create(&crate::metrics::ModelInfoLabel {
+            model_name: model.model_name.clone(),
+            file: model.name.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
     let model = Arc::new(model);
     let engine = Engine::start(
         model.backend.clone(),
@@ -201,6 +211,7 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| advertise_for(local)),
         model: model.name.clone(),
+        model_name: model.model_name.clone(),
         capacity: Capacity {
             slots: engine.slots(),
             queue: config.queue,

@@ -22,6 +22,17 @@ pub struct FinishLabel {
     pub finish_reason: &'static str,
 }
 
+/// Labels of the model-info series.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelInfoLabel {
+    /// `--model-name` (or the GGUF's name).
+    pub model_name: String,
+    /// The GGUF file name.
+    pub file: String,
+    /// The worker's version.
+    pub version: &'static str,
+}
+
 /// Buckets for tokens per engine step: 1 to 8192.
 pub const STEP_TOKEN_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
@@ -67,6 +78,8 @@ pub struct WorkerMetrics {
     pub queue_capacity: Gauge,
     /// Context window in tokens.
     pub context_length: Gauge,
+    /// 1 for the model served (name, file, version as labels).
+    pub model_info: Family<ModelInfoLabel, Gauge>,
 }
 
 impl Default for WorkerMetrics {
@@ -91,6 +104,7 @@ impl Default for WorkerMetrics {
             capacity_slots: Gauge::default(),
             queue_capacity: Gauge::default(),
             context_length: Gauge::default(),
+            model_info: Family::default(),
         }
     }
 }
@@ -99,6 +113,11 @@ impl WorkerMetrics {
     /// Registers every metric under `nanoinfer_worker_`.
     pub fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("nanoinfer_worker");
+        r.register(
+            "model_info",
+            "The model this worker serves (1), with its name, file and the worker's version",
+            self.model_info.clone(),
+        );
         r.register_collector(Box::new(nanoinfer_telemetry::http::FnCounter {
             name: "request_decode_errors",
             help: "Request messages that did not decode (e.g. invalid UTF-8)",

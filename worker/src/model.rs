@@ -26,8 +26,11 @@ pub struct Model {
     pub backend: Arc<LlamaBackend>,
     /// The weights and vocabulary.
     pub model: Arc<LlamaModel>,
-    /// File name of the GGUF, used as the model's name.
+    /// File name of the GGUF.
     pub name: String,
+    /// The name requests select the model by: `--model-name`, else the
+    /// GGUF's `general.name`, else the file name without `.gguf`.
+    pub model_name: String,
     /// Seconds the load took.
     pub load_seconds: f64,
 }
@@ -61,8 +64,9 @@ pub fn check_file(path: &Path) -> Result<(), String> {
 }
 
 /// Loads `path` on the calling thread (blocking; call it from
-/// `spawn_blocking`). Errors name the path.
-pub fn load(path: &Path) -> Result<Model, String> {
+/// `spawn_blocking`). Errors name the path. `model_name` overrides the name
+/// read from the file.
+pub fn load(path: &Path, model_name: Option<&str>) -> Result<Model, String> {
     check_file(path)?;
     let mut backend = LlamaBackend::init().map_err(|e| format!("llama.cpp backend: {e}"))?;
     // llama.cpp's own logging is verbose; keep it only at debug level.
@@ -76,14 +80,39 @@ pub fn load(path: &Path) -> Result<Model, String> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| path.display().to_string());
-    tracing::info!(model = %name, params = model.n_params(), size_bytes = model.size(),
+    let model_name = match model_name {
+        Some(n) => n.to_string(),
+        None => default_model_name(model.meta_val_str("general.name").ok(), path),
+    };
+    tracing::info!(model = %name, model_name = %model_name, params = model.n_params(), size_bytes = model.size(),
         load_ms = started.elapsed().as_millis() as u64, "model loaded");
     Ok(Model {
         backend: Arc::new(backend),
         model: Arc::new(model),
         name,
+        model_name,
         load_seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The GGUF's `general.name` when it is a usable name, else the file name
+/// without its `.gguf` extension.
+pub fn default_model_name(general_name: Option<String>, path: &Path) -> String {
+    if let Some(n) = general_name.map(|n| n.trim().to_string()) {
+        if nanoinfer_registry::schema::validate_model_name(&n).is_ok() {
+            return n;
+        }
+    }
+    let stem = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = stem.strip_suffix(".gguf").unwrap_or(&stem).to_string();
+    if nanoinfer_registry::schema::validate_model_name(&stem).is_ok() {
+        stem
+    } else {
+        "model".to_string()
+    }
 }
 
 impl Model {

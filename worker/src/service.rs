@@ -17,9 +17,9 @@ use tonic::{Request, Response, Status};
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
 
-use nanoinfer_proto::limits::{self, FieldError, Limits};
+use nanoinfer_proto::limits::{self, FieldError, Limits, SamplingControls};
 
-use crate::engine::{Engine, Event, Failure, FinishReason, Generation};
+use crate::engine::{Alternative, Engine, Event, Failure, FinishReason, Generation};
 use crate::error::WorkerError;
 use crate::model::Model;
 
@@ -59,6 +59,7 @@ impl WorkerServiceImpl {
         // The coordinator's checks, again (one module, one set of
         // messages): a caller that reaches the worker directly gets no more.
         // (The request id was checked on arrival, before it was escaped.)
+        let controls = controls(&req);
         let messages: Vec<(String, String)> = req
             .messages
             .into_iter()
@@ -74,6 +75,7 @@ impl WorkerServiceImpl {
         self.limits.check_max_tokens(req.max_tokens)?;
         limits::check_sampling(req.temperature, req.top_p)?;
         limits::check_stop(&req.stop)?;
+        controls.check()?;
         let resume = check_resume(&req.resume_token_ids, self.model.n_vocab(), req.max_tokens)?;
         let model = self.model.clone();
         let text = req.prompt;
@@ -119,10 +121,25 @@ impl WorkerServiceImpl {
             temperature: req.temperature,
             top_p: req.top_p,
             seed: req.seed,
+            controls,
             stop: req.stop,
             deadline,
             span,
         })
+    }
+}
+
+/// The request's sampling controls, unset ones off.
+fn controls(req: &GenerateRequest) -> SamplingControls {
+    let off = SamplingControls::default();
+    SamplingControls {
+        top_k: req.top_k.unwrap_or(off.top_k),
+        min_p: req.min_p.unwrap_or(off.min_p),
+        repetition_penalty: req.repetition_penalty.unwrap_or(off.repetition_penalty),
+        presence_penalty: req.presence_penalty.unwrap_or(off.presence_penalty),
+        frequency_penalty: req.frequency_penalty.unwrap_or(off.frequency_penalty),
+        logprobs: req.logprobs,
+        top_logprobs: req.top_logprobs,
     }
 }
 
@@ -166,14 +183,38 @@ fn finish_reason(reason: FinishReason) -> pb::FinishReason {
     }
 }
 
+fn top_logprob(a: Alternative) -> pb::TopLogprob {
+    pb::TopLogprob {
+        token_id: a.id,
+        text: a.text,
+        logprob: a.logprob,
+    }
+}
+
 fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Status> {
     Ok(match event {
-        Event::Token { text, id, index } => GenerateResponse {
+        Event::Token {
             text,
-            token_id: Some(id),
+            id,
             index,
-            finished: None,
-        },
+            logprobs,
+        } => {
+            let (logprob, top_logprobs) = match logprobs {
+                Some(l) => (
+                    Some(l.logprob),
+                    l.top.into_iter().map(top_logprob).collect(),
+                ),
+                None => (None, Vec::new()),
+            };
+            GenerateResponse {
+                text,
+                token_id: Some(id),
+                index,
+                finished: None,
+                logprob,
+                top_logprobs,
+            }
+        }
         Event::Finished {
             reason,
             text,
@@ -188,6 +229,8 @@ fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Statu
                 prompt_tokens,
                 generated_tokens,
             }),
+            logprob: None,
+            top_logprobs: Vec::new(),
         },
         Event::Failed(failure) => return Err(WorkerError::from(failure).status(request_id)),
     })
@@ -336,6 +379,7 @@ impl WorkerService for WorkerServiceImpl {
             queue_capacity: self.engine.queue_capacity(),
             context_length: self.engine.ctx_size(),
             model: self.model.name.clone(),
+            model_name: self.model.model_name.clone(),
         }))
     }
 }
@@ -364,6 +408,7 @@ mod tests {
             text: "a".into(),
             id: 7,
             index,
+            logprobs: None,
         }
     }
 
@@ -423,5 +468,116 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.to_string().starts_with("resume_token_ids"), "{err}");
         }
+    }
+
+    #[test]
+    fn unset_controls_are_off_and_bad_ones_name_their_field() {
+        assert_eq!(
+            controls(&GenerateRequest::default()),
+            SamplingControls::default()
+        );
+        let req = GenerateRequest {
+            top_k: Some(40),
+            min_p: Some(0.05),
+            repetition_penalty: Some(1.1),
+            presence_penalty: Some(-0.5),
+            frequency_penalty: Some(0.5),
+            logprobs: true,
+            top_logprobs: 20,
+            ..Default::default()
+        };
+        let c = controls(&req);
+        assert_eq!(
+            c,
+            SamplingControls {
+                top_k: 40,
+                min_p: 0.05,
+                repetition_penalty: 1.1,
+                presence_penalty: -0.5,
+                frequency_penalty: 0.5,
+                logprobs: true,
+                top_logprobs: 20,
+            }
+        );
+        assert!(c.check().is_ok());
+        for (req, field) in [
+            (
+                GenerateRequest {
+                    min_p: Some(f32::NAN),
+                    ..Default::default()
+                },
+                "min_p",
+            ),
+            (
+                GenerateRequest {
+                    repetition_penalty: Some(0.0),
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerateRequest {
+                    frequency_penalty: Some(3.0),
+                    ..Default::default()
+                },
+                "frequency_penalty",
+            ),
+            (
+                GenerateRequest {
+                    logprobs: true,
+                    top_logprobs: 21,
+                    ..Default::default()
+                },
+                "top_logprobs",
+            ),
+        ] {
+            let err = WorkerError::from(controls(&req).check().unwrap_err());
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_tokens_logprobs_go_out_in_its_message() {
+        let event = Event::Token {
+            text: String::new(),
+            id: 7,
+            index: 3,
+            logprobs: Some(crate::engine::TokenLogprobs {
+                logprob: -0.5,
+                top: vec![
+                    Alternative {
+                        id: 7,
+                        text: "a".into(),
+                        logprob: -0.5,
+                    },
+                    Alternative {
+                        id: 2,
+                        text: "<eos>".into(),
+                        logprob: -1.5,
+                    },
+                ],
+            }),
+        };
+        let msg = to_response(event, "r").unwrap();
+        assert_eq!(msg.token_id, Some(7));
+        assert_eq!(msg.logprob, Some(-0.5));
+        assert_eq!(
+            msg.top_logprobs,
+            [
+                pb::TopLogprob {
+                    token_id: 7,
+                    text: "a".into(),
+                    logprob: -0.5,
+                },
+                pb::TopLogprob {
+                    token_id: 2,
+                    text: "<eos>".into(),
+                    logprob: -1.5,
+                },
+            ]
+        );
+        let msg = to_response(token(0), "r").unwrap();
+        assert_eq!((msg.logprob, msg.top_logprobs.len()), (None, 0));
     }
 }

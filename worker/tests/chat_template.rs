@@ -42,7 +42,7 @@ fn pairs(messages: &[(&str, &str)]) -> Vec<(String, String)> {
 
 #[test]
 fn conversations_render_with_the_models_template_and_user_text_stays_text() {
-    let m = model::load(&chat_model()).expect("load the chat model");
+    let m = model::load(&chat_model(), None).expect("load the chat model");
     let conversation = [
         ("system", "You are a helpful assistant."),
         ("user", "What is the capital of France?"),

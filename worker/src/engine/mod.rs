@@ -37,6 +37,8 @@ mod scheduler;
 mod sequence;
 mod slots;
 mod step;
+#[cfg(test)]
+mod tests;
 
 pub use policy::{plan_step, SeqView, Work};
 
@@ -48,6 +50,7 @@ use std::time::{Duration, Instant};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
+use nanoinfer_proto::limits::SamplingControls;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::metrics::WorkerMetrics;
@@ -101,6 +104,8 @@ pub struct Generation {
     pub top_p: f32,
     /// Sampler seed.
     pub seed: u64,
+    /// Top-k, min-p, penalties and log-probabilities (checked).
+    pub controls: SamplingControls,
     /// Stop sequences.
     pub stop: Vec<String>,
     /// When the caller gives up (its `grpc-timeout`): the request leaves
@@ -122,6 +127,9 @@ pub enum Event {
         id: i32,
         /// 0-based index among generated tokens (resumed ones included).
         index: u32,
+        /// With `logprobs`: this token's (`id`'s, whatever text the event
+        /// carries: text may be held back to a later event).
+        logprobs: Option<TokenLogprobs>,
     },
     /// The last event of a successful generation.
     Finished {
@@ -137,6 +145,29 @@ pub enum Event {
     },
     /// The generation failed; the last event.
     Failed(Failure),
+}
+
+/// A generated token's log-probabilities under the model's distribution
+/// (the log-softmax of its raw logits, before penalties and temperature).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The token's (natural log).
+    pub logprob: f32,
+    /// The most likely tokens at its position, most likely first (up to
+    /// `top_logprobs`).
+    pub top: Vec<Alternative>,
+}
+
+/// One of the most likely tokens at a position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alternative {
+    /// Vocabulary id.
+    pub id: i32,
+    /// Its text alone (special tokens in their text form; a piece of a
+    /// multi-byte character as U+FFFD).
+    pub text: String,
+    /// Its log-probability.
+    pub logprob: f32,
 }
 
 /// Why the engine gave up on a request (mapped to a gRPC code in

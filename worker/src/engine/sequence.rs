@@ -19,9 +19,9 @@ use tokio::sync::mpsc::error::TrySendError;
 use tracing::field::Empty;
 
 use super::policy::{SeqView, Work};
-use super::{Event, Failure, FinishReason, Generation, Job};
+use super::{Alternative, Event, Failure, FinishReason, Generation, Job, TokenLogprobs};
 use crate::detok::Utf8Carry;
-use crate::sampler::Sampler;
+use crate::sampler::{Logprobs, Sampler};
 use crate::stop::{StopMatcher, StopOutcome};
 
 /// Where a sequence is in its life.
@@ -136,7 +136,7 @@ impl Sequence {
         );
         let mut seq = Self {
             slot,
-            sampler: Sampler::new(g.temperature, g.top_p, g.seed),
+            sampler: sampler(g),
             utf8: Utf8Carry::default(),
             stop: StopMatcher::new(g.stop.iter().cloned()),
             cells: Cells::starting_with(&input[..reused]),
@@ -164,7 +164,8 @@ impl Sequence {
     /// too, and a seeded request continues the same random sequence.
     fn replay(&mut self, vocab: &LlamaVocab<'_>) {
         let resume = std::mem::take(&mut self.job.generation.resume);
-        self.sampler.skip(resume.len());
+        let ids: Vec<u32> = resume.iter().map(|t| t.0 as u32).collect();
+        self.sampler.resume(&ids);
         for &token in &resume {
             if vocab.is_eog(token) {
                 // The first worker would have ended here.
@@ -329,9 +330,15 @@ impl Sequence {
 
     /// Handles a sampled token: queues its event and decides whether
     /// generation is over. `window` is the per-sequence context window.
-    /// Returns whether the token was emitted (an end-of-generation token
-    /// is not).
-    pub fn accept(&mut self, token: LlamaToken, vocab: &LlamaVocab<'_>, window: u32) -> bool {
+    /// `logprobs` are the token's, when the request asked for them. Returns
+    /// whether the token was emitted (an end-of-generation token is not).
+    pub fn accept(
+        &mut self,
+        token: LlamaToken,
+        logprobs: Option<Logprobs>,
+        vocab: &LlamaVocab<'_>,
+        window: u32,
+    ) -> bool {
         if self.decode_started.is_none() {
             self.decode_started = Some(Instant::now());
             self.prefill_span = None;
@@ -357,6 +364,7 @@ impl Sequence {
             text,
             id: token.0,
             index,
+            logprobs: logprobs.map(|l| with_text(l, vocab)),
         });
         let g = &self.job.generation;
         if stopped {
@@ -419,6 +427,36 @@ impl Sequence {
     /// Whether the sequence is done and only its outbox is left to deliver.
     pub fn is_over(&self) -> bool {
         self.finish.is_some() || self.failure.is_some()
+    }
+}
+
+/// The request's sampler, fed its prompt (the repetition penalty counts
+/// it; resumed tokens are fed by [`Sequence::replay`]).
+fn sampler(g: &Generation) -> Sampler {
+    let mut sampler = Sampler::new(g.temperature, g.top_p, g.seed).with_controls(g.controls);
+    sampler.prompt(g.prompt.iter().map(|t| t.0 as u32));
+    sampler
+}
+
+/// The sampler's log-probabilities with each alternative's text (its own
+/// piece, special tokens rendered).
+fn with_text(l: Logprobs, vocab: &LlamaVocab<'_>) -> TokenLogprobs {
+    let top = l
+        .top
+        .into_iter()
+        .map(|(id, logprob)| {
+            let id = id as i32;
+            let piece = vocab.token_to_piece(LlamaToken(id), true, None);
+            Alternative {
+                id,
+                text: String::from_utf8_lossy(&piece).into_owned(),
+                logprob,
+            }
+        })
+        .collect();
+    TokenLogprobs {
+        logprob: l.logprob,
+        top,
     }
 }
 

@@ -19,7 +19,7 @@ use super::policy::plan_step;
 use super::scheduler::Scheduler;
 use super::sequence::Delivery;
 use super::{Failure, FinishReason};
-use crate::sampler::{sample_all, Sampler};
+use crate::sampler::{sample_all, Pick, Sampler};
 
 impl Scheduler<'_> {
     /// One step of the batch. `Err` means the engine must stop (its
@@ -109,21 +109,21 @@ impl Scheduler<'_> {
                 logits_at[i] = Some(idx);
             }
         }
-        let picks: Vec<(usize, LlamaToken)> = {
+        let picks: Vec<(usize, Pick)> = {
             let ctx = &*ctx;
             let mut order = Vec::new();
-            let mut jobs: Vec<(&mut Sampler, &[f32], u32)> = Vec::new();
+            let mut jobs: Vec<(&mut Sampler, &[f32], Pick)> = Vec::new();
             for (i, seq) in self.active.iter_mut().enumerate() {
                 if let Some(idx) = logits_at[i] {
                     order.push(i);
-                    jobs.push((seq.sampler_mut(), ctx.get_logits_ith(idx), 0));
+                    jobs.push((seq.sampler_mut(), ctx.get_logits_ith(idx), Pick::default()));
                 }
             }
-            let sampled = jobs.iter().filter(|(s, _, _)| !s.is_greedy()).count();
-            let threads = if sampled >= 2 { self.sample_threads } else { 1 };
+            let costly = jobs.iter().filter(|(s, _, _)| !s.is_cheap()).count();
+            let threads = if costly >= 2 { self.sample_threads } else { 1 };
             sample_all(&mut jobs, threads);
-            let tokens = jobs.iter().map(|(_, _, token)| LlamaToken(*token as i32));
-            order.into_iter().zip(tokens).collect()
+            let picks = jobs.into_iter().map(|(_, _, pick)| pick);
+            order.into_iter().zip(picks).collect()
         };
 
         let vocab = self.model.vocab();
@@ -132,15 +132,16 @@ impl Scheduler<'_> {
             .step_duration
             .observe(step_started.elapsed().as_secs_f64());
         metrics.step_tokens.observe(f64::from(step_tokens));
-        for (i, token) in picks {
+        for (i, pick) in picks {
             let seq = &mut self.active[i];
+            let token = LlamaToken(pick.token as i32);
             if seq.decode_started().is_none() {
                 metrics
                     .prefill_time
                     .observe(seq.admitted().elapsed().as_secs_f64());
                 metrics.prompt_tokens.inc_by(seq.input_len() as u64);
             }
-            if seq.accept(token, &vocab, self.window) {
+            if seq.accept(token, pick.logprobs, &vocab, self.window) {
                 self.tokens_generated += 1;
                 metrics.generation_tokens.inc();
                 if seq.new_tokens() == 1 {

@@ -1,0 +1,229 @@
+//! The one request path both public APIs take (gRPC `Infer` and the
+//! OpenAI-compatible HTTP routes): the API-key check, the request's span,
+//! validation, the deadline, and one [`relay`](crate::relay) task per
+//! completion (`n`), all feeding one bounded channel. The API in front only
+//! translates its wire format to an [`InferRequest`] and the stream of
+//! [`InferResponse`]s back.
+
+use std::sync::Arc;
+
+use nanoinfer_proto::nanoinfer::InferRequest;
+use nanoinfer_registry::DiscoveryStatus;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+use tracing::field::Empty;
+use tracing::Instrument;
+
+use crate::auth::ApiKeys;
+use crate::config::UpstreamConfig;
+use crate::metrics::{CoordinatorMetrics, ReasonLabel, RequestRecorder};
+use crate::relay::{self, Item, Relay, RELAY_BUFFER};
+use crate::routing::Router;
+use crate::validate::Limits;
+
+/// Which public API a request came through (the `api` metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `nanoinfer.InferService/Infer`.
+    Grpc,
+    /// `/v1/chat/completions`, `/v1/completions`.
+    Http,
+}
+
+impl Api {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Api::Grpc => "grpc",
+            Api::Http => "http",
+        }
+    }
+}
+
+/// A started request: its id and the messages of every completion, in the
+/// order they were produced (each carries its `choice`). The channel ends
+/// when every completion has sent its final message (or an error).
+pub struct Call {
+    /// The request's id (the client's, or a generated UUID).
+    pub request_id: String,
+    /// Completions that will each end with a final message.
+    pub n: u32,
+    /// The messages.
+    pub rx: mpsc::Receiver<Item>,
+}
+
+/// Shared state of the public APIs.
+pub struct Front {
+    /// Worker choice and ejection.
+    pub router: Arc<Router>,
+    /// Routable workers, as the count changes.
+    pub routable: watch::Receiver<usize>,
+    /// Whether etcd answers.
+    pub discovery: watch::Receiver<DiscoveryStatus>,
+    /// Request defaults and limits.
+    pub limits: Limits,
+    /// Timeouts and attempt bound.
+    pub upstream: UpstreamConfig,
+    /// Metrics.
+    pub metrics: Arc<CoordinatorMetrics>,
+    /// Required API keys (`None`: no authentication).
+    pub api_keys: Option<Arc<ApiKeys>>,
+}
+
+impl Front {
+    /// Checks the `authorization: Bearer` key when keys are required;
+    /// rejections are counted and logged (never the key).
+    pub fn authorize(&self, metadata: &MetadataMap) -> Result<(), Status> {
+        let Some(keys) = &self.api_keys else {
+            return Ok(());
+        };
+        keys.check(metadata).map_err(|rejection| {
+            self.metrics
+                .auth_rejections
+                .get_or_create(&ReasonLabel {
+                    reason: rejection.label(),
+                })
+                .inc();
+            tracing::info!(reason = rejection.label(), "request refused: API key");
+            Status::unauthenticated(rejection.message())
+        })
+    }
+
+    /// Starts `request`: authorizes, validates, and runs its completions on
+    /// workers. `metadata` carries the key, `traceparent` and
+    /// `grpc-timeout`. Fails (with the status the client gets) when the
+    /// request is refused or no worker took it; later failures arrive as an
+    /// `Err` item in the stream.
+    pub async fn start(
+        &self,
+        api: Api,
+        request: InferRequest,
+        metadata: &MetadataMap,
+    ) -> Result<Call, Status> {
+        self.authorize(metadata)?;
+        let operation = if request.messages.is_empty() {
+            "text_completion"
+        } else {
+            "chat"
+        };
+        // The request's span: a child of the client's `traceparent` when it
+        // sent one, carrying the GenAI semantic-convention attributes.
+        let span = tracing::info_span!(
+            parent: None,
+            "Infer",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "nanoinfer.InferService",
+            rpc.method = "Infer",
+            nanoinfer.api = api.label(),
+            gen_ai.operation.name = operation,
+            request_id = Empty,
+            trace_id = Empty,
+            worker = Empty,
+            gen_ai.request.model = Empty,
+            gen_ai.request.max_tokens = Empty,
+            gen_ai.request.temperature = Empty,
+            gen_ai.request.top_p = Empty,
+            gen_ai.request.seed = Empty,
+            gen_ai.request.choice.count = Empty,
+            gen_ai.usage.input_tokens = Empty,
+            gen_ai.usage.output_tokens = Empty,
+            gen_ai.response.finish_reasons = Empty,
+            nanoinfer.time_to_first_token_ms = Empty,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        );
+        nanoinfer_telemetry::propagation::set_remote_parent(&span, metadata);
+        let started = tokio::time::Instant::now();
+        let timeout = nanoinfer_proto::deadline::from_metadata(metadata)
+            .map_or(self.upstream.request_timeout, |t| {
+                t.min(self.upstream.request_timeout)
+            });
+        let client_id = (!request.request_id.is_empty()).then(|| request.request_id.clone());
+        let validated = {
+            let _entered = span.enter();
+            // (Recorded inside the span: tracing-opentelemetry drops values
+            // recorded before a span is first entered.) Known before
+            // validation, so even a rejected request is findable; escaped,
+            // since it is not validated yet.
+            if let Some(id) = &client_id {
+                span.record("request_id", id.escape_debug().to_string());
+            }
+            self.limits
+                .validate(request, rand_seed)
+                .inspect_err(|e| tracing::info!(error = %e, "request rejected"))
+        };
+        let params = match validated {
+            Ok(params) => params,
+            Err(e) => {
+                RequestRecorder::start(self.metrics.clone(), api).failed(e.code());
+                nanoinfer_telemetry::mark_span_error(&span, &e.to_string());
+                return Err(e.into_status(client_id.as_deref()));
+            }
+        };
+        span.record("request_id", params.request_id.as_str());
+        if let Some(model) = &params.model {
+            span.record("gen_ai.request.model", model.as_str());
+        }
+        span.record("gen_ai.request.max_tokens", params.max_tokens);
+        span.record(
+            "gen_ai.request.temperature",
+            shortest_f64(params.temperature),
+        );
+        span.record("gen_ai.request.top_p", shortest_f64(params.top_p));
+        span.record("gen_ai.request.seed", params.seed);
+        if params.n > 1 {
+            span.record("gen_ai.request.choice.count", params.n);
+        }
+        let request_id = params.request_id.clone();
+        let n = params.n;
+
+        let (tx, rx) = mpsc::channel(RELAY_BUFFER * n as usize);
+        let mut opened = Vec::with_capacity(n as usize);
+        for choice in 0..n {
+            let (opened_tx, opened_rx) = oneshot::channel();
+            let mut params = params.clone();
+            // Completion i samples with seed + i: different texts, each
+            // reproducible.
+            params.seed = params.seed.wrapping_add(u64::from(choice));
+            let relay = Relay {
+                params,
+                deadline: started + timeout,
+                router: self.router.clone(),
+                upstream: self.upstream.clone(),
+                metrics: self.metrics.clone(),
+                recorder: RequestRecorder::start(self.metrics.clone(), api),
+                span: span.clone(),
+                choice,
+            };
+            tokio::spawn(relay::run(relay, tx.clone(), opened_tx).instrument(span.clone()));
+            opened.push(opened_rx);
+        }
+        drop(tx);
+        for opened_rx in opened {
+            match opened_rx.await {
+                Ok(Ok(())) => {}
+                Ok(Err(status)) => return Err(status),
+                Err(_) => {
+                    return Err(Status::internal(format!(
+                        "request {}: relay ended without an answer",
+                        request_id.escape_debug()
+                    )))
+                }
+            }
+        }
+        Ok(Call { request_id, n, rx })
+    }
+}
+
+/// `x` as the f64 with the same shortest decimal form (0.8f32 → 0.8, not
+/// 0.800000011920929), for span attributes people read.
+fn shortest_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
+}
+
+fn rand_seed() -> u64 {
+    // A fresh v4 UUID is 122 random bits from the OS generator.
+    uuid::Uuid::new_v4().as_u64_pair().0
+}

@@ -1,0 +1,1013 @@
+//! The OpenAI-compatible HTTP API on `--http-listen`: `POST
+//! /v1/chat/completions`, `POST /v1/completions` (streaming over SSE or
+//! whole), `GET /v1/models`, `GET /health`.
+//!
+//! Each handler only translates: the JSON body becomes an [`InferRequest`],
+//! headers become the metadata the gRPC path reads (`authorization`,
+//! `traceparent`, `x-request-id`), and [`Front::start`] runs the request on
+//! the same path as gRPC `Infer` (routing, failover, deadlines, spans,
+//! metrics with `api="http"`). Its messages become OpenAI's JSON.
+//!
+//! Bodies are read as JSON values and each field is taken with a check that
+//! names it, so a wrong type is a 400 that says which field, as every other
+//! refusal is.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use nanoinfer_proto::nanoinfer::{
+    ChatMessage, FinishReason, InferRequest, InferResponse, TopLogprob,
+};
+use serde_json::{json, Map, Value};
+use tonic::metadata::MetadataMap;
+use tonic::{Code, Status};
+
+use crate::error::{INVALID_FIELD_HEADER, REQUEST_ID_HEADER};
+use crate::front::{Api, Call, Front};
+use crate::service::health_status;
+
+/// Largest request body accepted (a prompt at the default byte limit, in
+/// JSON, fits with room to spare).
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Serves the routes on `listener` (over TLS with `tls`) until `stop`
+/// turns true; then open responses finish (the caller bounds the wait).
+pub fn spawn(
+    listener: tokio::net::TcpListener,
+    front: Arc<Front>,
+    tls: Option<Arc<nanoinfer_proto::tls::ServerTls>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use axum::serve::ListenerExt;
+    let local = listener.local_addr()?;
+    let app = router(front);
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tracing::info!(
+        tls = tls.is_some(),
+        "OpenAI-compatible HTTP API listening on {local}"
+    );
+    Ok(tokio::spawn(async move {
+        let served = match tls {
+            Some(tls) => {
+                let listener = TlsListener {
+                    incoming: nanoinfer_proto::tls::incoming(listener, tls),
+                    local,
+                };
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            None => {
+                // Tokens are small writes that must leave at once: no Nagle.
+                let listener = listener.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        };
+        if let Err(e) = served {
+            tracing::error!(error = %e, "HTTP API server failed");
+        }
+    }))
+}
+
+/// TLS connections from [`nanoinfer_proto::tls::incoming`] as an axum
+/// listener.
+struct TlsListener {
+    incoming: tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(stream)) => {
+                    let peer = stream.get_ref().0.peer_addr().unwrap_or(self.local);
+                    return (stream, peer);
+                }
+                Some(Err(_)) => continue,
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// The routes, over `front`.
+pub fn router(front: Arc<Front>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(front)
+}
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param",
+/// "code"}}` with its HTTP status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+    code: Option<&'static str>,
+    request_id: Option<String>,
+}
+
+impl ApiError {
+    /// A 400 for `param`.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        let param = param.into();
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: format!("{param}: {}", message.into()),
+            param: Some(param),
+            code: None,
+            request_id: None,
+        }
+    }
+
+    /// The HTTP form of a gRPC status from the shared path.
+    pub fn from_status(status: &Status) -> Self {
+        let (http, kind, code) = http_of(status.code());
+        let param = status
+            .metadata()
+            .get(INVALID_FIELD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Self {
+            status: http,
+            kind,
+            message: status.message().to_string(),
+            param,
+            code,
+            request_id: status
+                .metadata()
+                .get(REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+/// HTTP status, OpenAI error type and code for a gRPC code.
+pub fn http_of(code: Code) -> (StatusCode, &'static str, Option<&'static str>) {
+    match code {
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+        }
+        Code::Unauthenticated => (
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            Some("invalid_api_key"),
+        ),
+        Code::PermissionDenied => (StatusCode::FORBIDDEN, "invalid_request_error", None),
+        Code::NotFound => (
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            Some("model_not_found"),
+        ),
+        Code::ResourceExhausted => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "server_overloaded",
+            Some("server_overloaded"),
+        ),
+        Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", None),
+        Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout", None),
+        Code::Cancelled => (StatusCode::from_u16(499).unwrap(), "cancelled", None),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body())).into_response();
+        if let Some(value) = self
+            .request_id
+            .as_deref()
+            .and_then(|id| HeaderValue::from_str(id).ok())
+        {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        message: "unknown path; the API serves POST /v1/chat/completions, POST /v1/completions and GET /v1/models".into(),
+        param: None,
+        code: None,
+        request_id: None,
+    }
+}
+
+async fn health(State(front): State<Arc<Front>>) -> Response {
+    let routable = *front.routable.borrow();
+    let status = health_status(routable, &front.discovery.borrow());
+    let code = if routable > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(json!({"status": status, "live_workers": routable})),
+    )
+        .into_response()
+}
+
+async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    front
+        .authorize(&MetadataMap::from_headers(headers))
+        .map_err(|s| ApiError::from_status(&s))?;
+    let data: Vec<Value> = front
+        .router
+        .models()
+        .into_iter()
+        .map(|(id, routable)| {
+            json!({
+                "id": id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "nanoinfer",
+                "routable_workers": routable,
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// The two generation endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+/// What the response needs besides the stream.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// Chat or completion.
+    pub kind: Kind,
+    /// Stream over SSE.
+    pub stream: bool,
+    /// Send a final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// The model asked for (echoed until a worker names its own).
+    pub model: String,
+    /// Completions' `echo`: the prompt, put before each choice's text.
+    pub echo: Option<String>,
+    /// Log-probabilities were asked for.
+    pub logprobs: bool,
+}
+
+async fn chat_completions(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    generate(front, headers, body, Kind::Chat).await
+}
+
+async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: Bytes) -> Response {
+    generate(front, headers, body, Kind::Completion).await
+}
+
+async fn generate(front: Arc<Front>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+    let metadata = MetadataMap::from_headers(headers);
+    // The key first: an unauthenticated caller learns nothing about the
+    // body's validity.
+    if let Err(status) = front.authorize(&metadata) {
+        return ApiError::from_status(&status).into_response();
+    }
+    let client_id = metadata
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let parsed = serde_json::from_slice::<Value>(&body)
+        .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))
+        .and_then(|v| parse_request(kind, &v));
+    let (mut request, shape) = match parsed {
+        Ok(p) => p,
+        Err(mut e) => {
+            e.request_id = (!client_id.is_empty()).then_some(client_id);
+            return e.into_response();
+        }
+    };
+    request.request_id = client_id;
+    let call = match front.start(Api::Http, request, &metadata).await {
+        Ok(call) => call,
+        Err(status) => return ApiError::from_status(&status).into_response(),
+    };
+    let request_id = call.request_id.clone();
+    let mut response = if shape.stream {
+        let mut events = Events::new(call, shape);
+        let body = Body::from_stream(futures::stream::poll_fn(move |cx| {
+            events.poll_next(cx).map(|o| o.map(Ok::<Bytes, Infallible>))
+        }));
+        let mut r = Response::new(body);
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    } else {
+        match collect(call, &shape).await {
+            Ok(v) => axum::Json(v).into_response(),
+            Err(status) => return ApiError::from_status(&status).into_response(),
+        }
+    };
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// Field access on a JSON object, each refusal naming its field.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl<'a> Fields<'a> {
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn f32(&self, key: &str) -> Result<Option<f32>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64().map(|x| x as f32)),
+            Some(_) => Err(ApiError::invalid(key, "must be a number")),
+        }
+    }
+
+    fn u32(&self, key: &str) -> Result<Option<u32>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64().map(u32::try_from) {
+                Some(Ok(v)) => Ok(Some(v)),
+                Some(Err(_)) => Err(ApiError::invalid(key, "is too large")),
+                None => Err(ApiError::invalid(key, "must be a non-negative integer")),
+            },
+            Some(_) => Err(ApiError::invalid(key, "must be a non-negative integer")),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<bool, ApiError> {
+        match self.get(key) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::invalid(key, "must be true or false")),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&'a str>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::invalid(key, "must be a string")),
+        }
+    }
+
+    /// `seed`: any integer OpenAI accepts (negative ones keep their bits).
+    fn seed(&self) -> Result<Option<u64>, ApiError> {
+        match self.get("seed") {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .or_else(|| n.as_i64().map(|i| i as u64))
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid("seed", "must be an integer")),
+            Some(_) => Err(ApiError::invalid("seed", "must be an integer")),
+        }
+    }
+
+    /// `stop`: a string or a list of strings.
+    fn stop(&self) -> Result<Vec<String>, ApiError> {
+        match self.get("stop") {
+            None => Ok(Vec::new()),
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| ApiError::invalid("stop", "must hold strings only"))
+                })
+                .collect(),
+            Some(_) => Err(ApiError::invalid(
+                "stop",
+                "must be a string or a list of strings",
+            )),
+        }
+    }
+}
+
+/// Fields OpenAI defines that this server does not implement: refused, not
+/// silently ignored, since a caller relying on them would get wrong output.
+const UNSUPPORTED: [&str; 6] = [
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "logit_bias",
+    "best_of",
+];
+
+/// The body of either endpoint → the shared request and the response's
+/// shape.
+pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), ApiError> {
+    let Value::Object(map) = body else {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    };
+    let f = Fields(map);
+    for key in UNSUPPORTED {
+        if f.get(key).is_some() {
+            return Err(ApiError::invalid(key, "is not supported by this server"));
+        }
+    }
+    if let Some(format) = f.get("response_format") {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::invalid(
+                "response_format",
+                "only {\"type\": \"text\"} is supported",
+            ));
+        }
+    }
+    let mut request = InferRequest {
+        model: f.str("model")?.unwrap_or_default().to_string(),
+        temperature: f.f32("temperature")?,
+        top_p: f.f32("top_p")?,
+        seed: f.seed()?,
+        stop: f.stop()?,
+        // top_k = -1 is how vLLM and llama-server say "off".
+        top_k: match f.get("top_k").and_then(Value::as_i64) {
+            Some(-1) => None,
+            _ => f.u32("top_k")?,
+        },
+        min_p: f.f32("min_p")?,
+        repetition_penalty: f.f32("repetition_penalty")?,
+        presence_penalty: f.f32("presence_penalty")?,
+        frequency_penalty: f.f32("frequency_penalty")?,
+        n: f.u32("n")?.unwrap_or(1),
+        ..Default::default()
+    };
+    let stream = f.bool("stream")?;
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => Fields(o).bool("include_usage").map_err(|_| {
+            ApiError::invalid("stream_options.include_usage", "must be true or false")
+        })?,
+        Some(_) => return Err(ApiError::invalid("stream_options", "must be an object")),
+    };
+    let mut echo = None;
+    match kind {
+        Kind::Chat => {
+            let max = f.u32("max_completion_tokens")?.or(f.u32("max_tokens")?);
+            request.max_tokens = max.unwrap_or(0);
+            if max == Some(0) {
+                return Err(ApiError::invalid("max_tokens", "must be at least 1"));
+            }
+            request.messages = chat_messages(f.get("messages"))?;
+            request.logprobs = f.bool("logprobs")?;
+            request.top_logprobs = f.u32("top_logprobs")?.unwrap_or(0);
+        }
+        Kind::Completion => {
+            let max = f.u32("max_tokens")?;
+            request.max_tokens = max.unwrap_or(0);
+            if max == Some(0) {
+                return Err(ApiError::invalid("max_tokens", "must be at least 1"));
+            }
+            request.prompt =
+                match f.get("prompt") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                        items[0].as_str().unwrap_or_default().to_string()
+                    }
+                    Some(Value::Array(_)) => return Err(ApiError::invalid(
+                        "prompt",
+                        "must be one string (a list of prompts or of token ids is not supported)",
+                    )),
+                    Some(_) => return Err(ApiError::invalid("prompt", "must be a string")),
+                    None => return Err(ApiError::invalid("prompt", "is required")),
+                };
+            if request.prompt.is_empty() {
+                return Err(ApiError::invalid("prompt", "must not be empty"));
+            }
+            // The legacy API's `logprobs` is the number of alternatives.
+            if let Some(k) = f.u32("logprobs")? {
+                request.logprobs = true;
+                request.top_logprobs = k;
+            }
+            if f.bool("echo")? {
+                echo = Some(request.prompt.clone());
+            }
+        }
+    }
+    let shape = Shape {
+        kind,
+        stream,
+        include_usage,
+        model: request.model.clone(),
+        echo,
+        logprobs: request.logprobs,
+    };
+    Ok((request, shape))
+}
+
+/// `messages`: roles and text contents (a string, or a list of text parts).
+fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let Some(Value::Array(items)) = value else {
+        return Err(ApiError::invalid(
+            "messages",
+            "is required: a list of {role, content}",
+        ));
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid("messages", "must not be empty"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |name: &str| format!("messages[{i}].{name}");
+            let Value::Object(m) = m else {
+                return Err(ApiError::invalid(format!("messages[{i}]"), "must be an object"));
+            };
+            let role = match m.get("role") {
+                Some(Value::String(r)) => r.as_str(),
+                _ => return Err(ApiError::invalid(field("role"), "must be a string")),
+            };
+            // OpenAI's newer name for the system role.
+            let role = if role == "developer" { "system" } else { role };
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for (j, part) in parts.iter().enumerate() {
+                        match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                            (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    format!("messages[{i}].content[{j}]"),
+                                    "only text parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        field("content"),
+                        "must be a string or a list of text parts",
+                    ))
+                }
+            };
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+            })
+        })
+        .collect()
+}
+
+/// OpenAI's finish reason.
+pub fn finish_reason(reason: i32) -> &'static str {
+    match FinishReason::try_from(reason).unwrap_or(FinishReason::Unspecified) {
+        FinishReason::Length | FinishReason::ContextLength => "length",
+        FinishReason::StopSequence | FinishReason::Eos => "stop",
+        // vLLM's word for a request ended by the server.
+        FinishReason::Cancelled | FinishReason::Unspecified => "abort",
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn id_of(kind: Kind, request_id: &str) -> String {
+    match kind {
+        Kind::Chat => format!("chatcmpl-{request_id}"),
+        Kind::Completion => format!("cmpl-{request_id}"),
+    }
+}
+
+fn top_entries(top: &[TopLogprob]) -> Vec<Value> {
+    top.iter()
+        .map(|t| json!({"token": t.token, "logprob": t.logprob, "bytes": t.token.as_bytes()}))
+        .collect()
+}
+
+/// One choice's text and log-probabilities as they accumulate.
+#[derive(Default)]
+struct ChoiceAcc {
+    text: String,
+    finish: Option<&'static str>,
+    /// Chat: `logprobs.content` entries.
+    chat_logprobs: Vec<Value>,
+    /// Completions: tokens, token_logprobs, top_logprobs, text_offset.
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top: Vec<Value>,
+    offsets: Vec<usize>,
+    prompt_tokens: u32,
+    generated: u32,
+}
+
+impl ChoiceAcc {
+    fn add(&mut self, m: &InferResponse) {
+        if let Some(lp) = m.logprob {
+            self.chat_logprobs.push(json!({
+                "token": m.token,
+                "logprob": lp,
+                "bytes": m.token.as_bytes(),
+                "top_logprobs": top_entries(&m.top_logprobs),
+            }));
+            self.offsets.push(self.text.len());
+            self.tokens.push(m.token.clone());
+            self.token_logprobs.push(lp);
+            self.top.push(Value::Object(
+                m.top_logprobs
+                    .iter()
+                    .map(|t| (t.token.clone(), json!(t.logprob)))
+                    .collect(),
+            ));
+        }
+        self.text.push_str(&m.token);
+        if m.finish_reason != FinishReason::Unspecified as i32 {
+            self.finish = Some(finish_reason(m.finish_reason));
+            if let Some(u) = &m.usage {
+                self.prompt_tokens = u.prompt_tokens;
+                self.generated = u.generated_tokens;
+            }
+        }
+    }
+}
+
+/// Usage over all choices: the prompt once, every choice's tokens.
+fn usage(choices: &[ChoiceAcc]) -> Value {
+    let prompt = choices.iter().map(|c| c.prompt_tokens).max().unwrap_or(0);
+    let completion: u32 = choices.iter().map(|c| c.generated).sum();
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// Reads every message of a non-streaming request into one response.
+async fn collect(mut call: Call, shape: &Shape) -> Result<Value, Status> {
+    let mut choices: Vec<ChoiceAcc> = (0..call.n).map(|_| ChoiceAcc::default()).collect();
+    let mut model = shape.model.clone();
+    while let Some(item) = call.rx.recv().await {
+        let m = item?;
+        if !m.model.is_empty() {
+            model = m.model.clone();
+        }
+        if let Some(c) = choices.get_mut(m.choice as usize) {
+            c.add(&m);
+        }
+    }
+    let body_choices: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match shape.kind {
+            Kind::Chat => json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": shape.logprobs.then(|| json!({"content": c.chat_logprobs})),
+                "finish_reason": c.finish,
+            }),
+            Kind::Completion => json!({
+                "index": i,
+                "text": format!("{}{}", shape.echo.as_deref().unwrap_or(""), c.text),
+                "logprobs": shape.logprobs.then(|| json!({
+                    "tokens": c.tokens,
+                    "token_logprobs": c.token_logprobs,
+                    "top_logprobs": c.top,
+                    "text_offset": c.offsets.iter().map(|o| o + shape.echo.as_deref().map_or(0, str::len)).collect::<Vec<_>>(),
+                })),
+                "finish_reason": c.finish,
+            }),
+        })
+        .collect();
+    Ok(json!({
+        "id": id_of(shape.kind, &call.request_id),
+        "object": match shape.kind { Kind::Chat => "chat.completion", Kind::Completion => "text_completion" },
+        "created": unix_now(),
+        "model": model,
+        "choices": body_choices,
+        "usage": usage(&choices),
+    }))
+}
+
+/// The SSE event stream of a streaming request.
+struct Events {
+    call: Call,
+    shape: Shape,
+    id: String,
+    created: u64,
+    model: String,
+    choices: Vec<ChoiceAcc>,
+    /// Choices whose first chunk (with the role, or the echo) went out.
+    opened: Vec<bool>,
+    done: bool,
+}
+
+fn event(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+impl Events {
+    fn new(call: Call, shape: Shape) -> Self {
+        let n = call.n as usize;
+        Self {
+            id: id_of(shape.kind, &call.request_id),
+            created: unix_now(),
+            model: shape.model.clone(),
+            choices: (0..n).map(|_| ChoiceAcc::default()).collect(),
+            opened: vec![false; n],
+            call,
+            shape,
+            done: false,
+        }
+    }
+
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Bytes>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.call.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(m))) => Poll::Ready(Some(self.chunk(&m))),
+            Poll::Ready(Some(Err(status))) => {
+                // Mid-stream failure: an error event (the OpenAI clients
+                // raise it), and no [DONE].
+                self.done = true;
+                Poll::Ready(Some(event(&ApiError::from_status(&status).body())))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                let mut tail = Vec::new();
+                if self.shape.include_usage {
+                    tail.extend_from_slice(&event(&json!({
+                        "id": self.id,
+                        "object": self.object(),
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": usage(&self.choices),
+                    })));
+                }
+                tail.extend_from_slice(b"data: [DONE]\n\n");
+                Poll::Ready(Some(Bytes::from(tail)))
+            }
+        }
+    }
+
+    fn object(&self) -> &'static str {
+        match self.shape.kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        }
+    }
+
+    fn chunk(&mut self, m: &InferResponse) -> Bytes {
+        if !m.model.is_empty() {
+            self.model = m.model.clone();
+        }
+        let i = m.choice as usize;
+        if i >= self.choices.len() {
+            return Bytes::new();
+        }
+        self.choices[i].add(m);
+        let first = !std::mem::replace(&mut self.opened[i], true);
+        let finish = (m.finish_reason != FinishReason::Unspecified as i32)
+            .then(|| finish_reason(m.finish_reason));
+        let choice = match self.shape.kind {
+            Kind::Chat => {
+                let mut delta = Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if !m.token.is_empty() || (first && finish.is_none()) {
+                    delta.insert("content".into(), json!(m.token));
+                }
+                let logprobs = m.logprob.map(|lp| {
+                    json!({"content": [{
+                        "token": m.token, "logprob": lp, "bytes": m.token.as_bytes(),
+                        "top_logprobs": top_entries(&m.top_logprobs),
+                    }]})
+                });
+                json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Kind::Completion => {
+                let echo = if first {
+                    self.shape.echo.as_deref().unwrap_or("")
+                } else {
+                    ""
+                };
+                let logprobs = m.logprob.map(|lp| {
+                    let top: Map<String, Value> = m
+                        .top_logprobs
+                        .iter()
+                        .map(|t| (t.token.clone(), json!(t.logprob)))
+                        .collect();
+                    json!({"tokens": [m.token], "token_logprobs": [lp], "top_logprobs": [top]})
+                });
+                json!({"index": i, "text": format!("{echo}{}", m.token), "logprobs": logprobs, "finish_reason": finish})
+            }
+        };
+        let mut chunk = json!({
+            "id": self.id,
+            "object": self.object(),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if self.shape.include_usage {
+            chunk["usage"] = Value::Null;
+        }
+        event(&chunk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(kind: Kind, body: Value) -> Result<(InferRequest, Shape), ApiError> {
+        parse_request(kind, &body)
+    }
+
+    fn param(r: Result<(InferRequest, Shape), ApiError>) -> String {
+        r.expect_err("refused").param.expect("names a field")
+    }
+
+    #[test]
+    fn chat_bodies_become_requests() {
+        let (r, s) = parse(
+            Kind::Chat,
+            json!({
+                "model": "m", "messages": [
+                    {"role": "developer", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "!"}]}
+                ],
+                "max_completion_tokens": 7, "temperature": 0, "stop": "x", "seed": -1,
+                "stream": true, "stream_options": {"include_usage": true},
+                "logprobs": true, "top_logprobs": 3, "n": 2, "top_k": -1, "user": "ignored"
+            }),
+        )
+        .unwrap();
+        assert_eq!(r.messages[0].role, "system");
+        assert_eq!(r.messages[1].content, "Hi!");
+        assert_eq!(r.max_tokens, 7);
+        assert_eq!(r.temperature, Some(0.0));
+        assert_eq!(r.stop, vec!["x".to_string()]);
+        assert_eq!(r.seed, Some(u64::MAX));
+        assert_eq!((r.logprobs, r.top_logprobs, r.n), (true, 3, 2));
+        assert_eq!(r.top_k, None, "top_k -1 means off");
+        assert_eq!(r.model, "m");
+        assert!(s.stream && s.include_usage && s.logprobs);
+    }
+
+    #[test]
+    fn completion_bodies_become_requests() {
+        let (r, s) = parse(
+            Kind::Completion,
+            json!({"prompt": ["Once"], "max_tokens": 5, "logprobs": 2, "echo": true, "stop": ["a", "b"]}),
+        )
+        .unwrap();
+        assert_eq!(r.prompt, "Once");
+        assert_eq!((r.logprobs, r.top_logprobs), (true, 2));
+        assert_eq!(s.echo.as_deref(), Some("Once"));
+        assert_eq!(r.stop.len(), 2);
+        assert!(!s.stream);
+    }
+
+    #[test]
+    fn refusals_name_the_field() {
+        assert_eq!(
+            param(parse(Kind::Chat, json!({"messages": "hi"}))),
+            "messages"
+        );
+        assert_eq!(
+            param(parse(
+                Kind::Chat,
+                json!({"messages": [{"role": "user", "content": 5}]})
+            )),
+            "messages[0].content"
+        );
+        assert_eq!(
+            param(parse(
+                Kind::Chat,
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+            )),
+            "messages[0].content[0]"
+        );
+        assert_eq!(
+            param(parse(
+                Kind::Completion,
+                json!({"prompt": "a", "temperature": "hot"})
+            )),
+            "temperature"
+        );
+        assert_eq!(
+            param(parse(
+                Kind::Completion,
+                json!({"prompt": "a", "max_tokens": -3})
+            )),
+            "max_tokens"
+        );
+        assert_eq!(
+            param(parse(
+                Kind::Completion,
+                json!({"prompt": "a", "max_tokens": 0})
+            )),
+            "max_tokens"
+        );
+        assert_eq!(
+            param(parse(Kind::Completion, json!({"prompt": [1, 2]}))),
+            "prompt"
+        );
+        assert_eq!(
+            param(parse(Kind::Completion, json!({"prompt": "a", "tools": []}))),
+            "tools"
+        );
+        assert_eq!(
+            param(parse(Kind::Completion, json!({"prompt": "a", "stop": [1]}))),
+            "stop"
+        );
+        assert_eq!(param(parse(Kind::Completion, json!([1]))), "body");
+    }
+
+    #[test]
+    fn grpc_codes_map_to_openai_statuses() {
+        assert_eq!(http_of(Code::InvalidArgument).0, StatusCode::BAD_REQUEST);
+        assert_eq!(http_of(Code::Unauthenticated).0, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            http_of(Code::NotFound),
+            (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found")
+            )
+        );
+        assert_eq!(
+            http_of(Code::ResourceExhausted).0,
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            http_of(Code::Unavailable).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            http_of(Code::DeadlineExceeded).0,
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(finish_reason(FinishReason::Eos as i32), "stop");
+        assert_eq!(finish_reason(FinishReason::ContextLength as i32), "length");
+    }
+}

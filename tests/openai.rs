@@ -1,0 +1,245 @@
+//! The OpenAI-compatible HTTP API on a real cluster (etcd, two workers
+//! serving SmolLM2-135M-Instruct, a coordinator with an API key): the
+//! official `openai` Python client runs its checks (tests/openai_client.py),
+//! curl checks the SSE framing byte by byte, the headers and the errors.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{assert_ok, chat_model_path, repo_root, start_worker_with, venv_python, Etcd, Proc};
+
+const KEY: &str = "sk-test-0123456789";
+
+struct Api {
+    _etcd: Etcd,
+    _workers: Vec<Proc>,
+    _coordinator: Proc,
+    base: String,
+    metrics: String,
+    worker_metrics: String,
+}
+
+async fn cluster() -> Api {
+    let etcd = Etcd::start().await;
+    let model = chat_model_path();
+    let mut workers = Vec::new();
+    for id in ["w1", "w2"] {
+        workers.push(start_worker_with(&etcd, id, &model, &["--model-name", "smollm2"]).await);
+    }
+    let worker_metrics = format!("http://{}/metrics", workers[0].metrics_addr().await);
+    let dir = std::env::temp_dir().join(format!("nanoinfer-openai-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("api-keys");
+    std::fs::write(&keys, format!("# test key\n{KEY}\n")).unwrap();
+    let (mut coordinator, addr) =
+        common::start_coordinator(&etcd, &["--api-keys-file", keys.to_str().unwrap()]).await;
+    let base = format!("http://{}", coordinator.http_addr().await);
+    let metrics = format!("http://{}/metrics", coordinator.metrics_addr().await);
+    let api = Api {
+        _etcd: etcd,
+        _workers: workers,
+        _coordinator: coordinator,
+        base,
+        metrics,
+        worker_metrics,
+    };
+    // Both workers routable before the checks start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = api.curl(&["-s", &format!("{}/health", api.base)]);
+        if status == 200 && body.contains("\"live_workers\":2") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers never became routable: {body} ({addr})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    api
+}
+
+impl Api {
+    /// Runs curl with `args` plus `-w` for the status; (status, body).
+    fn curl(&self, args: &[&str]) -> (u16, String) {
+        let out = Command::new("curl")
+            .args(args)
+            .args(["-w", "\n%{http_code}"])
+            .output()
+            .expect("run curl");
+        assert_ok(&out, "curl");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_string())
+    }
+
+    fn post(&self, path: &str, body: &str, extra: &[&str]) -> (u16, String) {
+        let url = format!("{}{path}", self.base);
+        let auth = format!("authorization: Bearer {KEY}");
+        let mut args = vec![
+            "-sS",
+            "-N",
+            "-H",
+            "content-type: application/json",
+            "-H",
+            &auth,
+            "--data-binary",
+            body,
+        ];
+        args.extend_from_slice(extra);
+        args.push(&url);
+        self.curl(&args)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_drives_the_cluster() {
+    let api = cluster().await;
+    let out = Command::new(venv_python())
+        .arg(repo_root().join("tests/openai_client.py"))
+        .arg(format!("{}/v1", api.base))
+        .arg("smollm2")
+        .env("OPENAI_API_KEY", KEY)
+        .output()
+        .expect("run the openai client checks");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert_ok(&out, "tests/openai_client.py");
+
+    // The shared path counted the HTTP requests under api="http".
+    // What a vLLM or TGI user looks for in /metrics.
+    let (_, metrics) = api.curl(&["-s", &api.metrics]);
+    for series in [
+        "nanoinfer_coordinator_requests_total{api=\"http\",model_name=\"smollm2\",code=\"OK\"",
+        "nanoinfer_coordinator_request_prompt_tokens_count{model_name=\"smollm2\"}",
+        "nanoinfer_coordinator_request_generation_tokens_bucket{",
+        "nanoinfer_coordinator_build_info{version=",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_cpu_seconds_total ",
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+    let (_, worker) = api.curl(&["-s", &api.worker_metrics]);
+    assert!(
+        worker.contains("nanoinfer_worker_model_info{model_name=\"smollm2\",file=\"SmolLM2-135M-Instruct.Q4_1.gguf\""),
+        "{worker}"
+    );
+    assert!(
+        worker.contains("process_resident_memory_bytes "),
+        "{worker}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_framing_headers_and_errors_over_curl() {
+    let api = cluster().await;
+
+    // SSE, byte by byte: `data: <json>\n\n` events, the usage event, then
+    // `data: [DONE]\n\n` and nothing after it.
+    let body = r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hi."}],"max_tokens":6,"temperature":0,"stream":true,"stream_options":{"include_usage":true}}"#;
+    let (status, text) = api.post(
+        "/v1/chat/completions",
+        body,
+        &["-D", "/dev/stderr", "-H", "x-request-id: sse-1"],
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text:?}");
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    assert!(events.len() >= 3, "{text:?}");
+    let mut content = String::new();
+    for (i, e) in events.iter().enumerate() {
+        let data = e
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("event {i} is not `data: `: {e:?}"));
+        assert!(!data.contains('\n'), "one line per event: {e:?}");
+        if data == "[DONE]" {
+            assert_eq!(i, events.len() - 1, "[DONE] is last");
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(data).expect("each event is JSON");
+        assert_eq!(v["id"], "chatcmpl-sse-1", "the id carries x-request-id");
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if i == events.len() - 2 {
+            assert_eq!(v["choices"].as_array().unwrap().len(), 0, "usage event");
+            assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 1);
+        } else {
+            assert!(v["usage"].is_null());
+            content += v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+        }
+    }
+    assert!(!content.is_empty());
+
+    // Headers: x-request-id out, content type.
+    let head = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-D", "-", "-H"])
+        .arg(format!("authorization: Bearer {KEY}"))
+        .args([
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "x-request-id: hdr-7",
+        ])
+        .args(["--data-binary", body])
+        .arg(format!("{}/v1/chat/completions", api.base))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).to_lowercase();
+    assert!(head.contains("x-request-id: hdr-7"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+
+    // Errors in OpenAI's shape with the right statuses.
+    let error = |status: u16, text: &str| -> serde_json::Value {
+        let v: serde_json::Value =
+            serde_json::from_str(text).unwrap_or_else(|_| panic!("{status}: {text}"));
+        v["error"].clone()
+    };
+    let (s, t) = api.post(
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"top_p":7}"#,
+        &[],
+    );
+    assert_eq!(
+        (s, error(s, &t)["param"].as_str()),
+        (400, Some("top_p")),
+        "{t}"
+    );
+    let (s, t) = api.post("/v1/completions", r#"{"prompt":"hi","n":"three"}"#, &[]);
+    assert_eq!((s, error(s, &t)["param"].as_str()), (400, Some("n")), "{t}");
+    let (s, t) = api.post("/v1/completions", "{not json", &[]);
+    assert_eq!(s, 400, "{t}");
+    let (s, t) = api.post(
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#,
+        &[],
+    );
+    assert_eq!(
+        (s, error(s, &t)["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{t}"
+    );
+    let (s, t) = api.curl(&[
+        "-sS",
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        r#"{"prompt":"hi"}"#,
+        &format!("{}/v1/completions", api.base),
+    ]);
+    assert_eq!(
+        (s, error(s, &t)["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{t}"
+    );
+    // Without a model, any worker serves it; the response names the model.
+    let (s, t) = api.post(
+        "/v1/completions",
+        r#"{"prompt":"Hello","max_tokens":2,"temperature":0}"#,
+        &[],
+    );
+    assert_eq!(s, 200, "{t}");
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["model"], "smollm2");
+    assert_eq!(v["usage"]["completion_tokens"], 2);
+}
