@@ -104,7 +104,13 @@ start() {
   mkdir -p "$RUN_DIR"
   # NANOINFER_MODEL (a GGUF path) overrides the default model.
   local model="${NANOINFER_MODEL:-}"
-  [ -n "$model" ] || model=$("$ROOT/scripts/fetch-model" | tail -n1)
+  # The default model's name for clients (`model` in both APIs); another
+  # GGUF keeps the name it carries unless NANOINFER_MODEL_NAME is set.
+  local model_name=()
+  if [ -z "$model" ]; then
+    model=$("$ROOT/scripts/fetch-model" | tail -n1)
+    model_name=(--model-name "${NANOINFER_MODEL_NAME:-smollm2-135m-instruct}")
+  fi
   for b in nanoinfer-coordinator nanoinfer-worker nanoinfer; do
     [ -x "$BIN_DIR/$b" ] || { echo "$BIN_DIR/$b is missing: run scripts/setup" >&2; exit 1; }
   done
@@ -152,7 +158,7 @@ start() {
     start_bg "worker$i" "$BIN_DIR/nanoinfer-worker" --model "$model" \
       --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics_port" \
       --etcd-endpoints "$ETCD_URL" --id "local-worker$i" \
-      --threads "$threads" "${secure[@]}"
+      --threads "$threads" "${model_name[@]}" "${secure[@]}"
   done
 
   if alive coordinator; then

@@ -101,6 +101,20 @@ impl WorkerService for Paced {
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
         Ok(Response::new(LoadResponse::default()))
     }
+
+    async fn tokenize(
+        &self,
+        _: Request<nanoinfer_proto::worker::TokenizeRequest>,
+    ) -> Result<Response<nanoinfer_proto::worker::TokenizeResponse>, Status> {
+        Err(Status::unimplemented("a test double has no tokenizer"))
+    }
+
+    async fn detokenize(
+        &self,
+        _: Request<nanoinfer_proto::worker::DetokenizeRequest>,
+    ) -> Result<Response<nanoinfer_proto::worker::DetokenizeResponse>, Status> {
+        Err(Status::unimplemented("a test double has no tokenizer"))
+    }
 }
 
 #[tokio::main]

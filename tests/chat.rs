@@ -6,7 +6,9 @@
 mod common;
 
 use common::*;
-use nanoinfer_proto::nanoinfer::{ChatMessage, FinishReason, InferRequest};
+use nanoinfer_proto::nanoinfer::{
+    ChatMessage, DetokenizeRequest, FinishReason, InferRequest, TokenizeRequest,
+};
 use tonic::Code;
 
 fn chat(messages: &[(&str, &str)], max_tokens: u32) -> InferRequest {
@@ -126,6 +128,35 @@ async fn a_chat_request_gets_the_instruct_models_answer() {
     let mut sorted = finals.clone();
     sorted.sort();
     assert_eq!(sorted, vec![0, 1, 2], "one final message per choice");
+
+    // gRPC Tokenize counts what Infer's usage counts; Detokenize inverts it.
+    let question = chat(&[("user", "Name a fruit.")], 1);
+    let used = collect(&mut client, question.clone()).await.unwrap();
+    let tokens = client
+        .tokenize(TokenizeRequest {
+            messages: question.messages.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        tokens.tokens.len() as u32,
+        used.last().unwrap().usage.unwrap().prompt_tokens
+    );
+    let text = client
+        .detokenize(DetokenizeRequest {
+            tokens: tokens.tokens,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    assert!(
+        text.contains("<|im_start|>user\nName a fruit.<|im_end|>"),
+        "{text:?}"
+    );
 
     // `nanoinfer chat`: the conversation carries over between turns.
     let mut child = std::process::Command::new(bin("nanoinfer"))

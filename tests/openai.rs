@@ -232,6 +232,51 @@ async fn sse_framing_headers_and_errors_over_curl() {
         (401, Some("invalid_api_key")),
         "{t}"
     );
+    // Tokenize and detokenize: a conversation counts what chat usage
+    // counts; text round-trips; an id outside the vocabulary is refused.
+    let chat = r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hi."}],"max_tokens":1,"temperature":0}"#;
+    let (s, t) = api.post("/v1/chat/completions", chat, &[]);
+    assert_eq!(s, 200, "{t}");
+    let used: serde_json::Value = serde_json::from_str(&t).unwrap();
+    let (s, t) = api.post(
+        "/tokenize",
+        r#"{"model":"smollm2","messages":[{"role":"user","content":"Say hi."}],"return_token_strs":true}"#,
+        &[],
+    );
+    assert_eq!(s, 200, "{t}");
+    let tok: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(tok["count"], used["usage"]["prompt_tokens"], "{t}");
+    assert_eq!(tok["max_model_len"], 2048);
+    assert!(
+        tok["token_strs"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("<|im_start|>"),
+        "{t}"
+    );
+    let (s, t) = api.post(
+        "/tokenize",
+        r#"{"prompt":"The capital of France","add_special_tokens":false}"#,
+        &[],
+    );
+    assert_eq!(s, 200, "{t}");
+    let ids = serde_json::from_str::<serde_json::Value>(&t).unwrap()["tokens"].clone();
+    let (s, t) = api.post("/detokenize", &format!(r#"{{"tokens":{ids}}}"#), &[]);
+    assert_eq!(
+        (s, t.as_str()),
+        (
+            200,
+            r#"{"model":"smollm2","prompt":"The capital of France"}"#
+        )
+    );
+    let (s, t) = api.post("/detokenize", r#"{"tokens":[1, 99999999]}"#, &[]);
+    assert_eq!(
+        (s, error(s, &t)["param"].as_str()),
+        (400, Some("tokens")),
+        "{t}"
+    );
+    assert!(t.contains("tokens[1]"), "{t}");
+
     // Without a model, any worker serves it; the response names the model.
     let (s, t) = api.post(
         "/v1/completions",

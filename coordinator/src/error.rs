@@ -127,6 +127,12 @@ impl CoordinatorError {
         };
         let field = match &self {
             Self::InvalidArgument { field, .. } => Some(*field),
+            // A worker's refusal starts with the field it names.
+            Self::Upstream { status, .. } if code == Code::InvalidArgument => status
+                .message()
+                .split_once(": ")
+                .and_then(|(f, _)| nanoinfer_proto::limits::FIELDS.iter().find(|k| **k == f))
+                .copied(),
             _ => None,
         };
         let mut status = match request_id {

@@ -7,7 +7,10 @@
 
 use std::sync::Arc;
 
-use nanoinfer_proto::nanoinfer::InferRequest;
+use nanoinfer_proto::nanoinfer::{
+    DetokenizeRequest, DetokenizeResponse, InferRequest, TokenizeRequest, TokenizeResponse,
+};
+use nanoinfer_proto::worker::{self as wpb, worker_service_client::WorkerServiceClient};
 use nanoinfer_registry::DiscoveryStatus;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::metadata::MetadataMap;
@@ -17,9 +20,10 @@ use tracing::Instrument;
 
 use crate::auth::ApiKeys;
 use crate::config::UpstreamConfig;
+use crate::error::CoordinatorError;
 use crate::metrics::{CoordinatorMetrics, ReasonLabel, RequestRecorder};
 use crate::relay::{self, Item, Relay, RELAY_BUFFER};
-use crate::routing::Router;
+use crate::routing::{Picked, Router};
 use crate::validate::Limits;
 
 /// Which public API a request came through (the `api` metric label).
@@ -214,6 +218,104 @@ impl Front {
             }
         }
         Ok(Call { request_id, n, rx })
+    }
+}
+
+impl Front {
+    /// A worker for a one-shot call (tokenize, detokenize): the least
+    /// loaded serving `model`.
+    fn pick_for(&self, model: &str) -> Result<Picked, CoordinatorError> {
+        if !model.is_empty() {
+            nanoinfer_registry::schema::validate_model_name(model)
+                .map_err(|m| CoordinatorError::invalid("model", m))?;
+        }
+        let model = (!model.is_empty()).then_some(model);
+        self.router.pick(&[], model).ok_or_else(|| match model {
+            Some(m) if !self.router.knows_model(m) => CoordinatorError::ModelNotFound(m.into()),
+            _ => CoordinatorError::NoWorkers,
+        })
+    }
+
+    /// A worker's answer to a one-shot call, its failures as statuses.
+    fn upstream<T>(picked: &Picked, r: Result<tonic::Response<T>, Status>) -> Result<T, Status> {
+        r.map(tonic::Response::into_inner).map_err(|status| {
+            CoordinatorError::Upstream {
+                worker: picked.id.clone(),
+                status,
+            }
+            .into_status(None)
+        })
+    }
+
+    /// The tokens a worker serving the request's model makes of its prompt
+    /// or conversation.
+    pub async fn tokenize(
+        &self,
+        request: TokenizeRequest,
+        metadata: &MetadataMap,
+    ) -> Result<TokenizeResponse, Status> {
+        self.authorize(metadata)?;
+        let messages: Vec<(&str, &str)> = request
+            .messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        self.limits
+            .checks
+            .check_prompt_or_messages(&request.prompt, &messages)
+            .map_err(|e| CoordinatorError::from(e).into_status(None))?;
+        let picked = self
+            .pick_for(&request.model)
+            .map_err(|e| e.into_status(None))?;
+        let mut call = tonic::Request::new(wpb::TokenizeRequest {
+            text: request.prompt,
+            messages: request
+                .messages
+                .into_iter()
+                .map(|m| wpb::ChatMessage {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect(),
+            add_special: request.add_special,
+        });
+        call.set_timeout(self.upstream.request_timeout);
+        let answer = WorkerServiceClient::new(picked.channel.clone())
+            .tokenize(call)
+            .await;
+        let r = Self::upstream(&picked, answer)?;
+        Ok(TokenizeResponse {
+            tokens: r.tokens,
+            pieces: r.pieces,
+            max_model_len: r.max_model_len,
+            model: picked.model_name.clone(),
+        })
+    }
+
+    /// The text of token ids, from a worker serving the request's model.
+    pub async fn detokenize(
+        &self,
+        request: DetokenizeRequest,
+        metadata: &MetadataMap,
+    ) -> Result<DetokenizeResponse, Status> {
+        self.authorize(metadata)?;
+        nanoinfer_proto::limits::check_token_ids(&request.tokens)
+            .map_err(|e| CoordinatorError::from(e).into_status(None))?;
+        let picked = self
+            .pick_for(&request.model)
+            .map_err(|e| e.into_status(None))?;
+        let mut call = tonic::Request::new(wpb::DetokenizeRequest {
+            tokens: request.tokens,
+        });
+        call.set_timeout(self.upstream.request_timeout);
+        let answer = WorkerServiceClient::new(picked.channel.clone())
+            .detokenize(call)
+            .await;
+        let r = Self::upstream(&picked, answer)?;
+        Ok(DetokenizeResponse {
+            text: r.text,
+            model: picked.model_name.clone(),
+        })
     }
 }
 

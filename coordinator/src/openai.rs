@@ -120,6 +120,8 @@ pub fn router(front: Arc<Front>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -273,6 +275,101 @@ async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Result<R
         })
         .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `POST /tokenize` (vLLM's and llama-server's shape): `{model?, prompt |
+/// messages, add_special_tokens? (default true), return_token_strs?}` →
+/// `{tokens, count, max_model_len, model, token_strs?}`.
+async fn tokenize(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let metadata = MetadataMap::from_headers(headers);
+    front
+        .authorize(&metadata)
+        .map_err(|s| ApiError::from_status(&s))?;
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
+    let Value::Object(map) = &body else {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    };
+    let f = Fields(map);
+    let messages = match f.get("messages") {
+        Some(m) => chat_messages(Some(m))?,
+        None => Vec::new(),
+    };
+    let add_special = match f.get("add_special_tokens") {
+        None => true,
+        Some(_) => f.bool("add_special_tokens")?,
+    };
+    let request = nanoinfer_proto::nanoinfer::TokenizeRequest {
+        model: f.str("model")?.unwrap_or_default().to_string(),
+        prompt: f.str("prompt")?.unwrap_or_default().to_string(),
+        messages,
+        add_special,
+    };
+    let with_strs = f.bool("return_token_strs")?;
+    let r = front
+        .tokenize(request, &metadata)
+        .await
+        .map_err(|s| ApiError::from_status(&s))?;
+    let mut out = json!({
+        "tokens": r.tokens,
+        "count": r.tokens.len(),
+        "max_model_len": r.max_model_len,
+        "model": r.model,
+    });
+    if with_strs {
+        out["token_strs"] = json!(r.pieces);
+    }
+    Ok(axum::Json(out).into_response())
+}
+
+/// `POST /detokenize`: `{model?, tokens}` → `{prompt, model}`.
+async fn detokenize(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let metadata = MetadataMap::from_headers(headers);
+    front
+        .authorize(&metadata)
+        .map_err(|s| ApiError::from_status(&s))?;
+    let body: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
+    let Value::Object(map) = &body else {
+        return Err(ApiError::invalid("body", "must be a JSON object"));
+    };
+    let f = Fields(map);
+    let tokens = match f.get("tokens") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_i64()
+                    .and_then(|id| i32::try_from(id).ok())
+                    .ok_or_else(|| {
+                        ApiError::invalid("tokens", format!("tokens[{i}] must be a token id"))
+                    })
+            })
+            .collect::<Result<Vec<i32>, _>>()?,
+        _ => {
+            return Err(ApiError::invalid(
+                "tokens",
+                "is required: a list of token ids",
+            ))
+        }
+    };
+    let request = nanoinfer_proto::nanoinfer::DetokenizeRequest {
+        model: f.str("model")?.unwrap_or_default().to_string(),
+        tokens,
+    };
+    let r = front
+        .detokenize(request, &metadata)
+        .await
+        .map_err(|s| ApiError::from_status(&s))?;
+    Ok(axum::Json(json!({"prompt": r.text, "model": r.model})).into_response())
 }
 
 /// The two generation endpoints.

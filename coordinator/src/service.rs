@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use futures::Stream;
 use nanoinfer_proto::nanoinfer::{
-    infer_service_server::InferService, HealthRequest, HealthResponse, InferRequest, InferResponse,
+    infer_service_server::InferService, DetokenizeRequest, DetokenizeResponse, HealthRequest,
+    HealthResponse, InferRequest, InferResponse, TokenizeRequest, TokenizeResponse,
 };
 use nanoinfer_registry::DiscoveryStatus;
 use tokio_stream::wrappers::ReceiverStream;
@@ -72,6 +73,28 @@ impl InferService for InferServiceImpl {
             response.metadata_mut().insert(REQUEST_ID_HEADER, value);
         }
         Ok(response)
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        self.front
+            .tokenize(request, &metadata)
+            .await
+            .map(Response::new)
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        let (metadata, _, request) = request.into_parts();
+        self.front
+            .detokenize(request, &metadata)
+            .await
+            .map(Response::new)
     }
 }
 

@@ -13,6 +13,29 @@ pub const DEFAULT_MAX_TOKENS_LIMIT: u32 = 4096;
 /// Default of `--max-prompt-bytes` on both processes.
 pub const DEFAULT_MAX_PROMPT_BYTES: usize = 1 << 20;
 
+/// Every field name a refusal may carry (the HTTP API's `param`).
+pub const FIELDS: &[&str] = &[
+    "request_id",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_logprobs",
+    "logprobs",
+    "n",
+    "seed",
+    "stop",
+    "model",
+    "tokens",
+    "resume_token_ids",
+];
+
 /// A refused field and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -165,6 +188,24 @@ impl SamplingControls {
             || self.presence_penalty != 0.0
             || self.frequency_penalty != 0.0
     }
+}
+
+/// Most token ids one detokenize request may hold.
+pub const MAX_DETOKENIZE_TOKENS: usize = 1 << 20;
+
+/// Token ids to detokenize: at most [`MAX_DETOKENIZE_TOKENS`] (the worker
+/// also checks each against its vocabulary).
+pub fn check_token_ids(ids: &[i32]) -> Result<(), FieldError> {
+    if ids.len() > MAX_DETOKENIZE_TOKENS {
+        return refuse(
+            "tokens",
+            format!(
+                "holds {} ids; the limit is {MAX_DETOKENIZE_TOKENS}",
+                ids.len()
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// `n`, the number of completions: 1..=[`MAX_N`] (0 means 1).

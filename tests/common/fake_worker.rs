@@ -120,6 +120,20 @@ impl WorkerService for Svc {
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
         Ok(Response::new(LoadResponse::default()))
     }
+
+    async fn tokenize(
+        &self,
+        _: Request<nanoinfer_proto::worker::TokenizeRequest>,
+    ) -> Result<Response<nanoinfer_proto::worker::TokenizeResponse>, Status> {
+        Err(Status::unimplemented("a test double has no tokenizer"))
+    }
+
+    async fn detokenize(
+        &self,
+        _: Request<nanoinfer_proto::worker::DetokenizeRequest>,
+    ) -> Result<Response<nanoinfer_proto::worker::DetokenizeResponse>, Status> {
+        Err(Status::unimplemented("a test double has no tokenizer"))
+    }
 }
 
 fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStream {

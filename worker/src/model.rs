@@ -179,6 +179,22 @@ impl Model {
         Ok((text, tokens))
     }
 
+    /// The text of one token, special tokens as their text form.
+    pub fn piece(&self, token: LlamaToken) -> String {
+        String::from_utf8_lossy(&self.model.vocab().token_to_piece(token, true, None)).into_owned()
+    }
+
+    /// The text of `tokens` (special tokens as their text form; bytes that
+    /// are no valid UTF-8 become U+FFFD). Ids must be in `0..n_vocab`.
+    pub fn detokenize(&self, tokens: &[LlamaToken]) -> String {
+        let vocab = self.model.vocab();
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            bytes.extend_from_slice(&vocab.token_to_piece(t, true, None));
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     /// Vocabulary size: token ids are `0..n_vocab`.
     pub fn n_vocab(&self) -> i32 {
         self.model.n_vocab()

@@ -9,8 +9,9 @@ use std::time::Instant;
 use futures::Stream;
 use llama_cpp_2::token::LlamaToken;
 use nanoinfer_proto::worker::{
-    self as pb, worker_service_server::WorkerService, GenerateRequest, GenerateResponse,
-    LoadRequest, LoadResponse,
+    self as pb, worker_service_server::WorkerService, DetokenizeRequest, DetokenizeResponse,
+    GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenizeRequest,
+    TokenizeResponse,
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -382,6 +383,87 @@ impl WorkerService for WorkerServiceImpl {
             model_name: self.model.model_name.clone(),
         }))
     }
+
+    async fn tokenize(
+        &self,
+        request: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        let messages: Vec<(String, String)> = req
+            .messages
+            .into_iter()
+            .map(|m| (m.role, m.content))
+            .collect();
+        {
+            let pairs: Vec<(&str, &str)> = messages
+                .iter()
+                .map(|(r, c)| (r.as_str(), c.as_str()))
+                .collect();
+            self.limits
+                .check_prompt_or_messages(&req.text, &pairs)
+                .map_err(|e| WorkerError::from(e).status(""))?;
+        }
+        let model = self.model.clone();
+        let (text, add_special) = (req.text, req.add_special);
+        // Off the runtime: a prompt may be a megabyte.
+        let (tokens, pieces) = tokio::task::spawn_blocking(move || {
+            let tokens = if messages.is_empty() {
+                Ok(model
+                    .model
+                    .vocab()
+                    .tokenize(text.as_bytes(), add_special, false))
+            } else {
+                model.render_chat(&messages).map(|(_, tokens)| tokens)
+            }?;
+            let pieces = tokens.iter().map(|&t| model.piece(t)).collect();
+            Ok::<_, crate::model::ChatError>((tokens, pieces))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizing: {e}")))?
+        .map_err(|e| match e {
+            crate::model::ChatError::NoTemplate => {
+                WorkerError::FailedPrecondition(e.to_string()).status("")
+            }
+            crate::model::ChatError::Render(_) => {
+                WorkerError::invalid("messages", e.to_string()).status("")
+            }
+        })?;
+        Ok(Response::new(TokenizeResponse {
+            tokens: tokens.iter().map(|t| t.0).collect(),
+            pieces,
+            max_model_len: self.engine.ctx_size(),
+        }))
+    }
+
+    async fn detokenize(
+        &self,
+        request: Request<DetokenizeRequest>,
+    ) -> Result<Response<DetokenizeResponse>, Status> {
+        let ids = request.into_inner().tokens;
+        let tokens = check_token_ids(&ids, self.model.n_vocab())
+            .map_err(|e| WorkerError::from(e).status(""))?;
+        let model = self.model.clone();
+        let text = tokio::task::spawn_blocking(move || model.detokenize(&tokens))
+            .await
+            .map_err(|e| Status::internal(format!("detokenizing: {e}")))?;
+        Ok(Response::new(DetokenizeResponse { text }))
+    }
+}
+
+/// Token ids for detokenizing: at most [`limits::MAX_DETOKENIZE_TOKENS`],
+/// each in `0..n_vocab` (the error names the first bad one).
+pub fn check_token_ids(ids: &[i32], n_vocab: i32) -> Result<Vec<LlamaToken>, FieldError> {
+    limits::check_token_ids(ids)?;
+    if let Some(i) = ids.iter().position(|&id| id < 0 || id >= n_vocab) {
+        return Err(FieldError {
+            field: "tokens",
+            message: format!(
+                "tokens[{i}] = {} is not in the vocabulary (0..{n_vocab})",
+                ids[i]
+            ),
+        });
+    }
+    Ok(ids.iter().map(|&id| LlamaToken(id)).collect())
 }
 
 #[cfg(test)]
