@@ -258,6 +258,9 @@ fn readme_path_local_cluster_test_sh_and_cli() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let coordinator = &report["coordinator"];
+    // The bench names the model; without --model-name a worker registers
+    // the GGUF's general.name.
+    assert_eq!(report["model"], "Gemma 3 270m", "{report}");
     assert_eq!(coordinator["generated_tokens"], 4.0, "{report}");
     assert!(coordinator["ttft_ms"].as_f64().unwrap() > 0.0, "{report}");
     assert!(coordinator["errors"].as_object().unwrap().is_empty());
@@ -331,4 +334,46 @@ fn secure_local_cluster_works_with_test_sh_and_the_cli() {
     );
     let answer = String::from_utf8_lossy(&out.stdout);
     assert!(answer.contains("Paris"), "{answer}");
+
+    // The OpenAI-compatible API takes the same TLS files and key, and lists
+    // the name the local cluster gives the default model.
+    let get = |name: &str| {
+        let all = env.iter().chain(cluster.env.iter());
+        all.filter(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .next()
+            .unwrap()
+    };
+    let url = format!(
+        "https://127.0.0.1:{}/v1/models",
+        get("NANOINFER_COORDINATOR_HTTP_PORT")
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert", &get("NANOINFER_CA"), "-H"])
+        .arg(format!(
+            "authorization: Bearer {}",
+            get("NANOINFER_API_KEY")
+        ))
+        .arg(&url)
+        .output()
+        .unwrap();
+    let models = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        models.contains(r#""id":"smollm2-135m-instruct""#),
+        "{models}"
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "--cacert", &get("NANOINFER_CA")])
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("invalid_api_key"),
+        "no key: refused"
+    );
+    let plain = Command::new("curl")
+        .args(["-sS", &url.replace("https", "http")])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "plaintext HTTP was answered");
 }

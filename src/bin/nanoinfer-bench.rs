@@ -313,6 +313,30 @@ fn summarize(samples: &[Sample]) -> Summary {
     s
 }
 
+/// The model `addr` serves, for the report: a worker's `Load` answer, or
+/// the model a coordinator's worker names when tokenizing a word.
+async fn model_of(name: &str, addr: &str, args: &Args) -> Option<String> {
+    let channel = connect_with(addr, args.tls.config().ok()?).await.ok()?;
+    if name == "worker" {
+        let load = WorkerServiceClient::new(channel)
+            .load(nanoinfer_proto::worker::LoadRequest {})
+            .await
+            .ok()?
+            .into_inner();
+        Some(format!("{} ({})", load.model_name, load.model))
+    } else {
+        let r = InferServiceClient::new(channel)
+            .tokenize(nanoinfer_proto::nanoinfer::TokenizeRequest {
+                prompt: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner();
+        Some(r.model)
+    }
+}
+
 async fn measure(
     name: &str,
     addr: &str,
@@ -451,6 +475,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     if args.coordinator.is_none() && args.worker.is_none() {
         return Err("give --coordinator and/or --worker".into());
     }
+    let target = args.worker.as_deref().map(|a| ("worker", a));
+    let target = target.or(args.coordinator.as_deref().map(|a| ("coordinator", a)));
+    let model = match target {
+        Some((name, addr)) => model_of(name, addr, &args).await,
+        None => None,
+    };
+    let model = model.unwrap_or_else(|| "unknown".into());
     let mut results = Vec::new();
     if let Some(addr) = &args.worker {
         results.push(("worker", measure("worker", addr, &args).await?));
@@ -460,6 +491,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.json {
         let mut out = serde_json::Map::new();
+        out.insert("model".into(), serde_json::json!(model));
         for (name, s) in &results {
             let p = |v: [f64; 3]| serde_json::json!({"p50": v[0], "p90": v[1], "p99": v[2]});
             out.insert(
@@ -489,6 +521,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("{}", serde_json::Value::Object(out));
         return Ok(());
     }
+    println!("model: {model}");
     println!(
         "{} stream(s) x {} measured requests, prompt ~{} words, max_tokens {}, temperature {}, top_p {}",
         args.concurrency,
