@@ -147,3 +147,44 @@ async fn a_shared_prompt_prefix_is_reused_from_the_kv_cache() {
         .log()
         .contains("prompt prefix reused from the KV cache"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_completions_run_on_one_worker_and_share_the_prompts_kv() {
+    // Two workers: the coordinator sends all three completions to the one
+    // the first went to, and that worker copies the prompt's cells to the
+    // other two instead of computing them (they wait for its prefill).
+    let mut cluster = Cluster::start(2, &["--parallel", "4"], &[]).await;
+    let mut client = cluster.client().await;
+    let hits = "nanoinfer_worker_prefix_cache_hit_tokens_total";
+    let prompt = format!(
+        "{}Question: name three colours. Answer:",
+        "Context: n completions of one prompt should cost one prefill. ".repeat(8)
+    );
+    let mut before = Vec::new();
+    for w in cluster.workers.iter_mut() {
+        before.push(common::scrape(w).await.get(hits).copied().unwrap_or(0.0));
+    }
+    let request = InferRequest {
+        n: 3,
+        temperature: Some(1.0),
+        seed: Some(11),
+        ..greedy(&prompt, 6)
+    };
+    let msgs = collect(&mut client, request).await.unwrap();
+    let finals: Vec<_> = msgs.iter().filter(|m| m.usage.is_some()).collect();
+    assert_eq!(finals.len(), 3, "one final message per completion");
+    let prompt_tokens = f64::from(finals[0].usage.unwrap().prompt_tokens);
+    assert!(prompt_tokens > 100.0, "{prompt_tokens}");
+    let mut reused = Vec::new();
+    for (w, b) in cluster.workers.iter_mut().zip(&before) {
+        reused.push(common::scrape(w).await.get(hits).copied().unwrap_or(0.0) - b);
+    }
+    // All on one worker: it computed the prompt once and copied all but
+    // its last token twice.
+    reused.sort_by(f64::total_cmp);
+    assert_eq!(
+        reused,
+        vec![0.0, 2.0 * (prompt_tokens - 1.0)],
+        "prefix hits per worker"
+    );
+}

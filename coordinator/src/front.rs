@@ -22,7 +22,7 @@ use crate::auth::ApiKeys;
 use crate::config::UpstreamConfig;
 use crate::error::CoordinatorError;
 use crate::metrics::{CoordinatorMetrics, ReasonLabel, RequestRecorder};
-use crate::relay::{self, Item, Relay, RELAY_BUFFER};
+use crate::relay::{self, Affinity, Item, Relay, RELAY_BUFFER};
 use crate::routing::{Picked, Router};
 use crate::validate::Limits;
 
@@ -185,6 +185,8 @@ impl Front {
 
         let (tx, rx) = mpsc::channel(RELAY_BUFFER * n as usize);
         let mut opened = Vec::with_capacity(n as usize);
+        let (lead, follow) = tokio::sync::watch::channel(None);
+        let mut lead = Some(lead);
         for choice in 0..n {
             let (opened_tx, opened_rx) = oneshot::channel();
             let mut params = params.clone();
@@ -200,6 +202,11 @@ impl Front {
                 recorder: RequestRecorder::start(self.metrics.clone(), api),
                 span: span.clone(),
                 choice,
+                affinity: match (n, choice) {
+                    (1, _) => Affinity::None,
+                    (_, 0) => Affinity::Lead(lead.take().expect("one lead")),
+                    _ => Affinity::Follow(follow.clone()),
+                },
             };
             tokio::spawn(relay::run(relay, tx.clone(), opened_tx).instrument(span.clone()));
             opened.push(opened_rx);

@@ -61,6 +61,19 @@ pub struct Relay {
     pub span: Span,
     /// Which of the request's `n` completions this relay produces.
     pub choice: u32,
+    /// With `n` > 1: one worker runs every completion, so it copies the
+    /// prompt's KV cells between them instead of computing them again.
+    pub affinity: Affinity,
+}
+
+/// Where the completions of one request go.
+pub enum Affinity {
+    /// A single completion: the router picks.
+    None,
+    /// The first completion: its pick is sent to the others.
+    Lead(tokio::sync::watch::Sender<Option<String>>),
+    /// A later completion: it tries the first one's worker first.
+    Follow(tokio::sync::watch::Receiver<Option<String>>),
 }
 
 /// How one attempt on one worker ended.
@@ -140,7 +153,21 @@ impl State {
                 }
             }
             let model = self.relay.params.model.as_deref();
-            let Some(picked) = self.relay.router.pick(&self.tried, model) else {
+            let preferred = match &mut self.relay.affinity {
+                Affinity::Follow(first) if self.tried.is_empty() => {
+                    // The lead picks at once; if it ends without a worker
+                    // (its sender dropped), pick as usual.
+                    let id = first
+                        .wait_for(Option::is_some)
+                        .await
+                        .ok()
+                        .and_then(|v| v.clone());
+                    id.and_then(|id| self.relay.router.pick_worker(&id))
+                }
+                _ => None,
+            };
+            let Some(picked) = preferred.or_else(|| self.relay.router.pick(&self.tried, model))
+            else {
                 return Err(
                     if let Some(m) = model.filter(|m| !self.relay.router.knows_model(m)) {
                         CoordinatorError::ModelNotFound(m.to_string())
@@ -151,6 +178,9 @@ impl State {
                     },
                 );
             };
+            if let Affinity::Lead(tx) = &self.relay.affinity {
+                tx.send_replace(Some(picked.id.clone()));
+            }
             tracing::info!(request_id = %self.relay.params.request_id, worker = %picked.id,
                 address = %picked.address, attempt = self.tried.len() + 1,
                 resume_from = self.delivered.len(), "routing request");

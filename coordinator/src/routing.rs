@@ -84,6 +84,20 @@ struct WorkerState {
     generation: u64,
 }
 
+impl WorkerState {
+    /// This worker, counted in flight.
+    fn picked(&self, id: &str) -> Picked {
+        self.in_flight.inc();
+        Picked {
+            id: id.to_string(),
+            address: self.address.clone(),
+            channel: self.channel.clone(),
+            model_name: self.model_name.clone(),
+            guard: InFlight(self.in_flight.clone()),
+        }
+    }
+}
+
 /// Per-worker channels, in-flight counts and ejections.
 pub struct Router {
     workers: Mutex<HashMap<String, WorkerState>>,
@@ -252,14 +266,16 @@ impl Router {
             .collect();
         let index = choose(&counts, self.rotation.fetch_add(1, Ordering::Relaxed))?;
         let (id, w) = candidates[index];
-        w.in_flight.inc();
-        Some(Picked {
-            id: id.clone(),
-            address: w.address.clone(),
-            channel: w.channel.clone(),
-            model_name: w.model_name.clone(),
-            guard: InFlight(w.in_flight.clone()),
-        })
+        Some(w.picked(id))
+    }
+
+    /// Picks worker `id` if it is routable (the `n` completions of one
+    /// request go where the first went, so the worker shares the prompt's
+    /// KV cells between them).
+    pub fn pick_worker(&self, id: &str) -> Option<Picked> {
+        let workers = self.workers.lock().expect("router lock");
+        let w = workers.get(id).filter(|w| !w.ejected)?;
+        Some(w.picked(id))
     }
 
     /// Takes `id` out of routing after a transport failure and starts
@@ -436,6 +452,8 @@ mod tests {
         assert!(router
             .pick(&["a".to_string(), "b".to_string()], None)
             .is_none());
+        assert_eq!(router.pick_worker("b").unwrap().id, "b");
+        assert!(router.pick_worker("zz").is_none());
         router.sync(&set(&["b"]));
         assert_eq!(
             metrics.in_flight.len(),

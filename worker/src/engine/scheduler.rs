@@ -24,6 +24,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::oneshot;
 
+use super::policy::common_prefix;
 use super::sequence::Sequence;
 use super::slots::Slots;
 use super::Shared;
@@ -184,6 +185,14 @@ impl Scheduler<'_> {
                 .chain(&job.generation.resume)
                 .copied()
                 .collect();
+            if waits_for_shared_prefill(&input, &self.active) {
+                // Admitted after that prefill, it copies those cells (the
+                // `n` completions of one request, or prompts that arrive
+                // together with one system prompt). FIFO: later jobs wait
+                // behind it; a prefill ends within a few steps.
+                self.queue.push_front(job);
+                break;
+            }
             let (slot, reused) = {
                 // Only cells a decode wrote may be copied; a sequence whose
                 // decode failed offers none (see `Sequence::reusable`).
@@ -238,4 +247,21 @@ impl Scheduler<'_> {
             metrics.kv_cache_usage.set(0.0);
         }
     }
+}
+
+/// Prompt tokens a new prompt must share with one still being prefilled
+/// before it waits for that prefill instead of computing them itself.
+pub const SHARED_PREFILL_MIN_TOKENS: usize = 16;
+
+/// Whether a prompt with `input` should wait: an active sequence is still
+/// prefilling a prompt that shares at least [`SHARED_PREFILL_MIN_TOKENS`]
+/// more tokens with it than that sequence has decoded so far (what could be
+/// copied now).
+fn waits_for_shared_prefill(input: &[LlamaToken], active: &[Sequence]) -> bool {
+    let limit = input.len().saturating_sub(1);
+    active.iter().any(|s| {
+        let done = s.reusable().len();
+        done < s.input_len()
+            && common_prefix(input, s.input()).min(limit) >= done + SHARED_PREFILL_MIN_TOKENS
+    })
 }

@@ -227,6 +227,11 @@ impl Sequence {
         self.input.len()
     }
 
+    /// Prompt plus resumed tokens, the ids.
+    pub fn input(&self) -> &[LlamaToken] {
+        &self.input
+    }
+
     /// Generated tokens, resumed ones included.
     pub fn generated(&self) -> u32 {
         self.generated
