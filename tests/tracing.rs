@@ -226,6 +226,37 @@ async fn one_trace_from_client_to_prefill_and_decode() {
         Some("traced-bad"),
         "{infer:#?}"
     );
+
+    // The OpenAI-compatible HTTP API honours traceparent too: the same
+    // spans, the same parent, the api attribute saying which door.
+    let http = cluster.coordinator.http_addr().await;
+    let http_trace = "6bf92f3577b34da6a3ce929d0e0e4738";
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-H", "content-type: application/json"])
+        .args([
+            "-H",
+            &format!("traceparent: 00-{http_trace}-{client_span}-01"),
+        ])
+        .args(["-H", "x-request-id: traced-http"])
+        .args([
+            "--data-binary",
+            r#"{"prompt":"Hello","max_tokens":3,"temperature":0}"#,
+        ])
+        .arg(format!("http://{http}/v1/completions"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let spans = wait_for_spans(
+        &collector,
+        http_trace,
+        &["Infer", "Generate", "prefill", "decode"],
+    )
+    .await;
+    let infer = one(&spans, "Infer");
+    assert_eq!(infer.parent, client_span);
+    assert_eq!(infer.attributes["request_id"], "traced-http");
+    assert_eq!(infer.attributes["nanoinfer.api"], "http");
+    assert_eq!(one(&spans, "Generate").parent, infer.span_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
