@@ -41,6 +41,26 @@ pub struct Args {
     pub http_listen: HttpListen,
     #[command(flatten)]
     pub etcd: nanoinfer_registry::EtcdArgs,
+    /// How a request's worker is chosen: `least-loaded` (fewest requests in
+    /// flight), or `prefix-affinity` (the worker the longest shared prompt
+    /// prefix went to, whose KV cache likely still holds it, unless it has
+    /// more than --affinity-max-load-gap requests more in flight than the
+    /// least loaded).
+    #[arg(
+        long,
+        env = "NANOINFER_ROUTING",
+        value_enum,
+        default_value = "least-loaded"
+    )]
+    pub routing: crate::affinity::Routing,
+    /// With prefix-affinity: how many more requests in flight than the
+    /// least-loaded worker the prefix's worker may have and still be chosen.
+    #[arg(long, env = "NANOINFER_AFFINITY_MAX_LOAD_GAP", default_value_t = 2)]
+    pub affinity_max_load_gap: u32,
+    /// With prefix-affinity: bytes of prompt text remembered per worker (the
+    /// worker's own prefix cache holds about a quarter as many tokens).
+    #[arg(long, env = "NANOINFER_AFFINITY_CACHE_BYTES", default_value_t = 16 << 10)]
+    pub affinity_cache_bytes: usize,
     /// `max_tokens` used when a request leaves it at 0.
     #[arg(long, env = "NANOINFER_DEFAULT_MAX_TOKENS", default_value_t = 128)]
     pub default_max_tokens: u32,
@@ -146,6 +166,13 @@ pub struct UpstreamConfig {
     pub max_attempts: usize,
     /// Mutual TLS to workers.
     pub cluster_tls: Option<nanoinfer_proto::tls::ClusterTls>,
+    /// Worker choice.
+    pub routing: crate::affinity::Routing,
+    /// Prefix affinity yields to the least-loaded worker beyond this many
+    /// more requests in flight.
+    pub affinity_max_load_gap: usize,
+    /// Prompt bytes remembered per worker for prefix affinity.
+    pub affinity_cache_bytes: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -159,6 +186,9 @@ impl Default for UpstreamConfig {
             keepalive_timeout: Duration::from_millis(1000),
             max_attempts: 3,
             cluster_tls: None,
+            routing: crate::affinity::Routing::LeastLoaded,
+            affinity_max_load_gap: 2,
+            affinity_cache_bytes: 16 << 10,
         }
     }
 }
@@ -225,6 +255,9 @@ impl Args {
                 keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
                 max_attempts: self.max_attempts as usize,
                 cluster_tls: self.cluster.validate()?,
+                routing: self.routing,
+                affinity_max_load_gap: self.affinity_max_load_gap as usize,
+                affinity_cache_bytes: self.affinity_cache_bytes,
             },
             api_keys_file: self.api_keys_file,
             public_tls,

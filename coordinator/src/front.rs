@@ -185,6 +185,21 @@ impl Front {
 
         let (tx, rx) = mpsc::channel(RELAY_BUFFER * n as usize);
         let mut opened = Vec::with_capacity(n as usize);
+        let prefix: Arc<[u64]> = if self.router.wants_prefix() {
+            if params.messages.is_empty() {
+                crate::affinity::prefix_blocks(&params.prompt).into()
+            } else {
+                let text = crate::affinity::conversation_text(
+                    params
+                        .messages
+                        .iter()
+                        .map(|(r, c)| (r.as_str(), c.as_str())),
+                );
+                crate::affinity::prefix_blocks(&text).into()
+            }
+        } else {
+            Arc::from(Vec::new())
+        };
         let (lead, follow) = tokio::sync::watch::channel(None);
         let mut lead = Some(lead);
         for choice in 0..n {
@@ -202,6 +217,7 @@ impl Front {
                 recorder: RequestRecorder::start(self.metrics.clone(), api),
                 span: span.clone(),
                 choice,
+                prefix: prefix.clone(),
                 affinity: match (n, choice) {
                     (1, _) => Affinity::None,
                     (_, 0) => Affinity::Lead(lead.take().expect("one lead")),
@@ -237,10 +253,12 @@ impl Front {
                 .map_err(|m| CoordinatorError::invalid("model", m))?;
         }
         let model = (!model.is_empty()).then_some(model);
-        self.router.pick(&[], model).ok_or_else(|| match model {
-            Some(m) if !self.router.knows_model(m) => CoordinatorError::ModelNotFound(m.into()),
-            _ => CoordinatorError::NoWorkers,
-        })
+        self.router
+            .pick(&[], model, &[])
+            .ok_or_else(|| match model {
+                Some(m) if !self.router.knows_model(m) => CoordinatorError::ModelNotFound(m.into()),
+                _ => CoordinatorError::NoWorkers,
+            })
     }
 
     /// A worker's answer to a one-shot call, its failures as statuses.

@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod affinity;
 pub mod auth;
 pub mod config;
 pub mod error;

@@ -229,6 +229,11 @@ impl CoordinatorMetrics {
             self.worker_errors.clone(),
         );
         r.register(
+            "prefix_affinity_picks",
+            "Prefix-affinity routing decisions: hit (the prefix's worker), miss (no worker holds it), overloaded (its worker was past the load gap)",
+            self.router.affinity.clone(),
+        );
+        r.register(
             "retries",
             "Requests moved to another worker before their first token",
             self.retries.clone(),

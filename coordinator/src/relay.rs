@@ -61,6 +61,9 @@ pub struct Relay {
     pub span: Span,
     /// Which of the request's `n` completions this relay produces.
     pub choice: u32,
+    /// The prompt's prefix blocks, for prefix-affinity routing (empty
+    /// under least-loaded).
+    pub prefix: Arc<[u64]>,
     /// With `n` > 1: one worker runs every completion, so it copies the
     /// prompt's KV cells between them instead of computing them again.
     pub affinity: Affinity,
@@ -166,7 +169,9 @@ impl State {
                 }
                 _ => None,
             };
-            let Some(picked) = preferred.or_else(|| self.relay.router.pick(&self.tried, model))
+            let prefix = &self.relay.prefix;
+            let Some(picked) =
+                preferred.or_else(|| self.relay.router.pick(&self.tried, model, prefix))
             else {
                 return Err(
                     if let Some(m) = model.filter(|m| !self.relay.router.knows_model(m)) {

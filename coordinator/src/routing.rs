@@ -57,9 +57,18 @@ pub struct Picked {
     pub guard: InFlight,
 }
 
+/// How a prefix-affinity pick went.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct AffinityLabel {
+    /// `hit`, `miss` or `overloaded`.
+    pub outcome: &'static str,
+}
+
 /// The router's metrics (registered by [`crate::metrics`]).
 #[derive(Clone, Default)]
 pub struct RouterMetrics {
+    /// Prefix-affinity picks by outcome.
+    pub affinity: Family<AffinityLabel, Counter>,
     /// Requests in flight per worker.
     pub in_flight: Family<WorkerLabel, Gauge>,
     /// Ejections per worker.
@@ -101,6 +110,8 @@ impl WorkerState {
 /// Per-worker channels, in-flight counts and ejections.
 pub struct Router {
     workers: Mutex<HashMap<String, WorkerState>>,
+    /// Prompt prefixes routed to each worker (prefix affinity).
+    prefixes: Mutex<crate::affinity::PrefixTable>,
     rotation: AtomicUsize,
     generations: AtomicU64,
     metrics: RouterMetrics,
@@ -137,6 +148,9 @@ impl Router {
     pub fn new(metrics: RouterMetrics, upstream: UpstreamConfig) -> Self {
         Self {
             workers: Mutex::default(),
+            prefixes: Mutex::new(crate::affinity::PrefixTable::new(
+                upstream.affinity_cache_bytes,
+            )),
             rotation: AtomicUsize::new(0),
             generations: AtomicU64::new(0),
             metrics,
@@ -205,6 +219,7 @@ impl Router {
                 self.metrics
                     .in_flight
                     .remove(&WorkerLabel { worker: id.clone() });
+                self.prefixes.lock().expect("prefix lock").forget(id);
             }
             keep
         });
@@ -248,9 +263,16 @@ impl Router {
         });
     }
 
+    /// Wants prompt prefix blocks for [`Router::pick`] (prefix affinity).
+    pub fn wants_prefix(&self) -> bool {
+        self.upstream.routing == crate::affinity::Routing::PrefixAffinity
+    }
+
     /// Picks a routable worker, skipping ids in `exclude`; with `model`,
-    /// only among workers serving it.
-    pub fn pick(&self, exclude: &[String], model: Option<&str>) -> Option<Picked> {
+    /// only among workers serving it. With prefix affinity and `prefix`
+    /// (the prompt's [`crate::affinity::prefix_blocks`]), the worker that
+    /// holds the longest part of it, within the load gap.
+    pub fn pick(&self, exclude: &[String], model: Option<&str>, prefix: &[u64]) -> Option<Picked> {
         let workers = self.workers.lock().expect("router lock");
         let mut candidates: Vec<(&String, &WorkerState)> = workers
             .iter()
@@ -264,7 +286,25 @@ impl Router {
             .iter()
             .map(|(_, w)| w.in_flight.get().max(0) as usize)
             .collect();
-        let index = choose(&counts, self.rotation.fetch_add(1, Ordering::Relaxed))?;
+        let mut index = choose(&counts, self.rotation.fetch_add(1, Ordering::Relaxed))?;
+        if self.wants_prefix() && !prefix.is_empty() {
+            let mut table = self.prefixes.lock().expect("prefix lock");
+            let scored: Vec<(usize, usize)> = candidates
+                .iter()
+                .zip(&counts)
+                .map(|((id, _), n)| (*n, table.matched(id, prefix)))
+                .collect();
+            let choice =
+                crate::affinity::choose(&scored, self.upstream.affinity_max_load_gap, index);
+            index = choice.index();
+            table.record(candidates[index].0, prefix);
+            self.metrics
+                .affinity
+                .get_or_create(&AffinityLabel {
+                    outcome: choice.label(),
+                })
+                .inc();
+        }
         let (id, w) = candidates[index];
         Some(w.picked(id))
     }
@@ -430,8 +470,8 @@ mod tests {
     async fn picks_spread_while_in_flight_and_release_on_drop() {
         let router = router();
         router.sync(&set(&["a", "b"]));
-        let first = router.pick(&[], None).unwrap();
-        let second = router.pick(&[], None).unwrap();
+        let first = router.pick(&[], None, &[]).unwrap();
+        let second = router.pick(&[], None, &[]).unwrap();
         assert_ne!(
             first.id, second.id,
             "a busy worker is not picked while another is idle"
@@ -447,10 +487,10 @@ mod tests {
         let router = Arc::new(Router::new(metrics.clone(), UpstreamConfig::default()));
         router.sync(&set(&["a", "b"]));
         for _ in 0..4 {
-            assert_eq!(router.pick(&["a".to_string()], None).unwrap().id, "b");
+            assert_eq!(router.pick(&["a".to_string()], None, &[]).unwrap().id, "b");
         }
         assert!(router
-            .pick(&["a".to_string(), "b".to_string()], None)
+            .pick(&["a".to_string(), "b".to_string()], None, &[])
             .is_none());
         assert_eq!(router.pick_worker("b").unwrap().id, "b");
         assert!(router.pick_worker("zz").is_none());
@@ -470,12 +510,12 @@ mod tests {
         // count, whatever the request saw when it started.
         let router = router();
         router.sync(&set(&["a"]));
-        let held = router.pick(&[], None).unwrap();
+        let held = router.pick(&[], None, &[]).unwrap();
         router.sync(&set(&["a", "b"]));
         assert_eq!(router.in_flight()["a"], 1);
         assert_eq!(router.in_flight()["b"], 0);
         assert_eq!(
-            router.pick(&[], None).unwrap().id,
+            router.pick(&[], None, &[]).unwrap().id,
             "b",
             "b is idle, a is busy"
         );
@@ -491,17 +531,17 @@ mod tests {
         router.eject("a", "twice is once");
         assert_eq!(*routable.borrow(), 1);
         for _ in 0..4 {
-            assert_eq!(router.pick(&[], None).unwrap().id, "b");
+            assert_eq!(router.pick(&[], None, &[]).unwrap().id, "b");
         }
         router.eject("b", "test");
-        assert!(router.pick(&[], None).is_none());
+        assert!(router.pick(&[], None, &[]).is_none());
         // The probe finds nothing listening: still ejected a while later.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(router.pick(&[], None).is_none());
+        assert!(router.pick(&[], None, &[]).is_none());
         // Re-registering (a new record) makes it routable again.
         let mut moved = (*set(&["a", "b"])).clone();
         moved.get_mut("a").unwrap().address = "127.0.0.1:9".into();
         router.sync(&Arc::new(moved));
-        assert_eq!(router.pick(&[], None).unwrap().id, "a");
+        assert_eq!(router.pick(&[], None, &[]).unwrap().id, "a");
     }
 }

@@ -106,7 +106,11 @@ pub struct Placement {
 /// the longest prefix found there or in `running` (slot, known tokens). At
 /// least one prompt token is always left to compute (its logits start
 /// generation). Without any reuse, the free slot with the least cached is
-/// taken, to keep the rest warm.
+/// taken, to keep the rest warm. A free slot whose cache would lose more
+/// than the coldest slot holds (a short shared prefix, say a common first
+/// sentence, in front of another prompt's long one) is not overwritten: its
+/// shared prefix is copied into the coldest slot instead, so both stay
+/// reusable.
 pub fn place(
     prompt: &[LlamaToken],
     free: &[(i32, &[LlamaToken])],
@@ -122,12 +126,29 @@ pub fn place(
     };
     let in_free = best(free);
     let in_running = best(running);
-    let coldest = free.iter().min_by_key(|(slot, t)| (t.len(), *slot))?.0;
+    let (coldest, coldest_len) = free
+        .iter()
+        .map(|(slot, t)| (*slot, t.len()))
+        .min_by_key(|&(slot, n)| (n, slot))?;
+    let cached = |slot: i32| {
+        free.iter()
+            .find(|(s, _)| *s == slot)
+            .map_or(0, |(_, t)| t.len())
+    };
     Some(match (in_free, in_running) {
-        (Some((slot, len)), r) if r.is_none_or(|(_, rl)| rl <= len) => Placement {
-            slot,
-            reuse: Some((slot, len)),
-        },
+        (Some((slot, len)), r) if r.is_none_or(|(_, rl)| rl <= len) => {
+            if cached(slot) - len > coldest_len {
+                Placement {
+                    slot: coldest,
+                    reuse: Some((slot, len)),
+                }
+            } else {
+                Placement {
+                    slot,
+                    reuse: Some((slot, len)),
+                }
+            }
+        }
         (_, Some((from, len))) => Placement {
             slot: coldest,
             reuse: Some((from, len)),
@@ -250,6 +271,18 @@ mod tests {
             }
         );
         assert!(place(&prompt, &[], &[(1, &b)]).is_none());
+
+        // A short shared prefix in front of another prompt's long cache:
+        // copied into the empty slot, the long cache kept.
+        let long: Vec<LlamaToken> = toks(&[1, 2]).into_iter().chain(toks(&[7; 50])).collect();
+        let p = place(&prompt, &[(0, &long), (1, &[])], &[]).unwrap();
+        assert_eq!(
+            p,
+            Placement {
+                slot: 1,
+                reuse: Some((0, 2))
+            }
+        );
     }
 
     #[test]
