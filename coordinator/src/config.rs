@@ -57,9 +57,10 @@ pub struct Args {
     /// least-loaded worker the prefix's worker may have and still be chosen.
     #[arg(long, env = "NANOINFER_AFFINITY_MAX_LOAD_GAP", default_value_t = 2)]
     pub affinity_max_load_gap: u32,
-    /// With prefix-affinity: bytes of prompt text remembered per worker (the
-    /// worker's own prefix cache holds about a quarter as many tokens).
-    #[arg(long, env = "NANOINFER_AFFINITY_CACHE_BYTES", default_value_t = 16 << 10)]
+    /// With prefix-affinity: bytes of prompt text remembered per worker;
+    /// match it to what the worker's prefix cache holds (the default fits
+    /// its default 2,048 tokens at ~5 bytes of English per token).
+    #[arg(long, env = "NANOINFER_AFFINITY_CACHE_BYTES", default_value_t = 10 << 10)]
     pub affinity_cache_bytes: usize,
     /// `max_tokens` used when a request leaves it at 0.
     #[arg(long, env = "NANOINFER_DEFAULT_MAX_TOKENS", default_value_t = 128)]
@@ -188,7 +189,7 @@ impl Default for UpstreamConfig {
             cluster_tls: None,
             routing: crate::affinity::Routing::LeastLoaded,
             affinity_max_load_gap: 2,
-            affinity_cache_bytes: 16 << 10,
+            affinity_cache_bytes: 10 << 10,
         }
     }
 }

@@ -77,6 +77,15 @@ struct Args {
     /// number, so every request pays its full prefill).
     #[arg(long)]
     same_prompt: bool,
+    /// Tenants: request i belongs to tenant i mod N, whose prompt starts
+    /// with its own shared system prompt of --shared-prefix-words words,
+    /// followed by a unique question of --prompt-words words (the workload
+    /// prefix-affinity routing is for). 0: off.
+    #[arg(long, default_value_t = 0)]
+    tenants: u32,
+    /// With --tenants: words in each tenant's shared system prompt.
+    #[arg(long, default_value_t = 400)]
+    shared_prefix_words: usize,
     /// HTTP/2 connections per target, shared round-robin by the streams
     /// (0: one per stream).
     #[arg(long, default_value_t = 0)]
@@ -175,12 +184,30 @@ static PROMPT_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 
 fn prompt_for(args: &Args) -> String {
     let text = prompt(args.prompt_words);
+    if args.tenants > 0 {
+        let n = PROMPT_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A scrambled tenant order, so round-robin routing cannot line up
+        // with it by accident.
+        let tenant = scramble(n) % u64::from(args.tenants);
+        return format!(
+            "You are the assistant of tenant {tenant}. {}\nQuestion {n}: {text}",
+            prompt(args.shared_prefix_words)
+        );
+    }
     if args.same_prompt {
         text
     } else {
         let n = PROMPT_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         format!("{n}. {text}")
     }
+}
+
+/// SplitMix64's output function: a fixed, well-mixed permutation of `n`.
+fn scramble(n: u64) -> u64 {
+    let mut z = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 fn prompt(words: usize) -> String {
