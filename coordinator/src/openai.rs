@@ -256,10 +256,32 @@ async fn health(State(front): State<Arc<Front>>) -> Response {
         .into_response()
 }
 
-async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Result<Response, ApiError> {
+/// The request's headers as the metadata the shared path reads, once its
+/// API key (when keys are required) is accepted.
+fn authorized(front: &Front, headers: HeaderMap) -> Result<MetadataMap, ApiError> {
+    let metadata = MetadataMap::from_headers(headers);
     front
-        .authorize(&MetadataMap::from_headers(headers))
+        .authorize(&metadata)
         .map_err(|s| ApiError::from_status(&s))?;
+    Ok(metadata)
+}
+
+/// A request body as JSON.
+fn json_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))
+}
+
+/// The fields of a body that must be a JSON object.
+fn object(body: &Value) -> Result<Fields<'_>, ApiError> {
+    match body {
+        Value::Object(map) => Ok(Fields(map)),
+        _ => Err(ApiError::invalid("body", "must be a JSON object")),
+    }
+}
+
+async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorized(&front, headers)?;
     let data: Vec<Value> = front
         .router
         .models()
@@ -285,16 +307,9 @@ async fn tokenize(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let metadata = MetadataMap::from_headers(headers);
-    front
-        .authorize(&metadata)
-        .map_err(|s| ApiError::from_status(&s))?;
-    let body: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
-    let Value::Object(map) = &body else {
-        return Err(ApiError::invalid("body", "must be a JSON object"));
-    };
-    let f = Fields(map);
+    let metadata = authorized(&front, headers)?;
+    let body = json_body(&body)?;
+    let f = object(&body)?;
     let messages = match f.get("messages") {
         Some(m) => chat_messages(Some(m))?,
         None => Vec::new(),
@@ -332,16 +347,9 @@ async fn detokenize(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let metadata = MetadataMap::from_headers(headers);
-    front
-        .authorize(&metadata)
-        .map_err(|s| ApiError::from_status(&s))?;
-    let body: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))?;
-    let Value::Object(map) = &body else {
-        return Err(ApiError::invalid("body", "must be a JSON object"));
-    };
-    let f = Fields(map);
+    let metadata = authorized(&front, headers)?;
+    let body = json_body(&body)?;
+    let f = object(&body)?;
     let tokens = match f.get("tokens") {
         Some(Value::Array(items)) => items
             .iter()
@@ -411,20 +419,18 @@ async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
 }
 
 async fn generate(front: Arc<Front>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
-    let metadata = MetadataMap::from_headers(headers);
     // The key first: an unauthenticated caller learns nothing about the
     // body's validity.
-    if let Err(status) = front.authorize(&metadata) {
-        return ApiError::from_status(&status).into_response();
-    }
+    let metadata = match authorized(&front, headers) {
+        Ok(metadata) => metadata,
+        Err(e) => return e.into_response(),
+    };
     let client_id = metadata
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let parsed = serde_json::from_slice::<Value>(&body)
-        .map_err(|e| ApiError::invalid("body", format!("not valid JSON: {e}")))
-        .and_then(|v| parse_request(kind, &v));
+    let parsed = json_body(&body).and_then(|v| parse_request(kind, &v));
     let (mut request, shape) = match parsed {
         Ok(p) => p,
         Err(mut e) => {
@@ -555,10 +561,7 @@ const UNSUPPORTED: [&str; 6] = [
 /// The body of either endpoint → the shared request and the response's
 /// shape.
 pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), ApiError> {
-    let Value::Object(map) = body else {
-        return Err(ApiError::invalid("body", "must be a JSON object"));
-    };
-    let f = Fields(map);
+    let f = object(body)?;
     for key in UNSUPPORTED {
         if f.get(key).is_some() {
             return Err(ApiError::invalid(key, "is not supported by this server"));

@@ -71,11 +71,8 @@ impl Limits {
             .into_iter()
             .map(|m| (m.role, m.content))
             .collect();
-        let pairs: Vec<(&str, &str)> = messages
-            .iter()
-            .map(|(r, c)| (r.as_str(), c.as_str()))
-            .collect();
-        self.checks.check_prompt_or_messages(&req.prompt, &pairs)?;
+        self.checks
+            .check_prompt_or_messages(&req.prompt, &messages)?;
         let max_tokens = match req.max_tokens {
             0 => self.default_max_tokens,
             n => n,

@@ -246,12 +246,12 @@ pub const MAX_MESSAGES: usize = 256;
 pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
 
 impl Limits {
-    /// Exactly one of a prompt and a conversation (`(role, content)` pairs),
-    /// then the checks of that one.
-    pub fn check_prompt_or_messages(
+    /// Exactly one of a prompt and a conversation (`(role, content)` pairs,
+    /// borrowed or owned), then the checks of that one.
+    pub fn check_prompt_or_messages<S: AsRef<str>>(
         &self,
         prompt: &str,
-        messages: &[(&str, &str)],
+        messages: &[(S, S)],
     ) -> Result<(), FieldError> {
         match (prompt.is_empty(), messages.is_empty()) {
             (false, false) => refuse("prompt", "and messages were both sent; send one of them"),
@@ -262,7 +262,7 @@ impl Limits {
 
     /// At most [`MAX_MESSAGES`] messages with known roles, their contents
     /// within `max_prompt_bytes` together.
-    pub fn check_messages(&self, messages: &[(&str, &str)]) -> Result<(), FieldError> {
+    pub fn check_messages<S: AsRef<str>>(&self, messages: &[(S, S)]) -> Result<(), FieldError> {
         if messages.len() > MAX_MESSAGES {
             return refuse(
                 "messages",
@@ -273,7 +273,8 @@ impl Limits {
             );
         }
         for (i, (role, _)) in messages.iter().enumerate() {
-            if !ROLES.contains(role) {
+            let role = role.as_ref();
+            if !ROLES.contains(&role) {
                 return refuse(
                     "messages",
                     format!(
@@ -283,7 +284,7 @@ impl Limits {
                 );
             }
         }
-        let bytes: usize = messages.iter().map(|(_, c)| c.len()).sum();
+        let bytes: usize = messages.iter().map(|(_, c)| c.as_ref().len()).sum();
         if bytes > self.max_prompt_bytes {
             return refuse(
                 "messages",
@@ -363,7 +364,8 @@ mod tests {
         let chat = [("system", "be"), ("user", "hi")];
         assert!(l.check_prompt_or_messages("", &chat).is_ok());
         assert_eq!(field(l.check_prompt_or_messages("x", &chat)), "prompt");
-        assert_eq!(field(l.check_prompt_or_messages("", &[])), "prompt");
+        let none: &[(&str, &str)] = &[];
+        assert_eq!(field(l.check_prompt_or_messages("", none)), "prompt");
         let bad = l.check_prompt_or_messages("", &[("user", "a"), ("bot", "b")]);
         assert_eq!(
             bad.unwrap_err().message,

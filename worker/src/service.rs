@@ -66,13 +66,8 @@ impl WorkerServiceImpl {
             .into_iter()
             .map(|m| (m.role, m.content))
             .collect();
-        {
-            let pairs: Vec<(&str, &str)> = messages
-                .iter()
-                .map(|(r, c)| (r.as_str(), c.as_str()))
-                .collect();
-            self.limits.check_prompt_or_messages(&req.prompt, &pairs)?;
-        }
+        self.limits
+            .check_prompt_or_messages(&req.prompt, &messages)?;
         self.limits.check_max_tokens(req.max_tokens)?;
         limits::check_sampling(req.temperature, req.top_p)?;
         limits::check_stop(&req.stop)?;
@@ -394,15 +389,9 @@ impl WorkerService for WorkerServiceImpl {
             .into_iter()
             .map(|m| (m.role, m.content))
             .collect();
-        {
-            let pairs: Vec<(&str, &str)> = messages
-                .iter()
-                .map(|(r, c)| (r.as_str(), c.as_str()))
-                .collect();
-            self.limits
-                .check_prompt_or_messages(&req.text, &pairs)
-                .map_err(|e| WorkerError::from(e).status(""))?;
-        }
+        self.limits
+            .check_prompt_or_messages(&req.text, &messages)
+            .map_err(|e| WorkerError::from(e).status(""))?;
         let model = self.model.clone();
         let (text, add_special) = (req.text, req.add_special);
         // Off the runtime: a prompt may be a megabyte.
