@@ -163,7 +163,19 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("\"generatedTokens\": 4"));
+    // The image's default model samples at temperature 0.8 and may end its
+    // answer (EOS) before the 4th token; either way the stream must finish.
+    let msgs = json_messages(&String::from_utf8_lossy(&out.stdout));
+    let last = msgs.last().expect("grpcurl printed no message");
+    let count = last["usage"]["generatedTokens"].as_u64();
+    assert!(matches!(count, Some(1..=4)), "{msgs:?}");
+    assert!(
+        matches!(
+            last["finishReason"].as_str(),
+            Some("FINISH_REASON_LENGTH" | "FINISH_REASON_EOS")
+        ),
+        "{msgs:?}"
+    );
     eprintln!(
         "containers: first completion {:.2}s after the cluster was ready",
         first_token.elapsed().as_secs_f64()

@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::free_port;
+use common::{free_port, json_messages};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -151,14 +151,6 @@ impl Drop for LocalCluster {
         let out = self.script(&["stop"]);
         assert!(out.status.success() || std::thread::panicking());
     }
-}
-
-/// grpcurl prints one JSON object per message; split them.
-fn json_messages(out: &str) -> Vec<serde_json::Value> {
-    serde_json::Deserializer::from_str(out)
-        .into_iter::<serde_json::Value>()
-        .map(Result::unwrap)
-        .collect()
 }
 
 #[test]

@@ -98,6 +98,14 @@ pub fn venv_python() -> PathBuf {
 }
 
 /// A free loopback port (the OS picks it; released before use).
+/// grpcurl prints one JSON object per message; split them.
+pub fn json_messages(out: &str) -> Vec<serde_json::Value> {
+    serde_json::Deserializer::from_str(out)
+        .into_iter::<serde_json::Value>()
+        .map(Result::unwrap)
+        .collect()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
