@@ -291,11 +291,19 @@ impl State {
         let mut request = generate_request(&self.relay.params, &self.delivered, deadline - now);
         nanoinfer_telemetry::propagation::inject(&self.relay.span, request.metadata_mut());
         let mut client = WorkerServiceClient::new(channel);
+        // Created once per attempt, not once per token: a timer polled in
+        // a fresh `sleep_until` is inserted into (and removed from) the
+        // timer wheel every time, and `closed()` registers a waiter.
+        let first_token_timer = tokio::time::sleep_until(first_token_by);
+        let deadline_timer = tokio::time::sleep_until(deadline);
+        let tx = self.tx.clone();
+        let client_gone = tx.closed();
+        tokio::pin!(first_token_timer, deadline_timer, client_gone);
         let opened = tokio::select! {
             r = client.generate(request) => r,
-            _ = tokio::time::sleep_until(first_token_by) => return Attempt::Failed(worker, Failure::FirstTokenTimeout),
-            _ = tokio::time::sleep_until(deadline) => return self.deadline_passed(),
-            _ = self.tx.closed() => return Attempt::ClientGone,
+            _ = &mut first_token_timer => return Attempt::Failed(worker, Failure::FirstTokenTimeout),
+            _ = &mut deadline_timer => return self.deadline_passed(),
+            _ = &mut client_gone => return Attempt::ClientGone,
         };
         let mut stream = match opened {
             Ok(response) => response.into_inner(),
@@ -310,11 +318,11 @@ impl State {
         loop {
             let message = tokio::select! {
                 m = stream.message() => m,
-                _ = tokio::time::sleep_until(first_token_by), if !got_token => {
+                _ = &mut first_token_timer, if !got_token => {
                     return Attempt::Failed(worker, Failure::FirstTokenTimeout)
                 }
-                _ = tokio::time::sleep_until(deadline) => return self.deadline_passed(),
-                _ = self.tx.closed() => return Attempt::ClientGone,
+                _ = &mut deadline_timer => return self.deadline_passed(),
+                _ = &mut client_gone => return Attempt::ClientGone,
             };
             let msg = match message {
                 Ok(Some(msg)) => msg,
@@ -374,6 +382,9 @@ impl State {
     /// The final message; records the request's outcome.
     fn finish(&mut self, worker: &str, text: String, f: wpb::Finished) -> InferResponse {
         let r = &mut self.relay;
+        if let Some(load) = &f.load {
+            r.router.report(worker, load);
+        }
         let label = finish_label(f.reason);
         r.recorder.tokens(f.prompt_tokens, f.generated_tokens);
         r.recorder.finished(label);
