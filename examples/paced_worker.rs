@@ -90,6 +90,7 @@ impl WorkerService for Paced {
                     reason: FinishReason::Length as i32,
                     prompt_tokens,
                     generated_tokens: n,
+                    load: None,
                 }),
                 ..Default::default()
             };

@@ -1,14 +1,50 @@
 //! Prefix-affinity routing on two real workers: requests of one "tenant"
 //! (a long shared system prompt, short unique questions) land on the same
 //! worker, which reuses the prefix from its KV cache; tenants spread over
-//! both workers.
+//! both workers. And load reports, on fake workers: a worker that says
+//! other coordinators keep it busy gets fewer requests from this one.
 
 mod common;
 
 use std::collections::HashMap;
 
-use common::{collect, greedy, scrape, Cluster};
+use common::fake_worker::FakeWorker;
+use common::{collect, greedy, scrape, start_coordinator, wait_routable, Cluster, Etcd};
+use nanoinfer_proto::nanoinfer::infer_service_client::InferServiceClient;
 use nanoinfer_proto::nanoinfer::InferRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reporting_other_coordinators_load_gets_less_traffic() {
+    for routing in ["least-loaded", "prefix-affinity"] {
+        let etcd = Etcd::start().await;
+        let busy = FakeWorker::start(&etcd.endpoint, "busy", 5).await;
+        let idle = FakeWorker::start(&etcd.endpoint, "idle", 5).await;
+        let (_coordinator, addr) = start_coordinator(&etcd, &["--routing", routing]).await;
+        wait_routable(&addr, 2).await;
+        let mut client = InferServiceClient::new(nanoinfer::connect(&addr).await.unwrap());
+        // Until a request of ours finishes there, this coordinator cannot
+        // know: one request reaches each worker first (both idle to it).
+        busy.report_load(6, 3);
+        let mut k = 0;
+        while busy.calls().is_empty() {
+            assert!(k < 20, "{routing}: no request reached the busy worker");
+            collect(&mut client, greedy(&format!("warm-up {k}"), 2))
+                .await
+                .unwrap();
+            k += 1;
+        }
+        // Now it knows of 9 requests of others there: sequential requests
+        // all go to the other worker, whatever their prompt.
+        let before = (busy.calls().len(), idle.calls().len());
+        for k in 0..6 {
+            collect(&mut client, greedy(&format!("question {k}"), 2))
+                .await
+                .unwrap();
+        }
+        assert_eq!(busy.calls().len(), before.0, "{routing}");
+        assert_eq!(idle.calls().len(), before.1 + 6, "{routing}");
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_tenant_requests_go_to_the_worker_holding_their_prefix() {

@@ -88,12 +88,39 @@ struct WorkerState {
     in_flight: Gauge,
     /// Set while ejected.
     ejected: bool,
+    /// Its last load report.
+    reported: Option<Reported>,
     /// Distinguishes this registration from a later one under the same id
     /// (a probe of an old one must not re-admit a new one).
     generation: u64,
 }
 
+/// What a worker last said about its load (in the final message of a
+/// request it served), reduced to the requests this coordinator did not
+/// send it: those of other coordinators.
+#[derive(Debug, Clone, Copy)]
+struct Reported {
+    foreign: usize,
+    at: std::time::Instant,
+}
+
+/// How long a load report counts. A worker this coordinator no longer sends
+/// to no longer reports to it, and an old report must not keep it away for
+/// ever.
+pub const REPORT_TTL: Duration = Duration::from_secs(10);
+
 impl WorkerState {
+    /// What routing compares: this coordinator's requests on the worker
+    /// plus, from a recent report, everyone else's.
+    fn load(&self, now: std::time::Instant) -> usize {
+        let own = self.in_flight.get().max(0) as usize;
+        let foreign = self
+            .reported
+            .filter(|r| now.duration_since(r.at) < REPORT_TTL)
+            .map_or(0, |r| r.foreign);
+        own + foreign
+    }
+
     /// This worker, counted in flight.
     fn picked(&self, id: &str) -> Picked {
         self.in_flight.inc();
@@ -127,6 +154,19 @@ pub fn choose(in_flight: &[usize], rotation: usize) -> Option<usize> {
         .filter(|&i| in_flight[i] == min)
         .collect();
     Some(ties[rotation % ties.len()])
+}
+
+/// Power of two choices: of two distinct candidates drawn from `random`, the
+/// one with the lower load (the first drawn on a tie). With two candidates
+/// or fewer that is simply [`choose`] with `rotation`.
+pub fn two_choices(loads: &[usize], random: u64, rotation: usize) -> Option<usize> {
+    let n = loads.len() as u64;
+    if n <= 2 {
+        return choose(loads, rotation);
+    }
+    let i = (random % n) as usize;
+    let j = (i + 1 + ((random >> 32) % (n - 1)) as usize) % n as usize;
+    Some(if loads[j] < loads[i] { j } else { i })
 }
 
 /// A random factor in [0, 1), to spread retries and probes apart.
@@ -246,6 +286,7 @@ impl Router {
                     channel,
                     in_flight: self.metrics.in_flight.get_or_create_owned(&label),
                     ejected: false,
+                    reported: None,
                     generation: self.generations.fetch_add(1, Ordering::Relaxed),
                 },
             );
@@ -282,11 +323,17 @@ impl Router {
             .collect();
         // A stable order, so rotation among ties is fair.
         candidates.sort_by(|a, b| a.0.cmp(b.0));
-        let counts: Vec<usize> = candidates
-            .iter()
-            .map(|(_, w)| w.in_flight.get().max(0) as usize)
-            .collect();
-        let mut index = choose(&counts, self.rotation.fetch_add(1, Ordering::Relaxed))?;
+        let now = std::time::Instant::now();
+        let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        let mut index = if self.wants_prefix() {
+            // Where affinity has no preference: the lighter of two random
+            // workers, so that coordinators routing by the same slightly
+            // old reports do not all pile onto the one least loaded.
+            two_choices(&counts, uuid::Uuid::new_v4().as_u128() as u64, rotation)?
+        } else {
+            choose(&counts, rotation)?
+        };
         if self.wants_prefix() && !prefix.is_empty() {
             let mut table = self.prefixes.lock().expect("prefix lock");
             let scored: Vec<(usize, usize)> = candidates
@@ -307,6 +354,19 @@ impl Router {
         }
         let (id, w) = candidates[index];
         Some(w.picked(id))
+    }
+
+    /// Books worker `id`'s load report, sent in the final message of a
+    /// request of this coordinator's that is still counted in flight.
+    pub fn report(&self, id: &str, load: &nanoinfer_proto::worker::WorkerLoad) {
+        let mut workers = self.workers.lock().expect("router lock");
+        let Some(w) = workers.get_mut(id) else { return };
+        let own = w.in_flight.get().max(0) as usize;
+        let total = (load.running + load.queued) as usize;
+        w.reported = Some(Reported {
+            foreign: total.saturating_sub(own),
+            at: std::time::Instant::now(),
+        });
     }
 
     /// Picks worker `id` if it is routable (the `n` completions of one
@@ -455,6 +515,60 @@ mod tests {
         assert_eq!(choose(&[0, 0], 0), Some(0));
         assert_eq!(choose(&[0, 0], 1), Some(1));
         assert_eq!(choose(&[2, 0, 0], 1), Some(2));
+    }
+
+    #[test]
+    fn two_choices_takes_the_lighter_of_two_distinct_draws() {
+        assert_eq!(two_choices(&[], 7, 0), None);
+        assert_eq!(two_choices(&[5], 7, 0), Some(0));
+        // Two candidates: the least loaded whatever the draw, ties in turn.
+        assert_eq!(two_choices(&[3, 1], 0, 0), Some(1));
+        assert_eq!(two_choices(&[1, 1], 0, 1), Some(1));
+        // Draws 0 and 0+1+(1 % 3) = 2: the lighter of those two, never the
+        // lightest overall (index 1) it did not draw.
+        let loads = [4, 0, 2, 9];
+        assert_eq!(two_choices(&loads, 1 << 32, 0), Some(2));
+        // Every draw is two distinct candidates: over all draws each one
+        // is chosen sometimes except the heaviest, which loses every pair.
+        let mut chosen = [0; 4];
+        for r in 0..64u64 {
+            chosen[two_choices(&loads, r | (r << 32), 0).unwrap()] += 1;
+        }
+        assert_eq!(chosen[3], 0, "{chosen:?}");
+        assert!(chosen[1] > chosen[2] && chosen[2] > chosen[0], "{chosen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_load_report_adds_other_coordinators_requests_until_it_ages() {
+        let router = router();
+        router.sync(&set(&["a", "b"]));
+        let on_a = router.pick_worker("a").unwrap();
+        // "a" has 5 running and 2 queued; one of them is ours.
+        let report = nanoinfer_proto::worker::WorkerLoad {
+            running: 5,
+            queued: 2,
+            slots: 4,
+            kv_cache_usage: 0.5,
+        };
+        router.report("a", &report);
+        router.report("zz", &report);
+        drop(on_a);
+        for _ in 0..4 {
+            let picked = router.pick(&[], None, &[]).unwrap();
+            assert_eq!(picked.id, "b", "6 foreign requests outweigh ours");
+            std::mem::forget(picked.guard);
+        }
+        {
+            let mut workers = router.workers.lock().unwrap();
+            let w = workers.get_mut("a").unwrap();
+            assert_eq!(w.reported.unwrap().foreign, 6);
+            w.reported.as_mut().unwrap().at -= REPORT_TTL;
+        }
+        assert_eq!(
+            router.pick(&[], None, &[]).unwrap().id,
+            "a",
+            "an old report no longer counts"
+        );
     }
 
     #[test]

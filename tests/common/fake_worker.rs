@@ -16,6 +16,7 @@ use futures::Stream;
 use nanoinfer_proto::worker::worker_service_server::{WorkerService, WorkerServiceServer};
 use nanoinfer_proto::worker::{
     FinishReason, Finished, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse,
+    WorkerLoad,
 };
 use tonic::{Request, Response, Status};
 
@@ -53,6 +54,8 @@ struct Shared {
     /// Streams dropped before their end (the caller went away).
     abandoned: Mutex<u32>,
     die: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// The load its final messages report (none unless set).
+    load: Mutex<Option<WorkerLoad>>,
 }
 
 pub struct FakeWorker {
@@ -179,6 +182,7 @@ fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStr
                     reason: FinishReason::Length as i32,
                     prompt_tokens: 3,
                     generated_tokens: n,
+                    load: *shared.load.lock().unwrap(),
                 }),
                 ..Default::default()
             };
@@ -296,6 +300,17 @@ impl FakeWorker {
 
     pub fn set_fault(&self, fault: Fault) {
         *self.shared.fault.lock().unwrap() = Some(fault);
+    }
+
+    /// Makes its final messages report `running` and `queued` requests, as
+    /// if other coordinators kept it busy.
+    pub fn report_load(&self, running: u32, queued: u32) {
+        *self.shared.load.lock().unwrap() = Some(WorkerLoad {
+            running,
+            queued,
+            slots: 4,
+            kv_cache_usage: 0.5,
+        });
     }
 
     pub fn calls(&self) -> Vec<Call> {

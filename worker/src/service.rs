@@ -224,6 +224,7 @@ fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Statu
                 reason: finish_reason(reason) as i32,
                 prompt_tokens,
                 generated_tokens,
+                load: None,
             }),
             logprob: None,
             top_logprobs: Vec::new(),
@@ -238,6 +239,19 @@ struct Relay {
     deadline: Option<tokio::time::Instant>,
     request_id: String,
     done: bool,
+    /// Where the final message's load report comes from.
+    engine: Option<Engine>,
+}
+
+/// The load a finished request reports to its coordinator.
+fn load_report(engine: &Engine) -> pb::WorkerLoad {
+    let load = engine.load();
+    pb::WorkerLoad {
+        running: load.running,
+        queued: load.queued,
+        slots: engine.slots(),
+        kv_cache_usage: engine.kv_cache_usage() as f32,
+    }
 }
 
 /// The response stream of one request: its engine events, ended with
@@ -261,7 +275,13 @@ fn response_stream(relay: Relay) -> GenerateStream {
             event = relay.events.recv() => match event {
                 Some(event) => {
                     relay.done = !matches!(event, Event::Token { .. });
-                    to_response(event, &relay.request_id)
+                    let mut response = to_response(event, &relay.request_id);
+                    if let (Ok(GenerateResponse { finished: Some(f), .. }), Some(engine)) =
+                        (&mut response, &relay.engine)
+                    {
+                        f.load = Some(load_report(engine));
+                    }
+                    response
                 }
                 None => {
                     relay.done = true;
@@ -356,6 +376,7 @@ impl WorkerService for WorkerServiceImpl {
                 deadline: deadline.map(tokio::time::Instant::from_std),
                 request_id,
                 done: false,
+                engine: Some(self.engine.clone()),
             }))),
             Err(e) => {
                 let _entered = span.enter();
@@ -470,6 +491,7 @@ mod tests {
             deadline: deadline.map(|d| tokio::time::Instant::now() + d),
             request_id: "r1".into(),
             done: false,
+            engine: None,
         });
         (tx, stream)
     }

@@ -395,6 +395,11 @@ impl Engine {
         }
     }
 
+    /// Fraction of the KV cache's cells in use (the metric's value).
+    pub fn kv_cache_usage(&self) -> f64 {
+        self.shared.metrics.kv_cache_usage.get()
+    }
+
     /// Refuses new work from now on.
     pub fn drain(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
