@@ -32,6 +32,11 @@ pub struct Args {
     /// `/readyz`; port 0 picks a free port (the bound address is logged).
     #[arg(long, env = "NANOINFER_METRICS_LISTEN", default_value = "0.0.0.0:9052")]
     pub metrics_listen: SocketAddr,
+    /// Threads of the async runtime that serves every connection; 0 means
+    /// one per CPU core. With few cores shared with other processes, 1
+    /// spends less per token on waking threads (see README, Performance).
+    #[arg(long, env = "NANOINFER_RUNTIME_THREADS", default_value_t = 0)]
+    pub runtime_threads: usize,
     /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`,
     /// `/v1/completions`, `/v1/models`); port 0 picks a free port, `off`
     /// serves none. It takes the same TLS files and API keys as the gRPC

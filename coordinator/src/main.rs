@@ -3,9 +3,16 @@
 use clap::Parser;
 use nanoinfer_coordinator::{run, Args};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if args.runtime_threads > 0 {
+        runtime.worker_threads(args.runtime_threads);
+    }
+    runtime.enable_all().build()?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     let telemetry = nanoinfer_telemetry::init("nanoinfer-coordinator", &args.telemetry)?;
     let (listen, metrics_listen, http_listen) =
         (args.listen, args.metrics_listen, args.http_listen);

@@ -40,8 +40,10 @@ use crate::validate::InferParams;
 /// what a coordinator with 10,000 streams pays.
 pub const RELAY_BUFFER: usize = 4;
 
-/// Items of the client's stream.
-pub type Item = Result<InferResponse, Status>;
+/// Items of the client's stream. Boxed: tokio's channel allocates its slots
+/// 32 at a time, and 32 inline messages (136 bytes each) would cost every
+/// open stream 4 KiB.
+pub type Item = Result<Box<InferResponse>, Status>;
 
 /// Everything one relay needs.
 pub struct Relay {
@@ -417,7 +419,7 @@ impl State {
     /// (client gone, or stalled past the timeout).
     async fn send(&mut self, response: InferResponse) -> Option<Attempt> {
         let stall = self.relay.upstream.stalled_stream_timeout;
-        match self.tx.send_timeout(Ok(response), stall).await {
+        match self.tx.send_timeout(Ok(Box::new(response)), stall).await {
             Ok(()) => None,
             Err(mpsc::error::SendTimeoutError::Closed(_)) => Some(Attempt::ClientGone),
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {

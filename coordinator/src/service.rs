@@ -5,7 +5,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use nanoinfer_proto::nanoinfer::{
     infer_service_server::InferService, DetokenizeRequest, DetokenizeResponse, HealthRequest,
     HealthResponse, InferRequest, InferResponse, TokenizeRequest, TokenizeResponse,
@@ -67,8 +67,9 @@ impl InferService for InferServiceImpl {
     ) -> Result<Response<Self::InferStream>, Status> {
         let (metadata, _, request) = request.into_parts();
         let call = self.front.start(Api::Grpc, request, &metadata).await?;
-        let mut response: Response<InferStream> =
-            Response::new(Box::pin(ReceiverStream::new(call.rx)));
+        let mut response: Response<InferStream> = Response::new(Box::pin(
+            ReceiverStream::new(call.rx).map(|m| m.map(|m| *m)),
+        ));
         if let Ok(value) = MetadataValue::try_from(call.request_id.as_str()) {
             response.metadata_mut().insert(REQUEST_ID_HEADER, value);
         }
