@@ -46,16 +46,18 @@ pub struct Args {
     pub http_listen: HttpListen,
     #[command(flatten)]
     pub etcd: nanoinfer_registry::EtcdArgs,
-    /// How a request's worker is chosen: `least-loaded` (fewest requests in
-    /// flight), or `prefix-affinity` (the worker the longest shared prompt
-    /// prefix went to, whose KV cache likely still holds it, unless it has
-    /// more than --affinity-max-load-gap requests more in flight than the
-    /// least loaded).
+    /// How a request's worker is chosen: `prefix-affinity` (the worker the
+    /// longest shared prompt prefix went to, whose KV cache likely still
+    /// holds it, unless it has more than --affinity-max-load-gap requests
+    /// more in flight than the least loaded; otherwise the lighter of two
+    /// random workers), or `least-loaded` (fewest requests in flight). Load
+    /// counts this coordinator's requests plus the others' from the
+    /// workers' load reports.
     #[arg(
         long,
         env = "NANOINFER_ROUTING",
         value_enum,
-        default_value = "least-loaded"
+        default_value = "prefix-affinity"
     )]
     pub routing: crate::affinity::Routing,
     /// With prefix-affinity: how many more requests in flight than the
@@ -192,7 +194,7 @@ impl Default for UpstreamConfig {
             keepalive_timeout: Duration::from_millis(1000),
             max_attempts: 3,
             cluster_tls: None,
-            routing: crate::affinity::Routing::LeastLoaded,
+            routing: crate::affinity::Routing::PrefixAffinity,
             affinity_max_load_gap: 2,
             affinity_cache_bytes: 10 << 10,
         }

@@ -450,6 +450,13 @@ pub async fn start_coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
     if !extra.contains(&"--http-listen") {
         cmd.args(["--http-listen", "127.0.0.1:0"]);
     }
+    // Tests that count which worker served what expect requests to spread
+    // by load alone; the default policy (prefix affinity) keeps requests
+    // with a shared prompt together, and is tested by tests that ask for
+    // it (tests/routing.rs) and by the scripted cluster (tests/e2e.rs).
+    if !extra.contains(&"--routing") {
+        cmd.args(["--routing", "least-loaded"]);
+    }
     let mut proc = Proc::spawn("coordinator", &mut cmd);
     let addr = proc.listen_addr().await;
     (proc, format!("http://{addr}"))
