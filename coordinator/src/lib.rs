@@ -39,6 +39,26 @@ use tonic_health::ServingStatus;
 
 pub use config::{Args, CoordinatorConfig};
 
+/// Raises this process's soft limit on open files to its hard limit, as
+/// servers of many connections do: each client connection is a file, and a
+/// service manager's default soft limit (often 1,024) would refuse
+/// connections long before memory runs out. Returns the limit now in force
+/// (`None`: unlimited).
+pub fn raise_open_file_limit() -> std::io::Result<Option<u64>> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        )?;
+    }
+    Ok(getrlimit(Resource::Nofile).current)
+}
+
 /// Why the coordinator could not serve.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -292,5 +312,17 @@ async fn track_health(
             r = status.changed() => if r.is_err() { return },
             r = routable.changed() => if r.is_err() { return },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{getrlimit, Resource};
+        let now = super::raise_open_file_limit().unwrap();
+        let limit = getrlimit(Resource::Nofile);
+        assert_eq!(now, limit.current);
+        assert_eq!(limit.current, limit.maximum);
     }
 }

@@ -17,6 +17,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let (listen, metrics_listen, http_listen) =
         (args.listen, args.metrics_listen, args.http_listen);
     let config = args.validate().map_err(anyhow::Error::msg)?;
+    match nanoinfer_coordinator::raise_open_file_limit() {
+        Ok(limit) => tracing::info!(
+            open_files = limit.map_or("unlimited".to_string(), |n| n.to_string()),
+            "open-file limit (each client connection takes one)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -212,7 +212,7 @@ impl State {
     fn failed(&mut self, worker: String, failure: Failure) -> Result<(), CoordinatorError> {
         let verdict = judge(&failure);
         let (code, what) = match &failure {
-            Failure::Status(s) => (s.code(), s.message().to_string()),
+            Failure::Status(s) => (s.code(), with_causes(s)),
             Failure::Truncated => (
                 Code::Unavailable,
                 "stream closed before the final message".into(),
@@ -460,6 +460,22 @@ impl State {
     }
 }
 
+/// A worker's status message followed by its causes (a transport error's
+/// h2 or I/O reason is only in its source chain).
+fn with_causes(status: &Status) -> String {
+    let mut text = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(e) = cause {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 fn public_top_logprobs(top: Vec<wpb::TopLogprob>) -> Vec<TopLogprob> {
     top.into_iter()
         .map(|t| TopLogprob {
@@ -491,6 +507,18 @@ mod tests {
         assert_eq!(retry_delay(9, 0.5), Duration::from_millis(320));
         assert_eq!(retry_delay(1, 0.0), Duration::from_millis(10));
         assert!(retry_delay(9, 0.999) < Duration::from_millis(481));
+    }
+
+    #[test]
+    fn a_status_message_carries_its_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+        let status = Status::from_error(Box::new(io));
+        assert!(
+            with_causes(&status).ends_with("connection reset"),
+            "{}",
+            with_causes(&status)
+        );
+        assert_eq!(with_causes(&Status::unavailable("full")), "full");
     }
 
     #[test]
