@@ -164,18 +164,21 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
         String::from_utf8_lossy(&out.stderr)
     );
     // The image's default model samples at temperature 0.8 and may end its
-    // answer (EOS) before the 4th token; either way the stream must finish.
+    // answer (EOS) before the 4th token, even at once (a raw prompt to an
+    // instruction-tuned model); either way the stream must finish with
+    // usage. grpcurl leaves out a count of 0.
     let msgs = json_messages(&String::from_utf8_lossy(&out.stdout));
     let last = msgs.last().expect("grpcurl printed no message");
-    let count = last["usage"]["generatedTokens"].as_u64();
-    assert!(matches!(count, Some(1..=4)), "{msgs:?}");
+    let count = last["usage"]["generatedTokens"].as_u64().unwrap_or(0);
     assert!(
-        matches!(
-            last["finishReason"].as_str(),
-            Some("FINISH_REASON_LENGTH" | "FINISH_REASON_EOS")
-        ),
+        match last["finishReason"].as_str() {
+            Some("FINISH_REASON_LENGTH") => count == 4,
+            Some("FINISH_REASON_EOS") => count < 4,
+            _ => false,
+        },
         "{msgs:?}"
     );
+    assert!(last["usage"]["promptTokens"].as_u64() > Some(0), "{msgs:?}");
     eprintln!(
         "containers: first completion {:.2}s after the cluster was ready",
         first_token.elapsed().as_secs_f64()
