@@ -149,6 +149,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let routes = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
         .add_service(WorkerServiceServer::new(service));
     let stop = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -374,3 +374,55 @@ async fn bad_bytes_and_bad_ids_are_invalid_argument() {
     )
     .await;
 }
+
+/// Clients that stop reading leave their worker's tokens buffered in the
+/// coordinator's HTTP/2 connection to that worker. Tokens are small DATA
+/// frames, and h2 closes a connection whose buffered small frames pass a
+/// budget (half its connection window) with ENHANCE_YOUR_CALM: with the
+/// default windows a few stalled clients broke every other stream on the
+/// same worker. The upstream windows bound what one stalled stream buffers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_do_not_break_other_streams_on_their_worker() {
+    let etcd = Etcd::start().await;
+    let w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let (mut coordinator, addr) = coordinator(&etcd, &["--stalled-stream-timeout", "60"]).await;
+    wait_routable(&addr, 1).await;
+    let mut stalled = Vec::new();
+    for i in 0..16 {
+        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
+            .unwrap()
+            .initial_stream_window_size(1024)
+            .initial_connection_window_size(65535)
+            .connect()
+            .await
+            .unwrap();
+        let mut c = InferServiceClient::new(channel);
+        let mut stream = c
+            .infer(request(&format!("stalled-{i}"), 4_000))
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        stalled.push((c, stream));
+    }
+    // 16 stalled streams at 200 tokens/s each: with h2's default budget the
+    // upstream connection broke within about 4 s.
+    let mut c = client(&addr).await;
+    let msgs = collect(&mut c, request("reader", 1_500)).await.unwrap();
+    assert_unbroken(&msgs, 1_500);
+    let m = scrape_addr(&mut coordinator).await;
+    let errors: f64 = m
+        .iter()
+        .filter(|(k, _)| k.starts_with("nanoinfer_coordinator_worker_errors_total"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(errors, 0.0, "{}", coordinator.log());
+    assert_eq!(w.abandoned(), 0);
+    drop(stalled);
+    eventually(
+        Duration::from_secs(10),
+        "the stalled streams to be cancelled",
+        || async { w.abandoned() == 16 },
+    )
+    .await;
+}

@@ -138,7 +138,10 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stop_http = stop_rx.clone();
     let routes = nanoinfer_proto::add_reflection(
-        tonic::transport::Server::builder().add_service(health_service),
+        tonic::transport::Server::builder()
+            // Many streams opened at once on one client connection.
+            .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
+            .add_service(health_service),
         nanoinfer_proto::INFERENCE_DESCRIPTOR_SET,
     )
     .add_service(InferServiceServer::new(service));

@@ -225,6 +225,8 @@ impl Router {
         Ok(endpoint
             .connect_timeout(u.connect_timeout)
             .tcp_nodelay(true)
+            .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
+            .initial_stream_window_size(nanoinfer_proto::windows::UPSTREAM_STREAM)
             // A hung worker (stopped, or its host gone) answers no ping: the
             // connection closes after interval + timeout, its streams fail
             // and move elsewhere, long before its lease would expire.

@@ -117,6 +117,35 @@ pub mod codec {
 pub mod limits;
 pub mod tls;
 
+pub mod windows {
+    //! HTTP/2 flow-control windows of the cluster's gRPC connections.
+    //!
+    //! Tokens travel as small DATA frames (a few dozen bytes each). h2
+    //! keeps a budget of framing overhead per connection for small frames
+    //! it holds that the application has not read yet (256 bytes less the
+    //! payload, for each one) and closes the connection with
+    //! ENHANCE_YOUR_CALM when the budget runs out. The budget is half the
+    //! connection's receive window, which neither hyper nor tonic let a
+    //! program set directly. With the defaults (1 MiB on a server, 5 MiB on
+    //! a client) about 2,000 unread request frames on a worker (a burst of
+    //! stream opens) or 11,000 unread tokens on the coordinator (a few
+    //! clients that stopped reading) closed the whole worker connection,
+    //! and with it every stream on it.
+    //!
+    //! So connection windows are large (the budget grows with them; no
+    //! memory is allocated up front), and the coordinator's window per
+    //! worker stream is small: it bounds what one stream whose client stopped
+    //! reading leaves buffered (8 KiB: a few hundred tokens, about 80 KB of
+    //! the budget), so about 400 such streams fit in one connection's budget
+    //! at once, more than any real worker's slots.
+
+    /// Receive window of every connection, client and server side: its
+    /// budget for small unread frames is half of it.
+    pub const CONNECTION: u32 = 64 * 1024 * 1024;
+    /// The coordinator's receive window per worker stream.
+    pub const UPSTREAM_STREAM: u32 = 8 * 1024;
+}
+
 pub mod deadline {
     //! The standard `grpc-timeout` request header: how long the caller
     //! waits for the whole call. The coordinator reads the client's and

@@ -181,7 +181,11 @@ pub async fn run(
         service::WorkerServiceImpl::new(model.clone(), engine.clone(), config.limits.clone());
     let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let routes = nanoinfer_proto::add_reflection(
-        tonic::transport::Server::builder().add_service(health_service),
+        tonic::transport::Server::builder()
+            // The coordinator opens every stream on one connection, in
+            // bursts (nanoinfer_proto::windows).
+            .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
+            .add_service(health_service),
         nanoinfer_proto::WORKER_DESCRIPTOR_SET,
     )
     .add_service(WorkerServiceServer::new(service));
