@@ -259,45 +259,54 @@ fn load_report(engine: &Engine) -> pb::WorkerLoad {
 /// stops at its next step), and with INTERNAL if the engine dropped the
 /// channel without a last event (its thread died).
 fn response_stream(relay: Relay) -> GenerateStream {
-    Box::pin(futures::stream::unfold(relay, |mut relay| async move {
-        if relay.done {
-            return None;
-        }
-        let deadline = async {
-            match relay.deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+    // One timer for the whole stream: a `sleep_until` made for each token
+    // would be inserted into the timer wheel and removed again per token.
+    let timer = relay
+        .deadline
+        .map(|at| Box::pin(tokio::time::sleep_until(at)));
+    let state = (relay, timer);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut relay, mut timer)| async move {
+            if relay.done {
+                return None;
             }
-        };
-        let item = tokio::select! {
-            // Events already there go out before the deadline's error.
-            biased;
-            event = relay.events.recv() => match event {
-                Some(event) => {
-                    relay.done = !matches!(event, Event::Token { .. });
-                    let mut response = to_response(event, &relay.request_id);
-                    if let (Ok(GenerateResponse { finished: Some(f), .. }), Some(engine)) =
-                        (&mut response, &relay.engine)
-                    {
-                        f.load = Some(load_report(engine));
+            let deadline = async {
+                match timer.as_mut() {
+                    Some(timer) => timer.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let item = tokio::select! {
+                // Events already there go out before the deadline's error.
+                biased;
+                event = relay.events.recv() => match event {
+                    Some(event) => {
+                        relay.done = !matches!(event, Event::Token { .. });
+                        let mut response = to_response(event, &relay.request_id);
+                        if let (Ok(GenerateResponse { finished: Some(f), .. }), Some(engine)) =
+                            (&mut response, &relay.engine)
+                        {
+                            f.load = Some(load_report(engine));
+                        }
+                        response
                     }
-                    response
-                }
-                None => {
+                    None => {
+                        relay.done = true;
+                        let failure = Failure::Internal(
+                            "the engine stopped before the generation finished".into(),
+                        );
+                        Err(WorkerError::from(failure).status(&relay.request_id))
+                    }
+                },
+                () = deadline => {
                     relay.done = true;
-                    let failure = Failure::Internal(
-                        "the engine stopped before the generation finished".into(),
-                    );
-                    Err(WorkerError::from(failure).status(&relay.request_id))
+                    Err(WorkerError::from(Failure::DeadlineExceeded).status(&relay.request_id))
                 }
-            },
-            () = deadline => {
-                relay.done = true;
-                Err(WorkerError::from(Failure::DeadlineExceeded).status(&relay.request_id))
-            }
-        };
-        Some((item, relay))
-    }))
+            };
+            Some((item, (relay, timer)))
+        },
+    ))
 }
 
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
