@@ -2,7 +2,8 @@
 //! (a long shared system prompt, short unique questions) land on the same
 //! worker, which reuses the prefix from its KV cache; tenants spread over
 //! both workers. And load reports, on fake workers: a worker that says
-//! other coordinators keep it busy gets fewer requests from this one.
+//! other coordinators keep it busy gets fewer requests from this one; and
+//! `--upstream-connections` on a fake worker.
 
 mod common;
 
@@ -12,6 +13,26 @@ use common::fake_worker::FakeWorker;
 use common::{collect, greedy, scrape, start_coordinator, wait_routable, Cluster, Etcd};
 use nanoinfer_proto::nanoinfer::infer_service_client::InferServiceClient;
 use nanoinfer_proto::nanoinfer::InferRequest;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_take_a_workers_upstream_connections_in_turn() {
+    let etcd = Etcd::start().await;
+    let w = FakeWorker::start(&etcd.endpoint, "a", 5).await;
+    let (_coordinator, addr) = start_coordinator(&etcd, &["--upstream-connections", "3"]).await;
+    wait_routable(&addr, 1).await;
+    let mut client = InferServiceClient::new(nanoinfer::connect(&addr).await.unwrap());
+    for k in 0..6 {
+        collect(&mut client, greedy(&format!("q{k}"), 2))
+            .await
+            .unwrap();
+    }
+    let peers: Vec<_> = w.calls().iter().map(|c| c.peer.expect("peer")).collect();
+    let distinct: std::collections::HashSet<_> = peers.iter().collect();
+    assert_eq!(distinct.len(), 3, "{peers:?}");
+    // In turn: the same connection every third request.
+    assert_eq!(peers[0], peers[3], "{peers:?}");
+    assert_eq!(peers[1], peers[4], "{peers:?}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_reporting_other_coordinators_load_gets_less_traffic() {

@@ -108,6 +108,11 @@ pub struct Args {
     /// Milliseconds a worker has to answer an HTTP/2 ping.
     #[arg(long, env = "NANOINFER_KEEPALIVE_TIMEOUT_MS", default_value_t = 1000)]
     pub keepalive_timeout_ms: u64,
+    /// HTTP/2 connections to each worker (1..=64); requests take them in
+    /// turn. More than one spreads each worker's streams over several
+    /// connections and their locks.
+    #[arg(long, env = "NANOINFER_UPSTREAM_CONNECTIONS", default_value_t = 1)]
+    pub upstream_connections: u32,
     /// Workers one request may be opened on, first try, retries before the
     /// first token and mid-stream resumes together (never the same worker
     /// twice).
@@ -172,6 +177,8 @@ pub struct UpstreamConfig {
     pub keepalive_timeout: Duration,
     /// Worker attempts per request.
     pub max_attempts: usize,
+    /// HTTP/2 connections to each worker.
+    pub connections: usize,
     /// Mutual TLS to workers.
     pub cluster_tls: Option<nanoinfer_proto::tls::ClusterTls>,
     /// Worker choice.
@@ -193,6 +200,7 @@ impl Default for UpstreamConfig {
             keepalive_interval: Duration::from_millis(1000),
             keepalive_timeout: Duration::from_millis(1000),
             max_attempts: 3,
+            connections: 1,
             cluster_tls: None,
             routing: crate::affinity::Routing::PrefixAffinity,
             affinity_max_load_gap: 2,
@@ -231,6 +239,12 @@ impl Args {
                 self.max_attempts
             ));
         }
+        if !(1..=64).contains(&self.upstream_connections) {
+            return Err(format!(
+                "--upstream-connections must be 1..=64, got {}",
+                self.upstream_connections
+            ));
+        }
         let public_tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => {
                 let files = nanoinfer_proto::tls::ServerTlsFiles {
@@ -262,6 +276,7 @@ impl Args {
                 keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
                 keepalive_timeout: Duration::from_millis(self.keepalive_timeout_ms),
                 max_attempts: self.max_attempts as usize,
+                connections: self.upstream_connections as usize,
                 cluster_tls: self.cluster.validate()?,
                 routing: self.routing,
                 affinity_max_load_gap: self.affinity_max_load_gap as usize,
@@ -307,5 +322,21 @@ mod tests {
         let c = args(&["--keepalive-interval-ms", "250"]).unwrap();
         assert_eq!(c.upstream.keepalive_interval, Duration::from_millis(250));
         assert_eq!(c.upstream.max_attempts, 3);
+    }
+
+    #[test]
+    fn upstream_connections_are_bounded() {
+        assert_eq!(args(&[]).unwrap().upstream.connections, 1);
+        assert_eq!(
+            args(&["--upstream-connections", "4"])
+                .unwrap()
+                .upstream
+                .connections,
+            4
+        );
+        for bad in ["0", "65"] {
+            let err = args(&["--upstream-connections", bad]).unwrap_err();
+            assert!(err.contains("--upstream-connections"), "{err}");
+        }
     }
 }

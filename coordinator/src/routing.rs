@@ -83,7 +83,10 @@ struct WorkerState {
     address: String,
     /// The model name it registered (`--model-name`).
     model_name: String,
-    channel: Channel,
+    /// Its connections (`--upstream-connections`), taken in turn.
+    channels: Vec<Channel>,
+    /// Which connection the next request takes.
+    next: std::sync::atomic::AtomicUsize,
     /// The worker's series of `worker_requests_in_flight`: the count itself.
     in_flight: Gauge,
     /// Set while ejected.
@@ -121,13 +124,19 @@ impl WorkerState {
         own + foreign
     }
 
+    /// The connection the next request takes.
+    fn channel(&self) -> &Channel {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.channels[i % self.channels.len()]
+    }
+
     /// This worker, counted in flight.
     fn picked(&self, id: &str) -> Picked {
         self.in_flight.inc();
         Picked {
             id: id.to_string(),
             address: self.address.clone(),
-            channel: self.channel.clone(),
+            channel: self.channel().clone(),
             model_name: self.model_name.clone(),
             guard: InFlight(self.in_flight.clone()),
         }
@@ -235,13 +244,20 @@ impl Router {
             .keep_alive_while_idle(true))
     }
 
+    /// `--upstream-connections` lazily connected channels to `endpoint`.
+    fn connections(&self, endpoint: &Endpoint) -> Vec<Channel> {
+        (0..self.upstream.connections.max(1))
+            .map(|_| endpoint.connect_lazy())
+            .collect()
+    }
+
     /// Builds every worker's channel again (new connections; calls in
     /// flight keep theirs): after the cluster certificate files changed.
     pub fn rebuild_channels(&self) {
         let mut workers = self.workers.lock().expect("router lock");
         for (id, w) in workers.iter_mut() {
             match self.endpoint(id, &w.address) {
-                Ok(e) => w.channel = e.connect_lazy(),
+                Ok(e) => w.channels = self.connections(&e),
                 Err(e) => tracing::error!(worker = %id, error = %e,
                     "cannot rebuild the worker channel; keeping the old one"),
             }
@@ -271,8 +287,8 @@ impl Router {
             }
             // Discovery already checked the address; a URI tonic still
             // refuses is skipped here rather than poisoning every pick.
-            let channel = match self.endpoint(id, &info.address) {
-                Ok(e) => e.connect_lazy(),
+            let channels = match self.endpoint(id, &info.address) {
+                Ok(e) => self.connections(&e),
                 Err(e) => {
                     tracing::warn!(worker = %id, address = %info.address.escape_debug(), error = %e,
                         "skipping worker with an unusable address");
@@ -285,7 +301,8 @@ impl Router {
                 WorkerState {
                     address: info.address.clone(),
                     model_name: info.model_name.clone(),
-                    channel,
+                    channels,
+                    next: Default::default(),
                     in_flight: self.metrics.in_flight.get_or_create_owned(&label),
                     ejected: false,
                     reported: None,
@@ -390,7 +407,7 @@ impl Router {
                 return;
             }
             w.ejected = true;
-            let probe = (w.channel.clone(), w.generation);
+            let probe = (w.channels[0].clone(), w.generation);
             self.publish(&workers);
             probe
         };

@@ -44,6 +44,8 @@ pub struct Call {
     pub resume_token_ids: Vec<i32>,
     /// The `grpc-timeout` it carried.
     pub timeout: Option<Duration>,
+    /// The caller's address (one per connection).
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 /// What the fake's streams share with the test.
@@ -102,12 +104,14 @@ impl WorkerService for Svc {
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenStream>, Status> {
         let timeout = nanoinfer_proto::deadline::from_metadata(request.metadata());
+        let peer = request.remote_addr();
         let req = request.into_inner();
         self.0.calls.lock().unwrap().push(Call {
             request_id: req.request_id.clone(),
             max_tokens: req.max_tokens,
             resume_token_ids: req.resume_token_ids.clone(),
             timeout,
+            peer,
         });
         let fault = self.0.fault.lock().unwrap().clone().unwrap_or(Fault::None);
         if fault == Fault::Exhausted {
