@@ -18,6 +18,19 @@ async fn client(addr: &str) -> InferServiceClient<Channel> {
     InferServiceClient::new(nanoinfer::connect(addr).await.unwrap())
 }
 
+/// A client on its own connection with tiny HTTP/2 windows: when it stops
+/// reading, its stream stalls after a few messages.
+async fn small_window_client(addr: &str) -> InferServiceClient<Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(addr.to_string())
+        .unwrap()
+        .initial_stream_window_size(1024)
+        .initial_connection_window_size(65535)
+        .connect()
+        .await
+        .unwrap();
+    InferServiceClient::new(channel)
+}
+
 /// A coordinator with short timeouts for the fakes.
 async fn coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
     let mut args = extra.to_vec();
@@ -251,14 +264,7 @@ async fn a_client_that_stops_reading_is_cancelled_and_frees_its_worker() {
     let (mut coordinator, addr) = coordinator(&etcd, &["--stalled-stream-timeout", "1"]).await;
     wait_routable(&addr, 1).await;
     // A client with a tiny HTTP/2 window that reads one message, then stops.
-    let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-        .unwrap()
-        .initial_stream_window_size(1024)
-        .initial_connection_window_size(65535)
-        .connect()
-        .await
-        .unwrap();
-    let mut c = InferServiceClient::new(channel);
+    let mut c = small_window_client(&addr).await;
     let mut stream = c
         .infer(request("stalled", 4000))
         .await
@@ -389,14 +395,7 @@ async fn stalled_clients_do_not_break_other_streams_on_their_worker() {
     wait_routable(&addr, 1).await;
     let mut stalled = Vec::new();
     for i in 0..16 {
-        let channel = tonic::transport::Endpoint::from_shared(addr.clone())
-            .unwrap()
-            .initial_stream_window_size(1024)
-            .initial_connection_window_size(65535)
-            .connect()
-            .await
-            .unwrap();
-        let mut c = InferServiceClient::new(channel);
+        let mut c = small_window_client(&addr).await;
         let mut stream = c
             .infer(request(&format!("stalled-{i}"), 4_000))
             .await
