@@ -8,7 +8,8 @@
 #
 # Secure mode: scripts/gen-certs writes a CA and certificates into
 # $NANOINFER_RUN_DIR/certs; etcd serves TLS only, requires client
-# certificates and has auth on with the roles of deploy/etcd-auth.sh; workers
+# certificates and has auth on with the roles of deploy/etcd-auth.sh (each
+# worker its own user, nanoinfer-worker-<id>, which may write only its key); workers
 # and coordinator use mutual TLS (--cluster-*); the coordinator's public port
 # is TLS (--tls-cert) and needs an API key (--api-keys-file, one key
 # generated). Everything a client needs is written to
@@ -47,7 +48,7 @@ fi
 if [ "$SECURE" = 1 ]; then
   ETCD_URL="https://127.0.0.1:$ETCD_PORT"
   COORD_URL="127.0.0.1:$COORD_PORT"
-  etcd_client_flags() { # certificate name, role: sets the array `secure`
+  etcd_client_flags() { # certificate name, etcd user and password file without nanoinfer-/etcd-: sets the array `secure`
     secure=(--etcd-ca "$CERTS/ca.pem" --etcd-cert "$CERTS/$1.pem" --etcd-key "$CERTS/$1.key"
       --etcd-username "nanoinfer-$2" --etcd-password-file "$CERTS/etcd-$2.password")
   }
@@ -136,11 +137,13 @@ start() {
       --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
       --initial-cluster "nanoinfer-local=http://127.0.0.1:$ETCD_PEER_PORT" "${etcd_tls[@]}"
     wait_for etcd 20 etcdctl_ endpoint health
-    if [ "$SECURE" = 1 ]; then
-      ETCDCTL_ENDPOINTS="$ETCD_URL" ETCDCTL_CACERT="$CERTS/ca.pem" \
-        ETCDCTL_CERT="$CERTS/coordinator.pem" ETCDCTL_KEY="$CERTS/coordinator.key" \
-        "$ROOT/deploy/etcd-auth.sh" "$CERTS"
-    fi
+  fi
+  if [ "$SECURE" = 1 ]; then
+    # One etcd user per worker id, allowed to write only its own key; run
+    # on a running etcd too, it adds the users of workers it lacks.
+    ETCDCTL_ENDPOINTS="$ETCD_URL" ETCDCTL_CACERT="$CERTS/ca.pem" \
+      ETCDCTL_CERT="$CERTS/coordinator.pem" ETCDCTL_KEY="$CERTS/coordinator.key" \
+      "$ROOT/deploy/etcd-auth.sh" "$CERTS" "${ids[@]}"
   fi
 
   local threads; threads=$(threads_per_worker)
@@ -151,7 +154,7 @@ start() {
     log "starting worker$i on 127.0.0.1:$port ($threads threads)"
     local secure=()
     if [ "$SECURE" = 1 ]; then
-      etcd_client_flags "worker-local-worker$i" worker
+      etcd_client_flags "worker-local-worker$i" "worker-local-worker$i"
       secure+=(--cluster-ca "$CERTS/ca.pem" --cluster-cert "$CERTS/worker-local-worker$i.pem"
         --cluster-key "$CERTS/worker-local-worker$i.key")
     fi

@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use clap::Parser;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use nanoinfer_proto::worker::worker_service_server::{WorkerService, WorkerServiceServer};
 use nanoinfer_proto::worker::{
     FinishReason, Finished, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse,
@@ -62,7 +62,15 @@ impl WorkerService for Paced {
         let prompt_tokens = req.prompt.split_whitespace().count() as u32;
         let n = req.max_tokens;
         let (interval, stamp) = (self.interval, self.stamp);
-        let stream = futures::stream::unfold(0u32, move |i| async move {
+        // Message 0 is `admitted` (a real worker's first message), then
+        // token i is message i + 1.
+        let admitted = futures::stream::once(async {
+            Ok(GenerateResponse {
+                admitted: true,
+                ..Default::default()
+            })
+        });
+        let tokens = futures::stream::unfold(0u32, move |i| async move {
             if i > n {
                 return None;
             }
@@ -96,7 +104,7 @@ impl WorkerService for Paced {
             };
             Some((Ok(last), i + 1))
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(admitted.chain(tokens))))
     }
 
     async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {

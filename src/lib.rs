@@ -5,6 +5,7 @@
 //! - [`connect`], [`connect_with`], [`ClientTlsArgs`]: a channel to a
 //!   coordinator (or worker) address, plaintext or TLS.
 //! - [`finish_reason_name`]: short names for the public finish reasons.
+//! - [`code_name`]: the canonical name of a gRPC code (`RESOURCE_EXHAUSTED`).
 //! - [`stamp`]: the send-time stamp a test-double worker writes into its
 //!   tokens and the benchmark reads back.
 
@@ -88,6 +89,31 @@ pub fn finish_reason_name(reason: i32) -> &'static str {
     }
 }
 
+/// The canonical name of a gRPC status code, as the gRPC spec, grpcurl and
+/// the coordinator's metrics write it (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 pub mod stamp {
     //! Token send stamps for router benchmarks: `examples/paced_worker.rs
     //! --stamp` makes each token's text `@<nanoseconds since the Unix
@@ -126,6 +152,26 @@ pub mod stamp {
             for text in [" tok", "", "@", "@12x", "1000"] {
                 assert_eq!(transit_us(text, 1), None, "{text:?}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_are_the_specs_upper_snake_case() {
+        for n in 0..=16 {
+            let code = tonic::Code::from_i32(n);
+            let mut expected = String::new();
+            for (i, c) in format!("{code:?}").chars().enumerate() {
+                if c.is_uppercase() && i > 0 {
+                    expected.push('_');
+                }
+                expected.push(c.to_ascii_uppercase());
+            }
+            assert_eq!(code_name(code), expected);
         }
     }
 }

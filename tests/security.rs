@@ -2,8 +2,11 @@
 //! with certificates from `scripts/gen-certs`:
 //! - the public port speaks TLS with the CA and refuses plaintext clients;
 //!   a replaced certificate is served without a restart; with
-//!   `--tls-client-ca` a client without a certificate is refused;
-//! - a worker serves only clients with a cluster certificate;
+//!   `--tls-client-ca` (the client CA) a client without a certificate, or
+//!   with a cluster certificate, is refused;
+//! - a worker serves only callers with the coordinator role (a cluster
+//!   certificate naming `coordinator.nanoinfer`): not the public client's,
+//!   etcd's or another worker's certificate, also after a reload;
 //! - fake workers registered in etcd (plaintext, or with a certificate from
 //!   another CA) get no prompt while every request succeeds on the real
 //!   worker; a real worker's record pointed at an impostor holding another
@@ -20,7 +23,7 @@ use common::*;
 use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, HealthRequest};
 use nanoinfer_proto::tls::ServerTlsFiles;
 use nanoinfer_proto::worker::worker_service_client::WorkerServiceClient;
-use nanoinfer_proto::worker::GenerateRequest;
+use nanoinfer_proto::worker::{GenerateRequest, LoadRequest};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -132,7 +135,8 @@ async fn public_port_serves_tls_refuses_plaintext_and_follows_a_rotated_certific
     );
     drop(coordinator);
 
-    // Client certificates: --tls-client-ca refuses clients without one.
+    // Client certificates: --tls-client-ca (the client CA, not the
+    // cluster's) refuses clients without one.
     let (mut coordinator, addr) = start_coordinator(
         &etcd,
         &[
@@ -141,7 +145,7 @@ async fn public_port_serves_tls_refuses_plaintext_and_follows_a_rotated_certific
             "--tls-key",
             p(&certs.join("server.key")),
             "--tls-client-ca",
-            p(&ca),
+            p(&certs.join("client-ca.pem")),
         ],
     )
     .await;
@@ -158,6 +162,17 @@ async fn public_port_serves_tls_refuses_plaintext_and_follows_a_rotated_certific
     )
     .await;
     assert!(foreign.is_err(), "{foreign:?}");
+    // A cluster certificate is not a public client's.
+    let cluster = tls_health(
+        &addr,
+        &ca,
+        Some((
+            &certs.join("coordinator.pem"),
+            &certs.join("coordinator.key"),
+        )),
+    )
+    .await;
+    assert!(cluster.is_err(), "{cluster:?}");
     let client = (certs.join("client.pem"), certs.join("client.key"));
     assert_eq!(
         tls_health(&addr, &ca, Some((&client.0, &client.1))).await,
@@ -196,6 +211,154 @@ async fn direct(channel: Result<Channel, tonic::transport::Error>) -> Result<(),
         .is_some()
     {}
     Ok(())
+}
+
+/// What a direct caller of a worker got back: the Generate messages that
+/// arrived before any error, how the stream ended, and the Load answer.
+#[derive(Debug)]
+struct DirectCalls {
+    generated: usize,
+    generate: Result<(), String>,
+    load: Result<(), String>,
+}
+
+/// Calls Generate and Load on a worker directly over `channel`, each within
+/// 20 s (a refusal is an error, never a hang).
+async fn direct_calls(channel: Result<Channel, tonic::transport::Error>) -> DirectCalls {
+    let channel = match channel {
+        Ok(channel) => channel,
+        Err(e) => {
+            let e = format!("connect: {e:?}");
+            return DirectCalls {
+                generated: 0,
+                generate: Err(e.clone()),
+                load: Err(e),
+            };
+        }
+    };
+    let limit = Duration::from_secs(20);
+    let mut generated = 0;
+    let generate = tokio::time::timeout(limit, async {
+        let mut stream = WorkerServiceClient::new(channel.clone())
+            .generate(generate("a prompt for the coordinator only"))
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .into_inner();
+        while stream
+            .message()
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .is_some()
+        {
+            generated += 1;
+        }
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|_| Err("Generate hung".into()));
+    let load = tokio::time::timeout(limit, async {
+        WorkerServiceClient::new(channel)
+            .load(LoadRequest {})
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
+    })
+    .await
+    .unwrap_or_else(|_| Err("Load hung".into()));
+    DirectCalls {
+        generated,
+        generate,
+        load,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_serves_only_the_coordinator_role() {
+    let dir = temp_dir("tls-roles");
+    let certs = gen_certs(&dir.join("certs"), &["w1", "w2"]);
+    let cert = |name: &str| certs.join(name);
+    let ca = cert("ca.pem");
+    let etcd = Etcd::start().await;
+    let mut worker = start_worker(
+        &etcd,
+        "w1",
+        &[
+            "--cluster-ca",
+            p(&ca),
+            "--cluster-cert",
+            p(&cert("worker-w1.pem")),
+            "--cluster-key",
+            p(&cert("worker-w1.key")),
+        ],
+    )
+    .await;
+    let addr = worker.listen_addr().await;
+    let name = Some("w1.worker.nanoinfer");
+    let failures_before =
+        scrape(&mut worker).await["nanoinfer_worker_tls_handshake_failures_total"];
+
+    // Certificates made by the same script, none with the coordinator role:
+    // the public client's (from the client CA), etcd's and another worker's
+    // (both from the cluster CA).
+    for who in ["client", "etcd", "worker-w2"] {
+        let identity = (cert(&format!("{who}.pem")), cert(&format!("{who}.key")));
+        let got =
+            direct_calls(tls_channel(&addr, &ca, Some((&identity.0, &identity.1)), name).await)
+                .await;
+        assert_eq!(got.generated, 0, "{who}.pem got tokens: {got:?}");
+        assert!(
+            got.generate.is_err(),
+            "{who}.pem was served Generate: {got:?}"
+        );
+        assert!(got.load.is_err(), "{who}.pem was served Load: {got:?}");
+    }
+    // Refusals are logged with the reason (for etcd's and the other
+    // worker's: the role their certificate lacks) and counted.
+    eventually(Duration::from_secs(5), "the refusals in the log", || {
+        let refused = worker
+            .log()
+            .lines()
+            .filter(|l| l.contains("TLS handshake refused"))
+            .filter(|l| l.contains("coordinator.nanoinfer"))
+            .count();
+        async move { refused >= 2 }
+    })
+    .await;
+    let metrics = scrape(&mut worker).await;
+    assert!(
+        metrics["nanoinfer_worker_tls_handshake_failures_total"] >= failures_before + 3.0,
+        "refusals are counted: {metrics:?}\n{}",
+        worker.log()
+    );
+
+    // The coordinator's certificate is served.
+    let identity = (cert("coordinator.pem"), cert("coordinator.key"));
+    let got =
+        direct_calls(tls_channel(&addr, &ca, Some((&identity.0, &identity.1)), name).await).await;
+    assert!(got.generate.is_ok() && got.load.is_ok(), "{got:?}");
+    assert!(got.generated > 0, "{got:?}");
+
+    // A reloaded certificate keeps the role check.
+    for file in ["worker-w1.key", "worker-w1.pem"] {
+        let pem = std::fs::read(cert(file)).unwrap();
+        std::fs::write(cert(file), pem).unwrap();
+    }
+    worker
+        .wait_for_line("TLS certificate reloaded", Duration::from_secs(10))
+        .await;
+    let etcd_identity = (cert("etcd.pem"), cert("etcd.key"));
+    let got = direct_calls(
+        tls_channel(&addr, &ca, Some((&etcd_identity.0, &etcd_identity.1)), name).await,
+    )
+    .await;
+    assert!(
+        got.generated == 0 && got.generate.is_err() && got.load.is_err(),
+        "etcd.pem was served after a reload: {got:?}"
+    );
+    let got =
+        direct_calls(tls_channel(&addr, &ca, Some((&identity.0, &identity.1)), name).await).await;
+    assert!(got.load.is_ok() && got.generated > 0, "{got:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,7 +464,13 @@ async fn only_workers_with_a_cluster_certificate_for_their_id_get_prompts() {
     for i in 0..N {
         let msgs = collect(&mut client, greedy(&format!("secret prompt {i}"), 2))
             .await
-            .unwrap_or_else(|e| panic!("request {i}: {e:?}"));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "request {i}: {e:?}\ncoordinator:\n{}\nworker:\n{}",
+                    coordinator.log(),
+                    worker.log()
+                )
+            });
         assert_eq!(msgs.last().unwrap().usage.unwrap().generated_tokens, 2);
     }
     assert_eq!(
@@ -407,6 +576,7 @@ impl SecureEtcd {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let out = Command::new(root.join("deploy/etcd-auth.sh"))
             .arg(&passwords)
+            .arg("w1")
             .env("ETCDCTL_ENDPOINTS", &endpoint)
             .env("ETCDCTL_CACERT", certs.join("ca.pem"))
             .env("ETCDCTL_CERT", certs.join("coordinator.pem"))
@@ -492,7 +662,7 @@ async fn workers_and_coordinator_use_etcd_over_tls_with_their_own_roles() {
         .unwrap_err();
     assert!(denied.to_string().contains("permission denied"), "{denied}");
     let mut worker_client = etcd
-        .client(&certs, "worker-w1", Some("worker"))
+        .client(&certs, "worker-w1", Some("worker-w1"))
         .await
         .unwrap();
     let denied = worker_client
@@ -507,7 +677,7 @@ async fn workers_and_coordinator_use_etcd_over_tls_with_their_own_roles() {
     assert!(anonymous.is_err(), "read without a user: {anonymous:?}");
 
     // A real worker registers, and the coordinator finds and uses it.
-    let worker_flags = etcd.flags(&certs, "worker-w1", "worker");
+    let worker_flags = etcd.flags(&certs, "worker-w1", "worker-w1");
     let mut cmd = Command::new(bin("nanoinfer-worker"));
     cmd.args(["--model", p(&model_path()), "--listen", "127.0.0.1:0"])
         .args([

@@ -75,6 +75,11 @@ async fn run(
     let mut out = Vec::new();
     loop {
         match stream.message().await {
+            // The `admitted` message comes first, once, without a token.
+            Ok(Some(m)) if m.admitted => {
+                assert!(out.is_empty(), "admitted after a token: {m:?}");
+                assert!(m.token_id.is_none() && m.finished.is_none(), "{m:?}");
+            }
             Ok(Some(m)) => out.push(m),
             Ok(None) => return (out, None),
             Err(status) => return (out, Some(status)),
@@ -272,11 +277,12 @@ async fn dead_requests_leave_the_queue_and_deadlines_stop_running_ones() {
     .await;
     println!("client gone -> waiting 0 after {:?}", left.elapsed());
 
-    // Waiting past --queue-timeout: UNAVAILABLE, so a coordinator retries.
+    // Waiting past --queue-timeout: RESOURCE_EXHAUSTED (busy, not broken),
+    // so a coordinator holds it and tries again.
     let queued = Instant::now();
     let (_, err) = run(&mut client, greedy("queue-timeout", PROMPT, 8)).await;
     let err = err.expect("a queue timeout");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     let waited = queued.elapsed();
     assert!(
         (Duration::from_millis(1900)..Duration::from_secs(4)).contains(&waited),
@@ -365,6 +371,8 @@ async fn sigterm_still_delivers_every_token_to_a_slow_reader() {
         .await
         .unwrap()
         .into_inner();
+    let admitted = stream.message().await.unwrap().unwrap();
+    assert!(admitted.admitted, "{admitted:?}");
     let first = stream.message().await.unwrap().unwrap();
     w.terminate();
     // The engine finishes (every token now sits in the stream's buffer)

@@ -87,11 +87,29 @@ pub struct Args {
     /// the worker stops generating.
     #[arg(long, env = "NANOINFER_REQUEST_TIMEOUT", default_value_t = 600)]
     pub request_timeout: u64,
-    /// Seconds a worker may take to send its first token (queueing and
-    /// prompt processing included) before the request moves to another
-    /// worker.
+    /// Seconds a worker may go without progress on a request it is running:
+    /// from admitting it (taking it out of its queue into a slot) to its
+    /// first token, and between tokens. Past it the worker is judged hung,
+    /// ejected, and the request moves to another worker. Time a request
+    /// spends queued never counts (it is bounded by the deadline and the
+    /// worker's --queue-timeout).
     #[arg(long, env = "NANOINFER_FIRST_TOKEN_TIMEOUT", default_value_t = 30)]
     pub first_token_timeout: u64,
+    /// Requests that may wait in the coordinator for a worker with room
+    /// (retries and resumes not counted: they are never refused). Beyond
+    /// it a new request is refused at once with RESOURCE_EXHAUSTED (HTTP
+    /// 429) and a retry hint.
+    #[arg(long, env = "NANOINFER_ADMISSION_QUEUE", default_value_t = 1024)]
+    pub admission_queue: u32,
+    /// Seconds a request may wait in the admission queue (its deadline
+    /// permitting) before it is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "NANOINFER_ADMISSION_TIMEOUT", default_value_t = 120)]
+    pub admission_timeout: u64,
+    /// Requests sent to a worker beyond its slots, to wait in its own queue
+    /// (at most that queue's size), so a freed slot never waits for a round
+    /// trip; the rest wait in the coordinator's admission queue.
+    #[arg(long, env = "NANOINFER_DISPATCH_QUEUE_DEPTH", default_value_t = 2)]
+    pub dispatch_queue_depth: u32,
     /// Seconds a client may go without reading (its HTTP/2 window full)
     /// before its stream is cancelled and its worker slot freed.
     #[arg(long, env = "NANOINFER_STALLED_STREAM_TIMEOUT", default_value_t = 30)]
@@ -137,6 +155,50 @@ pub struct Args {
     /// --tls-cert): clients without one are refused in the handshake.
     #[arg(long, env = "NANOINFER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Milliseconds an HTTP API client has to send a whole request head:
+    /// from the connection's start (after TLS) for its first request, and
+    /// from the first byte of each later one. A client that trickles its
+    /// headers (slowloris) is disconnected when it runs out.
+    #[arg(
+        long,
+        env = "NANOINFER_HTTP_HEADER_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub http_header_timeout_ms: u64,
+    /// Seconds an HTTP API connection may sit idle (no request in flight,
+    /// no byte of a next one) before it is closed; also the longest a
+    /// request body may take to arrive (slow POST: a 400).
+    #[arg(long, env = "NANOINFER_HTTP_IDLE_TIMEOUT", default_value_t = 60)]
+    pub http_idle_timeout: u64,
+    /// Milliseconds an HTTP API client has to complete its TLS handshake.
+    #[arg(
+        long,
+        env = "NANOINFER_HTTP_TLS_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub http_tls_handshake_timeout_ms: u64,
+    /// Requests one HTTP API connection may carry; after the last, the
+    /// connection closes once its responses finish (HTTP/1.1 `connection:
+    /// close`, HTTP/2 GOAWAY) and the client opens a new one.
+    #[arg(
+        long,
+        env = "NANOINFER_HTTP_MAX_REQUESTS_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    pub http_max_requests_per_connection: u64,
+    /// Open HTTP API connections (TLS handshakes included); beyond it a new
+    /// connection is closed as soon as it is accepted, logged and counted
+    /// (`nanoinfer_coordinator_http_connections_refused_total`).
+    #[arg(long, env = "NANOINFER_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub http_max_connections: usize,
+    /// HTTP/2 streams (concurrent calls) one client connection may open on
+    /// the public gRPC port; more wait for one to finish.
+    #[arg(
+        long,
+        env = "NANOINFER_GRPC_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
+    pub grpc_max_concurrent_streams: u32,
     #[command(flatten)]
     pub cluster: nanoinfer_proto::tls::ClusterTlsArgs,
     #[command(flatten)]
@@ -158,6 +220,37 @@ pub struct CoordinatorConfig {
     pub api_keys_file: Option<std::path::PathBuf>,
     /// TLS on the public port.
     pub public_tls: Option<nanoinfer_proto::tls::ServerTlsFiles>,
+    /// Connection limits and timeouts of the HTTP API.
+    pub http: HttpServerConfig,
+    /// Concurrent streams per client connection on the public gRPC port.
+    pub grpc_max_concurrent_streams: u32,
+}
+
+/// Connection limits and timeouts of the OpenAI-compatible HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpServerConfig {
+    /// A request head must arrive within this (slowloris).
+    pub header_timeout: Duration,
+    /// A connection with nothing in flight is closed after this.
+    pub idle_timeout: Duration,
+    /// The TLS handshake must complete within this.
+    pub tls_handshake_timeout: Duration,
+    /// Requests per connection before it is closed.
+    pub max_requests_per_connection: u64,
+    /// Open connections; beyond it new ones are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for HttpServerConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_requests_per_connection: 1000,
+            max_connections: 10_000,
+        }
+    }
 }
 
 /// Timeouts and retry bounds of the path to workers.
@@ -165,8 +258,14 @@ pub struct CoordinatorConfig {
 pub struct UpstreamConfig {
     /// Default (and longest) request duration.
     pub request_timeout: Duration,
-    /// Open → first token, per worker.
+    /// Admission → first token, and token → token, per worker.
     pub first_token_timeout: Duration,
+    /// New requests that may wait for a worker with room.
+    pub admission_queue: usize,
+    /// Longest wait in the admission queue.
+    pub admission_timeout: Duration,
+    /// Requests a worker gets beyond its slots.
+    pub dispatch_queue_depth: usize,
     /// No read progress by the client → cancelled.
     pub stalled_stream_timeout: Duration,
     /// TCP connect to a worker.
@@ -195,6 +294,9 @@ impl Default for UpstreamConfig {
         Self {
             request_timeout: Duration::from_secs(600),
             first_token_timeout: Duration::from_secs(30),
+            admission_queue: 1024,
+            admission_timeout: Duration::from_secs(120),
+            dispatch_queue_depth: 2,
             stalled_stream_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_millis(1000),
             keepalive_interval: Duration::from_millis(1000),
@@ -224,10 +326,26 @@ impl Args {
         for (flag, value) in [
             ("--request-timeout", self.request_timeout),
             ("--first-token-timeout", self.first_token_timeout),
+            ("--admission-timeout", self.admission_timeout),
             ("--stalled-stream-timeout", self.stalled_stream_timeout),
             ("--connect-timeout-ms", self.connect_timeout_ms),
             ("--keepalive-interval-ms", self.keepalive_interval_ms),
             ("--keepalive-timeout-ms", self.keepalive_timeout_ms),
+            ("--http-header-timeout-ms", self.http_header_timeout_ms),
+            ("--http-idle-timeout", self.http_idle_timeout),
+            (
+                "--http-tls-handshake-timeout-ms",
+                self.http_tls_handshake_timeout_ms,
+            ),
+            (
+                "--http-max-requests-per-connection",
+                self.http_max_requests_per_connection,
+            ),
+            ("--http-max-connections", self.http_max_connections as u64),
+            (
+                "--grpc-max-concurrent-streams",
+                u64::from(self.grpc_max_concurrent_streams),
+            ),
         ] {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
@@ -271,6 +389,9 @@ impl Args {
             upstream: UpstreamConfig {
                 request_timeout: Duration::from_secs(self.request_timeout),
                 first_token_timeout: Duration::from_secs(self.first_token_timeout),
+                admission_queue: self.admission_queue as usize,
+                admission_timeout: Duration::from_secs(self.admission_timeout),
+                dispatch_queue_depth: self.dispatch_queue_depth as usize,
                 stalled_stream_timeout: Duration::from_secs(self.stalled_stream_timeout),
                 connect_timeout: Duration::from_millis(self.connect_timeout_ms),
                 keepalive_interval: Duration::from_millis(self.keepalive_interval_ms),
@@ -284,6 +405,14 @@ impl Args {
             },
             api_keys_file: self.api_keys_file,
             public_tls,
+            http: HttpServerConfig {
+                header_timeout: Duration::from_millis(self.http_header_timeout_ms),
+                idle_timeout: Duration::from_secs(self.http_idle_timeout),
+                tls_handshake_timeout: Duration::from_millis(self.http_tls_handshake_timeout_ms),
+                max_requests_per_connection: self.http_max_requests_per_connection,
+                max_connections: self.http_max_connections,
+            },
+            grpc_max_concurrent_streams: self.grpc_max_concurrent_streams,
         })
     }
 }
@@ -337,6 +466,49 @@ mod tests {
         for bad in ["0", "65"] {
             let err = args(&["--upstream-connections", bad]).unwrap_err();
             assert!(err.contains("--upstream-connections"), "{err}");
+        }
+    }
+
+    #[test]
+    fn http_hardening_flags_have_operator_defaults_and_refuse_zero() {
+        let c = args(&[]).unwrap();
+        assert_eq!(c.http, HttpServerConfig::default());
+        assert_eq!(c.http.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.http.max_requests_per_connection, 1000);
+        assert_eq!(c.http.max_connections, 10_000);
+        assert_eq!(c.grpc_max_concurrent_streams, 1024);
+        let c = args(&[
+            "--http-header-timeout-ms",
+            "500",
+            "--http-idle-timeout",
+            "5",
+            "--http-tls-handshake-timeout-ms",
+            "250",
+            "--http-max-requests-per-connection",
+            "3",
+            "--http-max-connections",
+            "7",
+            "--grpc-max-concurrent-streams",
+            "16",
+        ])
+        .unwrap();
+        assert_eq!(c.http.header_timeout, Duration::from_millis(500));
+        assert_eq!(c.http.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.http.tls_handshake_timeout, Duration::from_millis(250));
+        assert_eq!(c.http.max_requests_per_connection, 3);
+        assert_eq!(c.http.max_connections, 7);
+        assert_eq!(c.grpc_max_concurrent_streams, 16);
+        for flag in [
+            "--http-header-timeout-ms",
+            "--http-idle-timeout",
+            "--http-tls-handshake-timeout-ms",
+            "--http-max-requests-per-connection",
+            "--http-max-connections",
+            "--grpc-max-concurrent-streams",
+        ] {
+            let err = args(&[flag, "0"]).unwrap_err();
+            assert!(err.contains(flag), "{flag}: {err}");
         }
     }
 }

@@ -4,20 +4,30 @@
 //! |---|---|
 //! | a field out of range | `INVALID_ARGUMENT` (the message names the field) |
 //! | no live worker at all | `UNAVAILABLE` |
-//! | every worker tried was full | `RESOURCE_EXHAUSTED` (names each worker) |
+//! | the admission queue is full | `RESOURCE_EXHAUSTED`, before any output, with a retry hint |
+//! | no worker had room within `--admission-timeout` | `RESOURCE_EXHAUSTED`, before any output, with a retry hint |
 //! | no worker left to retry or resume on | `UNAVAILABLE` (says how many tokens were delivered) |
 //! | the deadline passed | `DEADLINE_EXCEEDED` |
-//! | the client stopped reading | `CANCELLED` (nobody reads it; for logs and metrics) |
+//! | the client stopped reading | `ABORTED` (when it reads again, it learns why the stream ended) |
 //! | a worker's own answer | its code, kept so retry logic can read it |
 //!
 //! Every status leaves through [`CoordinatorError::into_status`], which puts
-//! the request id in the message and in the `x-request-id` metadata.
+//! the request id in the message and in the `x-request-id` metadata, and on
+//! an overload refusal the retry hint: `retry-after` (seconds, as HTTP's
+//! header, which the HTTP API sets from it) and gRPC's
+//! `grpc-retry-pushback-ms`.
 
 use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 /// The response metadata key carrying the request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The metadata key of the retry hint, in seconds.
+pub const RETRY_AFTER_HEADER: &str = "retry-after";
+
+/// Seconds an overloaded coordinator asks a client to wait before retrying.
+pub const RETRY_AFTER_SECONDS: u64 = 1;
 
 /// The trailer naming the refused field of an INVALID_ARGUMENT (the HTTP
 /// API's `param`).
@@ -52,18 +62,29 @@ pub enum CoordinatorError {
     /// The worker's stream ended without a final message.
     #[error("worker {0} closed the stream before the final message")]
     Truncated(String),
-    /// The worker sent nothing within the first-token timeout.
-    #[error("worker {worker} sent no token within {seconds} s")]
+    /// A worker running the request made no progress for the timeout.
+    #[error("worker {worker} made no progress for {seconds} s on a request it was running")]
     FirstTokenTimeout {
         /// The worker's id.
         worker: String,
         /// The timeout.
         seconds: u64,
     },
-    /// Every worker tried answered RESOURCE_EXHAUSTED.
-    #[error("every worker is at capacity; tried {}", tried.join("; "))]
-    AllBusy {
-        /// `worker: message` for each worker tried.
+    /// The admission queue is full.
+    #[error("overloaded: {capacity} requests already wait for a worker; retry later")]
+    QueueFull {
+        /// The queue's bound (`--admission-queue`).
+        capacity: usize,
+    },
+    /// No worker had room within the admission timeout.
+    #[error(
+        "overloaded: no worker had room within {seconds} s{}",
+        busy_note(tried)
+    )]
+    QueueTimeout {
+        /// `--admission-timeout`.
+        seconds: u64,
+        /// `worker: message` for each worker that answered "full".
         tried: Vec<String>,
     },
     /// Retries and resumes ran out (no worker left, or the attempt limit).
@@ -82,11 +103,19 @@ pub enum CoordinatorError {
         delivered: u32,
     },
     /// The client made no read progress for the stalled-stream timeout.
-    #[error("the client read nothing for {seconds} s; the stream was cancelled")]
+    #[error("stalled: the client read nothing for {seconds} s; the stream was cancelled")]
     Stalled {
         /// The timeout.
         seconds: u64,
     },
+}
+
+fn busy_note(tried: &[String]) -> String {
+    if tried.is_empty() {
+        String::new()
+    } else {
+        format!("; {}", tried.join("; "))
+    }
 }
 
 impl CoordinatorError {
@@ -106,10 +135,10 @@ impl CoordinatorError {
             Self::ModelNotFound(_) => Code::NotFound,
             Self::Upstream { status, .. } => status.code(),
             Self::Truncated(_) | Self::FirstTokenTimeout { .. } => Code::Unavailable,
-            Self::AllBusy { .. } => Code::ResourceExhausted,
+            Self::QueueFull { .. } | Self::QueueTimeout { .. } => Code::ResourceExhausted,
             Self::OutOfWorkers { .. } => Code::Unavailable,
             Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            Self::Stalled { .. } => Code::Cancelled,
+            Self::Stalled { .. } => Code::Aborted,
         }
     }
 
@@ -117,6 +146,7 @@ impl CoordinatorError {
     /// the message (when known) and in `x-request-id`.
     pub fn into_status(self, request_id: Option<&str>) -> Status {
         let code = self.code();
+        let overloaded = matches!(self, Self::QueueFull { .. } | Self::QueueTimeout { .. });
         let detail = match &self {
             // The worker's message already names the field; pass it on.
             Self::Upstream { status, .. } if code == Code::InvalidArgument => {
@@ -150,6 +180,14 @@ impl CoordinatorError {
             status
                 .metadata_mut()
                 .insert(INVALID_FIELD_HEADER, MetadataValue::from_static(field));
+        }
+        if overloaded {
+            let m = status.metadata_mut();
+            m.insert(RETRY_AFTER_HEADER, MetadataValue::from(RETRY_AFTER_SECONDS));
+            m.insert(
+                "grpc-retry-pushback-ms",
+                MetadataValue::from(RETRY_AFTER_SECONDS * 1000),
+            );
         }
         status
     }
@@ -195,14 +233,29 @@ mod tests {
             message.contains("abc") && message.contains("20 tokens"),
             "{message}"
         );
-        let full = CoordinatorError::AllBusy {
+        let full = CoordinatorError::QueueTimeout {
+            seconds: 120,
             tried: vec!["w1: queue is full".into(), "w2: queue is full".into()],
         };
-        let message = full.into_status(None).message().to_string();
+        let status = full.into_status(None);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let message = status.message().to_string();
         assert!(
-            message.contains("w1") && message.contains("w2"),
+            message.contains("w1") && message.contains("w2") && message.contains("120 s"),
             "{message}"
         );
+        assert_eq!(status.metadata().get(RETRY_AFTER_HEADER).unwrap(), "1");
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "1000"
+        );
+        let status = CoordinatorError::QueueFull { capacity: 8 }.into_status(Some("r"));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("8 requests"), "{status:?}");
+        assert!(status.metadata().get(RETRY_AFTER_HEADER).is_some());
+        let stalled = CoordinatorError::Stalled { seconds: 30 }.into_status(None);
+        assert_eq!(stalled.code(), Code::Aborted);
+        assert!(stalled.message().starts_with("stalled"), "{stalled:?}");
         assert_eq!(
             CoordinatorError::DeadlineExceeded { delivered: 3 }.code(),
             Code::DeadlineExceeded

@@ -22,7 +22,7 @@ use crate::auth::ApiKeys;
 use crate::config::UpstreamConfig;
 use crate::error::CoordinatorError;
 use crate::metrics::{CoordinatorMetrics, ReasonLabel, RequestRecorder};
-use crate::relay::{self, Affinity, Item, Relay, RELAY_BUFFER};
+use crate::relay::{self, Abort, Affinity, Item, Relay, RELAY_BUFFER};
 use crate::routing::{Picked, Router};
 use crate::validate::Limits;
 
@@ -54,7 +54,84 @@ pub struct Call {
     /// Completions that will each end with a final message.
     pub n: u32,
     /// The messages.
-    pub rx: mpsc::Receiver<Item>,
+    pub rx: Messages,
+}
+
+/// The messages of a call, as both fronts read them. It ends truthfully:
+/// with every completion's final message, or with an error — an abort
+/// (a stalled client) jumps the messages still queued, and a channel that
+/// closes before every final message ends with INTERNAL, never as if the
+/// request had succeeded.
+pub struct Messages {
+    rx: mpsc::Receiver<Item>,
+    /// `None` once every relay dropped its [`Abort`] unused (a finished
+    /// oneshot must not be polled again).
+    abort: Option<oneshot::Receiver<Status>>,
+    n: u32,
+    finals: u32,
+    done: bool,
+}
+
+impl Messages {
+    /// The next message; `None` after the last (or after an error).
+    pub fn poll_recv(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Item>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Some(abort) = self.abort.as_mut() {
+            if let Poll::Ready(aborted) = std::pin::Pin::new(abort).poll(cx) {
+                self.abort = None;
+                if let Ok(status) = aborted {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+            }
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(m))) => {
+                self.finals += u32::from(m.usage.is_some());
+                Poll::Ready(Some(Ok(m)))
+            }
+            Poll::Ready(Some(Err(status))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                if self.finals >= self.n {
+                    return Poll::Ready(None);
+                }
+                // A relay ended without its last word: an aborted stream
+                // whose status raced the channel's end, or a bug.
+                if let Some(Ok(status)) = self.abort.take().map(|mut a| a.try_recv()) {
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(Some(Err(Status::internal(format!(
+                    "the stream ended after {} of {} final messages",
+                    self.finals, self.n
+                )))))
+            }
+        }
+    }
+
+    /// The next message; `None` after the last (or after an error).
+    pub async fn recv(&mut self) -> Option<Item> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+impl futures::Stream for Messages {
+    type Item = Item;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Item>> {
+        self.get_mut().poll_recv(cx)
+    }
 }
 
 /// Shared state of the public APIs.
@@ -202,6 +279,9 @@ impl Front {
         };
         let (lead, follow) = tokio::sync::watch::channel(None);
         let mut lead = Some(lead);
+        let (abort, aborted) = Abort::new();
+        let tenant =
+            crate::admission::tenant_of(metadata.get("authorization").map(|v| v.as_bytes()));
         for choice in 0..n {
             let (opened_tx, opened_rx) = oneshot::channel();
             let mut params = params.clone();
@@ -223,6 +303,8 @@ impl Front {
                     (_, 0) => Affinity::Lead(lead.take().expect("one lead")),
                     _ => Affinity::Follow(follow.clone()),
                 },
+                tenant,
+                abort: abort.clone(),
             };
             tokio::spawn(relay::run(relay, tx.clone(), opened_tx).instrument(span.clone()));
             opened.push(opened_rx);
@@ -240,7 +322,17 @@ impl Front {
                 }
             }
         }
-        Ok(Call { request_id, n, rx })
+        Ok(Call {
+            request_id,
+            n,
+            rx: Messages {
+                rx,
+                abort: Some(aborted),
+                n,
+                finals: 0,
+                done: false,
+            },
+        })
     }
 }
 

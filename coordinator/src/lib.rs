@@ -5,8 +5,10 @@
 //! - [`validate`]: public request → [`validate::InferParams`] with defaults.
 //! - [`service`]: the gRPC front: `Health`, and `Infer` (validate, span,
 //!   hand over to the relay).
-//! - [`relay`]: one request's task: pick, open, relay, retry before the
-//!   first token, resume mid-stream, deadline, stalled clients.
+//! - [`relay`]: one request's task: pick, wait for room, open, relay, retry
+//!   before the first token, resume mid-stream, deadline, stalled clients.
+//! - [`admission`]: the bounded, fair queue requests wait in while no
+//!   worker has room.
 //! - [`upstream`]: `Generate` calls and the retry/ejection rule.
 //! - [`routing`]: the worker table (fed by discovery), least-in-flight
 //!   choice, passive ejection and re-admission probes.
@@ -17,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod affinity;
 pub mod auth;
 pub mod config;
@@ -92,6 +95,8 @@ pub async fn run(
     let metrics = Arc::new(metrics::CoordinatorMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
+    let http_metrics = Arc::new(openai::HttpMetrics::default());
+    http_metrics.register(&mut registry);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let ready_tx = Arc::new(ready_tx);
     let metrics_http = nanoinfer_telemetry::http::spawn(metrics_listener, registry, ready_rx);
@@ -141,6 +146,7 @@ pub async fn run(
         tonic::transport::Server::builder()
             // Many streams opened at once on one client connection.
             .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
+            .max_concurrent_streams(Some(config.grpc_max_concurrent_streams))
             .add_service(health_service),
         nanoinfer_proto::INFERENCE_DESCRIPTOR_SET,
     )
@@ -163,7 +169,16 @@ pub async fn run(
         None => None,
     };
     let mut http_server = http_listener
-        .map(|l| openai::spawn(l, front.clone(), public_tls.clone(), stop_http))
+        .map(|l| {
+            openai::spawn(
+                l,
+                front.clone(),
+                public_tls.clone(),
+                config.http.clone(),
+                http_metrics,
+                stop_http,
+            )
+        })
         .transpose()
         .map_err(|e| RunError::Setup(e.to_string()))?;
     let mut server =

@@ -219,6 +219,26 @@ impl CoordinatorMetrics {
             self.router.ejections.clone(),
         );
         r.register(
+            "admission_queue_waiting",
+            "Requests waiting in the admission queue for a worker with room (retries and resumes included)",
+            self.router.admission.waiting.clone(),
+        );
+        r.register(
+            "admission_queued",
+            "Requests that waited in the admission queue at all",
+            self.router.admission.queued.clone(),
+        );
+        r.register(
+            "admission_rejected_full",
+            "Requests refused because the admission queue was full (RESOURCE_EXHAUSTED / 429)",
+            self.router.admission.rejected_full.clone(),
+        );
+        r.register(
+            "admission_timeouts",
+            "Requests refused after waiting --admission-timeout for a worker with room",
+            self.router.admission.timed_out.clone(),
+        );
+        r.register(
             "worker_readmissions",
             "Ejected workers re-admitted after a healthy probe",
             self.router.readmissions.clone(),

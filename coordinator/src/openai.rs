@@ -29,7 +29,9 @@ use serde_json::{json, Map, Value};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use crate::error::{INVALID_FIELD_HEADER, REQUEST_ID_HEADER};
+use crate::error::{
+    INVALID_FIELD_HEADER, REQUEST_ID_HEADER, RETRY_AFTER_HEADER, RETRY_AFTER_SECONDS,
+};
 use crate::front::{Api, Call, Front};
 use crate::service::health_status;
 
@@ -37,81 +39,39 @@ use crate::service::health_status;
 /// JSON, fits with room to spare).
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
-/// Serves the routes on `listener` (over TLS with `tls`) until `stop`
-/// turns true; then open responses finish (the caller bounds the wait).
+mod server;
+
+pub use server::{HttpMetrics, HTTP_ALPN};
+
+/// Serves the routes on `listener` (over TLS with `tls`, offering
+/// [`HTTP_ALPN`]) with `config`'s connection limits and timeouts, until
+/// `stop` turns true; then open responses finish (the caller bounds the
+/// wait). See [`server`] for the connection handling.
 pub fn spawn(
     listener: tokio::net::TcpListener,
     front: Arc<Front>,
     tls: Option<Arc<nanoinfer_proto::tls::ServerTls>>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    config: crate::config::HttpServerConfig,
+    metrics: Arc<HttpMetrics>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    use axum::serve::ListenerExt;
     let local = listener.local_addr()?;
-    let app = router(front);
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
     tracing::info!(
         tls = tls.is_some(),
+        header_timeout_ms = config.header_timeout.as_millis() as u64,
+        idle_timeout_s = config.idle_timeout.as_secs(),
+        max_requests_per_connection = config.max_requests_per_connection,
+        max_connections = config.max_connections,
         "OpenAI-compatible HTTP API listening on {local}"
     );
-    Ok(tokio::spawn(async move {
-        let served = match tls {
-            Some(tls) => {
-                let listener = TlsListener {
-                    incoming: nanoinfer_proto::tls::incoming(listener, tls),
-                    local,
-                };
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            }
-            None => {
-                // Tokens are small writes that must leave at once: no Nagle.
-                let listener = listener.tap_io(|tcp| {
-                    let _ = tcp.set_nodelay(true);
-                });
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            }
-        };
-        if let Err(e) = served {
-            tracing::error!(error = %e, "HTTP API server failed");
-        }
-    }))
-}
-
-/// TLS connections from [`nanoinfer_proto::tls::incoming`] as an axum
-/// listener.
-struct TlsListener {
-    incoming: tokio_stream::wrappers::ReceiverStream<
-        std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
-    >,
-    local: std::net::SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        use tokio_stream::StreamExt;
-        loop {
-            match self.incoming.next().await {
-                Some(Ok(stream)) => {
-                    let peer = stream.get_ref().0.peer_addr().unwrap_or(self.local);
-                    return (stream, peer);
-                }
-                Some(Err(_)) => continue,
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+    Ok(server::spawn(
+        listener,
+        router(front),
+        tls,
+        config,
+        metrics,
+        stop,
+    ))
 }
 
 /// The routes, over `front`.
@@ -138,6 +98,8 @@ pub struct ApiError {
     param: Option<String>,
     code: Option<&'static str>,
     request_id: Option<String>,
+    /// An overload refusal: `Retry-After` goes out with it.
+    retry_after: bool,
 }
 
 impl ApiError {
@@ -151,6 +113,7 @@ impl ApiError {
             param: Some(param),
             code: None,
             request_id: None,
+            retry_after: false,
         }
     }
 
@@ -173,6 +136,7 @@ impl ApiError {
                 .get(REQUEST_ID_HEADER)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
+            retry_after: status.metadata().get(RETRY_AFTER_HEADER).is_some(),
         }
     }
 
@@ -212,6 +176,8 @@ pub fn http_of(code: Code) -> (StatusCode, &'static str, Option<&'static str>) {
         Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", None),
         Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "timeout", None),
         Code::Cancelled => (StatusCode::from_u16(499).unwrap(), "cancelled", None),
+        // A stalled client's stream (it sees this only mid-stream).
+        Code::Aborted => (StatusCode::REQUEST_TIMEOUT, "stalled", None),
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
     }
 }
@@ -226,6 +192,11 @@ impl IntoResponse for ApiError {
         {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
+        if self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
         response
     }
 }
@@ -238,13 +209,19 @@ async fn not_found() -> ApiError {
         param: None,
         code: None,
         request_id: None,
+        retry_after: false,
     }
 }
 
 async fn health(State(front): State<Arc<Front>>) -> Response {
     let routable = *front.routable.borrow();
-    let status = health_status(routable, &front.discovery.borrow());
-    let code = if routable > 0 {
+    // Revoked keys first: with them no request can succeed.
+    let revoked = front.api_keys.as_ref().and_then(|k| k.health_problem());
+    let status = match revoked {
+        Some(problem) => problem.to_string(),
+        None => health_status(routable, &front.discovery.borrow()),
+    };
+    let code = if routable > 0 && revoked.is_none() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

@@ -3,9 +3,17 @@
 //! a worker fails, move the request (STYLE 7: a bounded `mpsc` feeds the
 //! response stream; a failed send or `closed()` means the client left).
 //!
-//! - **Before the first token** a failed attempt (connect error, full queue,
-//!   the worker dying while the request was queued or prefilling, no first
-//!   token within `--first-token-timeout`) is retried on another worker.
+//! - **Waiting for room**: while no worker has room the request waits in the
+//!   coordinator's [admission queue](crate::admission) (bounded; retries and
+//!   resumes first; API keys take turns); a worker that answers "full"
+//!   (RESOURCE_EXHAUSTED) sends it back there, which costs no attempt.
+//! - **Liveness is progress**: a worker is judged hung by its connection
+//!   (HTTP/2 keepalive) or by a request it has *admitted* (taken into a
+//!   slot) that produces no token for `--first-token-timeout`, never by time
+//!   the request spent in its queue.
+//! - **Before the first token** a failed attempt (connect error, the worker
+//!   dying while the request was queued or prefilling, no progress after
+//!   admission) is retried on another worker.
 //! - **After tokens were relayed** the request resumes on another worker from
 //!   the token ids already delivered ([`crate::upstream::generate_request`]),
 //!   so the client sees one unbroken stream: `index` stays contiguous and the
@@ -16,7 +24,9 @@
 //!   travels to each worker; when it passes the client gets
 //!   DEADLINE_EXCEEDED after the tokens it already has.
 //! - A client that reads nothing for `--stalled-stream-timeout` (its HTTP/2
-//!   window and this channel full) is cancelled, which frees its worker slot.
+//!   window and this channel full) is cancelled, which frees its worker
+//!   slot, and its stream ends with ABORTED (through [`Abort`], which jumps
+//!   the full channel), never with an OK that lacks the final message.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,10 +38,11 @@ use tokio::time::Instant;
 use tonic::{Code, Status};
 use tracing::Span;
 
+use crate::admission::Tenant;
 use crate::config::UpstreamConfig;
 use crate::error::CoordinatorError;
 use crate::metrics::{code_name, CoordinatorMetrics, RequestRecorder, WorkerCodeLabel};
-use crate::routing::{jitter, Picked, Router};
+use crate::routing::{jitter, Pick, Picked, Router};
 use crate::upstream::{finish_label, generate_request, judge, Failure};
 use crate::validate::InferParams;
 
@@ -44,6 +55,27 @@ pub const RELAY_BUFFER: usize = 4;
 /// 32 at a time, and 32 inline messages (136 bytes each) would cost every
 /// open stream 4 KiB.
 pub type Item = Result<Box<InferResponse>, Status>;
+
+/// A call's way to end its stream with an error at once, ahead of messages
+/// still waiting in the full channel (a stalled client). Shared by the
+/// call's relays; the first error wins.
+#[derive(Clone)]
+pub struct Abort(Arc<std::sync::Mutex<Option<oneshot::Sender<Status>>>>);
+
+impl Abort {
+    /// A new abort and the receiver the call's stream watches.
+    pub fn new() -> (Self, oneshot::Receiver<Status>) {
+        let (tx, rx) = oneshot::channel();
+        (Self(Arc::new(std::sync::Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Ends the call's stream with `status` (if nothing did yet).
+    pub fn abort(&self, status: Status) {
+        if let Some(tx) = self.0.lock().expect("abort lock").take() {
+            let _ = tx.send(status);
+        }
+    }
+}
 
 /// Everything one relay needs.
 pub struct Relay {
@@ -69,6 +101,10 @@ pub struct Relay {
     /// With `n` > 1: one worker runs every completion, so it copies the
     /// prompt's KV cells between them instead of computing them again.
     pub affinity: Affinity,
+    /// Whose turn it is in the admission queue (the API key's hash).
+    pub tenant: Tenant,
+    /// Ends the call's stream past a full channel.
+    pub abort: Abort,
 }
 
 /// Where the completions of one request go.
@@ -103,13 +139,24 @@ struct State {
     delivered: Vec<i32>,
     /// Workers tried, never tried again.
     tried: Vec<String>,
+    /// Workers that answered "full" since the request last waited in the
+    /// admission queue: skipped until then.
+    busy: Vec<String>,
     /// `worker: what went wrong`, for the final error.
     notes: Vec<String>,
-    /// Whether every failure so far was RESOURCE_EXHAUSTED.
-    all_busy: bool,
     /// Whether to pause before the next attempt (the last failure was an
     /// answer, not a dead connection).
     backoff: bool,
+    /// When the request first waited in the admission queue.
+    waiting_since: Option<Instant>,
+}
+
+/// How a wait in the admission queue ended.
+enum Waited {
+    /// Look for a worker again.
+    Again,
+    /// The client went away.
+    ClientGone,
 }
 
 /// Runs the relay; `opened` learns whether the first worker took the
@@ -125,9 +172,10 @@ pub async fn run(
         opened: Some(opened),
         delivered: Vec::new(),
         tried: Vec::new(),
+        busy: Vec::new(),
         notes: Vec::new(),
-        all_busy: true,
         backoff: false,
+        waiting_since: None,
     };
     if let Err(e) = state.serve().await {
         state.fail(e).await;
@@ -172,18 +220,39 @@ impl State {
                 _ => None,
             };
             let prefix = &self.relay.prefix;
-            let Some(picked) =
-                preferred.or_else(|| self.relay.router.pick(&self.tried, model, prefix))
-            else {
-                return Err(
-                    if let Some(m) = model.filter(|m| !self.relay.router.knows_model(m)) {
-                        CoordinatorError::ModelNotFound(m.to_string())
-                    } else if self.tried.is_empty() {
-                        CoordinatorError::NoWorkers
-                    } else {
-                        self.out_of_workers()
-                    },
-                );
+            let epoch = self.relay.router.admission().epoch();
+            let pick = match preferred {
+                Some(p) => Pick::Worker(p),
+                None if self.busy.is_empty() => {
+                    self.relay.router.pick_with_room(&self.tried, model, prefix)
+                }
+                None => {
+                    let skip: Vec<String> = self.tried.iter().chain(&self.busy).cloned().collect();
+                    self.relay.router.pick_with_room(&skip, model, prefix)
+                }
+            };
+            let picked = match pick {
+                Pick::Worker(picked) => picked,
+                // Every worker left is full (or said so): wait for room.
+                Pick::Busy => match self.wait_for_room(epoch).await? {
+                    Waited::Again => continue,
+                    Waited::ClientGone => return Ok(()),
+                },
+                Pick::None if !self.busy.is_empty() => match self.wait_for_room(epoch).await? {
+                    Waited::Again => continue,
+                    Waited::ClientGone => return Ok(()),
+                },
+                Pick::None => {
+                    return Err(
+                        if let Some(m) = model.filter(|m| !self.relay.router.knows_model(m)) {
+                            CoordinatorError::ModelNotFound(m.to_string())
+                        } else if self.tried.is_empty() {
+                            CoordinatorError::NoWorkers
+                        } else {
+                            self.out_of_workers()
+                        },
+                    )
+                }
             };
             if let Affinity::Lead(tx) = &self.relay.affinity {
                 tx.send_replace(Some(picked.id.clone()));
@@ -208,6 +277,63 @@ impl State {
         }
     }
 
+    /// Waits in the admission queue until some worker may have room.
+    /// Retries and resumes wait ahead of new requests and are never
+    /// refused; a request that has streamed output waits up to its deadline
+    /// only, any other up to `--admission-timeout` too.
+    async fn wait_for_room(&mut self, epoch: u64) -> Result<Waited, CoordinatorError> {
+        let r = &self.relay;
+        let admission = r.router.admission().clone();
+        let urgent = !self.tried.is_empty() || !self.busy.is_empty();
+        let now = Instant::now();
+        let since = *self.waiting_since.get_or_insert_with(|| {
+            admission.metrics().queued.inc();
+            tracing::debug!(request_id = %r.params.request_id, urgent,
+                "no worker has room; waiting in the admission queue");
+            now
+        });
+        let queue_limit = since + r.upstream.admission_timeout;
+        let limit = if self.delivered.is_empty() {
+            queue_limit.min(r.deadline)
+        } else {
+            r.deadline
+        };
+        let timed_out = |deadline: Instant| {
+            if deadline >= r.deadline {
+                CoordinatorError::DeadlineExceeded {
+                    delivered: self.delivered.len() as u32,
+                }
+            } else {
+                admission.metrics().timed_out.inc();
+                CoordinatorError::QueueTimeout {
+                    seconds: r.upstream.admission_timeout.as_secs(),
+                    tried: self.notes.clone(),
+                }
+            }
+        };
+        if now >= limit {
+            return Err(timed_out(limit));
+        }
+        let waiter = match admission.wait(r.tenant, urgent, epoch) {
+            Ok(Some(waiter)) => waiter,
+            // Room was released since the pick: look again at once.
+            Ok(None) => return Ok(Waited::Again),
+            Err(full) => {
+                return Err(CoordinatorError::QueueFull {
+                    capacity: full.capacity,
+                })
+            }
+        };
+        tokio::select! {
+            () = waiter.woken() => {}
+            () = tokio::time::sleep_until(limit) => return Err(timed_out(limit)),
+            () = self.tx.closed() => return Ok(Waited::ClientGone),
+        }
+        // Workers that said "full" may have room again.
+        self.busy.clear();
+        Ok(Waited::Again)
+    }
+
     /// Books a worker failure; `Err` when the request must end with it.
     fn failed(&mut self, worker: String, failure: Failure) -> Result<(), CoordinatorError> {
         let verdict = judge(&failure);
@@ -220,7 +346,7 @@ impl State {
             Failure::FirstTokenTimeout => (
                 Code::Unavailable,
                 format!(
-                    "no token within {} s",
+                    "no progress within {} s on a request it was running",
                     self.relay.upstream.first_token_timeout.as_secs()
                 ),
             ),
@@ -246,7 +372,17 @@ impl State {
                 },
             });
         }
-        self.all_busy &= code == Code::ResourceExhausted;
+        if code == Code::ResourceExhausted && !verdict.eject {
+            // Full, not broken: no attempt used; it waits for room (this
+            // worker included, once the request has waited).
+            tracing::info!(request_id = %self.relay.params.request_id, worker = %worker,
+                error = %what.escape_debug(), delivered = self.delivered.len(),
+                "worker is full; the request waits for room");
+            self.notes.push(format!("{worker}: {what}"));
+            self.busy.push(worker);
+            self.backoff = false;
+            return Ok(());
+        }
         self.backoff = !verdict.eject;
         tracing::warn!(request_id = %self.relay.params.request_id, worker = %worker,
             code = code_name(code), error = %what.escape_debug(), delivered = self.delivered.len(),
@@ -265,14 +401,9 @@ impl State {
     }
 
     fn out_of_workers(&mut self) -> CoordinatorError {
-        let tried = std::mem::take(&mut self.notes);
-        if self.all_busy && self.delivered.is_empty() && !tried.is_empty() {
-            CoordinatorError::AllBusy { tried }
-        } else {
-            CoordinatorError::OutOfWorkers {
-                delivered: self.delivered.len() as u32,
-                tried,
-            }
+        CoordinatorError::OutOfWorkers {
+            delivered: self.delivered.len() as u32,
+            tried: std::mem::take(&mut self.notes),
         }
     }
 
@@ -289,21 +420,25 @@ impl State {
         if now >= deadline {
             return self.deadline_passed();
         }
-        let first_token_by = now + self.relay.upstream.first_token_timeout;
+        let silence = self.relay.upstream.first_token_timeout;
         let mut request = generate_request(&self.relay.params, &self.delivered, deadline - now);
         nanoinfer_telemetry::propagation::inject(&self.relay.span, request.metadata_mut());
         let mut client = WorkerServiceClient::new(channel);
         // Created once per attempt, not once per token: a timer polled in
         // a fresh `sleep_until` is inserted into (and removed from) the
-        // timer wheel every time, and `closed()` registers a waiter.
-        let first_token_timer = tokio::time::sleep_until(first_token_by);
+        // timer wheel every time, and `closed()` registers a waiter. The
+        // progress timer first bounds the call's opening (a worker answers
+        // as soon as it has queued the request), then runs only once the
+        // worker has admitted the request: it is moved forward lazily, when
+        // it fires, to the last progress plus the timeout.
+        let progress_timer = tokio::time::sleep_until(now + silence);
         let deadline_timer = tokio::time::sleep_until(deadline);
         let tx = self.tx.clone();
         let client_gone = tx.closed();
-        tokio::pin!(first_token_timer, deadline_timer, client_gone);
+        tokio::pin!(progress_timer, deadline_timer, client_gone);
         let opened = tokio::select! {
             r = client.generate(request) => r,
-            _ = &mut first_token_timer => return Attempt::Failed(worker, Failure::FirstTokenTimeout),
+            _ = &mut progress_timer => return Attempt::Failed(worker, Failure::FirstTokenTimeout),
             _ = &mut deadline_timer => return self.deadline_passed(),
             _ = &mut client_gone => return Attempt::ClientGone,
         };
@@ -316,22 +451,39 @@ impl State {
             self.relay.recorder.upstream_opened();
             let _ = opened.send(Ok(()));
         }
-        let mut got_token = false;
+        // Queued until the worker says it admitted the request: no clock.
+        let mut admitted = false;
+        let mut last_progress = Instant::now();
         loop {
             let message = tokio::select! {
+                // A message already there wins over a timer that expired
+                // while this task was busy handing the last one over.
+                biased;
                 m = stream.message() => m,
-                _ = &mut first_token_timer, if !got_token => {
-                    return Attempt::Failed(worker, Failure::FirstTokenTimeout)
-                }
                 _ = &mut deadline_timer => return self.deadline_passed(),
                 _ = &mut client_gone => return Attempt::ClientGone,
+                _ = &mut progress_timer, if admitted => {
+                    let due = last_progress + silence;
+                    if Instant::now() < due {
+                        progress_timer.as_mut().reset(due);
+                        continue;
+                    }
+                    return Attempt::Failed(worker, Failure::FirstTokenTimeout);
+                }
             };
             let msg = match message {
                 Ok(Some(msg)) => msg,
                 Ok(None) => return Attempt::Failed(worker, Failure::Truncated),
                 Err(status) => return Attempt::Failed(worker, Failure::Status(status)),
             };
-            got_token = true;
+            if msg.admitted {
+                if !admitted {
+                    admitted = true;
+                    last_progress = Instant::now();
+                    progress_timer.as_mut().reset(last_progress + silence);
+                }
+                continue;
+            }
             match msg.finished {
                 None => {
                     let index = self.delivered.len() as u32;
@@ -369,6 +521,9 @@ impl State {
                     }
                     // Only a token the client has is resumed from.
                     self.delivered.push(msg.token_id.unwrap_or_default());
+                    // After the hand-over: time a slow client took to read
+                    // is not the worker's silence.
+                    last_progress = Instant::now();
                 }
                 Some(f) => {
                     let mut response = self.finish(&worker, msg.text, f);
@@ -450,12 +605,26 @@ impl State {
         let status = error.into_status(Some(&r.params.request_id));
         if let Some(opened) = self.opened.take() {
             let _ = opened.send(Err(status));
-        } else if !stalled {
-            // Bounded: a client that is not reading does not hold the task.
-            let _ = self
+        } else if stalled {
+            // Past whatever the channel holds: a stalled client's channel
+            // is full, and a status queued behind it would never go out.
+            r.abort.abort(status);
+        } else {
+            // Behind the tokens already queued, so the client has them
+            // all; bounded, then past them.
+            let status = match self
                 .tx
                 .send_timeout(Err(status), Duration::from_secs(1))
-                .await;
+                .await
+            {
+                Ok(()) => return,
+                Err(
+                    mpsc::error::SendTimeoutError::Timeout(Err(status))
+                    | mpsc::error::SendTimeoutError::Closed(Err(status)),
+                ) => status,
+                Err(_) => return,
+            };
+            r.abort.abort(status);
         }
     }
 }

@@ -1,11 +1,19 @@
-//! Worker choice: the routable worker with the fewest requests in flight.
+//! Worker choice: by prefix affinity (the default, see [`crate::affinity`])
+//! or the fewest requests in flight, among workers with room.
 //!
 //! The [`Router`] owns the one table of workers (channel, in-flight count,
-//! ejection state). Only [`Router::sync`], fed by the discovery watch, adds
-//! or removes workers, so no request can delete another's count from a
-//! stale snapshot. Ties rotate, so sequential requests spread over equally
-//! idle workers. Each pick holds an [`InFlight`] guard that counts the
-//! request against its worker until the attempt ends (whatever way).
+//! ejection state, capacity). Only [`Router::sync`], fed by the discovery
+//! watch, adds or removes workers, so no request can delete another's count
+//! from a stale snapshot. Ties rotate, so sequential requests spread over
+//! equally idle workers. Each pick holds an [`InFlight`] guard that counts
+//! the request against its worker until the attempt ends (whatever way);
+//! its drop wakes the next request in the [`Admission`] queue.
+//!
+//! **Room**: a worker has room while its load (this coordinator's requests
+//! plus the others' from its load report) is below its registered slots
+//! plus `--dispatch-queue-depth` (at most its own queue). The rest wait in
+//! the coordinator's admission queue, where retries and resumes go first
+//! and API keys take turns, rather than in a worker's FIFO.
 //!
 //! **Passive ejection**: a worker whose call fails at the transport level
 //! (connection refused or reset, an unanswered HTTP/2 ping, a stream cut
@@ -29,17 +37,37 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::admission::{Admission, AdmissionMetrics};
 use crate::config::UpstreamConfig;
 use crate::metrics::WorkerLabel;
 
-/// Counts one request against a worker while alive.
-#[derive(Debug)]
-pub struct InFlight(Gauge);
+/// Counts one request against a worker while alive; its drop gives the
+/// room to the next waiting request.
+pub struct InFlight(Gauge, Arc<Admission>);
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("InFlight").field(&self.0.get()).finish()
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
+        self.1.release();
     }
+}
+
+/// What a pick found.
+#[derive(Debug)]
+pub enum Pick {
+    /// A worker with room, counted in flight.
+    Worker(Picked),
+    /// Workers could run the request, but none has room now: wait in the
+    /// admission queue.
+    Busy,
+    /// No routable worker could run it.
+    None,
 }
 
 /// A chosen worker.
@@ -77,6 +105,8 @@ pub struct RouterMetrics {
     pub readmissions: Family<WorkerLabel, Counter>,
     /// Workers that can take requests now.
     pub routable: Gauge,
+    /// The admission queue's.
+    pub admission: AdmissionMetrics,
 }
 
 struct WorkerState {
@@ -96,6 +126,9 @@ struct WorkerState {
     /// Distinguishes this registration from a later one under the same id
     /// (a probe of an old one must not re-admit a new one).
     generation: u64,
+    /// Requests it may hold before it has no room: its slots plus the
+    /// dispatch queue depth (at most its own queue).
+    limit: usize,
 }
 
 /// What a worker last said about its load (in the final message of a
@@ -131,14 +164,14 @@ impl WorkerState {
     }
 
     /// This worker, counted in flight.
-    fn picked(&self, id: &str) -> Picked {
+    fn picked(&self, id: &str, admission: &Arc<Admission>) -> Picked {
         self.in_flight.inc();
         Picked {
             id: id.to_string(),
             address: self.address.clone(),
             channel: self.channel().clone(),
             model_name: self.model_name.clone(),
-            guard: InFlight(self.in_flight.clone()),
+            guard: InFlight(self.in_flight.clone(), admission.clone()),
         }
     }
 }
@@ -153,6 +186,7 @@ pub struct Router {
     metrics: RouterMetrics,
     upstream: UpstreamConfig,
     routable: watch::Sender<usize>,
+    admission: Arc<Admission>,
 }
 
 /// Index of the candidate with the fewest in flight; among ties, the one at
@@ -178,6 +212,12 @@ pub fn two_choices(loads: &[usize], random: u64, rotation: usize) -> Option<usiz
     Some(if loads[j] < loads[i] { j } else { i })
 }
 
+/// Requests a worker with `slots` and a queue of `queue` may hold before it
+/// has no room: its slots plus `depth` of its queue.
+pub fn worker_limit(slots: u32, queue: u32, depth: usize) -> usize {
+    (slots as usize).max(1) + depth.min(queue as usize)
+}
+
 /// A random factor in [0, 1), to spread retries and probes apart.
 pub fn jitter() -> f64 {
     f64::from(uuid::Uuid::new_v4().as_u128() as u16) / 65536.0
@@ -195,7 +235,12 @@ pub fn probe_delay(failures: u32, jitter: f64) -> Duration {
 impl Router {
     /// A router whose channels follow `upstream`'s timeouts.
     pub fn new(metrics: RouterMetrics, upstream: UpstreamConfig) -> Self {
+        let admission = Arc::new(Admission::new(
+            upstream.admission_queue,
+            metrics.admission.clone(),
+        ));
         Self {
+            admission,
             workers: Mutex::default(),
             prefixes: Mutex::new(crate::affinity::PrefixTable::new(
                 upstream.affinity_cache_bytes,
@@ -206,6 +251,11 @@ impl Router {
             upstream,
             routable: watch::channel(0).0,
         }
+    }
+
+    /// The admission queue requests wait in while no worker has room.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// The number of routable (known, not ejected) workers, as it changes.
@@ -281,6 +331,7 @@ impl Router {
             }
             keep
         });
+        let mut room = 0;
         for (id, info) in live.iter() {
             if workers.contains_key(id) {
                 continue;
@@ -296,6 +347,12 @@ impl Router {
                 }
             };
             let label = WorkerLabel { worker: id.clone() };
+            let limit = worker_limit(
+                info.capacity.slots,
+                info.capacity.queue,
+                self.upstream.dispatch_queue_depth,
+            );
+            room += limit;
             workers.insert(
                 id.clone(),
                 WorkerState {
@@ -307,10 +364,15 @@ impl Router {
                     ejected: false,
                     reported: None,
                     generation: self.generations.fetch_add(1, Ordering::Relaxed),
+                    limit,
                 },
             );
         }
         self.publish(&workers);
+        drop(workers);
+        if room > 0 {
+            self.admission.release_many(room);
+        }
     }
 
     fn publish(&self, workers: &HashMap<String, WorkerState>) {
@@ -328,11 +390,31 @@ impl Router {
         self.upstream.routing == crate::affinity::Routing::PrefixAffinity
     }
 
-    /// Picks a routable worker, skipping ids in `exclude`; with `model`,
-    /// only among workers serving it. With prefix affinity and `prefix`
-    /// (the prompt's [`crate::affinity::prefix_blocks`]), the worker that
-    /// holds the longest part of it, within the load gap.
+    /// Picks a routable worker whatever its load (one-shot calls such as
+    /// tokenize), skipping ids in `exclude`; with `model`, only among
+    /// workers serving it.
     pub fn pick(&self, exclude: &[String], model: Option<&str>, prefix: &[u64]) -> Option<Picked> {
+        match self.choose_worker(exclude, model, prefix, false) {
+            Pick::Worker(p) => Some(p),
+            Pick::Busy | Pick::None => None,
+        }
+    }
+
+    /// Picks a routable worker with room, skipping ids in `exclude`; with
+    /// `model`, only among workers serving it. With prefix affinity and
+    /// `prefix` (the prompt's [`crate::affinity::prefix_blocks`]), the
+    /// worker that holds the longest part of it, within the load gap.
+    pub fn pick_with_room(&self, exclude: &[String], model: Option<&str>, prefix: &[u64]) -> Pick {
+        self.choose_worker(exclude, model, prefix, true)
+    }
+
+    fn choose_worker(
+        &self,
+        exclude: &[String],
+        model: Option<&str>,
+        prefix: &[u64],
+        need_room: bool,
+    ) -> Pick {
         let workers = self.workers.lock().expect("router lock");
         let mut candidates: Vec<(&String, &WorkerState)> = workers
             .iter()
@@ -340,19 +422,29 @@ impl Router {
                 !w.ejected && !exclude.contains(id) && model.is_none_or(|m| w.model_name == m)
             })
             .collect();
+        if candidates.is_empty() {
+            return Pick::None;
+        }
+        let now = std::time::Instant::now();
+        if need_room {
+            candidates.retain(|(_, w)| w.load(now) < w.limit);
+            if candidates.is_empty() {
+                return Pick::Busy;
+            }
+        }
         // A stable order, so rotation among ties is fair.
         candidates.sort_by(|a, b| a.0.cmp(b.0));
-        let now = std::time::Instant::now();
         let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
         let mut index = if self.wants_prefix() {
             // Where affinity has no preference: the lighter of two random
             // workers, so that coordinators routing by the same slightly
             // old reports do not all pile onto the one least loaded.
-            two_choices(&counts, uuid::Uuid::new_v4().as_u128() as u64, rotation)?
+            two_choices(&counts, uuid::Uuid::new_v4().as_u128() as u64, rotation)
         } else {
-            choose(&counts, rotation)?
-        };
+            choose(&counts, rotation)
+        }
+        .expect("candidates is not empty");
         if self.wants_prefix() && !prefix.is_empty() {
             let mut table = self.prefixes.lock().expect("prefix lock");
             let scored: Vec<(usize, usize)> = candidates
@@ -372,7 +464,7 @@ impl Router {
                 .inc();
         }
         let (id, w) = candidates[index];
-        Some(w.picked(id))
+        Pick::Worker(w.picked(id, &self.admission))
     }
 
     /// Books worker `id`'s load report, sent in the final message of a
@@ -394,7 +486,7 @@ impl Router {
     pub fn pick_worker(&self, id: &str) -> Option<Picked> {
         let workers = self.workers.lock().expect("router lock");
         let w = workers.get(id).filter(|w| !w.ejected)?;
-        Some(w.picked(id))
+        Some(w.picked(id, &self.admission))
     }
 
     /// Takes `id` out of routing after a transport failure and starts
@@ -449,8 +541,10 @@ impl Router {
                 let mut workers = self.workers.lock().expect("router lock");
                 if let Some(w) = workers.get_mut(&id).filter(|w| w.generation == generation) {
                     w.ejected = false;
+                    let room = w.limit;
                     self.publish(&workers);
                     drop(workers);
+                    self.admission.release_many(room);
                     tracing::info!(worker = %id, probes = failures + 1, "worker re-admitted to routing");
                     self.metrics
                         .readmissions
@@ -588,6 +682,42 @@ mod tests {
             "a",
             "an old report no longer counts"
         );
+    }
+
+    #[tokio::test]
+    async fn a_worker_without_room_is_busy_and_its_end_wakes_a_waiter() {
+        // Slots 1, queue 1, depth 2: room for 1 + min(2, 1) = 2 each.
+        assert_eq!(worker_limit(1, 1, 2), 2);
+        assert_eq!(worker_limit(4, 16, 2), 6);
+        assert_eq!(worker_limit(4, 16, 0), 4);
+        let router = router();
+        router.sync(&set(&["a"]));
+        let held: Vec<Picked> = (0..2)
+            .map(|_| match router.pick_with_room(&[], None, &[]) {
+                Pick::Worker(p) => p,
+                other => panic!("room expected: {other:?}"),
+            })
+            .collect();
+        assert!(matches!(router.pick_with_room(&[], None, &[]), Pick::Busy));
+        assert!(
+            router.pick(&[], None, &[]).is_some(),
+            "one-shot calls ignore room"
+        );
+        assert!(matches!(
+            router.pick_with_room(&["a".into()], None, &[]),
+            Pick::None
+        ));
+        let admission = router.admission().clone();
+        let epoch = admission.epoch();
+        let waiter = admission.wait(0, false, epoch).unwrap().unwrap();
+        drop(held);
+        tokio::time::timeout(Duration::from_millis(100), waiter.woken())
+            .await
+            .expect("the end of a request wakes the waiter");
+        assert!(matches!(
+            router.pick_with_room(&[], None, &[]),
+            Pick::Worker(_)
+        ));
     }
 
     #[test]

@@ -11,7 +11,6 @@ use nanoinfer_proto::nanoinfer::{
     HealthResponse, InferRequest, InferResponse, TokenizeRequest, TokenizeResponse,
 };
 use nanoinfer_registry::DiscoveryStatus;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
@@ -53,8 +52,19 @@ type InferStream = Pin<Box<dyn Stream<Item = Result<InferResponse, Status>> + Se
 impl InferService for InferServiceImpl {
     async fn health(&self, _: Request<HealthRequest>) -> Result<Response<HealthResponse>, Status> {
         let routable = *self.front.routable.borrow();
+        // Revoked keys first: with them no request can succeed, whatever
+        // the workers' state.
+        let status = match self
+            .front
+            .api_keys
+            .as_ref()
+            .and_then(|k| k.health_problem())
+        {
+            Some(problem) => problem.to_string(),
+            None => health_status(routable, &self.front.discovery.borrow()),
+        };
         Ok(Response::new(HealthResponse {
-            status: health_status(routable, &self.front.discovery.borrow()),
+            status,
             live_workers: routable as u32,
         }))
     }
@@ -67,9 +77,8 @@ impl InferService for InferServiceImpl {
     ) -> Result<Response<Self::InferStream>, Status> {
         let (metadata, _, request) = request.into_parts();
         let call = self.front.start(Api::Grpc, request, &metadata).await?;
-        let mut response: Response<InferStream> = Response::new(Box::pin(
-            ReceiverStream::new(call.rx).map(|m| m.map(|m| *m)),
-        ));
+        let mut response: Response<InferStream> =
+            Response::new(Box::pin(call.rx.map(|m| m.map(|m| *m))));
         if let Ok(value) = MetadataValue::try_from(call.request_id.as_str()) {
             response.metadata_mut().insert(REQUEST_ID_HEADER, value);
         }

@@ -11,9 +11,12 @@
 //!   ([`handshake_failures`]).
 //! - [`ClusterTls`]: the cluster CA and this process's own certificate
 //!   (`--cluster-ca`, `--cluster-cert`, `--cluster-key`), used by the worker
-//!   to serve (client certificates required) and by the coordinator to
-//!   connect: a worker must chain to the CA **and** name its registered id
-//!   as the DNS SAN [`worker_server_name`] (`<id>.worker.nanoinfer`).
+//!   to serve and by the coordinator to connect. Trust names roles, not just
+//!   the CA: a worker must chain to the CA **and** name its registered id as
+//!   the DNS SAN [`worker_server_name`] (`<id>.worker.nanoinfer`); a caller
+//!   of a worker must chain to the CA **and** name [`COORDINATOR_NAME`]
+//!   (`coordinator.nanoinfer`, checked by [`RequireClientName`]), so etcd's
+//!   or another worker's certificate from the same CA gets no prompt.
 //! - [`client_config`]: a tonic client configuration from a CA file and an
 //!   optional client certificate (the CLI, the benchmark, the coordinator).
 
@@ -34,12 +37,20 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
+mod client_role;
+pub use client_role::RequireClientName;
+
 /// How long a client has to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often certificate files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
 /// The DNS suffix of worker certificate names.
 pub const WORKER_NAME_SUFFIX: &str = "worker.nanoinfer";
+
+/// The DNS SAN that gives a certificate the coordinator role: a worker
+/// serves only callers whose certificate chains to the cluster CA and names
+/// it. Part of the same contract as [`worker_server_name`].
+pub const COORDINATOR_NAME: &str = "coordinator.nanoinfer";
 
 /// The name a worker's certificate must carry as a DNS SAN: the contract
 /// between the coordinator and any PKI that issues worker certificates.
@@ -114,6 +125,18 @@ impl ServerTlsFiles {
 
     /// Reads the files into a rustls server configuration (HTTP/2 only).
     pub fn build(&self) -> Result<ServerConfig, String> {
+        self.build_requiring(None)
+    }
+
+    /// [`ServerTlsFiles::build`], and when `client_name` is given a client
+    /// certificate must also be valid for that DNS name (a role, see
+    /// [`RequireClientName`]); that needs `client_ca`.
+    pub fn build_requiring(&self, client_name: Option<&str>) -> Result<ServerConfig, String> {
+        if let (None, Some(name)) = (&self.client_ca, client_name) {
+            return Err(format!(
+                "client certificates required to name {name} need a client CA"
+            ));
+        }
         let certs = load_certs(&self.cert, "certificate")?;
         let key = load_key(&self.key, "key")?;
         let provider = provider();
@@ -126,7 +149,12 @@ impl ServerTlsFiles {
                     WebPkiClientVerifier::builder_with_provider(roots(ca, "client CA")?, provider)
                         .build()
                         .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
-                builder.with_client_cert_verifier(verifier)
+                match client_name {
+                    Some(name) => builder.with_client_cert_verifier(Arc::new(
+                        RequireClientName::new(verifier, name)?,
+                    )),
+                    None => builder.with_client_cert_verifier(verifier),
+                }
             }
             None => builder.with_no_client_auth(),
         };
@@ -159,6 +187,8 @@ fn stamp(paths: &[&Path]) -> Stamp {
 /// A server TLS configuration that follows its files.
 pub struct ServerTls {
     files: ServerTlsFiles,
+    /// The DNS name client certificates must carry, if any.
+    client_name: Option<String>,
     what: &'static str,
     current: RwLock<Arc<ServerConfig>>,
     seen: Mutex<Stamp>,
@@ -168,6 +198,7 @@ impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
             .field("files", &self.files)
+            .field("client_name", &self.client_name)
             .finish()
     }
 }
@@ -176,10 +207,30 @@ impl ServerTls {
     /// Loads `files` (an error names the file and what is wrong with it);
     /// `what` names the port in logs ("public", "worker").
     pub fn load(files: ServerTlsFiles, what: &'static str) -> Result<Arc<Self>, String> {
+        Self::load_with(files, None, what)
+    }
+
+    /// [`ServerTls::load`], and client certificates must also name
+    /// `client_name` as a DNS SAN ([`ServerTlsFiles::build_requiring`]),
+    /// after every reload too.
+    pub fn load_requiring_client_name(
+        files: ServerTlsFiles,
+        client_name: &str,
+        what: &'static str,
+    ) -> Result<Arc<Self>, String> {
+        Self::load_with(files, Some(client_name.to_string()), what)
+    }
+
+    fn load_with(
+        files: ServerTlsFiles,
+        client_name: Option<String>,
+        what: &'static str,
+    ) -> Result<Arc<Self>, String> {
         let seen = stamp(&files.paths());
-        let config = files.build()?;
+        let config = files.build_requiring(client_name.as_deref())?;
         Ok(Arc::new(Self {
             files,
+            client_name,
             what,
             current: RwLock::new(Arc::new(config)),
             seen: Mutex::new(seen),
@@ -203,7 +254,7 @@ impl ServerTls {
             }
             *seen = now;
         }
-        let config = self.files.build()?;
+        let config = self.files.build_requiring(self.client_name.as_deref())?;
         *self.current.write().expect("tls lock") = Arc::new(config);
         Ok(true)
     }
@@ -327,13 +378,15 @@ pub fn check_server_name(cert: &Path, ca: &Path, name: &str) -> Result<(), Strin
 pub struct ClusterTlsArgs {
     /// CA that signs every cluster certificate (PEM). With --cluster-cert
     /// and --cluster-key it turns on mutual TLS between coordinator and
-    /// workers: a worker serves only clients with a certificate from this CA;
-    /// the coordinator connects only to workers whose certificate chains to
-    /// it and names `<worker id>.worker.nanoinfer` as a DNS SAN.
+    /// workers: a worker serves only clients whose certificate chains to
+    /// this CA and names `coordinator.nanoinfer` as a DNS SAN; the
+    /// coordinator connects only to workers whose certificate chains to it
+    /// and names `<worker id>.worker.nanoinfer`.
     #[arg(long, env = "NANOINFER_CLUSTER_CA")]
     pub cluster_ca: Option<PathBuf>,
     /// This process's cluster certificate chain (PEM). A worker's must name
-    /// `<its id>.worker.nanoinfer`.
+    /// `<its id>.worker.nanoinfer`, a coordinator's `coordinator.nanoinfer`
+    /// (and carry clientAuth).
     #[arg(long, env = "NANOINFER_CLUSTER_CERT")]
     pub cluster_cert: Option<PathBuf>,
     /// The private key of --cluster-cert (PEM).
@@ -383,14 +436,21 @@ impl ClusterTlsArgs {
 }
 
 impl ClusterTls {
-    /// The worker's server side: its certificate, clients must chain to the
-    /// cluster CA.
+    /// The worker's server files: its certificate, and the cluster CA that
+    /// clients must chain to ([`ClusterTls::worker_server`] adds the role).
     pub fn server_files(&self) -> ServerTlsFiles {
         ServerTlsFiles {
             cert: self.cert.clone(),
             key: self.key.clone(),
             client_ca: Some(self.ca.clone()),
         }
+    }
+
+    /// The worker's port: [`ClusterTls::server_files`], serving only clients
+    /// with the coordinator role ([`COORDINATOR_NAME`]), reloaded as its
+    /// files change.
+    pub fn worker_server(&self) -> Result<Arc<ServerTls>, String> {
+        ServerTls::load_requiring_client_name(self.server_files(), COORDINATOR_NAME, "worker")
     }
 
     /// The coordinator's side of a connection to worker `id`.
@@ -459,6 +519,15 @@ mod tests {
         .build()
         .unwrap_err();
         assert!(err.starts_with("certificate "), "{err}");
+        // A role to check needs a CA to check it under.
+        let err = ServerTlsFiles {
+            cert: file.clone(),
+            key: file.clone(),
+            client_ca: None,
+        }
+        .build_requiring(Some(COORDINATOR_NAME))
+        .unwrap_err();
+        assert!(err.contains("need a client CA"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

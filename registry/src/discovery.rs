@@ -9,8 +9,10 @@
 //! Beside the set it publishes [`DiscoveryStatus`]: whether etcd answers now
 //! (so the coordinator can tell "etcd is down" from "no worker registered")
 //! and which records it skipped as malformed. A malformed record (JSON that
-//! does not decode, an address that is not `host:port`) is skipped with a
-//! warning; it never reaches routing.
+//! does not decode, an id that is not a DNS label or differs from its key's,
+//! a model name outside [`crate::schema::validate_model_name`]'s set, an
+//! address that is not `host:port`, a control character anywhere) is skipped
+//! with a warning whose text is escaped; it never reaches routing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::schema::{validate_address, worker_id, WORKERS_PREFIX};
+use crate::schema::{worker_id, WORKERS_PREFIX};
 use crate::{connect, EtcdConfig, RegistryError, WorkerInfo};
 
 /// Live workers by id.
@@ -198,21 +200,10 @@ async fn list_and_watch(
 /// The record at `key`: `Ok(None)` for a key outside the schema, `Err`
 /// (with the reason, already logged) for a malformed record.
 fn decode(key: &str, value: &[u8]) -> Result<Option<(String, WorkerInfo)>, String> {
-    let Some(id) = worker_id(key) else {
-        return Ok(None);
-    };
-    let checked = WorkerInfo::from_json(value)
-        .map_err(|e| e.to_string())
-        .and_then(|info| {
-            validate_address(&info.address)?;
-            if info.id != id {
-                return Err(format!("its id {:?} is not its key's {id:?}", info.id));
-            }
-            Ok(info)
-        });
-    match checked {
-        Ok(info) => Ok(Some((id.to_string(), info))),
-        Err(why) => {
+    match WorkerInfo::from_record(key, value) {
+        None => Ok(None),
+        Some(Ok(info)) => Ok(Some((info.id.clone(), info))),
+        Some(Err(why)) => {
             tracing::warn!(key = %key.escape_debug(), error = %why.escape_debug(),
                 "skipping malformed worker record");
             Err(why)

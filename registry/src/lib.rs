@@ -3,8 +3,10 @@
 //! # Layout
 //! - [`schema`]: the one definition of the key layout (`/nanoinfer/workers/<id>`)
 //!   and of the JSON value a worker publishes ([`WorkerInfo`]).
-//! - [`registration`]: worker side — a lease, a keep-alive task that re-registers
-//!   after a lost lease, and revocation on graceful shutdown.
+//! - [`registration`]: worker side — claim the key with a transaction (never
+//!   over another live lease), a keep-alive task that re-registers after a
+//!   lost lease and repairs the record when it is overwritten or deleted,
+//!   and revocation on graceful shutdown.
 //! - [`discovery`]: coordinator side — list the prefix, watch from the next
 //!   revision, keep the last known set while etcd is unreachable.
 
@@ -168,6 +170,20 @@ pub enum RegistryError {
     /// The discovery watch ended or was cancelled by etcd.
     #[error("watch: {0}")]
     Watch(String),
+    /// A key kept changing between reading it and writing it.
+    #[error("contended: {0}")]
+    Contended(String),
+    /// Another live process holds this worker id: its record is attached to
+    /// a lease that is kept alive.
+    #[error("worker id {id:?} is in use: {key} is held by etcd lease {lease} (hex {lease:x}), which another process keeps alive; stop that worker or give this one another --id")]
+    IdInUse {
+        /// The worker id.
+        id: String,
+        /// Its key.
+        key: String,
+        /// The lease holding the key.
+        lease: i64,
+    },
 }
 
 /// How long a single etcd connection attempt may take.

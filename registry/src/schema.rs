@@ -16,23 +16,52 @@ pub fn worker_id(key: &str) -> Option<&str> {
         .filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
-/// Checks that `id` can be used as a worker id (one key segment).
+/// Longest worker id: one DNS label.
+pub const MAX_WORKER_ID_LEN: usize = 63;
+
+/// Checks that `id` can be used as a worker id: one DNS label
+/// (`[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?`), so that it is one key
+/// segment, the first label of the certificate name
+/// `<id>.worker.nanoinfer` (`scripts/gen-certs` requires the same) and the
+/// exact etcd key a per-worker role may write. The worker refuses such an
+/// `--id` at start; the coordinator skips a record whose id breaks it.
 pub fn validate_worker_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > 128 {
+    if id.is_empty() || id.len() > MAX_WORKER_ID_LEN {
         return Err(format!(
-            "worker id must be 1..=128 bytes, got {} bytes",
+            "worker id {:?} must be 1..={MAX_WORKER_ID_LEN} bytes, got {} bytes",
+            Escaped(id),
             id.len()
         ));
     }
     if let Some(c) = id
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
     {
         return Err(format!(
-            "worker id {id:?} contains {c:?}; use [A-Za-z0-9._:-]"
+            "worker id {:?} contains {c:?}; use a DNS label: letters, digits and inner '-'",
+            Escaped(id)
+        ));
+    }
+    if id.starts_with('-') || id.ends_with('-') {
+        return Err(format!(
+            "worker id {id:?} starts or ends with '-'; use a DNS label: letters, digits and inner '-'"
         ));
     }
     Ok(())
+}
+
+/// A string for a log line or an error: at most 80 characters, Rust-escaped
+/// by `{:?}` (a newline or a quote cannot end the line or the quoted field).
+struct Escaped<'a>(&'a str);
+
+impl std::fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const MAX: usize = 80;
+        match self.0.char_indices().nth(MAX) {
+            Some((end, _)) => write!(f, "{:?}…", &self.0[..end]),
+            None => write!(f, "{:?}", self.0),
+        }
+    }
 }
 
 /// Checks that `address` is a `host:port` the coordinator can dial: a
@@ -70,19 +99,50 @@ pub fn validate_address(address: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks a model name (`--model-name`, or one read from a GGUF): 1..=128
-/// bytes, no control characters. Names are matched exactly.
+/// Longest model name.
+pub const MAX_MODEL_NAME_LEN: usize = 128;
+
+/// Checks a model name (`--model-name`, one read from a GGUF, a request's
+/// `model`, and the `model_name` of every record the coordinator reads):
+/// 1..=128 bytes of ASCII letters, digits, `. _ : / @ + -` and inner
+/// spaces (a GGUF's `general.name`, such as `Gemma 3 270m`), neither
+/// starting nor ending with a space. No quotes, backslashes or control
+/// characters, so a name is safe in a log line and a metric label. Names are
+/// matched exactly.
 pub fn validate_model_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 128 {
+    if name.is_empty() || name.len() > MAX_MODEL_NAME_LEN {
         return Err(format!(
-            "a model name must be 1..=128 bytes, got {} bytes",
+            "a model name must be 1..={MAX_MODEL_NAME_LEN} bytes, got {} bytes",
             name.len()
         ));
     }
-    if name.chars().any(char::is_control) {
+    if let Some(c) = name.chars().find(|&c| !model_name_char(c)) {
         return Err(format!(
-            "model name {:?} contains a control character",
-            name.escape_debug().to_string()
+            "model name {:?} contains {c:?}; use letters, digits, '.', '_', ':', '/', '@', '+', '-' and inner spaces",
+            Escaped(name)
+        ));
+    }
+    if name.starts_with(' ') || name.ends_with(' ') {
+        return Err(format!("model name {name:?} starts or ends with a space"));
+    }
+    Ok(())
+}
+
+fn model_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '@' | '+' | '-' | ' ')
+}
+
+/// Checks a free-text field of a record (the GGUF file name, the version):
+/// at most 255 bytes and no control characters, so it cannot break a log
+/// line.
+fn validate_text(field: &str, value: &str) -> Result<(), String> {
+    if value.len() > 255 {
+        return Err(format!("{field} is {} bytes; at most 255", value.len()));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(format!(
+            "{field} {:?} contains a control character",
+            Escaped(value)
         ));
     }
     Ok(())
@@ -133,6 +193,42 @@ impl WorkerInfo {
     pub fn from_json(value: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(value)
     }
+
+    /// Checks the record the way the coordinator does before routing to it
+    /// (and the worker before publishing it): a valid id, an address the
+    /// coordinator can dial, a valid model name (empty only in records of
+    /// workers older than the field), and no control characters anywhere.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_worker_id(&self.id)?;
+        validate_address(&self.address)?;
+        if !self.model_name.is_empty() {
+            validate_model_name(&self.model_name)?;
+        }
+        validate_text("model", &self.model)?;
+        validate_text("version", &self.version)
+    }
+
+    /// Decodes and checks the record stored under `key`, which must name
+    /// the same id as the record itself: `None` for a key outside the
+    /// schema, else the record or why it is refused (already escaped: safe
+    /// to log).
+    pub fn from_record(key: &str, value: &[u8]) -> Option<Result<Self, String>> {
+        let id = worker_id(key)?;
+        Some(Self::decode_checked(id, value))
+    }
+
+    fn decode_checked(id: &str, value: &[u8]) -> Result<Self, String> {
+        validate_worker_id(id).map_err(|e| format!("its key: {e}"))?;
+        let info = Self::from_json(value).map_err(|e| e.to_string())?;
+        if info.id != id {
+            return Err(format!(
+                "its id {:?} is not its key's {id:?}",
+                Escaped(&info.id)
+            ));
+        }
+        info.validate()?;
+        Ok(info)
+    }
 }
 
 #[cfg(test)]
@@ -175,11 +271,122 @@ mod tests {
     }
 
     #[test]
-    fn worker_ids_are_single_segments() {
-        assert!(validate_worker_id("node-1:50061").is_ok());
-        assert!(validate_worker_id("").is_err());
-        assert!(validate_worker_id("a/b").unwrap_err().contains("'/'"));
-        assert!(validate_worker_id(&"x".repeat(129)).is_err());
+    fn worker_ids_are_dns_labels() {
+        for ok in [
+            "a",
+            "w1",
+            "local-worker1",
+            "nanoinfer-worker-0",
+            "A-9",
+            &"x".repeat(63),
+        ] {
+            assert_eq!(validate_worker_id(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a/b",
+            "a.b",
+            "a_b",
+            "node-1:50061",
+            "a b",
+            "evil\nINFO forged",
+            "a\"b",
+            "é",
+            &"x".repeat(64),
+        ] {
+            let err = validate_worker_id(bad).unwrap_err();
+            assert!(!err.contains('\n'), "{err}");
+        }
+        let err = validate_worker_id("x\ny").unwrap_err();
+        assert!(err.contains(r#""x\ny""#), "escaped: {err}");
+        assert!(validate_worker_id(&"x".repeat(1000))
+            .unwrap_err()
+            .contains('…'));
+    }
+
+    #[test]
+    fn model_names_are_printable_ascii_without_quotes() {
+        for ok in [
+            "gemma",
+            "smollm2-135m-instruct",
+            "Gemma 3 270m",
+            "Smollm2 135M 8k Lc100K Mix1 Ep2",
+            "SmolLM2-135M-Instruct.Q4_1",
+            "org/model:tag@v1+q4_k_m",
+            &"m".repeat(128),
+        ] {
+            assert_eq!(validate_model_name(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            " gemma",
+            "gemma ",
+            "a\nb",
+            "a\"b",
+            "a'b",
+            "a\\b",
+            "a\tb",
+            "a=b",
+            "a,b",
+            "a{b}",
+            "modèle",
+            &"m".repeat(129),
+        ] {
+            let err = validate_model_name(bad).unwrap_err();
+            assert!(!err.contains('\n'), "{err}");
+        }
+    }
+
+    fn record(key: &str, json: &str) -> Option<Result<WorkerInfo, String>> {
+        WorkerInfo::from_record(key, json.as_bytes())
+    }
+
+    #[test]
+    fn records_are_checked_against_their_key() {
+        let info = sample();
+        assert_eq!(record(&info.key(), &info.to_json()), Some(Ok(info.clone())));
+        // Outside the schema: not a record at all.
+        assert_eq!(record("/nanoinfer/workers/a/b", "{}"), None);
+        // Its key names another worker.
+        let err = record("/nanoinfer/workers/other", &info.to_json())
+            .unwrap()
+            .unwrap_err();
+        assert!(err.contains("not its key's"), "{err}");
+        // A key and id that agree but could forge a log line.
+        for id in ["evil\nINFO worker joined", "a\"b", "a.b"] {
+            let forged = WorkerInfo {
+                id: id.into(),
+                ..info.clone()
+            };
+            let err = record(&worker_key(id), &forged.to_json())
+                .unwrap()
+                .unwrap_err();
+            assert!(err.starts_with("its key: worker id"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        // A bad model name, file name or version.
+        for (field, bad) in [
+            ("model_name", "x\ny"),
+            ("model_name", "x\"y"),
+            ("model", "file\n.gguf"),
+            ("version", "1\r"),
+        ] {
+            let mut v: serde_json::Value = serde_json::from_str(&info.to_json()).unwrap();
+            v[field] = bad.into();
+            let err = record(&info.key(), &v.to_string()).unwrap().unwrap_err();
+            assert!(!err.contains('\n') && !err.contains('\r'), "{err}");
+        }
+        // Records of workers older than model_name still count.
+        let mut v: serde_json::Value = serde_json::from_str(&info.to_json()).unwrap();
+        v.as_object_mut().unwrap().remove("model_name");
+        assert!(record(&info.key(), &v.to_string()).unwrap().is_ok());
+        // A bad address.
+        let mut v: serde_json::Value = serde_json::from_str(&info.to_json()).unwrap();
+        v["address"] = "my host:1".into();
+        let err = record(&info.key(), &v.to_string()).unwrap().unwrap_err();
+        assert!(err.contains("host:port"), "{err}");
     }
 
     #[test]

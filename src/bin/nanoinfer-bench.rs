@@ -241,6 +241,7 @@ async fn via_coordinator(
         stream,
         |m| m.usage.map(|u| u.prompt_tokens),
         |m| &m.token,
+        |_| false,
     )
     .await
 }
@@ -266,6 +267,8 @@ async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std
         stream,
         |m| m.finished.map(|f| f.prompt_tokens),
         |m| &m.text,
+        // The worker's `admitted` message carries no token.
+        |m| m.admitted,
     )
     .await
 }
@@ -298,10 +301,14 @@ async fn time_stream<M>(
     mut stream: tonic::Streaming<M>,
     final_prompt_tokens: impl Fn(&M) -> Option<u32>,
     token_text: impl Fn(&M) -> &str,
+    no_token: impl Fn(&M) -> bool,
 ) -> Result<Sample, Box<dyn std::error::Error>> {
     let mut times = Vec::new();
     let mut transit = Vec::new();
     while let Some(msg) = stream.message().await? {
+        if no_token(&msg) {
+            continue;
+        }
         let now = stamp::unix_nanos();
         if let Some(prompt_tokens) = final_prompt_tokens(&msg) {
             return Ok(Sample {

@@ -28,8 +28,12 @@ pub enum Fault {
     /// A fresh call sends this many tokens, then the whole "process" dies;
     /// a resumed call is served normally.
     DieAfter(u32),
-    /// Accept calls but never send a token.
+    /// Accept calls, admit them, but never send a token (a running request
+    /// that makes no progress: hung).
     Hang,
+    /// Hold each fresh call in the "queue" this long (no message at all, as
+    /// a real worker busy with other requests), then admit and serve it.
+    Queued(Duration),
     /// Refuse with RESOURCE_EXHAUSTED.
     Exhausted,
     /// Wait this long before the first token.
@@ -145,12 +149,24 @@ impl WorkerService for Svc {
 
 fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStream {
     let guard = Abandon(shared.clone(), false);
-    let state = (start, 0u32, guard);
+    let state = (start, 0u32, guard, false);
     Box::pin(futures::stream::unfold(Some(state), move |state| {
         let shared = shared.clone();
         let fault = fault.clone();
         async move {
-            let (i, sent, mut guard) = state?;
+            let (i, sent, mut guard, admitted) = state?;
+            if !admitted {
+                // As a real worker: `admitted` when the request leaves the
+                // queue, before any token.
+                if let Fault::Queued(d) = &fault {
+                    tokio::time::sleep(*d).await;
+                }
+                let msg = GenerateResponse {
+                    admitted: true,
+                    ..Default::default()
+                };
+                return Some((Ok(msg), Some((i, sent, guard, true))));
+            }
             if sent == 0 {
                 match &fault {
                     Fault::Hang => std::future::pending::<()>().await,
@@ -175,7 +191,7 @@ fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStr
                     finished: None,
                     ..Default::default()
                 };
-                return Some((Ok(msg), Some((i + 1, sent + 1, guard))));
+                return Some((Ok(msg), Some((i + 1, sent + 1, guard, true))));
             }
             guard.1 = true;
             let last = GenerateResponse {

@@ -417,6 +417,40 @@ impl Drop for Etcd {
     }
 }
 
+impl Etcd {
+    /// A client with no credentials.
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint.clone()], None)
+            .await
+            .unwrap()
+    }
+
+    /// The value at `key` and the lease it is attached to (0: none), or
+    /// `None` when there is no such key.
+    pub async fn kv(&self, key: &str) -> Option<(String, i64)> {
+        let resp = self.client().await.get(key, None).await.unwrap();
+        resp.kvs()
+            .first()
+            .map(|kv| (String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()))
+    }
+}
+
+/// A worker process started like [`start_worker_with`] (`--threads 1`, a
+/// 3 s lease unless `extra` sets one) without waiting for it to register.
+pub fn spawn_worker(etcd: &Etcd, id: &str, model: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin("nanoinfer-worker"));
+    cmd.arg("--model")
+        .arg(model)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args(["--threads", "1"])
+        .args(["--id", id, "--etcd-endpoints", &etcd.endpoint])
+        .args(extra);
+    if !extra.contains(&"--lease-ttl") {
+        cmd.args(["--lease-ttl", "3"]);
+    }
+    Proc::spawn(id, &mut cmd)
+}
+
 /// Starts a worker with `--threads 1` and (unless `extra` sets one) a 3 s
 /// lease; returns once it is registered.
 pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {

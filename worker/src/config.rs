@@ -18,8 +18,9 @@ pub struct Args {
     #[arg(long, env = "NANOINFER_MODEL")]
     pub model: PathBuf,
     /// Name the model is registered and requested by (`model` in both
-    /// APIs, `GET /v1/models`). Defaults to the GGUF's `general.name`, or
-    /// the file name without `.gguf`.
+    /// APIs, `GET /v1/models`): 1..=128 bytes of letters, digits,
+    /// `. _ : / @ + -` and inner spaces. Defaults to the GGUF's
+    /// `general.name`, or the file name without `.gguf`.
     #[arg(long, env = "NANOINFER_MODEL_NAME")]
     pub model_name: Option<String>,
     /// Address to listen on for gRPC; port 0 picks a free port (the bound
@@ -36,8 +37,8 @@ pub struct Args {
     pub advertise: Option<String>,
     #[command(flatten)]
     pub etcd: nanoinfer_registry::EtcdArgs,
-    /// Worker id, the last segment of its etcd key. Defaults to
-    /// `<hostname>-<port>`.
+    /// Worker id, the last segment of its etcd key: a DNS label (letters,
+    /// digits and inner '-', at most 63). Defaults to `<hostname>-<port>`.
     #[arg(long, env = "NANOINFER_ID")]
     pub id: Option<String>,
     /// CPU threads for llama.cpp. Defaults to the number of available cores.
@@ -299,6 +300,12 @@ mod tests {
             ("--failpoint", "explode"),
             ("--failpoint", "engine-panic-after-tokens=x"),
             ("--id", "a/b"),
+            ("--id", "node-1:50061"),
+            ("--id", "evil\nINFO forged"),
+            ("--id", "a-"),
+            ("--model-name", "a\"b"),
+            ("--model-name", "a\nb"),
+            ("--model-name", " gemma"),
             ("--etcd-endpoints", ""),
         ] {
             let err = args(&[flag, value]).unwrap_err();

@@ -58,7 +58,9 @@ impl WorkerError {
             Self::Failed(Failure::Capacity(_)) => Code::ResourceExhausted,
             Self::Failed(Failure::Internal(_)) => Code::Internal,
             Self::Failed(Failure::DeadlineExceeded) => Code::DeadlineExceeded,
-            Self::Failed(Failure::QueueTimeout(_)) => Code::Unavailable,
+            // Busy, not broken: the coordinator holds the request in its
+            // admission queue and tries again (this worker included).
+            Self::Failed(Failure::QueueTimeout(_)) => Code::ResourceExhausted,
         }
     }
 
@@ -87,7 +89,7 @@ mod tests {
             (Failure::DeadlineExceeded, Code::DeadlineExceeded),
             (
                 Failure::QueueTimeout(Duration::from_secs(30)),
-                Code::Unavailable,
+                Code::ResourceExhausted,
             ),
         ] {
             let status = WorkerError::from(failure).status("req-7");

@@ -102,10 +102,12 @@ pub async fn run(
             nanoinfer_proto::tls::check_server_name(&cluster.cert, &cluster.ca, &name).map_err(
                 |e| RunError::Setup(format!("--cluster-cert: {e} (the worker id is {id:?})")),
             )?;
-            let tls = nanoinfer_proto::tls::ServerTls::load(cluster.server_files(), "worker")
-                .map_err(RunError::Setup)?;
+            // Callers need the coordinator role, not just the CA: etcd's and
+            // other workers' certificates come from the same CA.
+            let tls = cluster.worker_server().map_err(RunError::Setup)?;
             tracing::info!(%name, ca = %cluster.ca.display(),
-                "mutual TLS on the worker port: clients need a certificate from the cluster CA");
+                caller = nanoinfer_proto::tls::COORDINATOR_NAME,
+                "mutual TLS on the worker port: callers need a certificate from the cluster CA naming the coordinator role");
             Some(tls)
         }
         None => {

@@ -189,6 +189,10 @@ fn top_logprob(a: Alternative) -> pb::TopLogprob {
 
 fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Status> {
     Ok(match event {
+        Event::Admitted => GenerateResponse {
+            admitted: true,
+            ..Default::default()
+        },
         Event::Token {
             text,
             id,
@@ -209,6 +213,7 @@ fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Statu
                 finished: None,
                 logprob,
                 top_logprobs,
+                admitted: false,
             }
         }
         Event::Finished {
@@ -228,6 +233,7 @@ fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Statu
             }),
             logprob: None,
             top_logprobs: Vec::new(),
+            admitted: false,
         },
         Event::Failed(failure) => return Err(WorkerError::from(failure).status(request_id)),
     })
@@ -282,7 +288,7 @@ fn response_stream(relay: Relay) -> GenerateStream {
                 biased;
                 event = relay.events.recv() => match event {
                     Some(event) => {
-                        relay.done = !matches!(event, Event::Token { .. });
+                        relay.done = !matches!(event, Event::Token { .. } | Event::Admitted);
                         let mut response = to_response(event, &relay.request_id);
                         if let (Ok(GenerateResponse { finished: Some(f), .. }), Some(engine)) =
                             (&mut response, &relay.engine)

@@ -119,6 +119,9 @@ pub struct Generation {
 /// What the engine sends for a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// The request left the queue for a generation slot; sent once, before
+    /// any token (the coordinator's first-token clock starts here).
+    Admitted,
     /// A generated token and the text it releases (may be empty).
     Token {
         /// Text released by this token.

@@ -212,8 +212,10 @@ impl Scheduler<'_> {
             metrics
                 .queue_time
                 .observe(job.submitted.elapsed().as_secs_f64());
-            // The wait is over: end the `queue` span.
+            // The wait is over: end the `queue` span, and tell the caller
+            // (its channel is empty while the job waits, so this fits).
             job.queue_span = tracing::Span::none();
+            let _ = job.events.try_send(Event::Admitted);
             let mut seq = Sequence::new(slot, job, reused, &self.model.vocab());
             if reused > 0 {
                 metrics.prefix_cache_hit_tokens.inc_by(reused as u64);

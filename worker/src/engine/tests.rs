@@ -62,6 +62,7 @@ async fn tokens(engine: &Engine, g: Generation) -> Vec<(i32, u32, Option<TokenLo
                 logprobs,
                 ..
             } => out.push((id, index, logprobs)),
+            Event::Admitted => assert!(out.is_empty(), "admitted after a token"),
             Event::Finished { .. } => return out,
             Event::Failed(f) => panic!("generation failed: {f}"),
         }
