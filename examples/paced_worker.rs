@@ -145,6 +145,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         &nanoinfer_registry::EtcdConfig::plain(vec![args.etcd.clone()]),
         info,
         10,
+        Default::default(),
     )
     .await?;
     eprintln!(

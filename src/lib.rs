@@ -89,30 +89,7 @@ pub fn finish_reason_name(reason: i32) -> &'static str {
     }
 }
 
-/// The canonical name of a gRPC status code, as the gRPC spec, grpcurl and
-/// the coordinator's metrics write it (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
+pub use nanoinfer_proto::code_name;
 
 pub mod stamp {
     //! Token send stamps for router benchmarks: `examples/paced_worker.rs
@@ -152,26 +129,6 @@ pub mod stamp {
             for text in [" tok", "", "@", "@12x", "1000"] {
                 assert_eq!(transit_us(text, 1), None, "{text:?}");
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn code_names_are_the_specs_upper_snake_case() {
-        for n in 0..=16 {
-            let code = tonic::Code::from_i32(n);
-            let mut expected = String::new();
-            for (i, c) in format!("{code:?}").chars().enumerate() {
-                if c.is_uppercase() && i > 0 {
-                    expected.push('_');
-                }
-                expected.push(c.to_ascii_uppercase());
-            }
-            assert_eq!(code_name(code), expected);
         }
     }
 }

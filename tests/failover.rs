@@ -227,6 +227,48 @@ async fn a_silent_worker_loses_the_request_after_the_first_token_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_in_a_workers_queue_is_not_silence() {
+    // One busy worker that holds each request in its queue 3 s before
+    // admitting it: three times --first-token-timeout. The clock starts at
+    // admission, so nothing fails, moves or ejects the worker.
+    let etcd = Etcd::start().await;
+    let busy = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    busy.set_fault(Fault::Queued(Duration::from_secs(3)));
+    let (mut coordinator, addr) = coordinator(&etcd, &["--first-token-timeout", "1"]).await;
+    wait_routable(&addr, 1).await;
+    let mut tasks = Vec::new();
+    for i in 0..4 {
+        let mut c = client(&addr).await;
+        tasks.push(tokio::spawn(async move {
+            collect(&mut c, request(&format!("q{i}"), 3)).await
+        }));
+    }
+    for t in tasks {
+        let msgs = t.await.unwrap().expect("a queued request completes");
+        assert_unbroken(&msgs, 3);
+    }
+    assert_eq!(
+        busy.calls().len(),
+        4,
+        "each request went to the worker once"
+    );
+    let m = scrape_addr(&mut coordinator).await;
+    assert_eq!(
+        m.get("nanoinfer_coordinator_retries_total"),
+        Some(&0.0),
+        "{m:?}"
+    );
+    assert_eq!(
+        m.get("nanoinfer_coordinator_worker_ejections_total{worker=\"a\"}")
+            .copied()
+            .unwrap_or(0.0),
+        0.0,
+        "{m:?}"
+    );
+    assert_eq!(health_of(&addr).await.1, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clients_deadline_travels_to_the_worker_and_ends_the_stream() {
     let etcd = Etcd::start().await;
     let slow = FakeWorker::start(&etcd.endpoint, "a", 30).await;

@@ -104,19 +104,6 @@ async fn request(stream: &mut TcpStream, addr: &str, path: &str) -> (u16, String
     }
 }
 
-/// Runs curl with `args` plus `-w` for the status; (status, body).
-fn curl(args: &[&str]) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(args)
-        .args(["-w", "\n%{http_code}"])
-        .output()
-        .expect("run curl");
-    assert_ok(&out, "curl");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let (body, code) = text.rsplit_once('\n').unwrap();
-    (code.parse().unwrap(), body.to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_are_closed_within_the_header_timeout() {
     let etcd = Etcd::start().await;

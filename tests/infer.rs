@@ -221,9 +221,16 @@ async fn client_disconnect_frees_the_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_is_resource_exhausted() {
-    // One slot and a queue of one.
-    let cluster = Cluster::start(1, &["--queue", "1", "--parallel", "1"], &[]).await;
+    // The worker: one slot and a queue of one. The coordinator: an
+    // admission queue of one, held at most 3 s.
+    let mut cluster = Cluster::start(
+        1,
+        &["--queue", "1", "--parallel", "1"],
+        &["--admission-queue", "1", "--admission-timeout", "3"],
+    )
+    .await;
     let mut client = cluster.client().await;
+    let metrics = cluster.coordinator.metrics_addr().await;
 
     // One request running...
     let mut running = client
@@ -232,12 +239,42 @@ async fn a_full_queue_is_resource_exhausted() {
         .unwrap()
         .into_inner();
     running.message().await.unwrap().unwrap();
-    // ...one waiting in the queue of 1...
+    // ...one waiting in the worker's queue of 1...
     let queued = client.infer(greedy(PROMPT, 4)).await.unwrap().into_inner();
-    // ...so the next one is refused.
+    // ...one waiting in the coordinator's admission queue of 1...
+    let mut c = client.clone();
+    let admitted_late = tokio::spawn(async move { collect(&mut c, greedy(PROMPT, 4)).await });
+    common::eventually(
+        Duration::from_secs(10),
+        "a request in the admission queue",
+        || {
+            let metrics = metrics.clone();
+            async move {
+                let (_, body) = common::http_get(&metrics, "/metrics").await;
+                common::parse_metrics(&body).get("nanoinfer_coordinator_admission_queue_waiting")
+                    == Some(&1.0)
+            }
+        },
+    )
+    .await;
+    // ...so the next one is refused at once...
     let err = collect(&mut client, greedy(PROMPT, 4)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("queue"), "{err:?}");
+    assert!(err.message().contains("requests already wait"), "{err:?}");
+    assert_eq!(
+        err.metadata()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1"),
+        "{err:?}"
+    );
+    // ...and the one that waited is refused when its 3 s are up.
+    let err = admitted_late.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("no worker had room within 3 s"),
+        "{err:?}"
+    );
     drop(running);
     drop(queued);
     // Capacity comes back once they are gone.

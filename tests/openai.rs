@@ -8,7 +8,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{assert_ok, chat_model_path, repo_root, start_worker_with, venv_python, Etcd, Proc};
+use common::{
+    assert_ok, chat_model_path, curl, repo_root, start_worker_with, venv_python, Etcd, Proc,
+};
 
 const KEY: &str = "sk-test-0123456789";
 
@@ -64,15 +66,7 @@ async fn cluster() -> Api {
 impl Api {
     /// Runs curl with `args` plus `-w` for the status; (status, body).
     fn curl(&self, args: &[&str]) -> (u16, String) {
-        let out = Command::new("curl")
-            .args(args)
-            .args(["-w", "\n%{http_code}"])
-            .output()
-            .expect("run curl");
-        assert_ok(&out, "curl");
-        let text = String::from_utf8(out.stdout).unwrap();
-        let (body, code) = text.rsplit_once('\n').unwrap();
-        (code.parse().unwrap(), body.to_string())
+        curl(args)
     }
 
     fn post(&self, path: &str, body: &str, extra: &[&str]) -> (u16, String) {

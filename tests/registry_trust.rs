@@ -5,7 +5,8 @@
 //! - with the per-worker users of `deploy/etcd-auth.sh`, one worker's
 //!   credential cannot write another worker's key;
 //! - a live worker whose record is overwritten or deleted writes it back
-//!   within seconds;
+//!   within seconds and counts it; while another live lease holds it the
+//!   worker is not ready, and takes it back when that lease ends;
 //! - a second worker with an id in use fails to start, while a restart
 //!   after the first's lease is gone registers.
 
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::fake_worker::FakeWorker;
 use common::*;
+use etcd_client::PutOptions;
 
 const PREFIX: &str = "/nanoinfer/workers/";
 
@@ -319,6 +321,46 @@ async fn an_overwritten_or_deleted_record_of_a_live_worker_is_repaired_at_once()
     let log = worker.log();
     assert!(log.contains("record was overwritten; repaired"), "{log}");
     assert!(log.contains("record was deleted; repaired"), "{log}");
+    let metrics = worker.metrics_addr().await;
+    let repairs = || async {
+        let (_, body) = http_get(&metrics, "/metrics").await;
+        parse_metrics(&body)["nanoinfer_worker_etcd_record_repairs_total"]
+    };
+    assert_eq!(repairs().await, 6.0);
+
+    // Taken by another live lease (a second process with w1's credential):
+    // not fought over, and the worker says it is not ready meanwhile...
+    let other = c.lease_grant(60, None).await.unwrap().id();
+    c.put(
+        key.as_str(),
+        hijack.as_str(),
+        Some(PutOptions::new().with_lease(other)),
+    )
+    .await
+    .unwrap();
+    let readyz = || async { http_get(&metrics, "/readyz").await.0 };
+    eventually(
+        Duration::from_secs(5),
+        "w1 not ready while displaced",
+        || async { readyz().await == 503 },
+    )
+    .await;
+    assert_eq!(etcd.kv(&key).await, Some((hijack.clone(), other)));
+    // ...until that lease ends: the record comes back and so does readiness.
+    c.lease_revoke(other).await.unwrap();
+    until_restored(
+        &etcd,
+        &key,
+        &value,
+        lease,
+        "the record back after the other lease",
+    )
+    .await;
+    eventually(Duration::from_secs(5), "w1 ready again", || async {
+        readyz().await == 200
+    })
+    .await;
+    assert_eq!(repairs().await, 7.0);
     // The coordinator followed: it knows the worker at its own address.
     let address = v["address"].as_str().unwrap();
     eventually(

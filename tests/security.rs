@@ -380,17 +380,29 @@ async fn only_workers_with_a_cluster_certificate_for_their_id_get_prompts() {
     };
     let etcd = Etcd::start().await;
 
-    // A worker whose certificate names another id refuses to start.
-    let out = Command::new(bin("nanoinfer-worker"))
-        .args(["--model", p(&model_path()), "--listen", "127.0.0.1:0"])
-        .args(["--metrics-listen", "127.0.0.1:0", "--id", "w3"])
-        .args(["--etcd-endpoints", &etcd.endpoint])
-        .args(cluster("worker-w1"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(stderr.contains("w3.worker.nanoinfer"), "{stderr}");
+    // A process that must refuse to start: its output names `needle`.
+    let refuses = |cmd: &mut Command, needle: &str| {
+        let out = cmd
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .args(["--etcd-endpoints", &etcd.endpoint])
+            .args(cluster("worker-w1"))
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{said}");
+        assert!(said.contains(needle), "{said}");
+    };
+    // A worker whose certificate names another id...
+    refuses(
+        Command::new(bin("nanoinfer-worker")).args(["--model", p(&model_path()), "--id", "w3"]),
+        "w3.worker.nanoinfer",
+    );
+    // ...and a coordinator whose cluster certificate lacks the coordinator
+    // role (here w1's) refuse to start, naming what is missing.
+    refuses(
+        Command::new(bin("nanoinfer-coordinator")).args(["--http-listen", "127.0.0.1:0"]),
+        "coordinator.nanoinfer",
+    );
 
     let worker_args = cluster("worker-w1");
     let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
@@ -486,8 +498,10 @@ async fn only_workers_with_a_cluster_certificate_for_their_id_get_prompts() {
     }
 
     // An impostor holding w2's valid cluster certificate takes over w1's
-    // record: the name does not match, so it gets no prompt, and clients
-    // get an error rather than its answer.
+    // record once w1 is gone (a live w1 would write its record back at
+    // once): the name does not match, so it gets no prompt, and clients get
+    // an error rather than its answer.
+    worker.kill();
     let impostor = FakeWorker::start_with(
         &etcd.endpoint,
         "impostor",
@@ -707,7 +721,7 @@ async fn workers_and_coordinator_use_etcd_over_tls_with_their_own_roles() {
         .unwrap();
     assert_eq!(msgs.last().unwrap().usage.unwrap().generated_tokens, 2);
     let log = worker.log() + &coordinator.log();
-    for password in ["worker", "coordinator"] {
+    for password in ["worker-w1", "coordinator"] {
         let secret =
             std::fs::read_to_string(etcd.passwords.join(format!("etcd-{password}.password")))
                 .unwrap();

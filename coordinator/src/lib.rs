@@ -90,6 +90,16 @@ pub async fn run(
         .local_addr()
         .map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!("nanoinfer-coordinator listening on {local}");
+    if let Some(cluster) = &config.upstream.cluster_tls {
+        // Workers serve only the coordinator role: a certificate without it
+        // would have every call refused.
+        nanoinfer_proto::tls::check_client_name(
+            &cluster.cert,
+            &cluster.ca,
+            nanoinfer_proto::tls::COORDINATOR_NAME,
+        )
+        .map_err(|e| RunError::Setup(format!("--cluster-cert: {e}")))?;
+    }
 
     let discovery = nanoinfer_registry::spawn_discovery(config.etcd.clone());
     let metrics = Arc::new(metrics::CoordinatorMetrics::default());

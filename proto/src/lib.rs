@@ -114,6 +114,31 @@ pub mod codec {
     }
 }
 
+/// The canonical name of a gRPC status code, as the gRPC spec, grpcurl,
+/// the coordinator's metrics and `nanoinfer-load` write it (`RESOURCE_EXHAUSTED`, `UNAVAILABLE`).
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
 pub mod limits;
 pub mod tls;
 
@@ -247,6 +272,21 @@ pub fn add_reflection(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn code_names_are_the_specs_upper_snake_case() {
+        for n in 0..=16 {
+            let code = tonic::Code::from_i32(n);
+            let mut expected = String::new();
+            for (i, c) in format!("{code:?}").chars().enumerate() {
+                if c.is_uppercase() && i > 0 {
+                    expected.push('_');
+                }
+                expected.push(c.to_ascii_uppercase());
+            }
+            assert_eq!(super::code_name(code), expected);
+        }
+    }
+
     #[test]
     fn reflection_builds_from_the_embedded_descriptors() {
         for set in [

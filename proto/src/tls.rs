@@ -372,6 +372,28 @@ pub fn check_server_name(cert: &Path, ca: &Path, name: &str) -> Result<(), Strin
         })
 }
 
+/// Checks that the certificate in `cert` chains to `ca`, may be used by a
+/// client, and names `name` as a DNS SAN: what a worker checks of its
+/// callers ([`RequireClientName`]), said at start-up instead of as refused
+/// calls.
+pub fn check_client_name(cert: &Path, ca: &Path, name: &str) -> Result<(), String> {
+    use rustls::server::danger::ClientCertVerifier;
+    let chain = load_certs(cert, "certificate")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca, "CA")?, provider())
+        .build()
+        .map_err(|e| format!("CA {}: {e}", ca.display()))?;
+    RequireClientName::new(verifier, name)?
+        .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "certificate {} is not a client certificate for {name} under CA {}: {e}",
+                cert.display(),
+                ca.display()
+            )
+        })
+}
+
 /// The cluster flags both processes take (`#[command(flatten)]`): mutual
 /// TLS between the coordinator and its workers.
 #[derive(Debug, Clone, Default, clap::Args)]

@@ -20,7 +20,8 @@
 //! is a second process with this id — typically a replacement started while
 //! this one was cut off long enough to lose its lease — and taking the key
 //! back would make the two overwrite each other forever. That is logged as an
-//! error, and the record is written again as soon as that lease ends.
+//! error, [`Registration::listed`] turns false (the worker reports itself not
+//! ready) and the record is written again as soon as that lease ends.
 //!
 //! If the lease is lost (etcd restarted, a long pause let it expire) the
 //! task grants a new one and claims the key again, retrying with backoff, so
@@ -30,14 +31,13 @@
 //! together do not all come back in the same instant ([`backoff`]).
 
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, EventType, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
     TxnOp, TxnOpResponse, WatchOptions, WatchStream,
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -53,7 +53,8 @@ pub struct Registration {
     stop_tx: watch::Sender<bool>,
     task: JoinHandle<()>,
     key: String,
-    repairs: Arc<AtomicU64>,
+    repairs: Counter,
+    listed: watch::Receiver<bool>,
 }
 
 impl Registration {
@@ -63,11 +64,13 @@ impl Registration {
     ///
     /// Fails with [`RegistryError::Config`] for a bad TTL or a record the
     /// coordinator would refuse, and with [`RegistryError::IdInUse`] when a
-    /// live process holds the id.
+    /// live process holds the id. `repairs` counts the times the record was
+    /// found overwritten or deleted and written back (a metric's counter).
     pub async fn register(
         etcd: &EtcdConfig,
         info: WorkerInfo,
         ttl_secs: i64,
+        repairs: Counter,
     ) -> Result<Self, RegistryError> {
         if !(2..=3600).contains(&ttl_secs) {
             return Err(RegistryError::Config(format!(
@@ -85,7 +88,7 @@ impl Registration {
         tracing::info!(key = %info.key(), lease, ttl_secs, "registered in etcd");
         let (lease_tx, lease_rx) = watch::channel(lease);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let repairs = Arc::new(AtomicU64::new(0));
+        let (listed_tx, listed) = watch::channel(true);
         let key = info.key();
         let keeper = Keeper {
             client: client.clone(),
@@ -95,6 +98,7 @@ impl Registration {
             period: Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(500)),
             lease_tx,
             repairs: repairs.clone(),
+            listed: listed_tx,
             held_by: None,
         };
         let task = tokio::spawn(keeper.run(revision, stop_rx));
@@ -105,6 +109,7 @@ impl Registration {
             task,
             key,
             repairs,
+            listed,
         })
     }
 
@@ -116,10 +121,11 @@ impl Registration {
         etcd: &EtcdConfig,
         info: WorkerInfo,
         ttl_secs: i64,
+        repairs: Counter,
     ) -> Result<Self, RegistryError> {
         let mut attempt = 0u32;
         loop {
-            match Self::register(etcd, info.clone(), ttl_secs).await {
+            match Self::register(etcd, info.clone(), ttl_secs, repairs.clone()).await {
                 Ok(registration) => return Ok(registration),
                 Err(e @ (RegistryError::Config(_) | RegistryError::IdInUse { .. })) => {
                     return Err(e)
@@ -143,7 +149,15 @@ impl Registration {
     /// How many times the record was found overwritten or deleted and
     /// written back since registration.
     pub fn repairs(&self) -> u64 {
-        self.repairs.load(Ordering::Relaxed)
+        self.repairs.get()
+    }
+
+    /// Whether the key holds this worker's record: `false` while another
+    /// live lease holds it (another process runs with this id and its etcd
+    /// credential), so the coordinators route this worker nothing. The
+    /// worker reports itself not ready meanwhile.
+    pub fn listed(&self) -> watch::Receiver<bool> {
+        self.listed.clone()
     }
 
     /// Stops the keep-alive and revokes the lease, deleting the key at once.
@@ -387,7 +401,9 @@ struct Keeper {
     ttl_secs: i64,
     period: Duration,
     lease_tx: watch::Sender<i64>,
-    repairs: Arc<AtomicU64>,
+    repairs: Counter,
+    /// Whether the key holds our record (see [`Registration::listed`]).
+    listed: watch::Sender<bool>,
     /// The foreign lease last reported as holding the key (reported once).
     held_by: Option<i64>,
 }
@@ -449,6 +465,7 @@ impl Keeper {
                     let _ = self.client.lease_revoke(previous).await;
                 }
                 self.held_by = None;
+                self.listed.send_replace(true);
                 Ok(Some((lease, revision)))
             }
             Ok(Reconciled::Held { lease: holder, .. }) => {
@@ -568,11 +585,12 @@ impl Keeper {
         match reconcile(&mut self.client, &self.key, &self.value, lease, None).await? {
             Reconciled::Ours { revision, was } => {
                 if let Some(was) = was {
-                    self.repairs.fetch_add(1, Ordering::Relaxed);
+                    self.repairs.inc();
                     tracing::warn!(key = %self.key, lease, revision,
                         "the worker's etcd record was {}; repaired", was.describe());
                 }
                 self.held_by = None;
+                self.listed.send_replace(true);
                 Ok(revision)
             }
             Reconciled::Held {
@@ -586,6 +604,7 @@ impl Keeper {
     }
 
     fn report_held(&mut self, holder: i64) {
+        self.listed.send_replace(false);
         if self.held_by != Some(holder) {
             self.held_by = Some(holder);
             tracing::error!(key = %self.key, holder,

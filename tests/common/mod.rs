@@ -629,6 +629,19 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body.to_string())
 }
 
+/// Runs curl with `args` plus `-w` for the status; (status, body).
+pub fn curl(args: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(args)
+        .args(["-w", "\n%{http_code}"])
+        .output()
+        .expect("run curl");
+    assert_ok(&out, "curl");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), body.to_string())
+}
+
 /// Parsed Prometheus text: `name{labels}` → value.
 pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
     text.lines()

@@ -232,6 +232,7 @@ pub async fn run(
             &config.etcd,
             info.clone(),
             config.lease_ttl as i64,
+            metrics.etcd_record_repairs.clone(),
         ) => r?,
         _ = &mut shutdown => {
             tracing::info!("shutdown requested before registration");
@@ -255,22 +256,41 @@ pub async fn run(
     readiness.set(true).await;
     tracing::info!(id = %info.id, address = %info.address, "worker ready");
 
-    let ended = tokio::select! {
-        _ = &mut shutdown => {
-            tracing::info!("shutdown requested; draining");
-            Ended::Shutdown
-        }
-        reason = engine.died() => {
-            tracing::error!(%reason, "engine died; leaving the cluster");
-            Ended::EngineDied(reason)
-        }
-        res = &mut server => {
-            // The server only ends early on a transport error.
-            readiness.set(false).await;
-            let _ = registration.revoke().await;
-            metrics_http.stop();
-            res.map_err(|e| RunError::Setup(e.to_string()))??;
-            return Ok(());
+    // Not ready while another live process holds this worker's etcd record
+    // (the coordinators route it nothing meanwhile).
+    let mut listed = registration.listed();
+    let mut is_listed = true;
+    let ended = loop {
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("shutdown requested; draining");
+                break Ended::Shutdown;
+            }
+            Ok(()) = listed.changed() => {
+                let now = *listed.borrow_and_update();
+                if now == is_listed {
+                    continue;
+                }
+                is_listed = now;
+                readiness.set(now).await;
+                if now {
+                    tracing::info!("the etcd record is this worker's again; ready");
+                } else {
+                    tracing::warn!("another live process holds this worker's etcd record; not ready until it is ours again");
+                }
+            }
+            reason = engine.died() => {
+                tracing::error!(%reason, "engine died; leaving the cluster");
+                break Ended::EngineDied(reason);
+            }
+            res = &mut server => {
+                // The server only ends early on a transport error.
+                readiness.set(false).await;
+                let _ = registration.revoke().await;
+                metrics_http.stop();
+                res.map_err(|e| RunError::Setup(e.to_string()))??;
+                return Ok(());
+            }
         }
     };
 
@@ -341,23 +361,27 @@ impl Readiness {
     }
 }
 
+/// `<hostname>-<port>`, made a DNS label (what a worker id must be): every
+/// character outside `[A-Za-z0-9-]` becomes `-`, runs of `-` collapse, and the
+/// host part is cut so that the whole fits in 63 bytes.
 fn default_id(local: SocketAddr) -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into());
-    let host: String = host
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
-    format!("{host}-{}", local.port())
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    id_from_host(&host, local.port())
+}
+
+fn id_from_host(host: &str, port: u16) -> String {
+    let mut label = String::new();
+    for c in host.trim().chars() {
+        let c = if c.is_ascii_alphanumeric() { c } else { '-' };
+        if !(c == '-' && (label.is_empty() || label.ends_with('-'))) {
+            label.push(c);
+        }
+    }
+    let suffix = format!("-{port}");
+    label.truncate(nanoinfer_registry::schema::MAX_WORKER_ID_LEN - suffix.len());
+    let label = label.trim_end_matches('-');
+    let label = if label.is_empty() { "worker" } else { label };
+    format!("{label}{suffix}")
 }
 
 fn advertise_for(local: SocketAddr) -> String {
@@ -365,5 +389,31 @@ fn advertise_for(local: SocketAddr) -> String {
         format!("127.0.0.1:{}", local.port())
     } else {
         local.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::id_from_host;
+    use nanoinfer_registry::schema::validate_worker_id;
+
+    #[test]
+    fn the_default_id_is_a_valid_worker_id_for_any_hostname() {
+        for (host, want) in [
+            ("gpu-node-1\n", "gpu-node-1-7000"),
+            ("node_3.example.com", "node-3-example-com-7000"),
+            ("-.weird__host.-", "weird-host-7000"),
+            ("", "worker-7000"),
+            ("...", "worker-7000"),
+        ] {
+            assert_eq!(id_from_host(host, 7000), want, "{host:?}");
+        }
+        let long = "a".repeat(80) + ".b";
+        let id = id_from_host(&long, 65535);
+        assert_eq!(id.len(), 63, "{id}");
+        for host in ["x", &long, "a-b-", "é.ü"] {
+            let id = id_from_host(host, 1);
+            assert!(validate_worker_id(&id).is_ok(), "{host:?} -> {id:?}");
+        }
     }
 }

@@ -80,6 +80,9 @@ pub struct WorkerMetrics {
     pub context_length: Gauge,
     /// 1 for the model served (name, file, version as labels).
     pub model_info: Family<ModelInfoLabel, Gauge>,
+    /// Times the worker's etcd record was found overwritten or deleted and
+    /// written back.
+    pub etcd_record_repairs: Counter,
 }
 
 impl Default for WorkerMetrics {
@@ -105,6 +108,7 @@ impl Default for WorkerMetrics {
             queue_capacity: Gauge::default(),
             context_length: Gauge::default(),
             model_info: Family::default(),
+            etcd_record_repairs: Counter::default(),
         }
     }
 }
@@ -128,6 +132,11 @@ impl WorkerMetrics {
             help: "TLS handshakes refused or timed out on this process's gRPC port (plaintext clients, unknown certificates)",
             read: nanoinfer_proto::tls::handshake_failures,
         }));
+        r.register(
+            "etcd_record_repairs",
+            "Times this worker found its etcd record overwritten or deleted while its lease lived, and wrote it back",
+            self.etcd_record_repairs.clone(),
+        );
         r.register(
             "num_requests_running",
             "Requests generating now",
