@@ -60,7 +60,7 @@ case "${1:-}" in
       "$ADDR" nanoinfer.InferService/Infer
     echo "trace id: $trace_id (request_id trace-$trace_id)" >&2
     echo "Jaeger:   ${JAEGER_UI:-http://127.0.0.1:16686}/trace/$trace_id" >&2
-    echo "(spans are exported when the cluster runs with OTEL_EXPORTER_OTLP_ENDPOINT set; see README, Tracing)" >&2
+    echo "(spans are exported when the cluster runs with OTEL_EXPORTER_OTLP_ENDPOINT set; see docs/deploy.md, Tracing)" >&2
     ;;
   list)
     grpcurl "${tls[@]}" "$ADDR" list

@@ -15,7 +15,7 @@ fi
 export NANOINFER_CACHE_DIR
 mkdir -p "$NANOINFER_CACHE_DIR"
 
-# ggml's instruction set (README, "CPU build"). .cargo/config.toml compiles
+# ggml's instruction set (docs/operations.md, "CPU build"). .cargo/config.toml compiles
 # ggml for x86-64-v3 (AVX2, FMA, F16C, BMI2), which runs on any x86-64 CPU of
 # the last decade. NANOINFER_CPU=auto (the default) adds AVX-512 when the CPU
 # these scripts run on has it (AVX-512 F/CD/VL/DQ/BW, plus VBMI, VNNI and

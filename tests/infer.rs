@@ -68,7 +68,7 @@ async fn same_seed_same_text_and_stop_sequences_end_the_stream() {
     // only when they are computed the same way. The first request computes
     // the whole prompt in one batch, later ones find all but its last token
     // in the prefix cache and compute that token alone, which rounds
-    // differently (see README, "Reproducibility"). So warm the cache first:
+    // differently (see docs/api.md, "Reproducibility"). So warm the cache first:
     // then both requests take the same path and must agree.
     collect(&mut client, sampled(7)).await.unwrap();
     let a = text(&collect(&mut client, sampled(42)).await.unwrap());

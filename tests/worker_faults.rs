@@ -152,7 +152,7 @@ async fn a_resumed_stream_continues_where_the_first_worker_stopped() {
     );
     // This worker still holds the stream's cells (its prefix cache), so a
     // resume recomputes only the last delivered token, alone, as the decode
-    // step did: the logits, hence the text, are the same (README "When
+    // step did: the logits, hence the text, are the same (docs/operations.md "When
     // resumed text is identical").
     assert_eq!(
         (same_first, same_text),

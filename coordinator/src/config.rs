@@ -34,7 +34,8 @@ pub struct Args {
     pub metrics_listen: SocketAddr,
     /// Threads of the async runtime that serves every connection; 0 means
     /// one per CPU core. With few cores shared with other processes, 1
-    /// spends less per token on waking threads (see README, Performance).
+    /// spends less per token on waking threads (see docs/benchmarks.md,
+    /// "Where the time goes").
     #[arg(long, env = "NANOINFER_RUNTIME_THREADS", default_value_t = 0)]
     pub runtime_threads: usize,
     /// Address of the OpenAI-compatible HTTP API (`/v1/chat/completions`,
