@@ -554,8 +554,10 @@ mod tests {
         ))))
         .await
         .unwrap();
+        // A queue timeout means "busy", not "down": the coordinator tries
+        // another worker or holds the request, and never ejects this one.
         let err = stream.next().await.unwrap().unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
         assert!(stream.next().await.is_none());
     }
 
