@@ -11,6 +11,9 @@
 # --otlp-endpoint), so the local cluster needs nothing else. Without a
 # container engine, any OTLP/gRPC collector on port 4317 works the same way.
 set -euo pipefail
+case "${1:-}" in
+  -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+esac
 
 NAME=nanoinfer-jaeger
 IMAGE="${JAEGER_IMAGE:-jaegertracing/all-in-one:latest}"

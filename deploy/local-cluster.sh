@@ -76,10 +76,36 @@ alive() {
   [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null
 }
 
+# What this run started: on a failure it is stopped again, so a failed start
+# leaves nothing behind.
+STARTED=()
+
 start_bg() { # name, command...
   local name=$1; shift
   "$@" >"$RUN_DIR/$name.log" 2>&1 &
   echo $! >"$(pidfile "$name")"
+  STARTED+=("$name")
+}
+
+# Stops what this run started (coordinator first), after a failed start.
+abandon() {
+  local i
+  for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do stop_one "${STARTED[$i]}"; done
+  [ "${#STARTED[@]}" = 0 ] || echo "stopped what this run had started: ${STARTED[*]}" >&2
+  exit 1
+}
+
+# Fails at once if a process this run started has exited: its log's last
+# lines say why (a taken port, a bad flag, a missing model).
+check_started() {
+  local name
+  for name in "${STARTED[@]}"; do
+    if ! alive "$name"; then
+      echo "$name exited during start-up; the end of $RUN_DIR/$name.log:" >&2
+      tail -n 5 "$RUN_DIR/$name.log" | sed 's/^/  /' >&2
+      abandon
+    fi
+  done
 }
 
 wait_for() { # description, seconds, command...
@@ -87,10 +113,33 @@ wait_for() { # description, seconds, command...
   local i
   for ((i = 0; i < secs * 10; i++)); do
     if "$@" >/dev/null 2>&1; then return 0; fi
+    check_started
     sleep 0.1
   done
   echo "timed out after ${secs}s waiting for $what; logs in $RUN_DIR" >&2
-  return 1
+  abandon
+}
+
+# A TCP port on 127.0.0.1 something already listens on.
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Fails before starting anything if a port a process to be started needs is
+# taken, naming the port, the variable that moves it and, where `ss` can
+# tell, who holds it.
+check_ports() { # "name port VARIABLE" ...
+  local entry name port var busy=0
+  for entry in "$@"; do
+    read -r name port var <<<"$entry"
+    if port_taken "$port"; then
+      local who=""
+      if command -v ss >/dev/null; then
+        who=$(ss -Hltnp "sport = :$port" 2>/dev/null | grep -o 'users:(("[^"]*",pid=[0-9]*' | head -n1 | sed 's/users:(("//; s/",pid=/, pid /')
+      fi
+      echo "port $port ($name) is already in use${who:+ by $who}; free it or set $var" >&2
+      busy=1
+    fi
+  done
+  [ "$busy" = 0 ] || exit 1
 }
 
 threads_per_worker() {
@@ -118,6 +167,16 @@ start() {
 
   local ids=() i
   for ((i = 1; i <= WORKERS; i++)); do ids+=("local-worker$i"); done
+  local needed=()
+  alive etcd || needed+=("etcd $ETCD_PORT NANOINFER_ETCD_PORT" "etcd-peer $ETCD_PEER_PORT NANOINFER_ETCD_PEER_PORT")
+  for ((i = 1; i <= WORKERS; i++)); do
+    alive "worker$i" || needed+=("worker$i ${WORKER_PORTS[$((i - 1))]} NANOINFER_WORKER_PORTS"
+      "worker$i-metrics ${WORKER_METRICS_PORTS[$((i - 1))]} NANOINFER_WORKER_METRICS_PORTS")
+  done
+  alive coordinator || needed+=("coordinator $COORD_PORT NANOINFER_COORDINATOR_PORT"
+    "coordinator-metrics $COORD_METRICS_PORT NANOINFER_COORDINATOR_METRICS_PORT"
+    "openai-http $COORD_HTTP_PORT NANOINFER_COORDINATOR_HTTP_PORT")
+  check_ports "${needed[@]}"
   local etcd_tls=()
   if [ "$SECURE" = 1 ]; then
     log "secure mode: certificates in $CERTS"

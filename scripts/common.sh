@@ -3,6 +3,18 @@
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# `-h` or `--help` among a script's arguments: print the comment block at the
+# top of the script (what it does, how to call it) and exit 0, before
+# anything is installed, built, started or written. (Sourced without
+# arguments, "$@" here is the script's own.)
+print_usage() {
+  awk 'NR == 1 && /^#!/ { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1"
+}
+for _arg in "$@"; do
+  case "$_arg" in -h | --help) print_usage "$0"; exit 0 ;; esac
+done
+unset _arg
+
 # Caches outside the clone: cargo target dir, the model, a Python venv with
 # grpcurl. Root defaults to /var/cache/nanoinfer, others to ~/.cache/nanoinfer.
 if [ -z "${NANOINFER_CACHE_DIR:-}" ]; then

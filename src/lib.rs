@@ -18,6 +18,37 @@ use std::path::PathBuf;
 
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+/// The coordinator address clients use when neither `--addr` nor
+/// `NANOINFER_ADDR` is given: 127.0.0.1 on `NANOINFER_COORDINATOR_PORT` (the
+/// local cluster's port variable, kept as a deprecated alias) or 50052.
+pub fn default_addr() -> String {
+    let port = std::env::var("NANOINFER_COORDINATOR_PORT")
+        .ok()
+        .and_then(|p| p.trim().parse::<u16>().ok())
+        .unwrap_or(50052);
+    format!("http://127.0.0.1:{port}")
+}
+
+/// A failed connection in one line: the address, the innermost cause
+/// ("Connection refused", "dns error" …) rather than the transport's debug
+/// dump, and what to check.
+pub fn connect_error(addr: &str, error: &tonic::transport::Error) -> String {
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    let cause = cause.to_string();
+    let cause = if cause.is_empty() {
+        error.to_string()
+    } else {
+        cause
+    };
+    format!(
+        "cannot connect to the coordinator at {addr}: {cause} (is it running? deploy/local-cluster.sh status; \
+         --addr or NANOINFER_ADDR sets the address)"
+    )
+}
+
 /// Connects to `addr` (`http://host:port` or `host:port`), failing within
 /// a few seconds when nothing listens there.
 pub async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {

@@ -235,3 +235,87 @@ async fn a_model_without_a_chat_template_refuses_messages() {
     let msgs = collect(&mut client, greedy("hello", 2)).await.unwrap();
     assert_eq!(msgs.last().unwrap().usage.unwrap().generated_tokens, 2);
 }
+
+/// Runs the `nanoinfer` CLI against `addr` with `args` and `stdin`; its
+/// output, checked for success.
+fn cli(addr: &str, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new(bin("nanoinfer"))
+        .args(["--addr", addr])
+        .args(args)
+        .env_remove("NANOINFER_ADDR")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_ok(&out, "nanoinfer");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_answers_a_first_question_correctly_with_default_flags() {
+    // What a new user types first, with no flag: `infer` sends it as a chat
+    // message at the CLI's default temperature (0.2, top-p 0.9), sampled,
+    // not greedy, so every run is a fresh draw.
+    const QUESTION: &str = "What is the capital of France?";
+    const RUNS: usize = 10;
+    let etcd = Etcd::start().await;
+    let _worker = start_worker_with(&etcd, "w1", &chat_model_path(), &[]).await;
+    let (_coordinator, addr) = start_coordinator(&etcd, &[]).await;
+    wait_routable(&addr, 1).await;
+    let mut wrong = Vec::new();
+    for _ in 0..RUNS {
+        let infer = cli(&addr, &["infer", QUESTION], "");
+        let chat = cli(&addr, &["chat"], &format!("{QUESTION}\n"));
+        for (what, out) in [("infer", infer), ("chat", chat)] {
+            let answer = String::from_utf8_lossy(&out.stdout).to_string();
+            if !answer.contains("Paris") {
+                wrong.push(format!("{what}: {answer:?}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "answers without Paris: {wrong:#?}");
+
+    // --raw sends plain text to continue, as before.
+    let out = cli(
+        &addr,
+        &[
+            "infer",
+            "--raw",
+            "The capital of France is",
+            "--max-tokens",
+            "4",
+        ],
+        "",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("generated_tokens="), "{stderr}");
+}
+
+#[test]
+fn the_cli_says_in_one_line_when_nothing_listens() {
+    let port = free_port();
+    let out = std::process::Command::new(bin("nanoinfer"))
+        .args(["--addr", &format!("127.0.0.1:{port}"), "health"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot connect to the coordinator at 127.0.0.1:{port}"
+        )) && stderr.contains("refused")
+            && stderr.contains("NANOINFER_ADDR")
+            && !stderr.contains("tonic::"),
+        "{stderr}"
+    );
+}

@@ -1,8 +1,9 @@
 //! The documentation's promises, checked: every relative link in README.md
 //! and docs/*.md reaches a file (and, with `#anchor`, a heading in it), every
 //! repository path written as a code span exists, and every flag in the flag
-//! tables of docs/configuration.md is one its binary's `--help` lists. Reads
-//! files and runs `--help` on the two built binaries: no cluster, no network.
+//! tables of docs/configuration.md is one its binary's `--help` lists; and
+//! every script answers `--help` without side effects. Reads files and runs
+//! `--help`: no cluster, no network.
 
 mod common;
 
@@ -551,4 +552,57 @@ fn configuration_flags_are_in_help() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Every script a reader is told to run answers `--help` with its usage
+/// and exit 0, without side effects: nothing is installed, built, started
+/// or written (its cache dir, which the scripts create first thing, stays
+/// absent).
+#[test]
+fn every_script_answers_help_without_side_effects() {
+    let root = common::repo_root();
+    let cache = std::env::temp_dir().join(format!("nanoinfer-help-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&cache);
+    let scripts = [
+        "scripts/setup",
+        "scripts/test",
+        "scripts/demo",
+        "scripts/fetch-model",
+        "scripts/gen-certs",
+        "scripts/load-test",
+        "scripts/bench-router",
+        "scripts/bench-routing",
+        "scripts/bench-tls",
+        "scripts/build-base-image",
+        "scripts/build-image",
+        "deploy/local-cluster.sh",
+        "deploy/etcd-auth.sh",
+        "deploy/jaeger.sh",
+        "deploy/k8s/validate",
+        "deploy/k8s/run-on-docker",
+        "test.sh",
+    ];
+    for script in scripts {
+        for flag in ["--help", "-h"] {
+            let out = Command::new(root.join(script))
+                .arg(flag)
+                .env("NANOINFER_CACHE_DIR", &cache)
+                // Endpoints that would be touched if the script ran.
+                .env("ETCDCTL_ENDPOINTS", "http://127.0.0.1:1")
+                .output()
+                .unwrap_or_else(|e| panic!("run {script}: {e}"));
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{script} {flag}: {}\n{stdout}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                stdout.lines().filter(|l| !l.trim().is_empty()).count() >= 2,
+                "{script} {flag} printed no usage: {stdout:?}"
+            );
+            assert!(!cache.exists(), "{script} {flag} wrote {}", cache.display());
+        }
+    }
 }

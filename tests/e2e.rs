@@ -42,6 +42,35 @@ impl LocalCluster {
 
     /// `model`: NANOINFER_MODEL for the script; `None` = its default model.
     fn start_with(name: &str, args: &[&str], model: Option<PathBuf>) -> Self {
+        let cluster = Self::prepare(name, model);
+        let run_dir = cluster.run_dir();
+        let out = cluster.script(args);
+        if !out.status.success() {
+            // Every process's log tail, so a failure on CI can be read.
+            let mut logs = String::new();
+            for entry in std::fs::read_dir(&run_dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                    logs += &format!("\n--- {} (last 40 lines)\n{tail}\n", path.display());
+                }
+            }
+            panic!(
+                "local-cluster.sh start failed:\n{}{logs}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        cluster
+    }
+
+    fn run_dir(&self) -> PathBuf {
+        PathBuf::from(&self.env[0].1)
+    }
+
+    /// The environment of a cluster on free ports, not started.
+    fn prepare(name: &str, model: Option<PathBuf>) -> Self {
         let run_dir =
             std::env::temp_dir().join(format!("nanoinfer-e2e-{name}-{}", std::process::id()));
         let coordinator = free_port();
@@ -75,30 +104,16 @@ impl LocalCluster {
         if let Some(model) = model {
             env.push(("NANOINFER_MODEL".into(), model.display().to_string()));
         }
-        let cluster = Self {
+        Self {
             env,
             addr: format!("127.0.0.1:{coordinator}"),
             worker_addr: format!("127.0.0.1:{worker}"),
-        };
-        let out = cluster.script(args);
-        if !out.status.success() {
-            // Every process's log tail, so a failure on CI can be read.
-            let mut logs = String::new();
-            for entry in std::fs::read_dir(&run_dir).into_iter().flatten().flatten() {
-                let path = entry.path();
-                if path.extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let lines: Vec<&str> = text.lines().collect();
-                    let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-                    logs += &format!("\n--- {} (last 40 lines)\n{tail}\n", path.display());
-                }
-            }
-            panic!(
-                "local-cluster.sh start failed:\n{}{logs}",
-                String::from_utf8_lossy(&out.stderr)
-            );
         }
-        cluster
+    }
+
+    fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.into(), value.into()));
     }
 
     fn test_sh(&self, args: &[&str]) -> String {
@@ -150,6 +165,47 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         let out = self.script(&["stop"]);
         assert!(out.status.success() || std::thread::panicking());
+    }
+}
+
+#[test]
+fn a_taken_port_fails_the_start_at_once_and_starts_nothing() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    for var in [
+        "NANOINFER_COORDINATOR_HTTP_PORT",
+        "NANOINFER_WORKER_PORTS",
+        "NANOINFER_ETCD_PORT",
+    ] {
+        let mut cluster = LocalCluster::prepare("busy", Some(common::model_path()));
+        let value = match var {
+            "NANOINFER_WORKER_PORTS" => format!("{} {port}", free_port()),
+            _ => port.clone(),
+        };
+        cluster.set_env(var, &value);
+        let started = std::time::Instant::now();
+        let out = cluster.script(&["start"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}: {stderr}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "{var}: took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            stderr.contains(&format!("port {port} (")) && stderr.contains("already in use"),
+            "{var}: {stderr}"
+        );
+        assert!(stderr.contains(var), "{var}: {stderr}");
+        // Nothing was started: no process left a pid file.
+        let pids: Vec<_> = std::fs::read_dir(cluster.run_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .map(|e| e.path())
+            .collect();
+        assert!(pids.is_empty(), "{var}: left running: {pids:?}");
     }
 }
 
@@ -231,6 +287,9 @@ fn readme_path_local_cluster_test_sh_and_cli() {
             && stderr.contains("generated_tokens=6"),
         "{stderr}"
     );
+    // Gemma (a base model) has no chat template: the question went as a
+    // plain prompt, and the CLI said so.
+    assert!(stderr.contains("no chat template"), "{stderr}");
 
     // The benchmark program, through the CLI, against the coordinator.
     let out = cluster.cli(&[

@@ -41,8 +41,16 @@ pub struct Model {
 pub fn check_file(path: &Path) -> Result<(), String> {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    let mut file =
-        std::fs::File::open(path).map_err(|e| format!("model file {}: {e}", path.display()))?;
+    let mut file = std::fs::File::open(path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::NotFound {
+            // The first thing a new user meets: say how to get a model.
+            " (fetch the default one with scripts/fetch-model, or `nanoinfer-fetch-model DIR` in the \
+             image, and pass its path with --model or NANOINFER_MODEL)"
+        } else {
+            ""
+        };
+        format!("model file {}: {e}{hint}", path.display())
+    })?;
     if !file.metadata().map(|m| m.is_file()).unwrap_or(false) {
         return Err(format!(
             "model file {} is not a regular file",

@@ -74,7 +74,7 @@ const DEFAULT_PROMPT: &str = "Tell me one short fact about the ocean.";
 #[command(name = "nanoinfer-load", version)]
 struct Args {
     /// Coordinator gRPC address (public API).
-    #[arg(long, env = "NANOINFER_ADDR", default_value = "http://127.0.0.1:50052")]
+    #[arg(long, env = "NANOINFER_ADDR", default_value_t = nanoinfer::default_addr())]
     addr: String,
     /// Base URL of the coordinator's OpenAI-compatible HTTP API (e.g.
     /// `http://127.0.0.1:8080`); needed for --http-streams. `https://`
@@ -232,7 +232,7 @@ async fn grpc_channels(args: &Args, n: usize) -> Result<Vec<Result<Channel, Stri
     let tls = args.tls.config()?;
     let first = connect_with(&args.addr, tls.clone())
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", args.addr))?;
+        .map_err(|e| nanoinfer::connect_error(&args.addr, &e))?;
     let rest = futures::future::join_all((1..n).map(|_| {
         let tls = tls.clone();
         async move {
