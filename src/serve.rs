@@ -606,12 +606,13 @@ fn model(args: &ServeArgs) -> Result<(PathBuf, Option<String>), String> {
         }
         return Ok((path.clone(), args.model_name.clone()));
     }
-    let path = default_model_dir()
-        .map(|dir| dir.join(DEFAULT_MODEL_FILE))
+    let candidate = default_model_dir().map(|dir| dir.join(DEFAULT_MODEL_FILE));
+    let path = candidate
+        .clone()
         .filter(|path| path.is_file())
         .ok_or_else(|| {
-            let looked = default_model_dir()
-                .map(|dir| format!(" (looked for {})", dir.join(DEFAULT_MODEL_FILE).display()))
+            let looked = candidate
+                .map(|path| format!(" (looked for {})", path.display()))
                 .unwrap_or_default();
             format!("no model given and the default one is missing{looked}: run scripts/fetch-model, or pass a GGUF path")
         })?;
