@@ -1,8 +1,9 @@
 //! The documentation's promises, checked: every relative link in README.md
 //! and docs/*.md reaches a file (and, with `#anchor`, a heading in it), every
-//! repository path written as a code span exists, and every flag in the flag
-//! tables of docs/configuration.md is one its binary's `--help` lists; and
-//! every script answers `--help` without side effects. Reads files and runs
+//! repository path written as a code span exists, the flag tables of
+//! docs/configuration.md and each command's `--help` agree both ways (flags
+//! and environment variables); and every script answers `--help` without
+//! side effects (tests/doc_commands.rs runs the docs' commands). Reads files and runs
 //! `--help`: no cluster, no network.
 
 mod common;
@@ -30,9 +31,13 @@ const PATH_PREFIXES: [&str; 11] = [
 /// A code span holding one of these is a pattern or a placeholder, not a path.
 const NOT_A_PATH: [char; 5] = ['*', '<', '{', '$', '…'];
 
-/// The binaries whose flags docs/configuration.md lists, each under a heading
-/// that is exactly its name.
-const BINARIES: [&str; 2] = ["nanoinfer-coordinator", "nanoinfer-worker"];
+/// The commands whose flags docs/configuration.md lists, each under a heading
+/// that is exactly its name: (heading, binary, arguments before `--help`).
+const BINARIES: [(&str, &str, &[&str]); 3] = [
+    ("nanoinfer-coordinator", "nanoinfer-coordinator", &[]),
+    ("nanoinfer-worker", "nanoinfer-worker", &[]),
+    ("nanoinfer serve", "nanoinfer", &["serve"]),
+];
 
 /// A Markdown file: where it is, its name for messages, its text.
 struct Doc {
@@ -471,7 +476,10 @@ fn documented_flags(doc: &Doc) -> HashMap<&'static str, Vec<(usize, String)>> {
     for (n, line) in prose(&doc.text).lines().enumerate() {
         let line_no = n + 1;
         if let Some(title) = titles.get(&line_no) {
-            binary = BINARIES.iter().copied().find(|b| title.trim() == *b);
+            binary = BINARIES
+                .iter()
+                .map(|(heading, _, _)| *heading)
+                .find(|b| title.trim() == *b);
             continue;
         }
         let Some(binary) = binary else { continue };
@@ -501,15 +509,20 @@ fn documented_flags(doc: &Doc) -> HashMap<&'static str, Vec<(usize, String)>> {
     flags
 }
 
-/// Every `--flag` word in a binary's `--help`.
-fn help_flags(binary: &str) -> BTreeSet<String> {
+/// The `--help` text of a command of [`BINARIES`].
+fn help_text(binary: &str, args: &[&str]) -> String {
     let path = common::bin(binary);
     let out = Command::new(&path)
+        .args(args)
         .arg("--help")
         .output()
         .unwrap_or_else(|e| panic!("running {} --help: {e}", path.display()));
-    common::assert_ok(&out, &format!("{binary} --help"));
-    let help = String::from_utf8_lossy(&out.stdout);
+    common::assert_ok(&out, &format!("{binary} {} --help", args.join(" ")));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every `--flag` word in a `--help` text.
+fn help_flags(help: &str) -> BTreeSet<String> {
     let mut found = BTreeSet::new();
     for (i, _) in help.match_indices("--") {
         let name: String = help[i + 2..]
@@ -523,24 +536,86 @@ fn help_flags(binary: &str) -> BTreeSet<String> {
     found
 }
 
+/// The options a `--help` text defines: the `--flag` that starts a line
+/// (after `-x, `), not those its descriptions mention.
+fn help_options(help: &str) -> BTreeSet<String> {
+    help.lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let line = match line.split_once(", ") {
+                Some((short, rest)) if short.len() == 2 && short.starts_with('-') => rest,
+                _ => line,
+            };
+            let name: String = line
+                .strip_prefix("--")?
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+                .collect();
+            (!name.is_empty()).then(|| format!("--{name}"))
+        })
+        .collect()
+}
+
+/// The environment variables a `--help` text names (`[env: NAME=…]`).
+fn help_env(help: &str) -> BTreeSet<String> {
+    help.match_indices("[env: ")
+        .map(|(i, m)| {
+            help[i + m.len()..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+/// Both ways: every flag in a table is in its command's `--help`, every
+/// flag in `--help` has a row, and every full environment variable name in
+/// a table's flag and env columns (`NANOINFER_…`, `OTEL_…`) is one
+/// `--help` names.
 #[test]
-fn configuration_flags_are_in_help() {
+fn configuration_matches_help() {
     let doc = Doc::read(&common::repo_root().join("docs/configuration.md"));
     let flags = documented_flags(&doc);
     let mut failures = Vec::new();
-    for binary in BINARIES {
-        let documented = flags.get(binary).map(Vec::as_slice).unwrap_or_default();
+    for (heading, binary, args) in BINARIES {
+        let documented = flags.get(heading).map(Vec::as_slice).unwrap_or_default();
         assert!(
-            documented.len() >= 10,
-            "{}: found {} flags under a \"{binary}\" heading; expected its flag table there",
+            documented.len() >= 5,
+            "{}: found {} flags under a \"{heading}\" heading; expected its flag table there",
             doc.name,
             documented.len()
         );
-        let help = help_flags(binary);
+        let help = help_text(binary, args);
+        let in_help = help_flags(&help);
         for (line, flag) in documented {
-            if !help.contains(flag) {
+            if !in_help.contains(flag) {
                 failures.push(format!(
-                    "{}:{line}: {flag} is in the {binary} table but not in `{binary} --help`",
+                    "{}:{line}: {flag} is in the {heading} table but not in its --help",
+                    doc.name
+                ));
+            }
+        }
+        let in_table: BTreeSet<&String> = documented.iter().map(|(_, f)| f).collect();
+        // The CLI's global options (the client's address, TLS and key,
+        // under "Clients") show in every subcommand's help.
+        let global = if args.is_empty() {
+            BTreeSet::new()
+        } else {
+            help_options(&help_text(binary, &[]))
+        };
+        for flag in help_options(&help).difference(&global) {
+            if flag != "--help" && flag != "--version" && !in_table.contains(flag) {
+                failures.push(format!(
+                    "{}: `{heading} --help` has {flag}, the {heading} table has no row for it",
+                    doc.name
+                ));
+            }
+        }
+        let env = help_env(&help);
+        for (line, name) in documented_env(&doc, heading) {
+            if !env.contains(&name) {
+                failures.push(format!(
+                    "{}:{line}: {name} is in the {heading} table but `{heading} --help` reads no such variable",
                     doc.name
                 ));
             }
@@ -548,10 +623,53 @@ fn configuration_flags_are_in_help() {
     }
     assert!(
         failures.is_empty(),
-        "{} undocumented flag(s):\n{}",
+        "docs/configuration.md and --help differ ({}):\n{}",
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Full environment variable names (`NANOINFER_…`, `OTEL_…`) in the first
+/// column and the "env" column of the table under `heading`: (line, name).
+fn documented_env(doc: &Doc, heading: &str) -> Vec<(usize, String)> {
+    let titles: HashMap<usize, String> = headings(&doc.text)
+        .into_iter()
+        .map(|(line, _, title)| (line, title.replace('`', "")))
+        .collect();
+    let mut inside = false;
+    // The first column, and the one headed "env" where there is one.
+    let mut columns: Option<Vec<usize>> = None;
+    let mut out = Vec::new();
+    for (n, line) in prose(&doc.text).lines().enumerate() {
+        if let Some(title) = titles.get(&(n + 1)) {
+            inside = title.trim() == heading;
+            columns = None;
+            continue;
+        }
+        if !inside || !line.trim_start().starts_with('|') {
+            continue;
+        }
+        let row = cells(line);
+        let Some(columns) = &columns else {
+            let mut first = vec![0];
+            first.extend(row.iter().position(|c| c.trim() == "env"));
+            columns = Some(first);
+            continue;
+        };
+        for cell in columns.iter().filter_map(|&i| row.get(i)) {
+            for span in code_spans(cell) {
+                let name = span.content.trim();
+                if (name.starts_with("NANOINFER_") || name.starts_with("OTEL_"))
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                {
+                    out.push((n + 1, name.to_string()));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Every script a reader is told to run answers `--help` with its usage
