@@ -99,6 +99,7 @@ impl WorkerService for Paced {
                     prompt_tokens,
                     generated_tokens: n,
                     load: None,
+                    cached_tokens: 0,
                 }),
                 ..Default::default()
             };

@@ -51,6 +51,37 @@ async fn stream_contract_request_ids_usage_and_length() {
     assert_ne!(&other[0].request_id, id, "generated ids are unique");
 }
 
+/// The final message's `cached_prompt_tokens` is what the worker reused
+/// from its KV cache: its own counter moves by exactly that much. A first
+/// prompt finds nothing; the same prompt again finds all but the tokens the
+/// worker must compute to sample from (at least the last one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_the_prompt_tokens_the_worker_reused() {
+    let mut cluster = Cluster::start(1, &[], &[]).await;
+    let mut client = cluster.client().await;
+    let prompt = PROMPT.repeat(8);
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let before = common::scrape(&mut cluster.workers[0]).await;
+        let msgs = collect(&mut client, greedy(&prompt, 2)).await.unwrap();
+        let after = common::scrape(&mut cluster.workers[0]).await;
+        let usage = msgs.last().unwrap().usage.unwrap();
+        let series = "nanoinfer_worker_prefix_cache_hit_tokens_total";
+        let reused = after[series] - before[series];
+        assert_eq!(f64::from(usage.cached_prompt_tokens), reused, "{usage:?}");
+        assert!(
+            usage.cached_prompt_tokens < usage.prompt_tokens,
+            "{usage:?}"
+        );
+        seen.push((usage.cached_prompt_tokens, usage.prompt_tokens));
+    }
+    assert_eq!(seen[0].0, 0, "{seen:?}");
+    assert!(
+        seen[1].0 + 2 >= seen[1].1,
+        "the repeat reused its prompt: {seen:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_seed_same_text_and_stop_sequences_end_the_stream() {
     let cluster = Cluster::start(1, &[], &[]).await;

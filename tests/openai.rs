@@ -21,22 +21,34 @@ struct Api {
     base: String,
     metrics: String,
     worker_metrics: String,
+    /// Every worker's /metrics URL.
+    all_worker_metrics: Vec<String>,
 }
 
 async fn cluster() -> Api {
+    cluster_with(&[]).await
+}
+
+/// The cluster, its coordinator started with `extra` arguments too.
+async fn cluster_with(extra: &[&str]) -> Api {
     let etcd = Etcd::start().await;
     let model = chat_model_path();
     let mut workers = Vec::new();
     for id in ["w1", "w2"] {
         workers.push(start_worker_with(&etcd, id, &model, &["--model-name", "smollm2"]).await);
     }
-    let worker_metrics = format!("http://{}/metrics", workers[0].metrics_addr().await);
+    let mut all_worker_metrics = Vec::new();
+    for w in &mut workers {
+        all_worker_metrics.push(format!("http://{}/metrics", w.metrics_addr().await));
+    }
+    let worker_metrics = all_worker_metrics[0].clone();
     let dir = std::env::temp_dir().join(format!("nanoinfer-openai-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("api-keys");
     std::fs::write(&keys, format!("# test key\n{KEY}\n")).unwrap();
-    let (mut coordinator, addr) =
-        common::start_coordinator(&etcd, &["--api-keys-file", keys.to_str().unwrap()]).await;
+    let mut args = vec!["--api-keys-file", keys.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let (mut coordinator, addr) = common::start_coordinator(&etcd, &args).await;
     let base = format!("http://{}", coordinator.http_addr().await);
     let metrics = format!("http://{}/metrics", coordinator.metrics_addr().await);
     let api = Api {
@@ -46,6 +58,7 @@ async fn cluster() -> Api {
         base,
         metrics,
         worker_metrics,
+        all_worker_metrics,
     };
     // Both workers routable before the checks start.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -64,6 +77,21 @@ async fn cluster() -> Api {
 }
 
 impl Api {
+    /// Prompt tokens the workers reused from their KV caches so far, over
+    /// all workers (their own counter).
+    fn reused_tokens(&self) -> f64 {
+        self.all_worker_metrics
+            .iter()
+            .map(|url| {
+                let (_, text) = self.curl(&["-s", url]);
+                common::parse_metrics(&text)
+                    .get("nanoinfer_worker_prefix_cache_hit_tokens_total")
+                    .copied()
+                    .unwrap_or_else(|| panic!("no prefix_cache_hit_tokens in {text}"))
+            })
+            .sum()
+    }
+
     /// Runs curl with `args` plus `-w` for the status; (status, body).
     fn curl(&self, args: &[&str]) -> (u16, String) {
         curl(args)
@@ -281,4 +309,76 @@ async fn sse_framing_headers_and_errors_over_curl() {
     let v: serde_json::Value = serde_json::from_str(&t).unwrap();
     assert_eq!(v["model"], "smollm2");
     assert_eq!(v["usage"]["completion_tokens"], 2);
+}
+
+/// `usage.prompt_tokens_details.cached_tokens` is what the worker actually
+/// reused (its own counter moves by exactly that much), for chat and
+/// completions, whole and streamed: none on a first request, most of the
+/// prompt on a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_tokens_are_what_the_worker_reused() {
+    // Prefix affinity sends a repeat to the worker that has its prompt.
+    let api = cluster_with(&["--routing", "prefix-affinity"]).await;
+    let system = "You are a careful assistant for a company that sells garden tools. \
+        Answer in one short sentence, be polite, never invent prices, and refer \
+        questions about orders to the support desk. "
+        .repeat(4);
+    let chat = serde_json::json!({
+        "model": "smollm2", "temperature": 0, "max_tokens": 4,
+        "messages": [{"role": "system", "content": system},
+                     {"role": "user", "content": "Do you sell rakes?"}],
+    });
+    let completion = serde_json::json!({
+        "model": "smollm2", "temperature": 0, "max_tokens": 4,
+        "prompt": format!("{system}\nQuestion: do you sell rakes?\nAnswer:"),
+    });
+    let cases: [(&str, &serde_json::Value, bool); 6] = [
+        ("/v1/chat/completions", &chat, false),
+        ("/v1/chat/completions", &chat, false),
+        ("/v1/chat/completions", &chat, true),
+        ("/v1/completions", &completion, false),
+        ("/v1/completions", &completion, false),
+        ("/v1/completions", &completion, true),
+    ];
+    let mut seen = Vec::new();
+    for (i, (path, body, stream)) in cases.into_iter().enumerate() {
+        let mut body = body.clone();
+        if stream {
+            body["stream"] = true.into();
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
+        let before = api.reused_tokens();
+        let (status, text) = api.post(path, &body.to_string(), &[]);
+        assert_eq!(status, 200, "{path}: {text}");
+        let usage = if stream {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|d| *d != "[DONE]")
+                .map(|d| serde_json::from_str::<serde_json::Value>(d).unwrap())
+                .find(|v| v["usage"].is_object())
+                .unwrap_or_else(|| panic!("{path}: no usage chunk in {text}"))["usage"]
+                .clone()
+        } else {
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["usage"].clone()
+        };
+        let cached = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{path}: no cached_tokens in {usage}"));
+        let reused = api.reused_tokens() - before;
+        assert_eq!(cached as f64, reused, "{path} #{i}: {usage}");
+        assert!(
+            cached <= usage["prompt_tokens"].as_u64().unwrap(),
+            "{usage}"
+        );
+        seen.push(cached);
+    }
+    // The first of each kind computed its prompt; the repeats found most of it.
+    assert_eq!(seen[0], 0, "{seen:?}");
+    for i in [1, 2, 4, 5] {
+        assert!(
+            seen[i] >= 100,
+            "request {i} reused only {} tokens: {seen:?}",
+            seen[i]
+        );
+    }
 }

@@ -733,6 +733,7 @@ struct ChoiceAcc {
     top: Vec<Value>,
     offsets: Vec<usize>,
     prompt_tokens: u32,
+    cached_tokens: u32,
     generated: u32,
 }
 
@@ -760,17 +761,25 @@ impl ChoiceAcc {
             self.finish = Some(finish_reason(m.finish_reason));
             if let Some(u) = &m.usage {
                 self.prompt_tokens = u.prompt_tokens;
+                self.cached_tokens = u.cached_prompt_tokens;
                 self.generated = u.generated_tokens;
             }
         }
     }
 }
 
-/// Usage over all choices: the prompt once, every choice's tokens.
+/// Usage over all choices: the prompt once, every choice's tokens; of the
+/// prompt, the most tokens any choice's worker found in its KV cache.
 fn usage(choices: &[ChoiceAcc]) -> Value {
     let prompt = choices.iter().map(|c| c.prompt_tokens).max().unwrap_or(0);
+    let cached = choices.iter().map(|c| c.cached_tokens).max().unwrap_or(0);
     let completion: u32 = choices.iter().map(|c| c.generated).sum();
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
 }
 
 /// Reads every message of a non-streaming request into one response.

@@ -562,6 +562,7 @@ impl State {
                 prompt_tokens: f.prompt_tokens,
                 generated_tokens: f.generated_tokens,
                 total_tokens: f.prompt_tokens + f.generated_tokens,
+                cached_prompt_tokens: f.cached_tokens,
             }),
             logprob: None,
             top_logprobs: Vec::new(),

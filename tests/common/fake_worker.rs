@@ -203,6 +203,7 @@ fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStr
                     prompt_tokens: 3,
                     generated_tokens: n,
                     load: *shared.load.lock().unwrap(),
+                    cached_tokens: 0,
                 }),
                 ..Default::default()
             };

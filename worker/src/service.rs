@@ -221,6 +221,7 @@ fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Statu
             text,
             prompt_tokens,
             generated_tokens,
+            cached_tokens,
         } => GenerateResponse {
             text,
             token_id: None,
@@ -230,6 +231,7 @@ fn to_response(event: Event, request_id: &str) -> Result<GenerateResponse, Statu
                 prompt_tokens,
                 generated_tokens,
                 load: None,
+                cached_tokens,
             }),
             logprob: None,
             top_logprobs: Vec::new(),

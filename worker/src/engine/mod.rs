@@ -145,6 +145,8 @@ pub enum Event {
         prompt_tokens: u32,
         /// Generated tokens: resumed ones plus one per `Token` event.
         generated_tokens: u32,
+        /// Prompt tokens whose cells were reused from the cache.
+        cached_tokens: u32,
     },
     /// The generation failed; the last event.
     Failed(Failure),

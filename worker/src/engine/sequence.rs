@@ -104,6 +104,8 @@ pub(super) struct Sequence {
     input: Vec<LlamaToken>,
     /// Input tokens already handed to a batch.
     prefilled: usize,
+    /// Input tokens whose cells were reused from the cache at admission.
+    reused: usize,
     cells: Cells<LlamaToken>,
     /// The last sampled token, decoded in the next step.
     next: Option<LlamaToken>,
@@ -141,6 +143,7 @@ impl Sequence {
             stop: StopMatcher::new(g.stop.iter().cloned()),
             cells: Cells::starting_with(&input[..reused]),
             prefilled: reused,
+            reused,
             input,
             next: None,
             generated: 0,
@@ -407,6 +410,7 @@ impl Sequence {
             text,
             prompt_tokens: self.prompt_len() as u32,
             generated_tokens: self.generated,
+            cached_tokens: self.reused.min(self.prompt_len()) as u32,
         });
     }
 
