@@ -22,8 +22,13 @@ pub const MAX_BLOCKS: usize = 1024;
 /// The routing policy (`--routing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Routing {
+    /// The best mix of cached prompt and load, from the workers' KV events
+    /// (see `crate::kv_index` and `Router`'s cache-aware score).
+    CacheAware,
     /// The worker with the fewest requests in flight.
     LeastLoaded,
+    /// Any routable worker, at random (a baseline for benchmarks).
+    Random,
     /// The worker holding the longest prefix of the prompt, within the load
     /// gap; least-loaded otherwise.
     PrefixAffinity,

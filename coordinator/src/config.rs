@@ -47,18 +47,22 @@ pub struct Args {
     pub http_listen: HttpListen,
     #[command(flatten)]
     pub etcd: nanoinfer_registry::EtcdArgs,
-    /// How a request's worker is chosen: `prefix-affinity` (the worker the
-    /// longest shared prompt prefix went to, whose KV cache likely still
-    /// holds it, unless it has more than --affinity-max-load-gap requests
-    /// more in flight than the least loaded; otherwise the lighter of two
-    /// random workers), or `least-loaded` (fewest requests in flight). Load
-    /// counts this coordinator's requests plus the others' from the
+    /// How a request's worker is chosen. `cache-aware` (the default): the
+    /// best score, the fraction of the prompt's tokens the worker's KV
+    /// cache holds (from the workers' own KV events) less
+    /// --cache-aware-load-weight times its requests per slot; among equal
+    /// scores the lighter of two random workers. `prefix-affinity`: the
+    /// worker this coordinator sent the longest shared prompt text to,
+    /// unless it has more than --affinity-max-load-gap requests more in
+    /// flight than the least loaded. `least-loaded`: fewest requests in
+    /// flight. `random`: any routable worker (a baseline for benchmarks).
+    /// Load counts this coordinator's requests plus the others' from the
     /// workers' load reports.
     #[arg(
         long,
         env = "NANOINFER_ROUTING",
         value_enum,
-        default_value = "prefix-affinity"
+        default_value = "cache-aware"
     )]
     pub routing: crate::affinity::Routing,
     /// With prefix-affinity: how many more requests in flight than the
@@ -70,6 +74,18 @@ pub struct Args {
     /// its default 2,048 tokens at ~5 bytes of English per token).
     #[arg(long, env = "NANOINFER_AFFINITY_CACHE_BYTES", default_value_t = 10 << 10)]
     pub affinity_cache_bytes: usize,
+    /// With cache-aware routing: what one request per slot costs in the
+    /// score, against 1.0 for a prompt whose every token is cached. At 1.0,
+    /// a worker holding the whole prompt with every slot busy ties with an
+    /// idle worker holding none of it.
+    #[arg(long, env = "NANOINFER_CACHE_AWARE_LOAD_WEIGHT", default_value_t = 1.0)]
+    pub cache_aware_load_weight: f64,
+    /// With cache-aware routing: most KV blocks indexed per worker (8 bytes
+    /// each plus the set's overhead); a worker reporting more is routed by
+    /// load alone. A worker holds at most its KV cells / 16 blocks (512 with
+    /// its defaults).
+    #[arg(long, env = "NANOINFER_KV_INDEX_MAX_BLOCKS", default_value_t = 1 << 20)]
+    pub kv_index_max_blocks: usize,
     /// `max_tokens` used when a request leaves it at 0.
     #[arg(long, env = "NANOINFER_DEFAULT_MAX_TOKENS", default_value_t = 128)]
     pub default_max_tokens: u32,
@@ -288,6 +304,10 @@ pub struct UpstreamConfig {
     pub affinity_max_load_gap: usize,
     /// Prompt bytes remembered per worker for prefix affinity.
     pub affinity_cache_bytes: usize,
+    /// Cache-aware routing: the weight of requests per slot in the score.
+    pub cache_aware_load_weight: f64,
+    /// Cache-aware routing: the index's bound per worker.
+    pub kv_index_max_blocks: usize,
 }
 
 impl Default for UpstreamConfig {
@@ -305,9 +325,11 @@ impl Default for UpstreamConfig {
             max_attempts: 3,
             connections: 1,
             cluster_tls: None,
-            routing: crate::affinity::Routing::PrefixAffinity,
+            routing: crate::affinity::Routing::CacheAware,
             affinity_max_load_gap: 2,
             affinity_cache_bytes: 10 << 10,
+            cache_aware_load_weight: 1.0,
+            kv_index_max_blocks: 1 << 20,
         }
     }
 }
@@ -322,6 +344,12 @@ impl Args {
             return Err(format!(
                 "--default-max-tokens must be 1..={} (--max-tokens-limit), got {}",
                 self.max_tokens_limit, self.default_max_tokens
+            ));
+        }
+        if !(self.cache_aware_load_weight.is_finite() && self.cache_aware_load_weight >= 0.0) {
+            return Err(format!(
+                "--cache-aware-load-weight must be a number >= 0, got {}",
+                self.cache_aware_load_weight
             ));
         }
         for (flag, value) in [
@@ -403,6 +431,8 @@ impl Args {
                 routing: self.routing,
                 affinity_max_load_gap: self.affinity_max_load_gap as usize,
                 affinity_cache_bytes: self.affinity_cache_bytes,
+                cache_aware_load_weight: self.cache_aware_load_weight,
+                kv_index_max_blocks: self.kv_index_max_blocks,
             },
             api_keys_file: self.api_keys_file,
             public_tls,

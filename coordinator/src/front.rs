@@ -274,6 +274,8 @@ impl Front {
                 );
                 crate::affinity::prefix_blocks(&text).into()
             }
+        } else if let Some(tokenizer) = self.router.tokenizer(params.model.as_deref()) {
+            kv_blocks(tokenizer, &params).await
         } else {
             Arc::from(Vec::new())
         };
@@ -445,4 +447,25 @@ fn shortest_f64(x: f32) -> f64 {
 fn rand_seed() -> u64 {
     // A fresh v4 UUID is 122 random bits from the OS generator.
     uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+/// The KV block hashes of the prompt the worker will compute for `params`
+/// (cache-aware routing), tokenized off the async runtime. Empty when the
+/// conversation cannot be rendered (the worker answers that error).
+async fn kv_blocks(
+    tokenizer: Arc<crate::vocab::Tokenizer>,
+    params: &crate::validate::InferParams,
+) -> Arc<[u64]> {
+    let prompt = params.prompt.clone();
+    let messages = params.messages.clone();
+    tokio::task::spawn_blocking(move || {
+        let tokens = if messages.is_empty() {
+            tokenizer.prompt(&prompt)
+        } else {
+            tokenizer.chat(&messages).unwrap_or_default()
+        };
+        Arc::from(nanoinfer_proto::kv::block_hashes(&tokens))
+    })
+    .await
+    .unwrap_or_else(|_| Arc::from(Vec::new()))
 }

@@ -25,6 +25,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod front;
+pub mod kv_index;
 pub mod metrics;
 pub mod openai;
 pub mod relay;
@@ -32,6 +33,7 @@ pub mod routing;
 pub mod service;
 pub mod upstream;
 pub mod validate;
+pub mod vocab;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -253,6 +253,37 @@ impl CoordinatorMetrics {
             "Prefix-affinity routing decisions: hit (the prefix's worker), miss (no worker holds it), overloaded (its worker was past the load gap)",
             self.router.affinity.clone(),
         );
+        let kv = &self.router.kv;
+        r.register(
+            "cache_aware_picks",
+            "Cache-aware routing decisions: cache (a worker holding part of the prompt won), load (none holds any: by load), no_index (no vocabulary or no synced index yet)",
+            kv.decisions.clone(),
+        );
+        r.register(
+            "kv_events",
+            "KV events from the workers applied to the index",
+            kv.events.clone(),
+        );
+        r.register(
+            "kv_snapshots",
+            "KV snapshots received (first subscriptions and resyncs)",
+            kv.snapshots.clone(),
+        );
+        r.register(
+            "kv_resyncs",
+            "Workers' KV event streams that broke or fell out of step and were subscribed again",
+            kv.resyncs.clone(),
+        );
+        r.register(
+            "kv_index_blocks",
+            "KV blocks the index holds per worker (-1 while its stream is out of sync)",
+            kv.blocks.clone(),
+        );
+        r.register(
+            "kv_predictions",
+            "Finished requests by how the worker's reused prompt blocks compared with the index's prediction: agree, more, fewer",
+            kv.predictions.clone(),
+        );
         r.register(
             "retries",
             "Requests moved to another worker before their first token",

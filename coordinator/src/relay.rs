@@ -149,6 +149,9 @@ struct State {
     backoff: bool,
     /// When the request first waited in the admission queue.
     waiting_since: Option<Instant>,
+    /// Cache-aware routing: the prompt's leading blocks the index said the
+    /// current attempt's worker holds.
+    predicted_blocks: Option<usize>,
 }
 
 /// How a wait in the admission queue ended.
@@ -176,6 +179,7 @@ pub async fn run(
         notes: Vec::new(),
         backoff: false,
         waiting_since: None,
+        predicted_blocks: None,
     };
     if let Err(e) = state.serve().await {
         state.fail(e).await;
@@ -413,8 +417,11 @@ impl State {
             channel,
             model_name,
             guard: _guard,
+            predicted_blocks,
             ..
         } = picked;
+        // A resumed attempt's prompt is longer than the one predicted for.
+        self.predicted_blocks = predicted_blocks.filter(|_| self.delivered.is_empty());
         let now = Instant::now();
         let deadline = self.relay.deadline;
         if now >= deadline {
@@ -543,6 +550,17 @@ impl State {
             r.router.report(worker, load);
         }
         let label = finish_label(f.reason);
+        // What the index predicted against what the worker reused, in
+        // whole blocks.
+        if let Some(predicted) = self.predicted_blocks {
+            let reused = f.cached_tokens as usize / nanoinfer_proto::kv::BLOCK_TOKENS;
+            let reason = match reused.cmp(&predicted) {
+                std::cmp::Ordering::Equal => "agree",
+                std::cmp::Ordering::Greater => "more",
+                std::cmp::Ordering::Less => "fewer",
+            };
+            r.router.kv_prediction(reason);
+        }
         r.recorder.tokens(f.prompt_tokens, f.generated_tokens);
         r.recorder.finished(label);
         r.span.record("gen_ai.usage.input_tokens", f.prompt_tokens);

@@ -1,5 +1,20 @@
-//! Worker choice: by prefix affinity (the default, see [`crate::affinity`])
-//! or the fewest requests in flight, among workers with room.
+//! Worker choice, among workers with room: cache-aware (the default), by
+//! prefix affinity ([`crate::affinity`]), the fewest requests in flight, or
+//! at random.
+//!
+//! **Cache-aware**: every worker streams what its KV cache holds
+//! (`KvEvents`) into the [`KvIndex`]; a request's prompt is tokenized with
+//! the workers' own vocabulary ([`crate::vocab`]) and cut into the same
+//! block hashes. Each candidate scores
+//! `cached − w · load / slots`, where `cached` is the fraction of the
+//! prompt's whole blocks the worker holds (its leading blocks in the
+//! index), `load` its requests in flight (this coordinator's and, from its
+//! load reports, the others'), `slots` its registered slots and `w`
+//! `--cache-aware-load-weight`. The best score wins; among scores within
+//! [`SCORE_TIE`] of it, the lighter of two random workers. A worker whose
+//! event stream is down or resyncing counts as holding nothing (never by
+//! stale data), and so does every worker while the prompt's model has no
+//! vocabulary loaded yet.
 //!
 //! The [`Router`] owns the one table of workers (channel, in-flight count,
 //! ejection state, capacity). Only [`Router::sync`], fed by the discovery
@@ -39,7 +54,11 @@ use tonic_health::pb::HealthCheckRequest;
 
 use crate::admission::{Admission, AdmissionMetrics};
 use crate::config::UpstreamConfig;
+use crate::kv_index::KvIndex;
 use crate::metrics::WorkerLabel;
+
+/// Cache-aware scores this close to the best count as equal.
+pub const SCORE_TIE: f64 = 1e-6;
 
 /// Counts one request against a worker while alive; its drop gives the
 /// room to the next waiting request.
@@ -83,6 +102,9 @@ pub struct Picked {
     pub model_name: String,
     /// The in-flight guard.
     pub guard: InFlight,
+    /// Cache-aware routing: the prompt's leading blocks the index said this
+    /// worker holds (`None`: not known, or another policy).
+    pub predicted_blocks: Option<usize>,
 }
 
 /// How a prefix-affinity pick went.
@@ -92,9 +114,38 @@ pub struct AffinityLabel {
     pub outcome: &'static str,
 }
 
+/// Why a cache-aware pick went where it did.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// `cache` (a worker holding part of the prompt won), `load` (no
+    /// candidate holds any of it: by load), `no_index` (no vocabulary yet,
+    /// or no candidate's index is in sync).
+    pub reason: &'static str,
+}
+
+/// Cache-aware routing's metrics.
+#[derive(Clone, Default)]
+pub struct KvMetrics {
+    /// Picks by reason.
+    pub decisions: Family<DecisionLabel, Counter>,
+    /// KV events applied to the index.
+    pub events: Counter,
+    /// Snapshots received (first subscriptions and resyncs).
+    pub snapshots: Counter,
+    /// Streams that had to resync (gap, restart, bound) or broke.
+    pub resyncs: Family<WorkerLabel, Counter>,
+    /// Blocks indexed per worker (-1 while unsynced).
+    pub blocks: Family<WorkerLabel, Gauge>,
+    /// Finished requests whose worker reused exactly the predicted blocks
+    /// (`agree`), more (`more`) or fewer (`fewer`).
+    pub predictions: Family<DecisionLabel, Counter>,
+}
+
 /// The router's metrics (registered by [`crate::metrics`]).
 #[derive(Clone, Default)]
 pub struct RouterMetrics {
+    /// Cache-aware routing's.
+    pub kv: KvMetrics,
     /// Prefix-affinity picks by outcome.
     pub affinity: Family<AffinityLabel, Counter>,
     /// Requests in flight per worker.
@@ -129,6 +180,20 @@ struct WorkerState {
     /// Requests it may hold before it has no room: its slots plus the
     /// dispatch queue depth (at most its own queue).
     limit: usize,
+    /// Its registered slots.
+    slots: usize,
+    /// Cache-aware routing: the task following its KV events (aborted
+    /// when the worker leaves the table).
+    _kv_task: Option<AbortOnDrop>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// What a worker last said about its load (in the final message of a
@@ -172,6 +237,7 @@ impl WorkerState {
             channel: self.channel().clone(),
             model_name: self.model_name.clone(),
             guard: InFlight(self.in_flight.clone(), admission.clone()),
+            predicted_blocks: None,
         }
     }
 }
@@ -187,6 +253,70 @@ pub struct Router {
     upstream: UpstreamConfig,
     routable: watch::Sender<usize>,
     admission: Arc<Admission>,
+    /// Cache-aware routing: what each worker's KV cache holds.
+    kv: Arc<KvIndex>,
+    /// Cache-aware routing: each model's tokenizer.
+    vocabs: Arc<crate::vocab::Vocabs>,
+}
+
+/// Follows worker `id`'s `KvEvents` into `index` for as long as the task
+/// runs (it is aborted when the worker leaves the table): on a broken
+/// stream, a gap or a restart, the worker is unsynced (routed by load) and
+/// the subscription starts again, from a snapshot, after a backoff of
+/// 0.2–5 s. A worker without the RPC (UNIMPLEMENTED: a test double, an
+/// older worker) is asked again every minute.
+async fn follow_kv_events(index: Arc<KvIndex>, metrics: KvMetrics, id: String, channel: Channel) {
+    use nanoinfer_proto::worker::{worker_service_client::WorkerServiceClient, KvEventsRequest};
+    let label = WorkerLabel { worker: id.clone() };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let mut client = WorkerServiceClient::new(channel.clone());
+        let mut wait = backoff;
+        match client.kv_events(KvEventsRequest {}).await {
+            Ok(response) => {
+                let mut stream = response.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(batch)) => {
+                            if batch.snapshot {
+                                metrics.snapshots.inc();
+                            }
+                            match index.apply(&id, &batch) {
+                                Ok(()) => {
+                                    backoff = Duration::from_millis(200);
+                                    metrics.events.inc_by(batch.events.len() as u64);
+                                    let held = index.held(&id).map_or(-1, |n| n as i64);
+                                    metrics.blocks.get_or_create(&label).set(held);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(worker = %id, error = %e,
+                                        "KV event stream out of step; resyncing (routed by load meanwhile)");
+                                    wait = Duration::ZERO;
+                                    break;
+                                }
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(worker = %id, status = %status.message(), "KV event stream ended");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                wait = Duration::from_secs(60);
+            }
+            Err(status) => {
+                tracing::debug!(worker = %id, status = %status.message(), "cannot subscribe to KV events");
+            }
+        }
+        index.unsync(&id);
+        metrics.blocks.get_or_create(&label).set(-1);
+        metrics.resyncs.get_or_create(&label).inc();
+        tokio::time::sleep(wait.mul_f64(0.75 + 0.5 * jitter())).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// Index of the candidate with the fewest in flight; among ties, the one at
@@ -248,9 +378,42 @@ impl Router {
             rotation: AtomicUsize::new(0),
             generations: AtomicU64::new(0),
             metrics,
+            kv: Arc::new(KvIndex::new(upstream.kv_index_max_blocks)),
+            vocabs: Arc::default(),
             upstream,
             routable: watch::channel(0).0,
         }
+    }
+
+    /// What each worker's KV cache holds (cache-aware routing).
+    pub fn kv_index(&self) -> &Arc<KvIndex> {
+        &self.kv
+    }
+
+    /// The tokenizer of `model` (any model when `None` and the workers
+    /// serve one), when cache-aware routing is on and it is loaded; starts
+    /// fetching it from a worker serving it otherwise.
+    pub fn tokenizer(&self, model: Option<&str>) -> Option<Arc<crate::vocab::Tokenizer>> {
+        if self.upstream.routing != crate::affinity::Routing::CacheAware {
+            return None;
+        }
+        let model = match model {
+            Some(m) => m.to_string(),
+            None => {
+                let models = self.models();
+                match models.as_slice() {
+                    [(only, _)] => only.clone(),
+                    _ => return None,
+                }
+            }
+        };
+        self.vocabs.get(&model, || {
+            let workers = self.workers.lock().expect("router lock");
+            workers
+                .values()
+                .find(|w| !w.ejected && w.model_name == model)
+                .map(|w| w.channels[0].clone())
+        })
     }
 
     /// The admission queue requests wait in while no worker has room.
@@ -328,6 +491,11 @@ impl Router {
                     .in_flight
                     .remove(&WorkerLabel { worker: id.clone() });
                 self.prefixes.lock().expect("prefix lock").forget(id);
+                self.kv.remove(id);
+                self.metrics
+                    .kv
+                    .blocks
+                    .remove(&WorkerLabel { worker: id.clone() });
             }
             keep
         });
@@ -353,6 +521,18 @@ impl Router {
                 self.upstream.dispatch_queue_depth,
             );
             room += limit;
+            let kv_task = (self.upstream.routing == crate::affinity::Routing::CacheAware)
+                .then(|| tokio::runtime::Handle::try_current().ok())
+                .flatten()
+                .map(|runtime| {
+                    let task = runtime.spawn(follow_kv_events(
+                        self.kv.clone(),
+                        self.metrics.kv.clone(),
+                        id.clone(),
+                        channels[0].clone(),
+                    ));
+                    AbortOnDrop(task.abort_handle())
+                });
             workers.insert(
                 id.clone(),
                 WorkerState {
@@ -365,6 +545,8 @@ impl Router {
                     reported: None,
                     generation: self.generations.fetch_add(1, Ordering::Relaxed),
                     limit,
+                    slots: info.capacity.slots.max(1) as usize,
+                    _kv_task: kv_task,
                 },
             );
         }
@@ -388,6 +570,11 @@ impl Router {
     /// Wants prompt prefix blocks for [`Router::pick`] (prefix affinity).
     pub fn wants_prefix(&self) -> bool {
         self.upstream.routing == crate::affinity::Routing::PrefixAffinity
+    }
+
+    /// The routing policy.
+    pub fn routing(&self) -> crate::affinity::Routing {
+        self.upstream.routing
     }
 
     /// Picks a routable worker whatever its load (one-shot calls such as
@@ -436,6 +623,17 @@ impl Router {
         candidates.sort_by(|a, b| a.0.cmp(b.0));
         let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        match self.upstream.routing {
+            crate::affinity::Routing::CacheAware => {
+                return self.cache_aware(&candidates, &counts, prefix, rotation)
+            }
+            crate::affinity::Routing::Random => {
+                let i = (uuid::Uuid::new_v4().as_u128() % candidates.len() as u128) as usize;
+                let (id, w) = candidates[i];
+                return Pick::Worker(w.picked(id, &self.admission));
+            }
+            _ => {}
+        }
         let mut index = if self.wants_prefix() {
             // Where affinity has no preference: the lighter of two random
             // workers, so that coordinators routing by the same slightly
@@ -465,6 +663,70 @@ impl Router {
         }
         let (id, w) = candidates[index];
         Pick::Worker(w.picked(id, &self.admission))
+    }
+
+    /// Counts one finished request's prediction outcome (`agree`, `more`,
+    /// `fewer`).
+    pub fn kv_prediction(&self, reason: &'static str) {
+        self.metrics
+            .kv
+            .predictions
+            .get_or_create(&DecisionLabel { reason })
+            .inc();
+    }
+
+    /// Cache-aware choice among `candidates` (loads `counts`) for a prompt
+    /// whose whole blocks hash to `blocks` (empty: not known).
+    fn cache_aware(
+        &self,
+        candidates: &[(&String, &WorkerState)],
+        counts: &[usize],
+        blocks: &[u64],
+        rotation: usize,
+    ) -> Pick {
+        let matched: Vec<Option<usize>> = candidates
+            .iter()
+            .map(|(id, _)| {
+                if blocks.is_empty() {
+                    None
+                } else {
+                    self.kv.matched(id, blocks)
+                }
+            })
+            .collect();
+        let weight = self.upstream.cache_aware_load_weight;
+        let scores: Vec<f64> = candidates
+            .iter()
+            .zip(counts)
+            .zip(&matched)
+            .map(|(((_, w), &load), m)| {
+                let cached = m.map_or(0.0, |m| m as f64 / blocks.len().max(1) as f64);
+                cached - weight * load as f64 / w.slots as f64
+            })
+            .collect();
+        let best = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let tied: Vec<usize> = (0..candidates.len())
+            .filter(|&i| scores[i] >= best - SCORE_TIE)
+            .collect();
+        let tied_loads: Vec<usize> = tied.iter().map(|&i| counts[i]).collect();
+        let index = tied[two_choices(&tied_loads, uuid::Uuid::new_v4().as_u128() as u64, rotation)
+            .expect("a best score")];
+        let reason = if matched[index].is_some_and(|m| m > 0) {
+            "cache"
+        } else if matched.iter().any(Option::is_some) {
+            "load"
+        } else {
+            "no_index"
+        };
+        self.metrics
+            .kv
+            .decisions
+            .get_or_create(&DecisionLabel { reason })
+            .inc();
+        let (id, w) = candidates[index];
+        let mut picked = w.picked(id, &self.admission);
+        picked.predicted_blocks = matched[index];
+        Pick::Worker(picked)
     }
 
     /// Books worker `id`'s load report, sent in the final message of a

@@ -139,6 +139,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+pub mod kv;
 pub mod limits;
 pub mod tls;
 

@@ -102,6 +102,30 @@ type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + S
 #[tonic::async_trait]
 impl WorkerService for Svc {
     type GenerateStream = GenStream;
+    type KvEventsStream =
+        Pin<Box<dyn Stream<Item = Result<nanoinfer_proto::worker::KvEventBatch, Status>> + Send>>;
+
+    /// A test double has no KV cache to publish: like a worker from before
+    /// KV events, it answers UNIMPLEMENTED (routed by load alone).
+    async fn kv_events(
+        &self,
+        _: Request<nanoinfer_proto::worker::KvEventsRequest>,
+    ) -> Result<Response<Self::KvEventsStream>, Status> {
+        Err(Status::unimplemented("no KV events from a test double"))
+    }
+
+    type VocabularyStream = Pin<
+        Box<dyn Stream<Item = Result<nanoinfer_proto::worker::VocabularyChunk, Status>> + Send>,
+    >;
+
+    /// A test double has no model: UNIMPLEMENTED (the coordinator then
+    /// routes it by load alone).
+    async fn vocabulary(
+        &self,
+        _: Request<nanoinfer_proto::worker::VocabularyRequest>,
+    ) -> Result<Response<Self::VocabularyStream>, Status> {
+        Err(Status::unimplemented("no vocabulary from a test double"))
+    }
 
     async fn generate(
         &self,

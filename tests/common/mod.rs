@@ -602,6 +602,15 @@ pub async fn collect(
     Ok(out)
 }
 
+/// A client of the coordinator at `addr`.
+pub async fn client(addr: &str) -> InferServiceClient<Channel> {
+    InferServiceClient::new(
+        nanoinfer::connect(addr)
+            .await
+            .expect("connect to coordinator"),
+    )
+}
+
 /// The text of a finished stream (token messages and the final message).
 pub fn text(msgs: &[InferResponse]) -> String {
     msgs.iter().map(|m| m.token.as_str()).collect()

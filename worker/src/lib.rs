@@ -19,6 +19,7 @@ pub mod config;
 pub mod detok;
 pub mod engine;
 pub mod error;
+pub mod kv_events;
 pub mod metrics;
 pub mod model;
 pub mod sampler;

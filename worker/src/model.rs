@@ -9,16 +9,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
-/// Why a conversation could not be turned into a prompt.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ChatError {
-    /// The GGUF carries no chat template.
-    #[error("the model has no chat template; send a prompt instead of messages")]
-    NoTemplate,
-    /// llama.cpp could not apply the template.
-    #[error("the chat template could not be applied: {0}")]
-    Render(String),
-}
+pub use nanoinfer_vocab::ChatError;
 
 /// A loaded model, shareable across threads (tokenization is read-only).
 pub struct Model {
@@ -28,6 +19,8 @@ pub struct Model {
     pub model: Arc<LlamaModel>,
     /// File name of the GGUF.
     pub name: String,
+    /// Where the GGUF is.
+    pub path: std::path::PathBuf,
     /// The name requests select the model by: `--model-name`, else the
     /// GGUF's `general.name`, else the file name without `.gguf`.
     pub model_name: String,
@@ -98,6 +91,7 @@ pub fn load(path: &Path, model_name: Option<&str>) -> Result<Model, String> {
         backend: Arc::new(backend),
         model: Arc::new(model),
         name,
+        path: path.to_path_buf(),
         model_name,
         load_seconds: started.elapsed().as_secs_f64(),
     })
@@ -127,64 +121,26 @@ impl Model {
     /// Tokenizes a prompt the way generation needs it (with BOS when the
     /// model wants one; special-token text is treated as plain text).
     pub fn tokenize(&self, prompt: &str) -> Vec<LlamaToken> {
-        self.model.vocab().tokenize(prompt.as_bytes(), true, false)
+        nanoinfer_vocab::tokenize(&self.model, prompt)
     }
 
-    /// Renders a conversation (`(role, content)` pairs) with the model's own
-    /// chat template, the assistant's turn added, and tokenizes it: the
-    /// template's text with special tokens parsed (its turn markers), each
-    /// message's content as plain text (a `<|im_start|>` typed by a user
-    /// stays text). Returns the rendered text and its tokens.
+    /// Renders a conversation with the model's own chat template and
+    /// tokenizes it ([`nanoinfer_vocab::render_chat`], the code the
+    /// coordinator computes the same ids with). Returns the rendered text
+    /// and its tokens.
     pub fn render_chat(
         &self,
         messages: &[(String, String)],
     ) -> Result<(String, Vec<LlamaToken>), ChatError> {
-        use llama_cpp_2::model::LlamaChatMessage;
-        let template = self
-            .model
-            .chat_template(None)
-            .map_err(|_| ChatError::NoTemplate)?;
-        // Each content is replaced by a marker the template copies through
-        // verbatim; the rendered text is then cut at the markers.
-        let nonce = format!(
-            "{:016x}",
-            std::ptr::addr_of!(*self) as usize as u64 ^ 0x6e61_6e6f_696e_6665
-        );
-        let marker = |i: usize| format!("\u{1}nanoinfer-{nonce}-{i}\u{1}");
-        let chat = messages
-            .iter()
-            .enumerate()
-            .map(|(i, (role, _))| LlamaChatMessage::new(role.clone(), marker(i)))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ChatError::Render(e.to_string()))?;
-        let rendered = self
-            .model
-            .apply_chat_template(&template, &chat, true)
-            .map_err(|e| ChatError::Render(e.to_string()))?;
-        let vocab = self.model.vocab();
-        let mut tokens = Vec::new();
-        let mut text = String::new();
-        let mut rest = rendered.as_str();
-        let mut first = true;
-        for (i, (_, content)) in messages.iter().enumerate() {
-            let m = marker(i);
-            let Some(at) = rest.find(&m) else {
-                return Err(ChatError::Render(format!(
-                    "the chat template dropped message {i}"
-                )));
-            };
-            let (template_part, after) = rest.split_at(at);
-            // BOS (when the model wants one) once, before the first piece.
-            tokens.extend(vocab.tokenize(template_part.as_bytes(), first, true));
-            first = false;
-            tokens.extend(vocab.tokenize(content.as_bytes(), false, false));
-            text.push_str(template_part);
-            text.push_str(content);
-            rest = &after[m.len()..];
-        }
-        tokens.extend(vocab.tokenize(rest.as_bytes(), first, true));
-        text.push_str(rest);
-        Ok((text, tokens))
+        nanoinfer_vocab::render_chat(&self.model, messages, &mut |content| {
+            nanoinfer_vocab::content_tokens(&self.model, content)
+        })
+    }
+
+    /// This model's vocabulary-only GGUF (for coordinators, which tokenize
+    /// with it; see [`nanoinfer_vocab::gguf`]).
+    pub fn vocab_gguf(&self) -> Result<Vec<u8>, String> {
+        nanoinfer_vocab::gguf::vocab_only(&self.path)
     }
 
     /// The text of one token, special tokens as their text form.

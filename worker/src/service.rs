@@ -10,7 +10,7 @@ use futures::Stream;
 use llama_cpp_2::token::LlamaToken;
 use nanoinfer_proto::worker::{
     self as pb, worker_service_server::WorkerService, DetokenizeRequest, DetokenizeResponse,
-    GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenizeRequest,
+    GenerateRequest, GenerateResponse, KvEventsRequest, LoadRequest, LoadResponse, TokenizeRequest,
     TokenizeResponse,
 };
 use tokio::sync::mpsc;
@@ -29,7 +29,12 @@ pub struct WorkerServiceImpl {
     model: Arc<Model>,
     engine: Engine,
     limits: Limits,
+    /// The vocabulary-only GGUF, built on the first `Vocabulary` call.
+    vocab: tokio::sync::OnceCell<Arc<Vec<u8>>>,
 }
+
+/// Bytes per `VocabularyChunk`.
+const VOCABULARY_CHUNK: usize = 1 << 20;
 
 impl From<FieldError> for WorkerError {
     fn from(e: FieldError) -> Self {
@@ -45,6 +50,7 @@ impl WorkerServiceImpl {
             model,
             engine,
             limits,
+            vocab: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -322,6 +328,45 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>
 #[tonic::async_trait]
 impl WorkerService for WorkerServiceImpl {
     type GenerateStream = GenerateStream;
+    type KvEventsStream = crate::kv_events::KvEventStream;
+    type VocabularyStream = Pin<Box<dyn Stream<Item = Result<pb::VocabularyChunk, Status>> + Send>>;
+
+    async fn vocabulary(
+        &self,
+        _: Request<pb::VocabularyRequest>,
+    ) -> Result<Response<Self::VocabularyStream>, Status> {
+        let model = self.model.clone();
+        let file = self
+            .vocab
+            .get_or_try_init(|| async move {
+                tokio::task::spawn_blocking(move || model.vocab_gguf().map(Arc::new))
+                    .await
+                    .map_err(|e| e.to_string())?
+            })
+            .await
+            .map_err(|e| Status::internal(format!("cannot build the vocabulary file: {e}")))?
+            .clone();
+        let total_bytes = file.len() as u64;
+        let model_name = self.model.model_name.clone();
+        let chunks: Vec<Result<pb::VocabularyChunk, Status>> = file
+            .chunks(VOCABULARY_CHUNK)
+            .map(|data| {
+                Ok(pb::VocabularyChunk {
+                    data: data.to_vec(),
+                    total_bytes,
+                    model_name: model_name.clone(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn kv_events(
+        &self,
+        _: Request<KvEventsRequest>,
+    ) -> Result<Response<Self::KvEventsStream>, Status> {
+        Ok(Response::new(self.engine.kv_hub().subscribe()))
+    }
 
     async fn generate(
         &self,

@@ -261,6 +261,8 @@ struct Shared {
     cancel: AtomicBool,
     /// Set once, with the reason, when the engine thread dies.
     died: watch::Sender<Option<String>>,
+    /// What the KV cache holds, for `KvEvents` subscribers.
+    kv: Arc<crate::kv_events::KvHub>,
 }
 
 struct Job {
@@ -308,6 +310,7 @@ impl Engine {
             draining: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             died: watch::channel(None).0,
+            kv: crate::kv_events::KvHub::new(),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_shared = shared.clone();
@@ -330,6 +333,8 @@ impl Engine {
                     Err(panic) => format!("engine thread panicked: {}", panic_message(&*panic)),
                 };
                 tracing::error!(%reason, "engine died");
+                // Its context, and every cell in it, is gone.
+                shared.kv.clear();
                 shared.draining.store(true, Ordering::SeqCst);
                 shared.died.send_replace(Some(reason));
             })
@@ -344,6 +349,11 @@ impl Engine {
             ctx_size,
             parallel: config.parallel,
         })
+    }
+
+    /// What the engine's KV cache holds, as events (`KvEvents`).
+    pub fn kv_hub(&self) -> Arc<crate::kv_events::KvHub> {
+        self.shared.kv.clone()
     }
 
     /// Queues a generation. The receiver yields its events; dropping it

@@ -81,6 +81,7 @@ pub(super) fn run(
         active: Vec::new(),
         queue: VecDeque::new(),
         slots: Slots::new(parallel, config.prefix_cache_tokens as usize),
+        kv: crate::kv_events::KvPublisher::new(parallel as usize, shared.kv.clone()),
         queue_timeout: config.queue_timeout,
         panic_after_tokens: config.failpoint.map(|f| match f {
             Failpoint::EnginePanicAfterTokens(n) => n,
@@ -91,6 +92,7 @@ pub(super) fn run(
         engine.expire_queue();
         engine.admit(&mut ctx);
         engine.step(&mut ctx)?;
+        engine.publish_kv();
     }
     tracing::debug!("engine thread exiting");
     Ok(())
@@ -118,6 +120,8 @@ pub(super) struct Scheduler<'m> {
     /// them together with those still in the channel.
     queue: VecDeque<Job>,
     slots: Slots,
+    /// Publishes what the slots hold as KV events.
+    kv: crate::kv_events::KvPublisher,
     queue_timeout: Duration,
     /// Test-only failpoint: panic once this many tokens were generated.
     pub(super) panic_after_tokens: Option<u64>,
@@ -233,6 +237,19 @@ impl Scheduler<'_> {
             }
             self.active.push(seq);
         }
+    }
+
+    /// Publishes the blocks every slot could lend a new prompt now: a
+    /// running sequence's decoded cells, a free slot's kept prefix (what
+    /// [`Slots::take`] places against).
+    fn publish_kv(&mut self) {
+        let (active, slots) = (&self.active, &self.slots);
+        self.kv.sync(|slot| {
+            active
+                .iter()
+                .find(|s| s.slot() as usize == slot)
+                .map_or_else(|| slots.kept(slot as i32), |s| s.reusable())
+        });
     }
 
     /// Frees a sequence's slot, keeping the cells a decode wrote for prefix

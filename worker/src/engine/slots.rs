@@ -137,6 +137,12 @@ impl Slots {
         }
     }
 
+    /// The tokens whose cells free slot `slot` keeps (empty for a slot in
+    /// use).
+    pub fn kept(&self, slot: i32) -> &[LlamaToken] {
+        &self.cache[slot as usize]
+    }
+
     /// Tokens the free slots keep warm.
     pub fn warm_tokens(&self) -> usize {
         self.warm

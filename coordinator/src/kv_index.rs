@@ -1,0 +1,285 @@
+//! The exact index of what each worker's KV cache holds, built from the
+//! workers' own `KvEvents` streams (see `nanoinfer_proto::kv` and the
+//! worker's `kv_events`).
+//!
+//! Per worker: the set of block hashes it holds, the worker process's
+//! instance id and the last event's sequence number. A stream starts with a
+//! snapshot, which replaces the set; each later event must be the next
+//! number of the same instance, else the set is **unsynced** (a gap, a
+//! restart) and the subscription starts again from a snapshot. While a
+//! worker is unsynced, or its stream is down, it has no entry in
+//! [`KvIndex::matched`]: it is routed by load alone, never by stale data.
+//! Two coordinators reading the same streams hold the same sets.
+//!
+//! Memory: a worker's set is bounded by [`KvIndex::new`]'s `max_blocks`
+//! (8 bytes a hash plus the set's overhead, about 16–32 bytes a block); a
+//! worker reporting more is unsynced and logged rather than grown without
+//! bound. A real worker holds at most its KV cells / 16 blocks (512 with
+//! the defaults).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use nanoinfer_proto::worker::{kv_event, KvEventBatch};
+
+/// Why a batch could not be applied: the subscription must resync.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Resync {
+    #[error("event {got} after {last}: events were missed")]
+    Gap { last: u64, got: u64 },
+    #[error("events of worker instance {got} on a stream of instance {expected}")]
+    Instance { expected: String, got: String },
+    #[error("an event before the first snapshot")]
+    NoSnapshot,
+    #[error("the worker holds more than {0} blocks")]
+    TooLarge(usize),
+}
+
+#[derive(Default)]
+struct Held {
+    instance: String,
+    seq: u64,
+    blocks: HashSet<u64>,
+    synced: bool,
+}
+
+/// Every worker's held blocks.
+pub struct KvIndex {
+    workers: Mutex<HashMap<String, Held>>,
+    max_blocks: usize,
+}
+
+impl KvIndex {
+    /// An empty index; `max_blocks` bounds each worker's set.
+    pub fn new(max_blocks: usize) -> Self {
+        Self {
+            workers: Mutex::new(HashMap::new()),
+            max_blocks,
+        }
+    }
+
+    /// Applies one batch of `worker`'s stream. On `Err` the worker is
+    /// unsynced until its next snapshot.
+    pub fn apply(&self, worker: &str, batch: &KvEventBatch) -> Result<(), Resync> {
+        let mut workers = self.workers.lock().expect("kv index lock");
+        let held = workers.entry(worker.to_string()).or_default();
+        let result = Self::apply_to(held, batch, self.max_blocks);
+        if result.is_err() {
+            held.synced = false;
+            held.blocks = HashSet::new();
+        }
+        result
+    }
+
+    fn apply_to(held: &mut Held, batch: &KvEventBatch, max: usize) -> Result<(), Resync> {
+        if batch.snapshot {
+            held.instance = batch.instance.clone();
+            held.seq = batch.seq;
+            held.blocks.clear();
+            held.synced = true;
+        } else if !held.synced {
+            return Err(Resync::NoSnapshot);
+        } else if batch.instance != held.instance {
+            return Err(Resync::Instance {
+                expected: held.instance.clone(),
+                got: batch.instance.clone(),
+            });
+        }
+        for event in &batch.events {
+            if !batch.snapshot {
+                if event.seq != held.seq + 1 {
+                    return Err(Resync::Gap {
+                        last: held.seq,
+                        got: event.seq,
+                    });
+                }
+                held.seq = event.seq;
+            }
+            match &event.kind {
+                Some(kv_event::Kind::Stored(b)) => held.blocks.extend(&b.block_hashes),
+                Some(kv_event::Kind::Removed(b)) => {
+                    for h in &b.block_hashes {
+                        held.blocks.remove(h);
+                    }
+                }
+                Some(kv_event::Kind::Cleared(_)) => held.blocks.clear(),
+                None => {}
+            }
+        }
+        if held.blocks.len() > max {
+            return Err(Resync::TooLarge(max));
+        }
+        Ok(())
+    }
+
+    /// `worker`'s stream broke or ended: unsynced until a new snapshot.
+    pub fn unsync(&self, worker: &str) {
+        if let Some(held) = self.workers.lock().expect("kv index lock").get_mut(worker) {
+            held.synced = false;
+            held.blocks = HashSet::new();
+        }
+    }
+
+    /// Forgets `worker` (it left the cluster).
+    pub fn remove(&self, worker: &str) {
+        self.workers.lock().expect("kv index lock").remove(worker);
+    }
+
+    /// How many of `hashes`' leading blocks `worker` holds; `None` when its
+    /// set is not known (no stream, unsynced).
+    pub fn matched(&self, worker: &str, hashes: &[u64]) -> Option<usize> {
+        let workers = self.workers.lock().expect("kv index lock");
+        let held = workers.get(worker).filter(|h| h.synced)?;
+        Some(
+            hashes
+                .iter()
+                .take_while(|h| held.blocks.contains(h))
+                .count(),
+        )
+    }
+
+    /// Blocks `worker` holds, or `None` while unsynced.
+    pub fn held(&self, worker: &str) -> Option<usize> {
+        let workers = self.workers.lock().expect("kv index lock");
+        workers
+            .get(worker)
+            .filter(|h| h.synced)
+            .map(|h| h.blocks.len())
+    }
+
+    /// Per worker: blocks held, or `None` while unsynced.
+    pub fn sizes(&self) -> Vec<(String, Option<usize>)> {
+        let workers = self.workers.lock().expect("kv index lock");
+        let mut out: Vec<_> = workers
+            .iter()
+            .map(|(id, h)| (id.clone(), h.synced.then_some(h.blocks.len())))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// `worker`'s whole set, sorted (tests, and comparing with a snapshot).
+    pub fn blocks(&self, worker: &str) -> Option<Vec<u64>> {
+        let workers = self.workers.lock().expect("kv index lock");
+        let held = workers.get(worker).filter(|h| h.synced)?;
+        let mut out: Vec<u64> = held.blocks.iter().copied().collect();
+        out.sort_unstable();
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nanoinfer_proto::worker::{KvBlocks, KvEvent};
+
+    fn event(seq: u64, kind: kv_event::Kind) -> KvEvent {
+        KvEvent {
+            seq,
+            tier: 1,
+            kind: Some(kind),
+        }
+    }
+
+    fn stored(seq: u64, h: &[u64]) -> KvEvent {
+        event(
+            seq,
+            kv_event::Kind::Stored(KvBlocks {
+                block_hashes: h.to_vec(),
+            }),
+        )
+    }
+
+    fn removed(seq: u64, h: &[u64]) -> KvEvent {
+        event(
+            seq,
+            kv_event::Kind::Removed(KvBlocks {
+                block_hashes: h.to_vec(),
+            }),
+        )
+    }
+
+    fn batch(instance: &str, snapshot: bool, seq: u64, events: Vec<KvEvent>) -> KvEventBatch {
+        KvEventBatch {
+            instance: instance.into(),
+            block_tokens: 16,
+            snapshot,
+            seq,
+            events,
+        }
+    }
+
+    #[test]
+    fn events_in_order_build_the_set_and_a_gap_unsyncs_it() {
+        let index = KvIndex::new(100);
+        assert_eq!(index.matched("w1", &[1]), None, "unknown before a snapshot");
+        assert_eq!(
+            index.apply("w1", &batch("a", false, 1, vec![stored(1, &[1])])),
+            Err(Resync::NoSnapshot)
+        );
+        index
+            .apply("w1", &batch("a", true, 4, vec![stored(4, &[1, 2])]))
+            .unwrap();
+        index
+            .apply(
+                "w1",
+                &batch("a", false, 6, vec![stored(5, &[3]), removed(6, &[2])]),
+            )
+            .unwrap();
+        assert_eq!(index.blocks("w1"), Some(vec![1, 3]));
+        // Leading blocks only: 1 is held, 2 is not, so 3 does not count.
+        assert_eq!(index.matched("w1", &[1, 2, 3]), Some(1));
+        assert_eq!(index.matched("w1", &[9]), Some(0));
+
+        // Event 8 after 6: a gap. Routed by load (None) until a snapshot.
+        assert_eq!(
+            index.apply("w1", &batch("a", false, 8, vec![stored(8, &[4])])),
+            Err(Resync::Gap { last: 6, got: 8 })
+        );
+        assert_eq!(index.matched("w1", &[1]), None);
+        index
+            .apply("w1", &batch("a", true, 8, vec![stored(8, &[1, 4])]))
+            .unwrap();
+        assert_eq!(index.matched("w1", &[1, 4]), Some(2));
+
+        // Another instance (the worker restarted) on the same stream is a
+        // resync too; its snapshot replaces the old set.
+        assert!(matches!(
+            index.apply("w1", &batch("b", false, 9, vec![stored(9, &[5])])),
+            Err(Resync::Instance { .. })
+        ));
+        index.apply("w1", &batch("b", true, 1, vec![])).unwrap();
+        assert_eq!(
+            index.matched("w1", &[1]),
+            Some(0),
+            "a restarted worker holds nothing"
+        );
+
+        // A cleared event empties the set; a broken stream unsyncs it.
+        index
+            .apply("w1", &batch("b", false, 2, vec![stored(2, &[7])]))
+            .unwrap();
+        index
+            .apply(
+                "w1",
+                &batch("b", false, 3, vec![event(3, kv_event::Kind::Cleared(true))]),
+            )
+            .unwrap();
+        assert_eq!(index.matched("w1", &[7]), Some(0));
+        index.unsync("w1");
+        assert_eq!(index.matched("w1", &[7]), None);
+        index.remove("w1");
+        assert!(index.sizes().is_empty());
+    }
+
+    #[test]
+    fn a_set_past_the_bound_is_dropped_not_grown() {
+        let index = KvIndex::new(2);
+        assert_eq!(
+            index.apply("w1", &batch("a", true, 1, vec![stored(1, &[1, 2, 3])])),
+            Err(Resync::TooLarge(2))
+        );
+        assert_eq!(index.matched("w1", &[1]), None);
+        assert_eq!(index.sizes(), vec![("w1".to_string(), None)]);
+    }
+}
