@@ -325,3 +325,127 @@ async fn two_coordinators_send_a_tenant_to_the_worker_holding_its_prefix() {
         "cache-aware: every repeat on its prefix's worker: {results:?}"
     );
 }
+
+/// Cache-aware picks of a coordinator by reason (cache, load, no_index).
+async fn picks(coordinator: &mut common::Proc) -> (f64, f64, f64) {
+    let m = common::scrape(coordinator).await;
+    let get = |reason: &str| {
+        m.get(&format!(
+            "nanoinfer_coordinator_cache_aware_picks_total{{reason=\"{reason}\"}}"
+        ))
+        .copied()
+        .unwrap_or(0.0)
+    };
+    (get("cache"), get("load"), get("no_index"))
+}
+
+/// Reused prompt tokens of one request of `prompt` through `addr`.
+async fn cached_via(addr: &str, prompt: &str) -> (u32, u32) {
+    let mut client = common::client(addr).await;
+    let msgs = common::collect(&mut client, common::greedy(prompt, 2))
+        .await
+        .unwrap();
+    let usage = msgs.last().unwrap().usage.unwrap();
+    (usage.cached_prompt_tokens, usage.prompt_tokens)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_coordinator_is_exact_and_a_restarted_worker_loses_its_tenants() {
+    let etcd = Etcd::start().await;
+    // Fixed ports: a restarted worker comes back at the same address, so
+    // the coordinators keep its entry and learn of the restart from its
+    // event stream alone.
+    let ports = [common::free_port(), common::free_port()];
+    let args = |port: u16| {
+        vec![
+            "--parallel".to_string(),
+            "2".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+        ]
+    };
+    let mut workers = Vec::new();
+    for (id, port) in ["w1", "w2"].into_iter().zip(ports) {
+        let a = args(port);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        workers.push(start_worker(&etcd, id, &a).await);
+    }
+    let (mut first, first_addr) = start_coordinator(&etcd, &["--routing", "cache-aware"]).await;
+    common::wait_routable(&first_addr, 2).await;
+    cached_via(&first_addr, "warm up").await;
+    first
+        .wait_for_line("vocabulary loaded", Duration::from_secs(30))
+        .await;
+    let tenant = format!(
+        "Tenant 7: {}",
+        "You answer questions about invoices, refunds and shipping. ".repeat(8)
+    );
+    let (_, prompt_tokens) = cached_via(&first_addr, &format!("{tenant} Question 0:")).await;
+    let (cached, _) = cached_via(&first_addr, &format!("{tenant} Question 1:")).await;
+    assert!(cached + 24 >= prompt_tokens, "{cached} of {prompt_tokens}");
+
+    // A coordinator started now, while the workers hold the prefix, routes
+    // to it from its first request on (after its vocabulary loads).
+    let (mut late, late_addr) = start_coordinator(&etcd, &["--routing", "cache-aware"]).await;
+    common::wait_routable(&late_addr, 2).await;
+    cached_via(&late_addr, "warm up").await;
+    late.wait_for_line("vocabulary loaded", Duration::from_secs(30))
+        .await;
+    let before = picks(&mut late).await;
+    let (cached, prompt_tokens) = cached_via(&late_addr, &format!("{tenant} Question 2:")).await;
+    assert!(
+        cached + 24 >= prompt_tokens,
+        "late coordinator: {cached} of {prompt_tokens}"
+    );
+    assert_eq!(
+        picks(&mut late).await.0,
+        before.0 + 1.0,
+        "picked for its cache"
+    );
+
+    // The worker holding the tenant restarts (same id, same address).
+    let mut holder = None;
+    for (i, w) in workers.iter_mut().enumerate() {
+        let hits = common::scrape(w).await["nanoinfer_worker_prefix_cache_hit_tokens_total"];
+        if hits >= 64.0 {
+            holder = Some(i);
+        }
+    }
+    let holder = holder.expect("one worker served the repeats");
+    let id = ["w1", "w2"][holder];
+    workers[holder].kill();
+    workers[holder].wait_exit(Duration::from_secs(10)).await;
+    let a = args(ports[holder]);
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    workers[holder] = start_worker(&etcd, id, &a).await;
+    common::wait_routable(&first_addr, 2).await;
+    // At once, before or after the coordinator's resync: the old tenant's
+    // next request is not picked by the cache the restart cleared (and
+    // nothing of it is held anywhere). One request only: it warms a worker
+    // again.
+    let before = picks(&mut first).await;
+    let (cached, _) = cached_via(&first_addr, &format!("{tenant} Question 3:")).await;
+    let after = picks(&mut first).await;
+    assert_eq!(after.0, before.0, "no pick by a cache the restart cleared");
+    assert!(cached < 16, "nothing of the tenant was held: {cached}");
+    // Both coordinators resync with the restarted worker: a resync is
+    // counted and its index is synced again (blocks >= 0).
+    for c in [&mut first, &mut late] {
+        let addr = c.metrics_addr().await;
+        common::eventually(Duration::from_secs(20), "the coordinator to resync", || {
+            let addr = addr.clone();
+            async move {
+                let (_, body) = common::http_get(&addr, "/metrics").await;
+                let m = common::parse_metrics(&body);
+                let get = |name: &str, default: f64| {
+                    m.get(&format!("{name}{{worker=\"{id}\"}}"))
+                        .copied()
+                        .unwrap_or(default)
+                };
+                get("nanoinfer_coordinator_kv_resyncs_total", 0.0) >= 1.0
+                    && get("nanoinfer_coordinator_kv_index_blocks", -1.0) >= 0.0
+            }
+        })
+        .await;
+    }
+}

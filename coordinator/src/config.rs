@@ -48,10 +48,11 @@ pub struct Args {
     #[command(flatten)]
     pub etcd: nanoinfer_registry::EtcdArgs,
     /// How a request's worker is chosen. `cache-aware` (the default): the
-    /// best score, the fraction of the prompt's tokens the worker's KV
-    /// cache holds (from the workers' own KV events) less
-    /// --cache-aware-load-weight times its requests per slot; among equal
-    /// scores the lighter of two random workers. `prefix-affinity`: the
+    /// lowest cost in prompt blocks, the blocks of the prompt the worker's
+    /// KV cache lacks (known from the workers' own KV events) plus the
+    /// prefill already pending there plus --cache-aware-load-weight per
+    /// request in flight; among equal costs the lighter of two random
+    /// workers. `prefix-affinity`: the
     /// worker this coordinator sent the longest shared prompt text to,
     /// unless it has more than --affinity-max-load-gap requests more in
     /// flight than the least loaded. `least-loaded`: fewest requests in
@@ -74,11 +75,11 @@ pub struct Args {
     /// its default 2,048 tokens at ~5 bytes of English per token).
     #[arg(long, env = "NANOINFER_AFFINITY_CACHE_BYTES", default_value_t = 10 << 10)]
     pub affinity_cache_bytes: usize,
-    /// With cache-aware routing: what one request per slot costs in the
-    /// score, against 1.0 for a prompt whose every token is cached. At 1.0,
-    /// a worker holding the whole prompt with every slot busy ties with an
-    /// idle worker holding none of it.
-    #[arg(long, env = "NANOINFER_CACHE_AWARE_LOAD_WEIGHT", default_value_t = 1.0)]
+    /// With cache-aware routing: what one request in flight on a worker
+    /// costs, in prompt blocks (16 tokens) to prefill. At 4, a worker
+    /// holding a 480-token prompt (30 blocks) stays the choice over an idle
+    /// worker until it has 7.5 requests in flight more (or prefill pending).
+    #[arg(long, env = "NANOINFER_CACHE_AWARE_LOAD_WEIGHT", default_value_t = 4.0)]
     pub cache_aware_load_weight: f64,
     /// With cache-aware routing: most KV blocks indexed per worker (8 bytes
     /// each plus the set's overhead); a worker reporting more is routed by
@@ -304,7 +305,7 @@ pub struct UpstreamConfig {
     pub affinity_max_load_gap: usize,
     /// Prompt bytes remembered per worker for prefix affinity.
     pub affinity_cache_bytes: usize,
-    /// Cache-aware routing: the weight of requests per slot in the score.
+    /// Cache-aware routing: one request in flight's cost, in prompt blocks.
     pub cache_aware_load_weight: f64,
     /// Cache-aware routing: the index's bound per worker.
     pub kv_index_max_blocks: usize,
@@ -328,7 +329,7 @@ impl Default for UpstreamConfig {
             routing: crate::affinity::Routing::CacheAware,
             affinity_max_load_gap: 2,
             affinity_cache_bytes: 10 << 10,
-            cache_aware_load_weight: 1.0,
+            cache_aware_load_weight: 4.0,
             kv_index_max_blocks: 1 << 20,
         }
     }

@@ -418,6 +418,8 @@ impl State {
             model_name,
             guard: _guard,
             predicted_blocks,
+            mut prefill,
+            sent: _sent,
             ..
         } = picked;
         // A resumed attempt's prompt is longer than the one predicted for.
@@ -493,6 +495,8 @@ impl State {
             }
             match msg.finished {
                 None => {
+                    // Prefilled: no longer pending work on the worker.
+                    prefill.take();
                     let index = self.delivered.len() as u32;
                     if msg.index != index {
                         // The worker's count and ours disagree: a resume

@@ -5,16 +5,23 @@
 //! **Cache-aware**: every worker streams what its KV cache holds
 //! (`KvEvents`) into the [`KvIndex`]; a request's prompt is tokenized with
 //! the workers' own vocabulary ([`crate::vocab`]) and cut into the same
-//! block hashes. Each candidate scores
-//! `cached − w · load / slots`, where `cached` is the fraction of the
-//! prompt's whole blocks the worker holds (its leading blocks in the
-//! index), `load` its requests in flight (this coordinator's and, from its
-//! load reports, the others'), `slots` its registered slots and `w`
-//! `--cache-aware-load-weight`. The best score wins; among scores within
-//! [`SCORE_TIE`] of it, the lighter of two random workers. A worker whose
-//! event stream is down or resyncing counts as holding nothing (never by
-//! stale data), and so does every worker while the prompt's model has no
-//! vocabulary loaded yet.
+//! block hashes. Each candidate costs the prefill work the request would
+//! wait for there, in blocks:
+//! `(blocks − cached) + pending + w · load`, where `blocks` is the prompt's
+//! whole blocks, `cached` its leading blocks the worker holds (in the
+//! index, or being computed there for a request this coordinator sent and
+//! that has not ended: [`SentBlocks`]), `pending` the blocks of prefill this coordinator has sent the
+//! worker that have not produced their first token yet, `load` the
+//! worker's requests in flight (this coordinator's and, from its load
+//! reports, the others') and `w` `--cache-aware-load-weight`, what one
+//! request in flight counts as, in blocks. The lowest cost wins; among
+//! costs within [`SCORE_TIE`] of it, the lighter of two random workers.
+//! Workers without room are costed too: when one of them wins and a request
+//! of this coordinator's runs there, the request waits for room rather than
+//! prefilling its prompt again elsewhere. A
+//! worker whose event stream is down or resyncing counts as holding nothing
+//! (never by stale data), and so does every worker while the prompt's model
+//! has no vocabulary loaded yet.
 //!
 //! The [`Router`] owns the one table of workers (channel, in-flight count,
 //! ejection state, capacity). Only [`Router::sync`], fed by the discovery
@@ -57,8 +64,55 @@ use crate::config::UpstreamConfig;
 use crate::kv_index::KvIndex;
 use crate::metrics::WorkerLabel;
 
-/// Cache-aware scores this close to the best count as equal.
+/// Cache-aware costs this close to the lowest count as equal.
 pub const SCORE_TIE: f64 = 1e-6;
+
+/// Prompt blocks a worker still has to prefill for requests this
+/// coordinator sent it, until their first token: added at the pick,
+/// removed on drop.
+#[derive(Debug)]
+pub struct PendingPrefill(Arc<AtomicUsize>, usize);
+
+impl Drop for PendingPrefill {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
+}
+
+/// Per worker: the prompt blocks of requests this coordinator sent it that
+/// have not ended, with their counts. The worker will hold them (its events
+/// say so once it has computed them); until they are in the index, a later
+/// request with the same prefix counts them as the worker's, so that two
+/// requests of one tenant sent in quick succession go to the same worker.
+pub type SentBlocks = Arc<Mutex<HashMap<u64, usize>>>;
+
+/// A request's blocks in its worker's [`SentBlocks`], until dropped.
+#[derive(Debug)]
+pub struct Sent(SentBlocks, Vec<u64>);
+
+impl Sent {
+    fn new(sent: &SentBlocks, blocks: &[u64]) -> Self {
+        let mut map = sent.lock().expect("sent blocks lock");
+        for h in blocks {
+            *map.entry(*h).or_insert(0) += 1;
+        }
+        Self(sent.clone(), blocks.to_vec())
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        let mut map = self.0.lock().expect("sent blocks lock");
+        for h in &self.1 {
+            if let Some(n) = map.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(h);
+                }
+            }
+        }
+    }
+}
 
 /// Counts one request against a worker while alive; its drop gives the
 /// room to the next waiting request.
@@ -105,6 +159,12 @@ pub struct Picked {
     /// Cache-aware routing: the prompt's leading blocks the index said this
     /// worker holds (`None`: not known, or another policy).
     pub predicted_blocks: Option<usize>,
+    /// Cache-aware routing: the prefill this request adds to the worker's
+    /// pending work; drop it at the first token.
+    pub prefill: Option<PendingPrefill>,
+    /// Cache-aware routing: the prompt's blocks among those sent to the
+    /// worker; drop it when the attempt ends.
+    pub sent: Option<Sent>,
 }
 
 /// How a prefix-affinity pick went.
@@ -180,8 +240,12 @@ struct WorkerState {
     /// Requests it may hold before it has no room: its slots plus the
     /// dispatch queue depth (at most its own queue).
     limit: usize,
-    /// Its registered slots.
-    slots: usize,
+    /// Cache-aware routing: prompt blocks sent to it by this coordinator
+    /// and not prefilled yet (see [`PendingPrefill`]).
+    pending: Arc<AtomicUsize>,
+    /// Cache-aware routing: prompt blocks of this coordinator's requests
+    /// on it.
+    sent: SentBlocks,
     /// Cache-aware routing: the task following its KV events (aborted
     /// when the worker leaves the table).
     _kv_task: Option<AbortOnDrop>,
@@ -238,6 +302,8 @@ impl WorkerState {
             model_name: self.model_name.clone(),
             guard: InFlight(self.in_flight.clone(), admission.clone()),
             predicted_blocks: None,
+            prefill: None,
+            sent: None,
         }
     }
 }
@@ -317,6 +383,19 @@ async fn follow_kv_events(index: Arc<KvIndex>, metrics: KvMetrics, id: String, c
         tokio::time::sleep(wait.mul_f64(0.75 + 0.5 * jitter())).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
+}
+
+/// A cache-aware candidate's cost in prompt blocks (lower is better):
+/// the prompt's blocks it would prefill, the prefill already pending on it,
+/// and `weight` blocks per request in flight.
+pub fn cache_aware_cost(
+    blocks: usize,
+    cached: usize,
+    pending: usize,
+    load: usize,
+    weight: f64,
+) -> f64 {
+    blocks.saturating_sub(cached) as f64 + pending as f64 + weight * load as f64
 }
 
 /// Index of the candidate with the fewest in flight; among ties, the one at
@@ -533,6 +612,13 @@ impl Router {
                     ));
                     AbortOnDrop(task.abort_handle())
                 });
+            if kv_task.is_some() {
+                // Fetch the model's vocabulary now, not on its first
+                // request: a coordinator that starts while workers run
+                // routes exactly from its first request on.
+                self.vocabs
+                    .get(&info.model_name, || Some(channels[0].clone()));
+            }
             workers.insert(
                 id.clone(),
                 WorkerState {
@@ -545,7 +631,8 @@ impl Router {
                     reported: None,
                     generation: self.generations.fetch_add(1, Ordering::Relaxed),
                     limit,
-                    slots: info.capacity.slots.max(1) as usize,
+                    pending: Arc::default(),
+                    sent: Arc::default(),
                     _kv_task: kv_task,
                 },
             );
@@ -613,20 +700,23 @@ impl Router {
             return Pick::None;
         }
         let now = std::time::Instant::now();
+        // A stable order, so rotation among ties is fair.
+        candidates.sort_by(|a, b| a.0.cmp(b.0));
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        if self.upstream.routing == crate::affinity::Routing::CacheAware {
+            // Costed with or without room: a full worker holding the
+            // prompt may be worth waiting for.
+            let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
+            return self.cache_aware(&candidates, &counts, prefix, rotation, need_room, now);
+        }
         if need_room {
             candidates.retain(|(_, w)| w.load(now) < w.limit);
             if candidates.is_empty() {
                 return Pick::Busy;
             }
         }
-        // A stable order, so rotation among ties is fair.
-        candidates.sort_by(|a, b| a.0.cmp(b.0));
         let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
-        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
         match self.upstream.routing {
-            crate::affinity::Routing::CacheAware => {
-                return self.cache_aware(&candidates, &counts, prefix, rotation)
-            }
             crate::affinity::Routing::Random => {
                 let i = (uuid::Uuid::new_v4().as_u128() % candidates.len() as u128) as usize;
                 let (id, w) = candidates[i];
@@ -683,34 +773,68 @@ impl Router {
         counts: &[usize],
         blocks: &[u64],
         rotation: usize,
+        need_room: bool,
+        now: std::time::Instant,
     ) -> Pick {
         let matched: Vec<Option<usize>> = candidates
             .iter()
-            .map(|(id, _)| {
+            .map(|(id, w)| {
                 if blocks.is_empty() {
-                    None
-                } else {
-                    self.kv.matched(id, blocks)
+                    return None;
                 }
+                // The leading blocks the worker holds, then those it is
+                // computing for requests this coordinator sent it.
+                let held = self.kv.matched(id, blocks)?;
+                let sent = w.sent.lock().expect("sent blocks lock");
+                Some(
+                    blocks
+                        .iter()
+                        .enumerate()
+                        .take_while(|(i, h)| *i < held || sent.contains_key(h))
+                        .count(),
+                )
             })
             .collect();
         let weight = self.upstream.cache_aware_load_weight;
-        let scores: Vec<f64> = candidates
+        let costs: Vec<f64> = candidates
             .iter()
             .zip(counts)
             .zip(&matched)
             .map(|(((_, w), &load), m)| {
-                let cached = m.map_or(0.0, |m| m as f64 / blocks.len().max(1) as f64);
-                cached - weight * load as f64 / w.slots as f64
+                cache_aware_cost(
+                    blocks.len(),
+                    m.unwrap_or(0),
+                    w.pending.load(Ordering::Relaxed),
+                    load,
+                    weight,
+                )
             })
             .collect();
-        let best = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let best = costs.iter().copied().fold(f64::INFINITY, f64::min);
         let tied: Vec<usize> = (0..candidates.len())
-            .filter(|&i| scores[i] >= best - SCORE_TIE)
+            .filter(|&i| costs[i] <= best + SCORE_TIE)
             .collect();
         let tied_loads: Vec<usize> = tied.iter().map(|&i| counts[i]).collect();
-        let index = tied[two_choices(&tied_loads, uuid::Uuid::new_v4().as_u128() as u64, rotation)
-            .expect("a best score")];
+        let mut index =
+            tied[two_choices(&tied_loads, uuid::Uuid::new_v4().as_u128() as u64, rotation)
+                .expect("a best score")];
+        let full = |i: usize| candidates[i].1.load(now) >= candidates[i].1.limit;
+        if need_room && full(index) {
+            // The cheapest worker is full. Wait for its room when a request
+            // of this coordinator's runs there (its end wakes the wait);
+            // otherwise (full by other coordinators' requests) nothing here
+            // would wake it: take the cheapest worker with room.
+            if candidates[index].1.in_flight.get() > 0 {
+                return Pick::Busy;
+            }
+            match (0..candidates.len())
+                .filter(|&i| !full(i))
+                .min_by(|&a, &b| costs[a].total_cmp(&costs[b]))
+            {
+                Some(i) => index = i,
+                None => return Pick::Busy,
+            }
+        }
         let reason = if matched[index].is_some_and(|m| m > 0) {
             "cache"
         } else if matched.iter().any(Option::is_some) {
@@ -724,8 +848,14 @@ impl Router {
             .get_or_create(&DecisionLabel { reason })
             .inc();
         let (id, w) = candidates[index];
+        tracing::debug!(worker = %id, reason, blocks = blocks.len(), ?matched, ?counts, ?costs,
+            "cache-aware pick");
         let mut picked = w.picked(id, &self.admission);
         picked.predicted_blocks = matched[index];
+        let prefill = blocks.len() - matched[index].unwrap_or(0).min(blocks.len());
+        w.pending.fetch_add(prefill, Ordering::Relaxed);
+        picked.prefill = Some(PendingPrefill(w.pending.clone(), prefill));
+        picked.sent = Some(Sent::new(&w.sent, blocks));
         Pick::Worker(picked)
     }
 
@@ -980,6 +1110,101 @@ mod tests {
             router.pick_with_room(&[], None, &[]),
             Pick::Worker(_)
         ));
+    }
+
+    #[test]
+    fn the_cache_aware_cost_weighs_prefill_against_load() {
+        // A 30-block prompt: all cached and idle costs nothing; not cached,
+        // 30; each request in flight adds the weight; pending prefill adds
+        // itself.
+        assert_eq!(cache_aware_cost(30, 30, 0, 0, 4.0), 0.0);
+        assert_eq!(cache_aware_cost(30, 0, 0, 0, 4.0), 30.0);
+        assert_eq!(cache_aware_cost(30, 30, 0, 7, 4.0), 28.0);
+        assert_eq!(cache_aware_cost(30, 30, 27, 0, 4.0), 27.0);
+        // More cached than the prompt's blocks cannot go negative.
+        assert_eq!(cache_aware_cost(3, 5, 0, 0, 1.0), 0.0);
+    }
+
+    /// A snapshot batch saying `worker` holds `blocks`.
+    fn holds(router: &Router, worker: &str, blocks: &[u64]) {
+        use nanoinfer_proto::worker::{kv_event, KvBlocks, KvEvent, KvEventBatch};
+        router
+            .kv_index()
+            .apply(
+                worker,
+                &KvEventBatch {
+                    instance: format!("{worker}-1"),
+                    block_tokens: 16,
+                    snapshot: true,
+                    seq: 1,
+                    events: vec![KvEvent {
+                        seq: 1,
+                        tier: 1,
+                        kind: Some(kv_event::Kind::Stored(KvBlocks {
+                            block_hashes: blocks.to_vec(),
+                        })),
+                    }],
+                },
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn cache_aware_picks_the_holder_waits_for_it_when_full_and_counts_pending_prefill() {
+        // A runtime that is never driven: the event-stream tasks never run,
+        // and the index is fed by hand. Slots 1, queue 1, depth 2: room
+        // for 2 each.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _context = runtime.enter();
+        let router = router();
+        router.sync(&set(&["a", "b"]));
+        let prompt: Vec<u64> = (1..=16).collect();
+        holds(&router, "a", &prompt[..14]);
+        holds(&router, "b", &[]);
+        let pick = |prefix: &[u64]| match router.pick_with_room(&[], None, prefix) {
+            Pick::Worker(p) => p,
+            other => panic!("a worker expected: {other:?}"),
+        };
+        // The holder, and again though busier: 2 blocks to prefill, 2
+        // pending and 1 request (4) against 16 blocks on "b".
+        let first = pick(&prompt);
+        assert_eq!((first.id.as_str(), first.predicted_blocks), ("a", Some(14)));
+        let second = pick(&prompt);
+        assert_eq!(second.id, "a");
+        // "a" is full with this coordinator's requests: wait for it, rather
+        // than prefill 16 blocks on "b".
+        assert!(matches!(
+            router.pick_with_room(&[], None, &prompt),
+            Pick::Busy
+        ));
+        drop(second);
+        assert_eq!(pick(&prompt).id, "a");
+        drop(first);
+
+        // A prompt nobody holds goes to the idle worker; its 8 blocks are
+        // pending there until the first token, so the next one, also held
+        // by nobody, goes to the other.
+        let other: Vec<u64> = (100..108).collect();
+        let cold = pick(&other);
+        let other2: Vec<u64> = (200..208).collect();
+        let cold2 = pick(&other2);
+        assert_ne!(cold.id, cold2.id, "pending prefill counts as work");
+        // The first cold prompt again, before the worker reported its
+        // blocks: where it was sent (held there soon), not a second copy.
+        let again = pick(&other);
+        assert_eq!((&again.id, again.predicted_blocks), (&cold.id, Some(8)));
+        drop((cold, cold2, again));
+        let again = pick(&other);
+        assert_eq!(
+            again.predicted_blocks,
+            Some(0),
+            "ended requests are forgotten"
+        );
+        drop(again);
+        assert!(router.in_flight().values().all(|&n| n == 0));
     }
 
     #[test]

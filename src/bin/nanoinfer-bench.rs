@@ -18,6 +18,14 @@
 //! them) arrive as a Poisson process of rate R per second instead of from
 //! closed-loop streams.
 //!
+//! Routing (`scripts/bench-routing`): `--coordinator` takes a
+//! comma-separated list of addresses and the streams (or Poisson arrivals)
+//! take them in turn, as clients behind one Service spread over replicas.
+//! With `--tenants` the report adds the prompt tokens the workers reused
+//! (the final message's usage) against the ideal: every request of a tenant
+//! after its first reuses the tenant's whole shared prefix (its length in
+//! tokens asked of the coordinator's `Tokenize`), and the success rate.
+//!
 //! Router tax, measured per token: against the test-double worker
 //! (`examples/paced_worker.rs --stamp`), every token's text carries the
 //! wall-clock time it was sent, so the bench reports each token's transit
@@ -44,7 +52,8 @@ use tonic::transport::Channel;
 #[derive(Debug, Parser)]
 #[command(name = "nanoinfer-bench", version)]
 struct Args {
-    /// Coordinator address (public API); omit to skip.
+    /// Coordinator address (public API), or several separated by commas,
+    /// which the streams take in turn; omit to skip.
     #[arg(long)]
     coordinator: Option<String>,
     /// Worker address (internal API, bypassing the coordinator); omit to skip.
@@ -77,10 +86,11 @@ struct Args {
     /// number, so every request pays its full prefill).
     #[arg(long)]
     same_prompt: bool,
-    /// Tenants: request i belongs to tenant i mod N, whose prompt starts
-    /// with its own shared system prompt of --shared-prefix-words words,
-    /// followed by a unique question of --prompt-words words (the workload
-    /// prefix-affinity routing is for). 0: off.
+    /// Tenants: each round of N requests has one request of every tenant,
+    /// in a scrambled order; a tenant's prompt starts with its own shared
+    /// system prompt of --shared-prefix-words words, followed by a unique
+    /// question of --prompt-words words (the workload prefix-aware routing
+    /// is for). 0: off.
     #[arg(long, default_value_t = 0)]
     tenants: u32,
     /// With --tenants: words in each tenant's shared system prompt.
@@ -115,6 +125,10 @@ struct Sample {
     /// in µs.
     transit_us: Vec<f64>,
     prompt_tokens: u32,
+    /// Prompt tokens the worker reused from its KV cache.
+    cached_tokens: u32,
+    /// The tenant the request belonged to (with `--tenants`).
+    tenant: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -150,6 +164,17 @@ struct Summary {
     tokens: usize,
     /// Failed requests by gRPC code.
     errors: std::collections::BTreeMap<String, u32>,
+    /// Requests sent and requests that finished, in the measured phase.
+    sent: usize,
+    succeeded: usize,
+    /// Prompt tokens and the part of them the workers reused, over the
+    /// measured requests that finished.
+    prompt_tokens_total: u64,
+    cached_tokens_total: u64,
+    /// With `--tenants`: the reuse an ideal router would get on the same
+    /// requests (each tenant's shared prefix on all but its first request
+    /// of the run, the warm-up included), in tokens.
+    ideal_cached_tokens: Option<u64>,
 }
 
 /// p50, p90 and p99 of `values` (nearest rank), in the same unit.
@@ -182,24 +207,42 @@ fn poisson_offsets(n: u32, rate: f64) -> Vec<Duration> {
 /// Distinguishes prompts when `--same-prompt` is off.
 static PROMPT_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn prompt_for(args: &Args) -> String {
+/// The next request's prompt, and its tenant (with `--tenants`).
+fn prompt_for(args: &Args) -> (String, Option<u64>) {
     let text = prompt(args.prompt_words);
     if args.tenants > 0 {
         let n = PROMPT_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // A scrambled tenant order, so round-robin routing cannot line up
-        // with it by accident.
-        let tenant = scramble(n) % u64::from(args.tenants);
-        return format!(
-            "You are the assistant of tenant {tenant}. {}\nQuestion {n}: {text}",
-            prompt(args.shared_prefix_words)
+        let tenant = tenant_of(n, u64::from(args.tenants));
+        return (
+            tenant_prompt(args, tenant, &format!("Question {n}: {text}")),
+            Some(tenant),
         );
     }
     if args.same_prompt {
-        text
+        (text, None)
     } else {
         let n = PROMPT_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!("{n}. {text}")
+        (format!("{n}. {text}"), None)
     }
+}
+
+/// Tenant `tenant`'s prompt: its shared system prompt, then `question`.
+fn tenant_prompt(args: &Args, tenant: u64, question: &str) -> String {
+    format!(
+        "You are the assistant of tenant {tenant}. {}\n{question}",
+        prompt(args.shared_prefix_words)
+    )
+}
+
+/// The tenant of request `n` among `tenants`: every round of `tenants`
+/// requests holds each tenant once, in an order scrambled per round, so
+/// each tenant gets its share of requests and round-robin routing cannot
+/// line up with the order by accident.
+fn tenant_of(n: u64, tenants: u64) -> u64 {
+    let round = n / tenants;
+    let mut order: Vec<u64> = (0..tenants).collect();
+    order.sort_by_key(|t| scramble(round.wrapping_mul(0x1_0000_0001) ^ t));
+    order[(n % tenants) as usize]
 }
 
 /// SplitMix64's output function: a fixed, well-mixed permutation of `n`.
@@ -226,8 +269,9 @@ async fn via_coordinator(
     args: &Args,
 ) -> Result<Sample, Box<dyn std::error::Error>> {
     let mut client = InferServiceClient::new(channel);
+    let (prompt, tenant) = prompt_for(args);
     let req = InferRequest {
-        prompt: prompt_for(args),
+        prompt,
         max_tokens: args.max_tokens,
         temperature: Some(args.temperature),
         top_p: Some(args.top_p),
@@ -236,21 +280,24 @@ async fn via_coordinator(
     };
     let started = Instant::now();
     let stream = client.infer(req).await?.into_inner();
-    time_stream(
+    let mut sample = time_stream(
         started,
         stream,
-        |m| m.usage.map(|u| u.prompt_tokens),
+        |m| m.usage.map(|u| (u.prompt_tokens, u.cached_prompt_tokens)),
         |m| &m.token,
         |_| false,
     )
-    .await
+    .await?;
+    sample.tenant = tenant;
+    Ok(sample)
 }
 
 async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std::error::Error>> {
     let mut client = WorkerServiceClient::new(channel);
+    let (prompt, tenant) = prompt_for(args);
     let req = GenerateRequest {
         request_id: "bench".into(),
-        prompt: prompt_for(args),
+        prompt,
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         top_p: args.top_p,
@@ -262,15 +309,17 @@ async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std
     };
     let started = Instant::now();
     let stream = client.generate(req).await?.into_inner();
-    time_stream(
+    let mut sample = time_stream(
         started,
         stream,
-        |m| m.finished.map(|f| f.prompt_tokens),
+        |m| m.finished.map(|f| (f.prompt_tokens, f.cached_tokens)),
         |m| &m.text,
         // The worker's `admitted` message carries no token.
         |m| m.admitted,
     )
-    .await
+    .await?;
+    sample.tenant = tenant;
+    Ok(sample)
 }
 
 /// CPU time (user + system) a process has used so far, in seconds (Linux).
@@ -295,11 +344,12 @@ fn rss_bytes(pid: u32) -> Option<u64> {
 }
 
 /// Reads a token stream to its end, noting when each token arrived.
-/// `final_prompt_tokens` recognises the final message and reads its usage.
+/// `final_usage` recognises the final message and reads its prompt and
+/// reused prompt tokens.
 async fn time_stream<M>(
     started: Instant,
     mut stream: tonic::Streaming<M>,
-    final_prompt_tokens: impl Fn(&M) -> Option<u32>,
+    final_usage: impl Fn(&M) -> Option<(u32, u32)>,
     token_text: impl Fn(&M) -> &str,
     no_token: impl Fn(&M) -> bool,
 ) -> Result<Sample, Box<dyn std::error::Error>> {
@@ -310,7 +360,7 @@ async fn time_stream<M>(
             continue;
         }
         let now = stamp::unix_nanos();
-        if let Some(prompt_tokens) = final_prompt_tokens(&msg) {
+        if let Some((prompt_tokens, cached_tokens)) = final_usage(&msg) {
             return Ok(Sample {
                 ttft: times
                     .first()
@@ -320,6 +370,8 @@ async fn time_stream<M>(
                 token_times: times,
                 transit_us: transit,
                 prompt_tokens,
+                cached_tokens,
+                tenant: None,
             });
         }
         times.push(Instant::now());
@@ -347,9 +399,42 @@ fn summarize(samples: &[Sample]) -> Summary {
     s
 }
 
+/// Each tenant's shared prefix in tokens, as the coordinator's model
+/// tokenizes it: the common prefix of two of its prompts with different
+/// questions.
+async fn shared_prefix_tokens(
+    channel: Channel,
+    args: &Args,
+) -> Result<Vec<u64>, Box<dyn std::error::Error>> {
+    let mut client = InferServiceClient::new(channel);
+    let mut out = Vec::new();
+    for tenant in 0..u64::from(args.tenants) {
+        let mut ids = Vec::new();
+        for question in ["Question 1: a b c", "Question 2: x y z"] {
+            let r = client
+                .tokenize(nanoinfer_proto::nanoinfer::TokenizeRequest {
+                    prompt: tenant_prompt(args, tenant, question),
+                    add_special: true,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            ids.push(r.tokens);
+        }
+        let common = ids[0]
+            .iter()
+            .zip(&ids[1])
+            .take_while(|(a, b)| a == b)
+            .count();
+        out.push(common as u64);
+    }
+    Ok(out)
+}
+
 /// The model `addr` serves, for the report: a worker's `Load` answer, or
 /// the model a coordinator's worker names when tokenizing a word.
 async fn model_of(name: &str, addr: &str, args: &Args) -> Option<String> {
+    let addr = addr.split(',').next()?.trim();
     let channel = connect_with(addr, args.tls.config().ok()?).await.ok()?;
     if name == "worker" {
         let load = WorkerServiceClient::new(channel)
@@ -391,16 +476,27 @@ async fn measure(
     };
     // The watched process's memory before any of this run's connections.
     let rss_before = args.rss_pid.and_then(rss_bytes);
+    // A coordinator target may name several replicas: connection k goes to
+    // the (k mod n)-th, so streams and arrivals take them in turn.
+    let addrs: Vec<&str> = addr.split(',').map(str::trim).collect();
     let mut channels = Vec::new();
-    for _ in 0..if args.connections == 0 {
+    for k in 0..if args.connections == 0 {
         streams
     } else {
         args.connections.min(streams)
-    } {
-        channels.push(connect_with(addr, args.tls.config()?).await?);
+    }
+    .max(addrs.len())
+    {
+        channels.push(connect_with(addrs[k % addrs.len()], args.tls.config()?).await?);
     }
     let channel = |k: usize| channels[k % channels.len()].clone();
-    run(channel(0)).await?; // warm-up
+    let warm_up = run(channel(0)).await?;
+    // With tenants, on a coordinator: each tenant's shared prefix in tokens.
+    let shared_tokens = if args.tenants > 0 && name == "coordinator" {
+        Some(shared_prefix_tokens(channel(0), args).await?)
+    } else {
+        None
+    };
     let cpu_before = args.rss_pid.and_then(cpu_seconds);
     let rss_peak = std::sync::atomic::AtomicU64::new(rss_before.unwrap_or(0));
     let done = std::sync::atomic::AtomicU32::new(0);
@@ -466,6 +562,24 @@ async fn measure(
         }
     }
     let mut summary = summarize(&samples);
+    summary.sent = total as usize;
+    summary.succeeded = samples.len();
+    summary.prompt_tokens_total = samples.iter().map(|s| u64::from(s.prompt_tokens)).sum();
+    summary.cached_tokens_total = samples.iter().map(|s| u64::from(s.cached_tokens)).sum();
+    summary.ideal_cached_tokens = shared_tokens.map(|shared| {
+        let mut seen: std::collections::HashSet<u64> = warm_up.tenant.into_iter().collect();
+        samples
+            .iter()
+            .filter_map(|s| s.tenant)
+            .map(|t| {
+                if seen.insert(t) {
+                    0
+                } else {
+                    shared[t as usize]
+                }
+            })
+            .sum()
+    });
     let tokens: usize = samples.iter().map(|s| s.token_times.len()).sum();
     summary.output_tps = tokens as f64 / wall;
     summary.requests_per_s = samples.len() as f64 / wall;
@@ -549,6 +663,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "rss_bytes_peak": s.rss.map(|r| r.1),
                     "watched_cpu_seconds": s.cpu_s,
                     "errors": s.errors,
+                    "requests_sent": s.sent,
+                    "requests_succeeded": s.succeeded,
+                    "prompt_tokens_total": s.prompt_tokens_total,
+                    "cached_prompt_tokens_total": s.cached_tokens_total,
+                    "ideal_cached_prompt_tokens": s.ideal_cached_tokens,
                 }),
             );
         }
@@ -600,6 +719,21 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         if !s.errors.is_empty() {
             println!("{:<12} errors: {:?}", "", s.errors);
         }
+    }
+    for (name, s) in &results {
+        let pct = |part: u64| 100.0 * part as f64 / s.prompt_tokens_total.max(1) as f64;
+        let mut line = format!(
+            "{name:<12} succeeded {}/{}; workers reused {} of {} prompt tokens ({:.1}%)",
+            s.succeeded,
+            s.sent,
+            s.cached_tokens_total,
+            s.prompt_tokens_total,
+            pct(s.cached_tokens_total)
+        );
+        if let Some(ideal) = s.ideal_cached_tokens {
+            line.push_str(&format!(", ideal {:.1}%", pct(ideal)));
+        }
+        println!("{line}");
     }
     for (name, s) in &results {
         if let (Some(all), true) = (s.decode_all_streams_tps, args.concurrency > 1) {
@@ -685,6 +819,26 @@ mod tests {
             "{down}"
         );
         assert!(!down.contains("adds"), "{down}");
+    }
+
+    #[test]
+    fn every_round_holds_each_tenant_once() {
+        for tenants in [1u64, 3, 6] {
+            for round in 0..5 {
+                let mut got: Vec<u64> = (0..tenants)
+                    .map(|i| tenant_of(round * tenants + i, tenants))
+                    .collect();
+                got.sort_unstable();
+                assert_eq!(got, (0..tenants).collect::<Vec<_>>());
+            }
+        }
+        // Scrambled: the order is not the same every round.
+        let order = |round: u64| {
+            (0..6)
+                .map(|i| tenant_of(round * 6 + i, 6))
+                .collect::<Vec<_>>()
+        };
+        assert!((1..5).any(|r| order(r) != order(0)));
     }
 
     #[test]

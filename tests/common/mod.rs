@@ -457,12 +457,15 @@ pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
     start_worker_with(etcd, id, &model_path(), extra).await
 }
 
-/// [`start_worker`] serving `model`.
+/// [`start_worker`] serving `model` (on an ephemeral port unless `extra`
+/// names a `--listen` address).
 pub async fn start_worker_with(etcd: &Etcd, id: &str, model: &Path, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(bin("nanoinfer-worker"));
-    cmd.arg("--model")
-        .arg(model)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+    cmd.arg("--model").arg(model);
+    if !extra.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(["--metrics-listen", "127.0.0.1:0"])
         .args(["--threads", "1"])
         .args(["--id", id, "--etcd-endpoints", &etcd.endpoint])
         .args(extra);
