@@ -716,13 +716,10 @@ impl Router {
             }
         }
         let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
-        match self.upstream.routing {
-            crate::affinity::Routing::Random => {
-                let i = (uuid::Uuid::new_v4().as_u128() % candidates.len() as u128) as usize;
-                let (id, w) = candidates[i];
-                return Pick::Worker(w.picked(id, &self.admission));
-            }
-            _ => {}
+        if self.upstream.routing == crate::affinity::Routing::Random {
+            let i = (uuid::Uuid::new_v4().as_u128() % candidates.len() as u128) as usize;
+            let (id, w) = candidates[i];
+            return Pick::Worker(w.picked(id, &self.admission));
         }
         let mut index = if self.wants_prefix() {
             // Where affinity has no preference: the lighter of two random
