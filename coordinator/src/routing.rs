@@ -773,38 +773,40 @@ impl Router {
         need_room: bool,
         now: std::time::Instant,
     ) -> Pick {
-        let matched: Vec<Option<usize>> = candidates
+        // Per candidate: the leading blocks it holds (in the index), and
+        // with them those it is computing for requests this coordinator
+        // sent it.
+        let found: Vec<Option<(usize, usize)>> = candidates
             .iter()
             .map(|(id, w)| {
                 if blocks.is_empty() {
                     return None;
                 }
-                // The leading blocks the worker holds, then those it is
-                // computing for requests this coordinator sent it.
                 let held = self.kv.matched(id, blocks)?;
                 let sent = w.sent.lock().expect("sent blocks lock");
-                Some(
-                    blocks
-                        .iter()
-                        .enumerate()
-                        .take_while(|(i, h)| *i < held || sent.contains_key(h))
-                        .count(),
-                )
+                let total = blocks
+                    .iter()
+                    .enumerate()
+                    .take_while(|(i, h)| *i < held || sent.contains_key(h))
+                    .count();
+                Some((held, total))
             })
             .collect();
+        let matched: Vec<Option<usize>> = found.iter().map(|f| f.map(|(_, total)| total)).collect();
         let weight = self.upstream.cache_aware_load_weight;
         let costs: Vec<f64> = candidates
             .iter()
             .zip(counts)
-            .zip(&matched)
-            .map(|(((_, w), &load), m)| {
-                cache_aware_cost(
-                    blocks.len(),
-                    m.unwrap_or(0),
-                    w.pending.load(Ordering::Relaxed),
-                    load,
-                    weight,
-                )
+            .zip(&found)
+            .map(|(((_, w), &load), f)| {
+                let (held, total) = f.unwrap_or((0, 0));
+                // Pending prefill of the blocks this prompt shares is work
+                // it needs done anyway, not work ahead of it.
+                let pending = w
+                    .pending
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(total - held);
+                cache_aware_cost(blocks.len(), total, pending, load, weight)
             })
             .collect();
         let best = costs.iter().copied().fold(f64::INFINITY, f64::min);
@@ -1191,6 +1193,8 @@ mod tests {
         assert_ne!(cold.id, cold2.id, "pending prefill counts as work");
         // The first cold prompt again, before the worker reported its
         // blocks: where it was sent (held there soon), not a second copy.
+        // Its 8 pending blocks are the ones it shares: not work ahead of it
+        // (cost 0 + 0 + 4 there, 8 + 8 + 4 on the other).
         let again = pick(&other);
         assert_eq!((&again.id, again.predicted_blocks), (&cold.id, Some(8)));
         drop((cold, cold2, again));
