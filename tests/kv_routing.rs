@@ -1,8 +1,10 @@
 //! Cache-aware routing on real workers: the coordinator's token ids are the
 //! worker's (tokenizer parity through the vocabulary a worker serves), the
 //! KV index built from a worker's events is what the worker holds after a
-//! workload with eviction, and two coordinators send one tenant's requests
-//! to the worker holding its prefix.
+//! workload with eviction, two coordinators send one tenant's requests to
+//! the worker holding its prefix, a late coordinator is exact, a restarted
+//! worker loses its tenants, and the event stream follows rotated cluster
+//! certificates.
 
 mod common;
 
@@ -448,4 +450,76 @@ async fn a_late_coordinator_is_exact_and_a_restarted_worker_loses_its_tenants() 
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_follows_rotated_cluster_certificates() {
+    let dir = common::temp_dir("kv-tls");
+    let certs = common::gen_certs(&dir.join("certs"), &["w1"]);
+    let path = |name: &str| certs.join(name).to_str().unwrap().to_string();
+    let cluster = |who: &str| {
+        vec![
+            "--cluster-ca".to_string(),
+            path("ca.pem"),
+            "--cluster-cert".to_string(),
+            path(&format!("{who}.pem")),
+            "--cluster-key".to_string(),
+            path(&format!("{who}.key")),
+        ]
+    };
+    let etcd = Etcd::start().await;
+    let args = cluster("worker-w1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _worker = start_worker(&etcd, "w1", &args).await;
+    let args = cluster("coordinator");
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--routing", "cache-aware"]);
+    let (mut coordinator, addr) = start_coordinator(&etcd, &args).await;
+    common::wait_routable(&addr, 1).await;
+    let metrics = coordinator.metrics_addr().await;
+    let snapshots = || {
+        let metrics = metrics.clone();
+        async move {
+            let (_, body) = common::http_get(&metrics, "/metrics").await;
+            let m = common::parse_metrics(&body);
+            let synced = m
+                .get("nanoinfer_coordinator_kv_index_blocks{worker=\"w1\"}")
+                .is_some_and(|&b| b >= 0.0);
+            (
+                m.get("nanoinfer_coordinator_kv_snapshots_total")
+                    .copied()
+                    .unwrap_or(0.0),
+                synced,
+            )
+        }
+    };
+    common::eventually(Duration::from_secs(20), "the first snapshot", || async {
+        snapshots().await == (1.0, true)
+    })
+    .await;
+    // The coordinator's cluster files are rewritten (as a renewal would):
+    // its worker connections are rebuilt, and the event stream moves to
+    // the new connection (a new subscription: a second snapshot).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for name in ["coordinator.pem", "coordinator.key"] {
+        let bytes = std::fs::read(path(name)).unwrap();
+        std::fs::write(path(name), bytes).unwrap();
+    }
+    coordinator
+        .wait_for_line("worker connections rebuilt", Duration::from_secs(10))
+        .await;
+    common::eventually(
+        Duration::from_secs(20),
+        "a snapshot over the new connection",
+        || async {
+            let (n, synced) = snapshots().await;
+            n >= 2.0 && synced
+        },
+    )
+    .await;
+    // And routing by cache still works over it.
+    let prompt = format!("Tenant 9: {}", "Refunds take five days. ".repeat(12));
+    cached_via(&addr, &format!("{prompt} Question 1:")).await;
+    let (cached, prompt_tokens) = cached_via(&addr, &format!("{prompt} Question 2:")).await;
+    assert!(cached + 24 >= prompt_tokens, "{cached} of {prompt_tokens}");
 }

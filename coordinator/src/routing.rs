@@ -247,8 +247,9 @@ struct WorkerState {
     /// on it.
     sent: SentBlocks,
     /// Cache-aware routing: the task following its KV events (aborted
-    /// when the worker leaves the table).
-    _kv_task: Option<AbortOnDrop>,
+    /// when the worker leaves the table, replaced when the channels are
+    /// rebuilt).
+    kv_task: Option<AbortOnDrop>,
 }
 
 /// Aborts a task when dropped.
@@ -549,11 +550,34 @@ impl Router {
         let mut workers = self.workers.lock().expect("router lock");
         for (id, w) in workers.iter_mut() {
             match self.endpoint(id, &w.address) {
-                Ok(e) => w.channels = self.connections(&e),
+                Ok(e) => {
+                    w.channels = self.connections(&e);
+                    // The KV event stream too: it reconnects with the new
+                    // certificates (a snapshot resyncs the index).
+                    if w.kv_task.is_some() {
+                        w.kv_task = self.follow_kv(id, &w.channels[0]);
+                    }
+                }
                 Err(e) => tracing::error!(worker = %id, error = %e,
                     "cannot rebuild the worker channel; keeping the old one"),
             }
         }
+    }
+
+    /// With cache-aware routing, in a runtime: a task following worker
+    /// `id`'s KV events over `channel` into the index, aborted on drop.
+    fn follow_kv(&self, id: &str, channel: &Channel) -> Option<AbortOnDrop> {
+        if self.upstream.routing != crate::affinity::Routing::CacheAware {
+            return None;
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let task = runtime.spawn(follow_kv_events(
+            self.kv.clone(),
+            self.metrics.kv.clone(),
+            id.to_string(),
+            channel.clone(),
+        ));
+        Some(AbortOnDrop(task.abort_handle()))
     }
 
     /// Brings the table in step with the live set from etcd: new workers
@@ -600,18 +624,7 @@ impl Router {
                 self.upstream.dispatch_queue_depth,
             );
             room += limit;
-            let kv_task = (self.upstream.routing == crate::affinity::Routing::CacheAware)
-                .then(|| tokio::runtime::Handle::try_current().ok())
-                .flatten()
-                .map(|runtime| {
-                    let task = runtime.spawn(follow_kv_events(
-                        self.kv.clone(),
-                        self.metrics.kv.clone(),
-                        id.clone(),
-                        channels[0].clone(),
-                    ));
-                    AbortOnDrop(task.abort_handle())
-                });
+            let kv_task = self.follow_kv(id, &channels[0]);
             if kv_task.is_some() {
                 // Fetch the model's vocabulary now, not on its first
                 // request: a coordinator that starts while workers run
@@ -633,7 +646,7 @@ impl Router {
                     limit,
                     pending: Arc::default(),
                     sent: Arc::default(),
-                    _kv_task: kv_task,
+                    kv_task,
                 },
             );
         }
