@@ -6,22 +6,22 @@
 //! (`KvEvents`) into the [`KvIndex`]; a request's prompt is tokenized with
 //! the workers' own vocabulary ([`crate::vocab`]) and cut into the same
 //! block hashes. Each candidate costs the prefill work the request would
-//! wait for there, in blocks:
-//! `(blocks − cached) + pending + w · load`, where `blocks` is the prompt's
-//! whole blocks, `cached` its leading blocks the worker holds (in the
-//! index, or being computed there for a request this coordinator sent and
-//! that has not ended: [`SentBlocks`]), `pending` the blocks of prefill this coordinator has sent the
-//! worker that have not produced their first token yet, `load` the
-//! worker's requests in flight (this coordinator's and, from its load
-//! reports, the others') and `w` `--cache-aware-load-weight`, what one
+//! wait for there, in blocks: `(blocks − cached) + pending + w · load`.
+//! `blocks` is the prompt's whole blocks; `cached` its leading blocks the
+//! worker holds (in the index), or is computing for a request this
+//! coordinator sent it that has not ended ([`SentBlocks`]); `pending` the
+//! prompt blocks this coordinator's requests there have yet to prefill
+//! (until their first token), less those this prompt shares with them;
+//! `load` the worker's requests in flight (this coordinator's and, from its
+//! load reports, the others'); `w` `--cache-aware-load-weight`, what one
 //! request in flight counts as, in blocks. The lowest cost wins; among
 //! costs within [`SCORE_TIE`] of it, the lighter of two random workers.
-//! Workers without room are costed too: when one of them wins and a request
-//! of this coordinator's runs there, the request waits for room rather than
-//! prefilling its prompt again elsewhere. A
-//! worker whose event stream is down or resyncing counts as holding nothing
-//! (never by stale data), and so does every worker while the prompt's model
-//! has no vocabulary loaded yet.
+//! Workers without room are costed too: when one of them wins and a
+//! request of this coordinator's runs there, the request waits for room
+//! rather than prefilling its prompt again elsewhere. A worker whose event
+//! stream is down or resyncing counts as holding nothing (never by stale
+//! data), and so does every worker while the prompt's model has no
+//! vocabulary loaded yet.
 //!
 //! The [`Router`] owns the one table of workers (channel, in-flight count,
 //! ejection state, capacity). Only [`Router::sync`], fed by the discovery
