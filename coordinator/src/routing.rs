@@ -720,7 +720,7 @@ impl Router {
             // Costed with or without room: a full worker holding the
             // prompt may be worth waiting for.
             let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
-            return self.cache_aware(&candidates, &counts, prefix, rotation, need_room, now);
+            return self.cache_aware(&candidates, &counts, prefix, rotation, need_room);
         }
         if need_room {
             candidates.retain(|(_, w)| w.load(now) < w.limit);
@@ -784,7 +784,6 @@ impl Router {
         blocks: &[u64],
         rotation: usize,
         need_room: bool,
-        now: std::time::Instant,
     ) -> Pick {
         // Per candidate: the leading blocks it holds (in the index), and
         // with them those it is computing for requests this coordinator
@@ -830,7 +829,7 @@ impl Router {
         let mut index =
             tied[two_choices(&tied_loads, uuid::Uuid::new_v4().as_u128() as u64, rotation)
                 .expect("a best score")];
-        let full = |i: usize| candidates[i].1.load(now) >= candidates[i].1.limit;
+        let full = |i: usize| counts[i] >= candidates[i].1.limit;
         if need_room && full(index) {
             // The cheapest worker is full. Wait for its room when a request
             // of this coordinator's runs there (its end wakes the wait);
