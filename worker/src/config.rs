@@ -66,7 +66,8 @@ pub struct Args {
     #[arg(long, env = "NANOINFER_PREFILL_CHUNK_DECODING", default_value_t = 32)]
     pub prefill_chunk_decoding: u32,
     /// Tokens of finished requests kept in the KV cache for prefix reuse,
-    /// over all idle slots (most recently finished first; 0 keeps none).
+    /// over all idle slots (most recently finished first; a prefix several
+    /// slots keep shares its cells and counts once; 0 keeps none).
     /// Kept cells serve a later prompt that shares their prefix, but in
     /// llama.cpp's unified KV cache every decode step's attention spans
     /// them too. The default, as long as the default --ctx-size window,

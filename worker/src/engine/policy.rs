@@ -71,25 +71,54 @@ pub fn plan_step(seqs: &[SeqView], budget: usize, decoding_budget: usize) -> Vec
 }
 
 /// Length of the common prefix of two token lists.
-pub fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+pub fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
-/// Which kept ("warm") caches to cut so that at most `budget` tokens stay
-/// warm. `warm` lists (slot, cached tokens), least recently finished first;
-/// the most recent keep theirs first. Returns (slot, tokens to keep) for
-/// each cache to cut (0: drop it).
-pub fn trim_warm(warm: &[(i32, usize)], budget: usize) -> Vec<(i32, usize)> {
+/// Which kept ("warm") caches to cut so that at most `budget` distinct
+/// cells stay warm. `warm` lists (slot, kept tokens), least recently
+/// finished first; the most recent keep theirs first. A prefix that several
+/// slots keep is one set of cells (a slot that reused another's prefix
+/// shares its cells, see [`super::slots`]), so it counts once: keeping the
+/// same system prompt in four slots costs what one copy costs, and does not
+/// push out another tenant's. Returns (slot, tokens to keep) for each cache
+/// to cut (0: drop it).
+pub fn trim_warm<T: PartialEq>(warm: &[(i32, &[T])], budget: usize) -> Vec<(i32, usize)> {
     let mut left = budget;
     let mut cuts = Vec::new();
-    for &(slot, len) in warm.iter().rev() {
-        let keep = len.min(left);
-        left -= keep;
-        if keep < len {
+    let mut kept: Vec<&[T]> = Vec::new();
+    for &(slot, tokens) in warm.iter().rev() {
+        let shared = kept
+            .iter()
+            .map(|k| common_prefix(tokens, k))
+            .max()
+            .unwrap_or(0);
+        let own = (tokens.len() - shared).min(left);
+        left -= own;
+        let keep = shared + own;
+        if keep < tokens.len() {
             cuts.push((slot, keep));
         }
+        kept.push(&tokens[..keep]);
     }
     cuts
+}
+
+/// Distinct cells that `caches` hold: each one's tokens past the longest
+/// prefix it shares with an earlier one (what [`trim_warm`] budgets).
+pub fn distinct_tokens<T: PartialEq>(caches: &[&[T]]) -> usize {
+    caches
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let shared = caches[..i]
+                .iter()
+                .map(|k| common_prefix(c, k))
+                .max()
+                .unwrap_or(0);
+            c.len() - shared
+        })
+        .sum()
 }
 
 /// Where a new prompt should run and what it can reuse.
@@ -298,14 +327,47 @@ mod tests {
 
     #[test]
     fn kept_caches_fit_the_budget_most_recent_first() {
-        // Oldest first: slot 2 (100 tokens), slot 0 (300), slot 1 (200).
-        let warm = [(2, 100), (0, 300), (1, 200)];
+        // Oldest first: slot 2 (100 tokens), slot 0 (300), slot 1 (200),
+        // nothing shared.
+        let (a, b, c): (Vec<i32>, Vec<i32>, Vec<i32>) = (
+            (0..100).collect(),
+            (1000..1300).collect(),
+            (2000..2200).collect(),
+        );
+        let warm = [(2, &a[..]), (0, &b[..]), (1, &c[..])];
         assert_eq!(trim_warm(&warm, 1000), vec![]);
         assert_eq!(trim_warm(&warm, 512), vec![(2, 12)]);
         assert_eq!(trim_warm(&warm, 450), vec![(0, 250), (2, 0)]);
         assert_eq!(trim_warm(&warm, 150), vec![(1, 150), (0, 0), (2, 0)]);
         assert_eq!(trim_warm(&warm, 0), vec![(1, 0), (0, 0), (2, 0)]);
-        assert_eq!(trim_warm(&[], 0), vec![]);
+        assert_eq!(trim_warm::<i32>(&[], 0), vec![]);
+    }
+
+    #[test]
+    fn a_prefix_kept_by_several_slots_counts_once() {
+        // Three slots keep one 600-token system prompt with their own
+        // 20-token tails; the oldest keeps another tenant's 600 tokens.
+        let tenant = |base: i32, tail: i32| -> Vec<i32> {
+            (base..base + 600).chain(tail..tail + 20).collect()
+        };
+        let (other, x, y, z) = (
+            tenant(0, 9000),
+            tenant(5000, 9100),
+            tenant(5000, 9200),
+            tenant(5000, 9300),
+        );
+        let warm = [(3, &other[..]), (0, &x[..]), (1, &y[..]), (2, &z[..])];
+        // 620 + 20 + 20 + 620 = 1280 distinct cells (the sum is 2480).
+        assert_eq!(distinct_tokens(&[&other[..], &x, &y, &z]), 1280);
+        assert_eq!(trim_warm(&warm, 2048), vec![]);
+        assert_eq!(trim_warm(&warm, 1280), vec![]);
+        // Short of room, the oldest loses its own cells first, and a
+        // slot's shared prefix is never cut for want of room.
+        assert_eq!(trim_warm(&warm, 1000), vec![(3, 340)]);
+        assert_eq!(
+            trim_warm(&warm, 610),
+            vec![(2, 610), (1, 600), (0, 600), (3, 0)]
+        );
     }
 
     #[test]

@@ -9,8 +9,10 @@
 //! is where they are. Callers offer only cells a successful decode wrote
 //! ([`super::sequence::Sequence::reusable`]). Kept cells are not free: the
 //! KV cache is unified, so every step's attention spans every used cell,
-//! kept ones included; at most `prefix_cache_tokens` are kept, the most
-//! recently finished first ([`policy::trim_warm`]).
+//! kept ones included; at most `prefix_cache_tokens` distinct cells are
+//! kept (a prefix several slots keep counts once: a reused prefix's cells
+//! are shared, not copied, in the unified cache), the most recently
+//! finished first ([`policy::trim_warm`]).
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::token::LlamaToken;
@@ -120,10 +122,10 @@ impl Slots {
 
     /// Cuts the kept caches down to `prefix_cache_tokens` in all.
     fn trim(&mut self, ctx: &mut LlamaContext<'_>) {
-        let warm: Vec<(i32, usize)> = self
+        let warm: Vec<(i32, &[LlamaToken])> = self
             .warm
             .iter()
-            .map(|&s| (s, self.cache[s as usize].len()))
+            .map(|&s| (s, self.cache[s as usize].as_slice()))
             .collect();
         for (slot, keep) in policy::trim_warm(&warm, self.prefix_cache_tokens) {
             let start = (keep > 0).then_some(keep as u32);
@@ -143,11 +145,14 @@ impl Slots {
         &self.cache[slot as usize]
     }
 
-    /// Tokens the free slots keep warm.
+    /// Distinct cells the free slots keep warm (a prefix kept by several
+    /// counts once).
     pub fn warm_tokens(&self) -> usize {
-        self.warm
+        let caches: Vec<&[LlamaToken]> = self
+            .warm
             .iter()
-            .map(|&s| self.cache[s as usize].len())
-            .sum()
+            .map(|&s| self.cache[s as usize].as_slice())
+            .collect();
+        policy::distinct_tokens(&caches)
     }
 }
