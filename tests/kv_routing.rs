@@ -2,9 +2,10 @@
 //! worker's (tokenizer parity through the vocabulary a worker serves), the
 //! KV index built from a worker's events is what the worker holds after a
 //! workload with eviction, two coordinators send one tenant's requests to
-//! the worker holding its prefix, a late coordinator is exact, a restarted
-//! worker loses its tenants, and the event stream follows rotated cluster
-//! certificates.
+//! the worker holding its prefix (and to the worker still computing it,
+//! which the other coordinator sent there), a late coordinator is exact, a
+//! restarted worker loses its tenants, and the event stream follows rotated
+//! cluster certificates.
 
 mod common;
 
@@ -17,7 +18,8 @@ use nanoinfer_coordinator::vocab::Tokenizer;
 use nanoinfer_proto::kv::block_hashes;
 use nanoinfer_proto::worker::worker_service_client::WorkerServiceClient;
 use nanoinfer_proto::worker::{
-    ChatMessage, GenerateRequest, KvEventsRequest, TokenizeRequest, VocabularyRequest,
+    kv_event, ChatMessage, GenerateRequest, KvEventsRequest, KvTier, TokenizeRequest,
+    VocabularyRequest,
 };
 use tonic::transport::Channel;
 
@@ -236,6 +238,9 @@ async fn the_index_follows_the_workers_cache_through_eviction() {
         fresh.blocks("w1"),
         "the live index is the snapshot"
     );
+    // Every prompt was prefilled: nothing is left computing.
+    assert_eq!(index.computing("w1"), Some(0));
+    assert_eq!(fresh.computing("w1"), Some(0));
 
     // What it holds: the last prompt's blocks (its cells are kept), not the
     // evicted first tenants'; and each held block is a prefix of some
@@ -326,6 +331,84 @@ async fn two_coordinators_send_a_tenant_to_the_worker_holding_its_prefix() {
         hits, total,
         "cache-aware: every repeat on its prefix's worker: {results:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_in_prefill_draws_the_other_coordinators_request() {
+    let etcd = Etcd::start().await;
+    let mut workers = Vec::new();
+    for id in ["w1", "w2"] {
+        workers.push(start_worker(&etcd, id, &["--parallel", "2"]).await);
+    }
+    // Each worker's event stream, watched for prompts entering the
+    // computing tier.
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    for w in &mut workers {
+        let mut stream = worker_client(w)
+            .await
+            .kv_events(KvEventsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let tx = seen_tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = stream.message().await {
+                let computing = batch.events.iter().any(|e| {
+                    e.tier == KvTier::Computing as i32
+                        && matches!(&e.kind, Some(kv_event::Kind::Stored(b)) if !b.block_hashes.is_empty())
+                });
+                if computing && !batch.snapshot {
+                    let _ = tx.send(());
+                }
+            }
+        });
+    }
+    let mut addrs = Vec::new();
+    let mut coordinators = Vec::new();
+    for _ in 0..2 {
+        let (mut c, addr) = start_coordinator(&etcd, &["--routing", "cache-aware"]).await;
+        common::wait_routable(&addr, 2).await;
+        cached_via(&addr, "warm up").await;
+        c.wait_for_line("vocabulary loaded", Duration::from_secs(30))
+            .await;
+        coordinators.push(c);
+        addrs.push(addr);
+    }
+    // The coordinators break ties in turn (sorted workers, a counter): one
+    // request more through the second one puts them out of step, so
+    // without the computing tier the second would pick the other worker.
+    cached_via(&addrs[1], "out of step").await;
+    // A long prompt, so its prefill lasts well past the moment the worker
+    // announces it (about 3 s here).
+    for tenant in 0..4 {
+        while seen.try_recv().is_ok() {}
+        let prefix = format!(
+            "Tenant {tenant}: {}",
+            "You answer questions about invoices, refunds and shipping. ".repeat(60)
+        );
+        let first_addr = addrs[0].clone();
+        let first_prompt = format!("{prefix} Question 0:");
+        let first = tokio::spawn(async move { cached_via(&first_addr, &first_prompt).await });
+        // Once the worker says it is computing the prompt (and the other
+        // coordinator has had a moment to apply that), the tenant's next
+        // request goes through the other coordinator, which never saw the
+        // first: it must join the prefill, not start a second copy.
+        tokio::time::timeout(Duration::from_secs(30), seen.recv())
+            .await
+            .expect("a computing-tier event")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (cached, prompt_tokens) = cached_via(&addrs[1], &format!("{prefix} Question 1:")).await;
+        let (first_cached, _) = first.await.unwrap();
+        assert!(
+            first_cached < 16,
+            "tenant {tenant}: the first request is cold ({first_cached} reused)"
+        );
+        assert!(
+            cached + 24 >= prompt_tokens,
+            "tenant {tenant}: the second request reused {cached} of {prompt_tokens} tokens"
+        );
+    }
 }
 
 /// Cache-aware picks of a coordinator by reason (cache, load, no_index).

@@ -2,8 +2,10 @@
 //! workers' own `KvEvents` streams (see `nanoinfer_proto::kv` and the
 //! worker's `kv_events`).
 //!
-//! Per worker: the set of block hashes it holds, the worker process's
-//! instance id and the last event's sequence number. A stream starts with a
+//! Per worker: the set of block hashes it holds, the set it is computing
+//! (prompts it accepted and has not prefilled yet: the `KV_TIER_COMPUTING`
+//! events), the worker process's instance id and the last event's sequence
+//! number. A stream starts with a
 //! snapshot, which replaces the set; each later event must be the next
 //! number of the same instance, else the set is **unsynced** (a gap, a
 //! restart) and the subscription starts again from a snapshot. While a
@@ -11,7 +13,7 @@
 //! [`KvIndex::matched`]: it is routed by load alone, never by stale data.
 //! Two coordinators reading the same streams hold the same sets.
 //!
-//! Memory: a worker's set is bounded by [`KvIndex::new`]'s `max_blocks`
+//! Memory: a worker's sets are bounded by [`KvIndex::new`]'s `max_blocks`
 //! (8 bytes a hash plus the set's overhead, about 16–32 bytes a block); a
 //! worker reporting more is unsynced and logged rather than grown without
 //! bound. A real worker holds at most its KV cells / 16 blocks (512 with
@@ -20,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
-use nanoinfer_proto::worker::{kv_event, KvEventBatch};
+use nanoinfer_proto::worker::{kv_event, KvEventBatch, KvTier};
 
 /// Why a batch could not be applied: the subscription must resync.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +42,7 @@ struct Held {
     instance: String,
     seq: u64,
     blocks: HashSet<u64>,
+    computing: HashSet<u64>,
     synced: bool,
 }
 
@@ -67,6 +70,7 @@ impl KvIndex {
         if result.is_err() {
             held.synced = false;
             held.blocks = HashSet::new();
+            held.computing = HashSet::new();
         }
         result
     }
@@ -76,6 +80,7 @@ impl KvIndex {
             held.instance = batch.instance.clone();
             held.seq = batch.seq;
             held.blocks.clear();
+            held.computing.clear();
             held.synced = true;
         } else if !held.synced {
             return Err(Resync::NoSnapshot);
@@ -95,18 +100,34 @@ impl KvIndex {
                 }
                 held.seq = event.seq;
             }
+            // A tier this coordinator does not know (a newer worker's) is
+            // skipped, never read as reusable.
+            let set = match KvTier::try_from(event.tier) {
+                Ok(KvTier::Kv | KvTier::Unspecified) => &mut held.blocks,
+                Ok(KvTier::Computing) => &mut held.computing,
+                _ => {
+                    if let Some(kv_event::Kind::Cleared(_)) = event.kind {
+                        held.blocks.clear();
+                        held.computing.clear();
+                    }
+                    continue;
+                }
+            };
             match &event.kind {
-                Some(kv_event::Kind::Stored(b)) => held.blocks.extend(&b.block_hashes),
+                Some(kv_event::Kind::Stored(b)) => set.extend(&b.block_hashes),
                 Some(kv_event::Kind::Removed(b)) => {
                     for h in &b.block_hashes {
-                        held.blocks.remove(h);
+                        set.remove(h);
                     }
                 }
-                Some(kv_event::Kind::Cleared(_)) => held.blocks.clear(),
+                Some(kv_event::Kind::Cleared(_)) => {
+                    held.blocks.clear();
+                    held.computing.clear();
+                }
                 None => {}
             }
         }
-        if held.blocks.len() > max {
+        if held.blocks.len() > max || held.computing.len() > max {
             return Err(Resync::TooLarge(max));
         }
         Ok(())
@@ -117,6 +138,7 @@ impl KvIndex {
         if let Some(held) = self.workers.lock().expect("kv index lock").get_mut(worker) {
             held.synced = false;
             held.blocks = HashSet::new();
+            held.computing = HashSet::new();
         }
     }
 
@@ -138,6 +160,29 @@ impl KvIndex {
         )
     }
 
+    /// `matched`, and with it how many leading blocks `worker` holds or
+    /// will hold once the prefills it accepted pass them (the computing
+    /// tier), or that `also` counts (this coordinator's own requests not
+    /// reported yet): `(held, held or coming)`.
+    pub fn matched_with(
+        &self,
+        worker: &str,
+        hashes: &[u64],
+        also: impl Fn(&u64) -> bool,
+    ) -> Option<(usize, usize)> {
+        let workers = self.workers.lock().expect("kv index lock");
+        let held = workers.get(worker).filter(|h| h.synced)?;
+        let now = hashes
+            .iter()
+            .take_while(|h| held.blocks.contains(h))
+            .count();
+        let coming = hashes
+            .iter()
+            .take_while(|h| held.blocks.contains(h) || held.computing.contains(h) || also(h))
+            .count();
+        Some((now, coming))
+    }
+
     /// Blocks `worker` holds, or `None` while unsynced.
     pub fn held(&self, worker: &str) -> Option<usize> {
         let workers = self.workers.lock().expect("kv index lock");
@@ -145,6 +190,16 @@ impl KvIndex {
             .get(worker)
             .filter(|h| h.synced)
             .map(|h| h.blocks.len())
+    }
+
+    /// Blocks `worker` is computing (prompts accepted, not prefilled yet),
+    /// or `None` while unsynced.
+    pub fn computing(&self, worker: &str) -> Option<usize> {
+        let workers = self.workers.lock().expect("kv index lock");
+        workers
+            .get(worker)
+            .filter(|h| h.synced)
+            .map(|h| h.computing.len())
     }
 
     /// Per worker: blocks held, or `None` while unsynced.
@@ -270,6 +325,77 @@ mod tests {
         assert_eq!(index.matched("w1", &[7]), None);
         index.remove("w1");
         assert!(index.sizes().is_empty());
+    }
+
+    #[test]
+    fn the_computing_tier_counts_as_coming_not_as_held() {
+        let index = KvIndex::new(100);
+        let tier = |mut e: KvEvent, tier: KvTier| {
+            e.tier = tier as i32;
+            e
+        };
+        let computing = |seq, h: &[u64]| tier(stored(seq, h), KvTier::Computing);
+        // Snapshot: block 1 held, 1–3 computing (a prompt in prefill).
+        index
+            .apply(
+                "w1",
+                &batch(
+                    "a",
+                    true,
+                    2,
+                    vec![stored(2, &[1]), computing(2, &[1, 2, 3])],
+                ),
+            )
+            .unwrap();
+        assert_eq!(index.matched("w1", &[1, 2, 3, 4]), Some(1));
+        assert_eq!(
+            index.matched_with("w1", &[1, 2, 3, 4], |_| false),
+            Some((1, 3))
+        );
+        // What `also` counts extends the run (this coordinator's own sent
+        // blocks), and a snapshot of the blocks themselves says nothing of
+        // the computing tier.
+        assert_eq!(
+            index.matched_with("w1", &[1, 2, 3, 4], |h| *h == 4),
+            Some((1, 4))
+        );
+        assert_eq!(index.blocks("w1"), Some(vec![1]));
+        // Prefilled: held, no longer computing. A tier this coordinator does
+        // not know is skipped, never read as held.
+        index
+            .apply(
+                "w1",
+                &batch(
+                    "a",
+                    false,
+                    5,
+                    vec![
+                        stored(3, &[2, 3]),
+                        tier(removed(4, &[1, 2, 3]), KvTier::Computing),
+                        tier(stored(5, &[9]), KvTier::Ram),
+                    ],
+                ),
+            )
+            .unwrap();
+        assert_eq!(
+            index.matched_with("w1", &[1, 2, 3, 9], |_| false),
+            Some((3, 3))
+        );
+        assert_eq!(index.computing("w1"), Some(0));
+        // Cleared empties both tiers.
+        index
+            .apply(
+                "w1",
+                &batch(
+                    "a",
+                    false,
+                    7,
+                    vec![computing(6, &[5]), event(7, kv_event::Kind::Cleared(true))],
+                ),
+            )
+            .unwrap();
+        assert_eq!(index.matched_with("w1", &[1], |_| false), Some((0, 0)));
+        assert_eq!(index.matched_with("w1", &[5], |_| false), Some((0, 0)));
     }
 
     #[test]

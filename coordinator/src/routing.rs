@@ -8,8 +8,10 @@
 //! block hashes. Each candidate costs the prefill work the request would
 //! wait for there, in blocks: `(blocks − cached) + pending + w · load`.
 //! `blocks` is the prompt's whole blocks; `cached` its leading blocks the
-//! worker holds (in the index), or is computing for a request this
-//! coordinator sent it that has not ended ([`SentBlocks`]); `pending` the
+//! worker holds (in the index), or is computing: for a prompt it accepted
+//! (the index's computing tier, whichever coordinator sent it), or for a
+//! request this coordinator sent it that has not ended ([`SentBlocks`],
+//! which covers the moment before the worker's events say so); `pending` the
 //! prompt blocks this coordinator's requests there have yet to prefill
 //! (until their first token), less those this prompt shares with them;
 //! `load` the worker's requests in flight (this coordinator's and, from its
@@ -786,22 +788,17 @@ impl Router {
         need_room: bool,
     ) -> Pick {
         // Per candidate: the leading blocks it holds (in the index), and
-        // with them those it is computing for requests this coordinator
-        // sent it.
+        // with them those it is computing: for any coordinator's request
+        // (its computing tier), or for one this coordinator sent that it
+        // has not reported yet.
         let found: Vec<Option<(usize, usize)>> = candidates
             .iter()
             .map(|(id, w)| {
                 if blocks.is_empty() {
                     return None;
                 }
-                let held = self.kv.matched(id, blocks)?;
                 let sent = w.sent.lock().expect("sent blocks lock");
-                let total = blocks
-                    .iter()
-                    .enumerate()
-                    .take_while(|(i, h)| *i < held || sent.contains_key(h))
-                    .count();
-                Some((held, total))
+                self.kv.matched_with(id, blocks, |h| sent.contains_key(h))
             })
             .collect();
         let matched: Vec<Option<usize>> = found.iter().map(|f| f.map(|(_, total)| total)).collect();

@@ -8,6 +8,12 @@
 //! publisher cuts them into whole blocks ([`nanoinfer_proto::kv`]), counts
 //! each block hash over all slots, and reports the hashes whose count
 //! leaves or reaches zero, in the order that happened, to the [`KvHub`].
+//! With them it reports the *computing* tier: the whole blocks of every
+//! prompt accepted and not prefilled yet (queued, or in prefill), which a
+//! request sharing them would wait for rather than compute again. A
+//! coordinator counts those as held too, so a second coordinator sends a
+//! tenant's next request to the worker already computing its prefix
+//! instead of warming a second copy elsewhere.
 //!
 //! The hub numbers the events (1, 2, 3, … per process, no gaps), keeps the
 //! set of held hashes, and fans batches out over a bounded broadcast
@@ -17,7 +23,7 @@
 //! no subscriber ever makes the engine wait or the worker buffer without
 //! bound.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -47,11 +53,11 @@ impl TokenId for llama_cpp_2::token::LlamaToken {
     }
 }
 
-/// One change to the set of held blocks.
+/// One change to a tier's set of blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    Stored(u64),
-    Removed(u64),
+    Stored(KvTier, u64),
+    Removed(KvTier, u64),
 }
 
 /// The blocks one slot publishes: its tokens in whole blocks, and their
@@ -67,6 +73,8 @@ pub struct KvPublisher {
     slots: Vec<SlotBlocks>,
     /// How many slots hold each block.
     counts: HashMap<u64, u32>,
+    /// The computing tier as last published.
+    computing: HashSet<u64>,
     hub: Arc<KvHub>,
 }
 
@@ -76,18 +84,43 @@ impl KvPublisher {
         Self {
             slots: (0..slots).map(|_| SlotBlocks::default()).collect(),
             counts: HashMap::new(),
+            computing: HashSet::new(),
             hub,
         }
     }
 
     /// Brings the published blocks up to date: `held(slot)` gives each
-    /// slot's reusable tokens now. Publishes one batch if anything changed.
+    /// slot's reusable tokens now, and nothing is computing. Publishes one
+    /// batch if anything changed.
     pub fn sync<'a, T: TokenId + 'a>(&mut self, held: impl Fn(usize) -> &'a [T]) {
+        self.sync_with(held, std::iter::empty());
+    }
+
+    /// [`KvPublisher::sync`], with `computing` listing the block hashes of
+    /// each prompt accepted and not prefilled yet. The held tier's changes
+    /// come first in the batch, so a block being written moves from
+    /// computing to held without a moment in neither.
+    pub fn sync_with<'a, 'b, T: TokenId + 'a>(
+        &mut self,
+        held: impl Fn(usize) -> &'a [T],
+        computing: impl Iterator<Item = &'b [u64]>,
+    ) {
         let mut changes = Vec::new();
         for slot in 0..self.slots.len() {
             let tokens = held(slot);
             self.sync_slot(slot, tokens, &mut changes);
         }
+        let now: HashSet<u64> = computing.flatten().copied().collect();
+        changes.extend(
+            self.computing
+                .difference(&now)
+                .map(|&h| Change::Removed(KvTier::Computing, h)),
+        );
+        changes.extend(
+            now.difference(&self.computing)
+                .map(|&h| Change::Stored(KvTier::Computing, h)),
+        );
+        self.computing = now;
         self.hub.publish(&changes);
     }
 
@@ -114,7 +147,7 @@ impl KvPublisher {
             *count -= 1;
             if *count == 0 {
                 self.counts.remove(&h);
-                changes.push(Change::Removed(h));
+                changes.push(Change::Removed(KvTier::Kv, h));
             }
         }
         blocks.tokens.truncate(keep * BLOCK_TOKENS);
@@ -129,7 +162,7 @@ impl KvPublisher {
             let count = self.counts.entry(h).or_insert(0);
             *count += 1;
             if *count == 1 {
-                changes.push(Change::Stored(h));
+                changes.push(Change::Stored(KvTier::Kv, h));
             }
             parent = Some(h);
         }
@@ -142,6 +175,7 @@ impl KvPublisher {
             *blocks = SlotBlocks::default();
         }
         self.counts.clear();
+        self.computing.clear();
         self.hub.clear();
     }
 }
@@ -156,7 +190,8 @@ pub struct KvHub {
 struct HubState {
     /// The last event's number.
     seq: u64,
-    held: std::collections::HashSet<u64>,
+    held: HashSet<u64>,
+    computing: HashSet<u64>,
 }
 
 /// The stream a subscriber reads.
@@ -170,7 +205,8 @@ impl KvHub {
             instance: uuid::Uuid::new_v4().simple().to_string(),
             state: Mutex::new(HubState {
                 seq: 0,
-                held: std::collections::HashSet::new(),
+                held: HashSet::new(),
+                computing: HashSet::new(),
             }),
             tx: broadcast::channel(BACKLOG).0,
         });
@@ -188,38 +224,47 @@ impl KvHub {
         self.state.lock().expect("kv hub lock").held.len()
     }
 
-    /// Numbers `changes` (consecutive changes of one kind share an event),
-    /// applies them and sends them as one batch.
+    /// Blocks in the computing tier now.
+    pub fn computing(&self) -> usize {
+        self.state.lock().expect("kv hub lock").computing.len()
+    }
+
+    /// Numbers `changes` (consecutive changes of one kind and tier share an
+    /// event), applies them and sends them as one batch.
     pub fn publish(&self, changes: &[Change]) {
         if changes.is_empty() {
             return;
         }
         let mut state = self.state.lock().expect("kv hub lock");
         let mut events: Vec<KvEvent> = Vec::new();
-        let mut last: Option<bool> = None;
+        let mut last: Option<(bool, KvTier)> = None;
         for change in changes {
-            let (stored, h) = match *change {
-                Change::Stored(h) => (true, h),
-                Change::Removed(h) => (false, h),
+            let (stored, tier, h) = match *change {
+                Change::Stored(tier, h) => (true, tier, h),
+                Change::Removed(tier, h) => (false, tier, h),
+            };
+            let set = match tier {
+                KvTier::Computing => &mut state.computing,
+                _ => &mut state.held,
             };
             if stored {
-                state.held.insert(h);
+                set.insert(h);
             } else {
-                state.held.remove(&h);
+                set.remove(&h);
             }
-            if last != Some(stored) {
+            if last != Some((stored, tier)) {
                 state.seq += 1;
                 let blocks = KvBlocks::default();
                 events.push(KvEvent {
                     seq: state.seq,
-                    tier: KvTier::Kv as i32,
+                    tier: tier as i32,
                     kind: Some(if stored {
                         kv_event::Kind::Stored(blocks)
                     } else {
                         kv_event::Kind::Removed(blocks)
                     }),
                 });
-                last = Some(stored);
+                last = Some((stored, tier));
             }
             match &mut events.last_mut().expect("an event").kind {
                 Some(kv_event::Kind::Stored(b) | kv_event::Kind::Removed(b)) => {
@@ -238,6 +283,7 @@ impl KvHub {
     pub fn clear(&self) {
         let mut state = self.state.lock().expect("kv hub lock");
         state.held.clear();
+        state.computing.clear();
         state.seq += 1;
         let event = KvEvent {
             seq: state.seq,
@@ -258,18 +304,26 @@ impl KvHub {
         }
     }
 
-    /// A snapshot of the held set and a receiver positioned right after it.
+    /// A snapshot of both tiers and a receiver positioned right after it.
     fn snapshot(&self) -> (KvEventBatch, broadcast::Receiver<Arc<KvEventBatch>>) {
         let state = self.state.lock().expect("kv hub lock");
         let rx = self.tx.subscribe();
-        let mut held: Vec<u64> = state.held.iter().copied().collect();
-        held.sort_unstable();
-        let event = KvEvent {
-            seq: state.seq,
-            tier: KvTier::Kv as i32,
-            kind: Some(kv_event::Kind::Stored(KvBlocks { block_hashes: held })),
+        let event = |tier: KvTier, set: &HashSet<u64>| {
+            let mut hashes: Vec<u64> = set.iter().copied().collect();
+            hashes.sort_unstable();
+            KvEvent {
+                seq: state.seq,
+                tier: tier as i32,
+                kind: Some(kv_event::Kind::Stored(KvBlocks {
+                    block_hashes: hashes,
+                })),
+            }
         };
-        (self.batch(true, state.seq, vec![event]), rx)
+        let events = vec![
+            event(KvTier::Kv, &state.held),
+            event(KvTier::Computing, &state.computing),
+        ];
+        (self.batch(true, state.seq, events), rx)
     }
 
     /// A subscriber's stream: a snapshot, then every batch after it; a
@@ -311,12 +365,14 @@ mod tests {
     struct Index {
         seq: u64,
         held: HashSet<u64>,
+        computing: HashSet<u64>,
     }
 
     impl Index {
         fn apply(&mut self, b: &KvEventBatch) {
             if b.snapshot {
                 self.held.clear();
+                self.computing.clear();
                 self.seq = b.seq;
             }
             for e in &b.events {
@@ -324,14 +380,22 @@ mod tests {
                     assert_eq!(e.seq, self.seq + 1, "events come without gaps");
                     self.seq = e.seq;
                 }
+                let set = if e.tier == KvTier::Computing as i32 {
+                    &mut self.computing
+                } else {
+                    &mut self.held
+                };
                 match e.kind.as_ref().unwrap() {
-                    kv_event::Kind::Stored(x) => self.held.extend(&x.block_hashes),
+                    kv_event::Kind::Stored(x) => set.extend(&x.block_hashes),
                     kv_event::Kind::Removed(x) => {
                         for h in &x.block_hashes {
-                            assert!(self.held.remove(h), "removed a block never stored");
+                            assert!(set.remove(h), "removed a block never stored");
                         }
                     }
-                    kv_event::Kind::Cleared(_) => self.held.clear(),
+                    kv_event::Kind::Cleared(_) => {
+                        self.held.clear();
+                        self.computing.clear();
+                    }
                 }
             }
         }
@@ -378,6 +442,53 @@ mod tests {
         index.apply(&stream.next().await.unwrap().unwrap());
         other.apply(&late.next().await.unwrap().unwrap());
         assert!(index.held.is_empty() && other.held.is_empty());
+    }
+
+    #[tokio::test]
+    async fn accepted_prompts_are_computing_until_their_blocks_are_held() {
+        let hub = KvHub::new();
+        let mut stream = hub.subscribe();
+        let mut index = Index::default();
+        index.apply(&stream.next().await.unwrap().unwrap());
+        let mut publisher = KvPublisher::new(1, hub.clone());
+        let prompt = tokens(3, 50); // three whole blocks
+        let blocks = block_hashes(&prompt);
+        // Queued: nothing held, all three computing.
+        publisher.sync_with(|_| &[] as &[i32], [&blocks[..]].into_iter());
+        index.apply(&stream.next().await.unwrap().unwrap());
+        assert!(index.held.is_empty());
+        assert_eq!(index.computing, blocks.iter().copied().collect());
+        // Half prefilled: one block held, all still computing.
+        publisher.sync_with(|_| &prompt[..20], [&blocks[..]].into_iter());
+        index.apply(&stream.next().await.unwrap().unwrap());
+        assert_eq!(index.held, HashSet::from([blocks[0]]));
+        assert_eq!(index.computing.len(), 3);
+        // A late subscriber's snapshot names both tiers apart.
+        let mut late = hub.subscribe();
+        let mut other = Index::default();
+        other.apply(&late.next().await.unwrap().unwrap());
+        assert_eq!(
+            (&other.held, &other.computing),
+            (&index.held, &index.computing)
+        );
+        // Prefilled: held, and computing no more, in one batch whose held
+        // events come first.
+        publisher.sync_with(|_| &prompt[..], std::iter::empty());
+        let batch = stream.next().await.unwrap().unwrap();
+        assert_eq!(batch.events.len(), 2);
+        assert_eq!(batch.events[0].tier, KvTier::Kv as i32);
+        assert_eq!(batch.events[1].tier, KvTier::Computing as i32);
+        index.apply(&batch);
+        assert_eq!(index.held, blocks.iter().copied().collect());
+        assert!(index.computing.is_empty());
+        assert_eq!((hub.held(), hub.computing()), (3, 0));
+        // Cleared: nothing in either tier.
+        publisher.sync_with(|_| &prompt[..], [&blocks[..]].into_iter());
+        publisher.clear();
+        index.apply(&stream.next().await.unwrap().unwrap());
+        index.apply(&stream.next().await.unwrap().unwrap());
+        assert!(index.held.is_empty() && index.computing.is_empty());
+        assert_eq!((hub.held(), hub.computing()), (0, 0));
     }
 
     #[tokio::test]

@@ -271,6 +271,9 @@ struct Job {
     submitted: Instant,
     /// Open while the job waits; dropped when the engine takes it.
     queue_span: tracing::Span,
+    /// The block hashes of the input (prompt and resumed tokens), published
+    /// in the computing tier until its prefill ends.
+    blocks: Vec<u64>,
 }
 
 /// Handle to the engine thread. Dropping every handle stops the thread once
@@ -371,7 +374,14 @@ impl Engine {
         }
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
         let queue_span = tracing::info_span!(parent: &generation.span, "queue");
+        let ids: Vec<i32> = generation
+            .prompt
+            .iter()
+            .chain(&generation.resume)
+            .map(|t| t.0)
+            .collect();
         let job = Job {
+            blocks: nanoinfer_proto::kv::block_hashes(&ids),
             generation,
             events,
             submitted: Instant::now(),

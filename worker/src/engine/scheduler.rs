@@ -89,8 +89,15 @@ pub(super) fn run(
         tokens_generated: 0,
     };
     while engine.receive(&jobs) {
+        let queued = !engine.queue.is_empty();
         engine.expire_queue();
         engine.admit(&mut ctx);
+        if queued {
+            // Prompts just received (or still waiting) are computing from
+            // now on: say so before the step, which may prefill for a
+            // second or more. (Nothing changed: nothing is sent.)
+            engine.publish_kv();
+        }
         engine.step(&mut ctx)?;
         engine.publish_kv();
     }
@@ -242,14 +249,24 @@ impl Scheduler<'_> {
     /// Publishes the blocks every slot could lend a new prompt now: a
     /// running sequence's decoded cells, a free slot's kept prefix (what
     /// [`Slots::take`] places against).
+    /// With them, the computing tier: the blocks of every queued prompt and
+    /// every prompt still in prefill.
     fn publish_kv(&mut self) {
         let (active, slots) = (&self.active, &self.slots);
-        self.kv.sync(|slot| {
-            active
-                .iter()
-                .find(|s| s.slot() as usize == slot)
-                .map_or_else(|| slots.kept(slot as i32), |s| s.reusable())
-        });
+        let computing = self
+            .queue
+            .iter()
+            .map(|j| j.blocks.as_slice())
+            .chain(active.iter().map(Sequence::computing_blocks));
+        self.kv.sync_with(
+            |slot| {
+                active
+                    .iter()
+                    .find(|s| s.slot() as usize == slot)
+                    .map_or_else(|| slots.kept(slot as i32), |s| s.reusable())
+            },
+            computing,
+        );
     }
 
     /// Frees a sequence's slot, keeping the cells a decode wrote for prefix

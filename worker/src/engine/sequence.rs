@@ -235,6 +235,16 @@ impl Sequence {
         &self.input
     }
 
+    /// The input's whole blocks' hashes, while its prefill is not done
+    /// (the KV events' computing tier); empty after.
+    pub fn computing_blocks(&self) -> &[u64] {
+        if self.reusable().len() < self.input.len() && !self.is_over() {
+            &self.job.blocks
+        } else {
+            &[]
+        }
+    }
+
     /// Generated tokens, resumed ones included.
     pub fn generated(&self) -> u32 {
         self.generated
