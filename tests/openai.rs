@@ -1,7 +1,9 @@
 //! The OpenAI-compatible HTTP API on a real cluster (etcd, two workers
 //! serving SmolLM2-135M-Instruct, a coordinator with an API key): the
 //! official `openai` Python client runs its checks (tests/openai_client.py),
-//! curl checks the SSE framing byte by byte, the headers and the errors.
+//! curl checks the SSE framing byte by byte, the headers and the errors,
+//! and what clients send before anything else (`logit_bias`, `best_of`,
+//! `models.retrieve`, a browser's preflight) is taken.
 
 mod common;
 
@@ -16,7 +18,7 @@ const KEY: &str = "sk-test-0123456789";
 
 struct Api {
     _etcd: Etcd,
-    _workers: Vec<Proc>,
+    workers: Vec<Proc>,
     _coordinator: Proc,
     base: String,
     metrics: String,
@@ -53,7 +55,7 @@ async fn cluster_with(extra: &[&str]) -> Api {
     let metrics = format!("http://{}/metrics", coordinator.metrics_addr().await);
     let api = Api {
         _etcd: etcd,
-        _workers: workers,
+        workers,
         _coordinator: coordinator,
         base,
         metrics,
@@ -381,4 +383,184 @@ async fn cached_tokens_are_what_the_worker_reused() {
             seen[i]
         );
     }
+}
+
+/// The JSON error object of an error response.
+fn error_of(status: u16, text: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(text).unwrap_or_else(|_| panic!("{status}, not JSON: {text:?}"));
+    v["error"].clone()
+}
+
+/// What SDKs and browsers send first: `logit_bias` (applied: -100 on
+/// "Paris" keeps it out of the answer), `best_of: 1`, `models.retrieve`, a
+/// CORS preflight; every error the HTTP layer makes is OpenAI's JSON; with
+/// every worker gone a known model is 503 with `Retry-After`, not 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_clients_send_first_is_taken() {
+    let origin = "https://app.example";
+    let mut api = cluster_with(&["--http-cors-origins", origin]).await;
+    let ask = |extra: &str| {
+        format!(
+            r#"{{"model":"smollm2","temperature":0,"max_tokens":24,"best_of":1{extra},
+            "messages":[{{"role":"system","content":"Answer in one sentence."}},
+                        {{"role":"user","content":"What is the capital of France?"}}]}}"#
+        )
+    };
+    let answer = |s: u16, t: &str| -> String {
+        assert_eq!(s, 200, "{t}");
+        let v: serde_json::Value = serde_json::from_str(t).unwrap();
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let (s, t) = api.post("/v1/chat/completions", &ask(""), &[]);
+    let plain = answer(s, &t);
+    assert!(plain.contains("Paris"), "{plain}");
+    // The ids a client would look up: "Paris" with and without a space.
+    let mut ids = Vec::new();
+    for text in ["Paris", " Paris"] {
+        let (s, t) = api.post(
+            "/tokenize",
+            &format!(r#"{{"model":"smollm2","prompt":"{text}","add_special_tokens":false}}"#),
+            &[],
+        );
+        assert_eq!(s, 200, "{t}");
+        let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+        ids.push(v["tokens"][0].as_i64().unwrap());
+    }
+    let bias: Vec<String> = ids.iter().map(|id| format!(r#""{id}":-100"#)).collect();
+    let (s, t) = api.post(
+        "/v1/chat/completions",
+        &ask(&format!(r#","logit_bias":{{{}}}"#, bias.join(","))),
+        &[],
+    );
+    let banned = answer(s, &t);
+    assert!(!banned.contains("Paris"), "{banned} (banned {ids:?})");
+    // A bias outside the range, or on an id outside the vocabulary.
+    for bad in [r#"{"5":-101}"#, r#"{"99999999":1}"#] {
+        let (s, t) = api.post(
+            "/v1/chat/completions",
+            &ask(&format!(r#","logit_bias":{bad}"#)),
+            &[],
+        );
+        assert_eq!(
+            (s, error_of(s, &t)["param"].as_str()),
+            (400, Some("logit_bias")),
+            "{t}"
+        );
+    }
+    let (s, t) = api.post("/v1/completions", r#"{"prompt":"a","suffix":"b"}"#, &[]);
+    assert_eq!(
+        (s, error_of(s, &t)["param"].as_str()),
+        (400, Some("suffix")),
+        "{t}"
+    );
+
+    // client.models.retrieve.
+    let auth = format!("authorization: Bearer {KEY}");
+    let get = |path: &str| curl(&["-s", "-H", &auth, &format!("{}{path}", api.base)]);
+    let (s, t) = get("/v1/models/smollm2");
+    assert_eq!(s, 200, "{t}");
+    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["object"].as_str()),
+        (Some("smollm2"), Some("model"))
+    );
+    let (s, t) = get("/v1/models/gpt-4o");
+    assert_eq!(
+        (s, error_of(s, &t)["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{t}"
+    );
+
+    // The HTTP layer's own errors are JSON too: a wrong method, a body
+    // over the limit.
+    let (s, t) = get("/v1/chat/completions");
+    assert_eq!(s, 405, "{t}");
+    let message = error_of(s, &t)["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("GET") && message.contains("POST"),
+        "{message}"
+    );
+    let big = std::env::temp_dir().join(format!("nanoinfer-big-{}", std::process::id()));
+    std::fs::write(&big, vec![b' '; 5 << 20]).unwrap();
+    let (s, t) = api.post("/v1/completions", &format!("@{}", big.display()), &[]);
+    std::fs::remove_file(&big).ok();
+    assert_eq!(
+        (s, error_of(s, &t)["code"].as_str()),
+        (413, Some("request_too_large")),
+        "{t}"
+    );
+
+    // A browser's preflight from the allowed origin, and from another.
+    let preflight = |from: &str| {
+        curl(&[
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-X",
+            "OPTIONS",
+            "-H",
+            &format!("origin: {from}"),
+            "-H",
+            "access-control-request-method: POST",
+            "-H",
+            "access-control-request-headers: authorization, content-type",
+            &format!("{}/v1/chat/completions", api.base),
+        ])
+    };
+    let (s, head) = preflight(origin);
+    let head = head.to_lowercase();
+    assert_eq!(s, 204, "{head}");
+    assert!(
+        head.contains(&format!("access-control-allow-origin: {origin}")),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers: authorization, content-type"),
+        "{head}"
+    );
+    let (s, head) = preflight("https://elsewhere.example");
+    assert_eq!(s, 405, "{head}");
+    assert!(
+        !head.to_lowercase().contains("access-control-allow-origin"),
+        "{head}"
+    );
+    let (s, t) = api.post(
+        "/v1/completions",
+        r#"{"prompt":"Hi","max_tokens":1}"#,
+        &["-D", "-", "-H", &format!("origin: {origin}")],
+    );
+    assert_eq!(s, 200, "{t}");
+    assert!(
+        t.to_lowercase()
+            .contains(&format!("access-control-allow-origin: {origin}")),
+        "{t}"
+    );
+
+    // Every worker gone (their leases expire): the model is still known,
+    // so a request for it is 503 with Retry-After, not 404.
+    for w in &mut api.workers {
+        w.kill();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (s, t) = loop {
+        let (_, models) = get("/v1/models/smollm2");
+        let gone = serde_json::from_str::<serde_json::Value>(&models)
+            .is_ok_and(|v| v["routable_workers"] == 0);
+        if gone {
+            break api.post("/v1/chat/completions", &ask(""), &["-D", "-"]);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers never left: {models}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(s, 503, "{t}");
+    assert!(t.to_lowercase().contains("retry-after:"), "{t}");
 }

@@ -209,6 +209,12 @@ pub struct Args {
     /// (`nanoinfer_coordinator_http_connections_refused_total`).
     #[arg(long, env = "NANOINFER_HTTP_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub http_max_connections: usize,
+    /// Origins a browser may call the HTTP API from (CORS), comma-separated
+    /// (`https://app.example.com,http://localhost:3000`), or `*` for any.
+    /// Empty (the default): no CORS headers, and a browser's preflight is
+    /// refused (405).
+    #[arg(long, env = "NANOINFER_HTTP_CORS_ORIGINS", value_delimiter = ',')]
+    pub http_cors_origins: Vec<String>,
     /// HTTP/2 streams (concurrent calls) one client connection may open on
     /// the public gRPC port; more wait for one to finish.
     #[arg(
@@ -257,6 +263,8 @@ pub struct HttpServerConfig {
     pub max_requests_per_connection: u64,
     /// Open connections; beyond it new ones are closed at once.
     pub max_connections: usize,
+    /// CORS: the origins browsers may call from (`*`: any; empty: off).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpServerConfig {
@@ -267,6 +275,7 @@ impl Default for HttpServerConfig {
             tls_handshake_timeout: Duration::from_secs(10),
             max_requests_per_connection: 1000,
             max_connections: 10_000,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -381,6 +390,10 @@ impl Args {
                 return Err(format!("{flag} must be at least 1"));
             }
         }
+        for origin in &self.http_cors_origins {
+            crate::openai::edge::check_origin(origin)
+                .map_err(|e| format!("--http-cors-origins: {e}"))?;
+        }
         if !(1..=16).contains(&self.max_attempts) {
             return Err(format!(
                 "--max-attempts must be 1..=16, got {}",
@@ -443,6 +456,7 @@ impl Args {
                 tls_handshake_timeout: Duration::from_millis(self.http_tls_handshake_timeout_ms),
                 max_requests_per_connection: self.http_max_requests_per_connection,
                 max_connections: self.http_max_connections,
+                cors_origins: self.http_cors_origins.clone(),
             },
             grpc_max_concurrent_streams: self.grpc_max_concurrent_streams,
         })
@@ -499,6 +513,22 @@ mod tests {
             let err = args(&["--upstream-connections", bad]).unwrap_err();
             assert!(err.contains("--upstream-connections"), "{err}");
         }
+    }
+
+    #[test]
+    fn cors_origins_are_a_checked_list_and_off_by_default() {
+        assert!(args(&[]).unwrap().http.cors_origins.is_empty());
+        let c = args(&[
+            "--http-cors-origins",
+            "https://a.example,http://localhost:3000",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.http.cors_origins,
+            vec!["https://a.example", "http://localhost:3000"]
+        );
+        let e = args(&["--http-cors-origins", "https://a.example/app"]).unwrap_err();
+        assert!(e.contains("--http-cors-origins"), "{e}");
     }
 
     #[test]

@@ -146,7 +146,12 @@ impl CoordinatorError {
     /// the message (when known) and in `x-request-id`.
     pub fn into_status(self, request_id: Option<&str>) -> Status {
         let code = self.code();
-        let overloaded = matches!(self, Self::QueueFull { .. } | Self::QueueTimeout { .. });
+        // Worth retrying soon: a full queue, or no worker for the moment
+        // (restarting workers, a model whose workers all left).
+        let overloaded = matches!(
+            self,
+            Self::QueueFull { .. } | Self::QueueTimeout { .. } | Self::NoWorkers
+        );
         let detail = match &self {
             // The worker's message already names the field; pass it on.
             Self::Upstream { status, .. } if code == Code::InvalidArgument => {

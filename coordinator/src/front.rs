@@ -274,7 +274,7 @@ impl Front {
                 );
                 crate::affinity::prefix_blocks(&text).into()
             }
-        } else if let Some(tokenizer) = self.router.tokenizer(params.model.as_deref()) {
+        } else if let Some(tokenizer) = self.router.tokenizer(params.model.as_deref()).await {
             kv_blocks(tokenizer, &params).await
         } else {
             Arc::from(Vec::new())

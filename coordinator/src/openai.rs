@@ -1,6 +1,8 @@
 //! The OpenAI-compatible HTTP API on `--http-listen`: `POST
 //! /v1/chat/completions`, `POST /v1/completions` (streaming over SSE or
-//! whole), `GET /v1/models`, `GET /health`.
+//! whole), `GET /v1/models`, `GET /v1/models/{id}`, `POST /tokenize`, `POST
+//! /detokenize`, `GET /health`; every error as OpenAI's JSON object, and
+//! CORS when configured ([`edge`]).
 //!
 //! Each handler only translates: the JSON body becomes an [`InferRequest`],
 //! headers become the metadata the gRPC path reads (`authorization`,
@@ -39,6 +41,7 @@ use crate::service::health_status;
 /// JSON, fits with room to spare).
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
+pub mod edge;
 mod server;
 
 pub use server::{HttpMetrics, HTTP_ALPN};
@@ -64,9 +67,12 @@ pub fn spawn(
         max_connections = config.max_connections,
         "OpenAI-compatible HTTP API listening on {local}"
     );
+    let cors = (!config.cors_origins.is_empty()).then(|| edge::Cors {
+        origins: config.cors_origins.clone(),
+    });
     Ok(server::spawn(
         listener,
-        router(front),
+        router(front, cors),
         tls,
         config,
         metrics,
@@ -74,18 +80,27 @@ pub fn spawn(
     ))
 }
 
-/// The routes, over `front`.
-pub fn router(front: Arc<Front>) -> Router {
-    Router::new()
+/// The routes, over `front`, with CORS for `cors`'s origins.
+pub fn router(front: Arc<Front>, cors: Option<edge::Cors>) -> Router {
+    let routes = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(front)
+        .layer(axum::middleware::from_fn(edge::json_errors));
+    let routes = match cors {
+        Some(cors) => routes.layer(axum::middleware::from_fn_with_state(
+            Arc::new(cors),
+            edge::cors,
+        )),
+        None => routes,
+    };
+    routes.with_state(front)
 }
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param",
@@ -205,7 +220,7 @@ async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         kind: "invalid_request_error",
-        message: "unknown path; the API serves POST /v1/chat/completions, POST /v1/completions and GET /v1/models".into(),
+        message: "unknown path; the API serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /v1/models/{id}".into(),
         param: None,
         code: None,
         request_id: None,
@@ -257,28 +272,49 @@ fn object(body: &Value) -> Result<Fields<'_>, ApiError> {
     }
 }
 
+/// A model as `GET /v1/models` lists it.
+fn model_object(id: &str, routable: usize) -> Value {
+    json!({
+        "id": id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "nanoinfer",
+        "routable_workers": routable,
+    })
+}
+
 async fn models(State(front): State<Arc<Front>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorized(&front, headers)?;
     let data: Vec<Value> = front
         .router
         .models()
         .into_iter()
-        .map(|(id, routable)| {
-            json!({
-                "id": id,
-                "object": "model",
-                "created": 0,
-                "owned_by": "nanoinfer",
-                "routable_workers": routable,
-            })
-        })
+        .map(|(id, routable)| model_object(&id, routable))
         .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-/// `POST /tokenize` (vLLM's and llama-server's shape): `{model?, prompt |
-/// messages, add_special_tokens? (default true), return_token_strs?}` →
-/// `{tokens, count, max_model_len, model, token_strs?}`.
+/// `GET /v1/models/{id}` (`client.models.retrieve`): the model, also while
+/// its workers restart (`routable_workers` 0); 404 `model_not_found` for a
+/// name no worker has served.
+async fn model(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    authorized(&front, headers)?;
+    match front.router.models().into_iter().find(|(m, _)| *m == id) {
+        Some((id, routable)) => Ok(axum::Json(model_object(&id, routable)).into_response()),
+        None => Err(ApiError::from_status(&Status::not_found(format!(
+            "model {id:?} is not served here (see GET /v1/models)"
+        )))),
+    }
+}
+
+/// `POST /tokenize` (vLLM's shape; llama-server's takes `content` and
+/// answers `{tokens}` only): `{model?, prompt | messages,
+/// add_special_tokens? (default true), return_token_strs?}` → `{tokens,
+/// count, max_model_len, model, token_strs?}`.
 async fn tokenize(
     State(front): State<Arc<Front>>,
     headers: HeaderMap,
@@ -526,14 +562,39 @@ impl<'a> Fields<'a> {
 
 /// Fields OpenAI defines that this server does not implement: refused, not
 /// silently ignored, since a caller relying on them would get wrong output.
-const UNSUPPORTED: [&str; 6] = [
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "logit_bias",
-    "best_of",
-];
+const UNSUPPORTED: [&str; 4] = ["tools", "tool_choice", "functions", "function_call"];
+
+/// `logit_bias`: an object of token ids (as strings, OpenAI's shape; JSON
+/// numbers as keys are not JSON) → bias. Absent or null: none.
+fn logit_bias(value: Option<&Value>) -> Result<std::collections::HashMap<i32, f32>, ApiError> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(Default::default()),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "must be an object of token id → bias, e.g. {\"1234\": -100}",
+            ))
+        }
+    };
+    map.iter()
+        .map(|(key, v)| {
+            let id = key.trim().parse::<i32>().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("keys must be token ids (integers), got {key:?}"),
+                )
+            })?;
+            let bias = v.as_f64().ok_or_else(|| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("the bias of token {id} must be a number"),
+                )
+            })?;
+            Ok((id, bias as f32))
+        })
+        .collect()
+}
 
 /// The body of either endpoint → the shared request and the response's
 /// shape.
@@ -568,8 +629,21 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
         presence_penalty: f.f32("presence_penalty")?,
         frequency_penalty: f.f32("frequency_penalty")?,
         n: f.u32("n")?.unwrap_or(1),
+        logit_bias: logit_bias(f.get("logit_bias"))?,
         ..Default::default()
     };
+    // `best_of` is the legacy API's server-side ranking: generate more than
+    // `n` and return the `n` most likely. Equal to `n` (OpenAI's default of
+    // 1, as clients send it) there is nothing to rank.
+    if !matches!(f.get("best_of"), None | Some(Value::Null))
+        && f.u32("best_of")? != Some(request.n.max(1))
+    {
+        return Err(ApiError::invalid(
+            "best_of",
+            "only best_of equal to n (default 1) is supported: this server does not rank \
+             extra completions (ask for n and rank them by logprobs)",
+        ));
+    }
     let stream = f.bool("stream")?;
     let include_usage = match f.get("stream_options") {
         None => false,
@@ -611,6 +685,19 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
                 };
             if request.prompt.is_empty() {
                 return Err(ApiError::invalid("prompt", "must not be empty"));
+            }
+            // Insertion (text after the completion) needs a fill-in-the-
+            // middle model and prompt format; refused rather than ignored.
+            match f.get("suffix") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if s.is_empty() => {}
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "suffix",
+                        "is not supported by this server (no insertion: send the text before \
+                         the gap as the prompt)",
+                    ))
+                }
             }
             // The legacy API's `logprobs` is the number of alternatives.
             if let Some(k) = f.u32("logprobs")? {
@@ -1014,6 +1101,24 @@ mod tests {
     }
 
     #[test]
+    fn logit_bias_and_best_of_as_clients_send_them_are_taken() {
+        let (r, _) = parse(
+            Kind::Completion,
+            json!({"prompt": "a", "logit_bias": {"5": -100, " 17 ": 2.5}, "best_of": 1, "suffix": null}),
+        )
+        .unwrap();
+        assert_eq!(r.logit_bias.len(), 2);
+        assert_eq!((r.logit_bias[&5], r.logit_bias[&17]), (-100.0, 2.5));
+        let (r, _) = parse(
+            Kind::Chat,
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {}, "n": 2, "best_of": 2}),
+        )
+        .unwrap();
+        assert!(r.logit_bias.is_empty());
+        assert_eq!(r.n, 2);
+    }
+
+    #[test]
     fn refusals_name_the_field() {
         assert_eq!(
             param(parse(Kind::Chat, json!({"messages": "hi"}))),
@@ -1065,6 +1170,29 @@ mod tests {
         assert_eq!(
             param(parse(Kind::Completion, json!({"prompt": "a", "stop": [1]}))),
             "stop"
+        );
+        for bad in [json!([1]), json!({"x": 1}), json!({"5": "high"})] {
+            assert_eq!(
+                param(parse(
+                    Kind::Chat,
+                    json!({"messages": [], "logit_bias": bad})
+                )),
+                "logit_bias"
+            );
+        }
+        assert_eq!(
+            param(parse(
+                Kind::Completion,
+                json!({"prompt": "a", "best_of": 3})
+            )),
+            "best_of"
+        );
+        assert_eq!(
+            param(parse(
+                Kind::Completion,
+                json!({"prompt": "a", "suffix": "end"})
+            )),
+            "suffix"
         );
         assert_eq!(param(parse(Kind::Completion, json!([1]))), "body");
     }

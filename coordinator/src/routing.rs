@@ -326,6 +326,10 @@ pub struct Router {
     kv: Arc<KvIndex>,
     /// Cache-aware routing: each model's tokenizer.
     vocabs: Arc<crate::vocab::Vocabs>,
+    /// Every model name a worker has registered since this coordinator
+    /// started: with all its workers gone (a restart), a request for one
+    /// is UNAVAILABLE (retry), not NOT_FOUND (give up).
+    served: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Follows worker `id`'s `KvEvents` into `index` for as long as the task
@@ -462,6 +466,7 @@ impl Router {
             metrics,
             kv: Arc::new(KvIndex::new(upstream.kv_index_max_blocks)),
             vocabs: Arc::default(),
+            served: Mutex::default(),
             upstream,
             routable: watch::channel(0).0,
         }
@@ -473,9 +478,11 @@ impl Router {
     }
 
     /// The tokenizer of `model` (any model when `None` and the workers
-    /// serve one), when cache-aware routing is on and it is loaded; starts
-    /// fetching it from a worker serving it otherwise.
-    pub fn tokenizer(&self, model: Option<&str>) -> Option<Arc<crate::vocab::Tokenizer>> {
+    /// serve one), when cache-aware routing is on: at once when it is
+    /// loaded; while it loads, after waiting for it (up to
+    /// [`crate::vocab::LOAD_WAIT`]); otherwise `None`, after starting to
+    /// fetch it from a worker serving it.
+    pub async fn tokenizer(&self, model: Option<&str>) -> Option<Arc<crate::vocab::Tokenizer>> {
         if self.upstream.routing != crate::affinity::Routing::CacheAware {
             return None;
         }
@@ -489,13 +496,16 @@ impl Router {
                 }
             }
         };
-        self.vocabs.get(&model, || {
+        let channel = || {
             let workers = self.workers.lock().expect("router lock");
             workers
                 .values()
                 .find(|w| !w.ejected && w.model_name == model)
                 .map(|w| w.channels[0].clone())
-        })
+        };
+        self.vocabs
+            .get_waiting(&model, channel, crate::vocab::LOAD_WAIT)
+            .await
     }
 
     /// The admission queue requests wait in while no worker has room.
@@ -634,6 +644,10 @@ impl Router {
                 self.vocabs
                     .get(&info.model_name, || Some(channels[0].clone()));
             }
+            self.served
+                .lock()
+                .expect("served models lock")
+                .insert(info.model_name.clone());
             workers.insert(
                 id.clone(),
                 WorkerState {
@@ -958,19 +972,35 @@ impl Router {
         }
     }
 
-    /// The model names known workers serve, each with its number of
-    /// routable (not ejected) workers, sorted by name.
+    /// The model names known workers serve, and those served before whose
+    /// workers are all gone, each with its number of routable (not ejected)
+    /// workers, sorted by name.
     pub fn models(&self) -> Vec<(String, usize)> {
+        let mut names: std::collections::BTreeMap<String, usize> = self
+            .served
+            .lock()
+            .expect("served models lock")
+            .iter()
+            .map(|m| (m.clone(), 0))
+            .collect();
         let workers = self.workers.lock().expect("router lock");
-        let mut names: std::collections::BTreeMap<String, usize> = Default::default();
         for w in workers.values() {
             *names.entry(w.model_name.clone()).or_default() += usize::from(!w.ejected);
         }
         names.into_iter().collect()
     }
 
-    /// Whether any known worker (routable or ejected) serves `model`.
+    /// Whether any known worker (routable or ejected) serves `model`, or
+    /// one did since this coordinator started.
     pub fn knows_model(&self, model: &str) -> bool {
+        if self
+            .served
+            .lock()
+            .expect("served models lock")
+            .contains(model)
+        {
+            return true;
+        }
         let workers = self.workers.lock().expect("router lock");
         workers.values().any(|w| w.model_name == model)
     }

@@ -109,6 +109,11 @@ pub fn generate_request(
         frequency_penalty: set(c.frequency_penalty, off.frequency_penalty),
         logprobs: c.logprobs,
         top_logprobs: c.top_logprobs,
+        logit_bias: params
+            .logit_bias
+            .iter()
+            .map(|&(id, bias)| (id as i32, bias))
+            .collect(),
     });
     request.set_timeout(remaining);
     request
@@ -191,8 +196,10 @@ mod tests {
             },
             n: 1,
             model: None,
+            logit_bias: vec![(9, -100.0)],
         };
         let req = generate_request(&params, &[5, 6], Duration::from_millis(1500));
+        assert_eq!(req.get_ref().logit_bias.get(&9), Some(&-100.0));
         assert_eq!(req.get_ref().top_k, Some(40));
         assert_eq!(req.get_ref().min_p, None, "controls left off are not sent");
         assert_eq!(req.get_ref().resume_token_ids, vec![5, 6]);

@@ -45,6 +45,9 @@ pub struct InferParams {
     pub n: u32,
     /// Only workers serving this model name (`None`: any).
     pub model: Option<String>,
+    /// Token id → bias, sorted by id (the worker checks the ids against
+    /// its vocabulary).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl From<FieldError> for CoordinatorError {
@@ -101,6 +104,7 @@ impl Limits {
             .into());
         }
         let n = limits::check_n(req.n)?;
+        let logit_bias = limits::check_logit_bias(&req.logit_bias, None)?;
         if !req.model.is_empty() {
             nanoinfer_registry::schema::validate_model_name(&req.model).map_err(|message| {
                 CoordinatorError::InvalidArgument {
@@ -126,6 +130,7 @@ impl Limits {
             controls,
             n,
             model: (!req.model.is_empty()).then_some(req.model),
+            logit_bias,
         })
     }
 }

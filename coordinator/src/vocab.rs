@@ -4,9 +4,12 @@
 //! code. The token ids are the worker's, so the KV block hashes
 //! (`nanoinfer_proto::kv`) computed here are the ones the workers publish.
 //!
-//! A model's vocabulary is fetched on the first request that needs it, in
-//! the background: until it is loaded (a second or so), requests for that
-//! model are routed by load alone. A failed fetch is tried again after
+//! A model's vocabulary is fetched when the model's first worker appears
+//! (or on the first request that needs it), in the background. A request
+//! that comes while it loads waits for it, up to [`LOAD_WAIT`] (a coordinator
+//! that starts under traffic would otherwise send its first requests by
+//! load alone, warming prefixes twice); past that, or when the fetch
+//! failed, it is routed by load. A failed fetch is tried again after
 //! [`RETRY`].
 //!
 //! Chat contents are tokenized on their own (see
@@ -28,6 +31,8 @@ use tonic::transport::Channel;
 
 /// How long after a failed fetch the next one may start.
 pub const RETRY: Duration = Duration::from_secs(10);
+/// Longest a request waits for its model's vocabulary while it loads.
+pub const LOAD_WAIT: Duration = Duration::from_secs(3);
 /// Bytes of chat contents whose tokens are cached, per model.
 pub const CONTENT_CACHE_BYTES: usize = 16 << 20;
 /// Contents shorter than this are tokenized every time (cheaper than the
@@ -163,6 +168,9 @@ enum State {
 #[derive(Default)]
 pub struct Vocabs {
     models: Mutex<HashMap<String, State>>,
+    /// Wakes the requests waiting for a vocabulary whenever one finishes
+    /// loading (or fails to).
+    changed: tokio::sync::Notify,
 }
 
 impl Vocabs {
@@ -203,8 +211,37 @@ impl Vocabs {
                 .lock()
                 .expect("vocabs lock")
                 .insert(model, state);
+            this.changed.notify_waiters();
         });
         None
+    }
+
+    /// [`Vocabs::get`], and while `model`'s vocabulary is loading, waits
+    /// for it up to `wait`.
+    pub async fn get_waiting(
+        self: &Arc<Self>,
+        model: &str,
+        channel: impl Fn() -> Option<Channel>,
+        wait: Duration,
+    ) -> Option<Arc<Tokenizer>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the check, so a load that ends between the
+            // check and the wait still wakes this one.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(t) = self.get(model, &channel) {
+                return Some(t);
+            }
+            let loading = matches!(
+                self.models.lock().expect("vocabs lock").get(model),
+                Some(State::Loading)
+            );
+            if !loading || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
     }
 }
 

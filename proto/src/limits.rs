@@ -34,6 +34,7 @@ pub const FIELDS: &[&str] = &[
     "model",
     "tokens",
     "resume_token_ids",
+    "logit_bias",
 ];
 
 /// A refused field and why.
@@ -190,6 +191,49 @@ impl SamplingControls {
     }
 }
 
+/// Most entries of `logit_bias`.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+/// Largest bias magnitude (OpenAI's range).
+pub const MAX_BIAS: f32 = 100.0;
+
+/// `logit_bias`: at most [`MAX_LOGIT_BIAS`] entries, ids ≥ 0 (below
+/// `n_vocab` when it is known), biases in [-[`MAX_BIAS`], [`MAX_BIAS`]].
+/// Returns the entries sorted by id.
+pub fn check_logit_bias(
+    bias: &std::collections::HashMap<i32, f32>,
+    n_vocab: Option<i32>,
+) -> Result<Vec<(u32, f32)>, FieldError> {
+    if bias.len() > MAX_LOGIT_BIAS {
+        return Err(FieldError {
+            field: "logit_bias",
+            message: format!(
+                "holds {} entries; the limit is {MAX_LOGIT_BIAS}",
+                bias.len()
+            ),
+        });
+    }
+    let mut out = Vec::with_capacity(bias.len());
+    for (&id, &b) in bias {
+        if id < 0 || n_vocab.is_some_and(|n| id >= n) {
+            let range =
+                n_vocab.map_or_else(|| "a token id ≥ 0".to_string(), |n| format!("in 0..{n}"));
+            return Err(FieldError {
+                field: "logit_bias",
+                message: format!("token id {id} is not in the vocabulary (must be {range})"),
+            });
+        }
+        if !(-MAX_BIAS..=MAX_BIAS).contains(&b) {
+            return Err(FieldError {
+                field: "logit_bias",
+                message: format!("the bias of token {id} must be in [-100, 100], got {b}"),
+            });
+        }
+        out.push((id as u32, b));
+    }
+    out.sort_unstable_by_key(|&(id, _)| id);
+    Ok(out)
+}
+
 /// Most token ids one detokenize request may hold.
 pub const MAX_DETOKENIZE_TOKENS: usize = 1 << 20;
 
@@ -337,6 +381,28 @@ mod tests {
 
     fn field(r: Result<(), FieldError>) -> &'static str {
         r.unwrap_err().field
+    }
+
+    #[test]
+    fn logit_bias_is_bounded_and_sorted() {
+        use std::collections::HashMap;
+        let ok = HashMap::from([(7, -100.0), (2, 5.5), (0, 100.0)]);
+        assert_eq!(
+            check_logit_bias(&ok, Some(8)).unwrap(),
+            vec![(0, 100.0), (2, 5.5), (7, -100.0)]
+        );
+        assert!(check_logit_bias(&HashMap::new(), None).unwrap().is_empty());
+        let refused = |m: HashMap<i32, f32>, n: Option<i32>| {
+            let e = check_logit_bias(&m, n).unwrap_err();
+            assert_eq!(e.field, "logit_bias");
+            e.message
+        };
+        assert!(refused(HashMap::from([(8, 1.0)]), Some(8)).contains("0..8"));
+        assert!(refused(HashMap::from([(-1, 1.0)]), None).contains("-1"));
+        assert!(refused(HashMap::from([(1, 100.5)]), None).contains("[-100, 100]"));
+        assert!(refused(HashMap::from([(1, f32::NAN)]), None).contains("[-100, 100]"));
+        let many: HashMap<i32, f32> = (0..=MAX_LOGIT_BIAS as i32).map(|i| (i, 1.0)).collect();
+        assert!(refused(many, None).contains("1024"));
     }
 
     #[test]

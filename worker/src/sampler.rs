@@ -2,6 +2,8 @@
 //! on a 262k-token one.
 //!
 //! # Order
+//! 0. `logit_bias` adds each listed token's bias to its logit (OpenAI's
+//!    meaning: -100 all but bans a token, 100 all but forces it).
 //! 1. Penalties change the logits of tokens already seen: the repetition
 //!    penalty (CTRL / llama.cpp: for every distinct token of the prompt and
 //!    the output, a positive logit is divided by it, a negative one
@@ -37,9 +39,10 @@
 //! walks the vocabulary in index order. Log-probabilities cost a normaliser
 //! pass on the raw logits and, for alternatives, a top-k pass.
 //!
-//! Penalties never copy the vocabulary: the model's logits buffer is
-//! borrowed from llama.cpp's context and left alone; the few blocks of
-//! [`PATCH_BLOCK`] logits that hold a penalised token are copied and changed,
+//! Biases and penalties never copy the vocabulary: the model's logits
+//! buffer is borrowed from llama.cpp's context and left alone; the few
+//! blocks of [`PATCH_BLOCK`] logits that hold a biased or penalised token
+//! are copied and changed,
 //! and every pass reads the model's slice between them. The sampler keeps
 //! the sequence's history as a token → (in prompt, times generated) map,
 //! and only while a penalty is on.
@@ -171,6 +174,10 @@ pub struct Sampler {
     candidates: Vec<(f64, u32)>,
     /// Set while a penalty is on: the tokens seen so far.
     penalties: Option<Penalties>,
+    /// Token id → bias added to its logit first, sorted by id.
+    bias: Vec<(u32, f32)>,
+    /// Scratch: (token, changed logit) of one pick, sorted by token.
+    touched: Vec<(u32, f32)>,
     history: BTreeMap<u32, Seen>,
     patch: Patch,
 }
@@ -185,6 +192,8 @@ impl Sampler {
             rng: Rng::new(seed),
             candidates: Vec::new(),
             penalties: None,
+            bias: Vec::new(),
+            touched: Vec::new(),
             history: BTreeMap::new(),
             patch: Patch::default(),
         }
@@ -199,6 +208,14 @@ impl Sampler {
         self
     }
 
+    /// The same with `bias` (token id → bias, sorted by id, ids in the
+    /// vocabulary) added to those tokens' logits before the penalties and
+    /// every cut; log-probabilities stay the model's own.
+    pub fn with_bias(mut self, bias: Vec<(u32, f32)>) -> Self {
+        self.bias = bias;
+        self
+    }
+
     /// Whether it picks the most likely token (no randomness).
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
@@ -207,7 +224,10 @@ impl Sampler {
     /// Whether a pick costs next to nothing (greedy with no penalty and no
     /// log-probabilities: one pass for the maximum), so not worth a thread.
     pub fn is_cheap(&self) -> bool {
-        self.is_greedy() && self.penalties.is_none() && !self.controls.logprobs
+        self.is_greedy()
+            && self.penalties.is_none()
+            && self.bias.is_empty()
+            && !self.controls.logprobs
     }
 
     /// Records the prompt's tokens (the repetition penalty counts them).
@@ -289,20 +309,61 @@ impl Sampler {
         Pick { token, logprobs }
     }
 
-    /// Copies and penalises the blocks of the tokens seen so far; false
-    /// when none changes.
+    /// Copies the blocks of the biased tokens and of the tokens seen so far
+    /// and changes those logits (bias, then penalties); false when none
+    /// changes.
     fn penalise(&mut self, logits: &[f32]) -> bool {
-        let Some(penalties) = self.penalties else {
+        if self.penalties.is_none() && self.bias.is_empty() {
             return false;
-        };
+        }
+        // Every changed token with its new logit, in token order: the
+        // bias list and the history are both sorted, so one merge.
+        let touched = &mut self.touched;
+        touched.clear();
+        let mut history = self
+            .penalties
+            .map(|_| self.history.iter().map(|(&t, &s)| (t, s)))
+            .into_iter()
+            .flatten()
+            .peekable();
+        let mut bias = self.bias.iter().copied().peekable();
+        loop {
+            let (token, b, seen) = match (bias.peek().copied(), history.peek().copied()) {
+                (None, None) => break,
+                (Some((bt, b)), Some((ht, seen))) if bt == ht => {
+                    bias.next();
+                    history.next();
+                    (bt, b, seen)
+                }
+                (Some((bt, b)), h) if h.is_none_or(|(ht, _)| bt < ht) => {
+                    bias.next();
+                    (bt, b, Seen::default())
+                }
+                (_, Some((ht, seen))) => {
+                    history.next();
+                    (ht, 0.0, seen)
+                }
+                (Some(_), None) => unreachable!("taken by the arm above"),
+            };
+            let i = token as usize;
+            if i >= logits.len() {
+                continue;
+            }
+            let touches = self.penalties.is_some_and(|p| p.touches(seen));
+            if b == 0.0 && !touches {
+                continue;
+            }
+            let mut v = logits[i] + b;
+            if let Some(p) = self.penalties {
+                v = p.apply(v, seen);
+            }
+            touched.push((token, v));
+        }
         let Patch { blocks, scratch } = &mut self.patch;
         blocks.clear();
         scratch.clear();
-        for (&token, &seen) in &self.history {
+        for &(token, v) in touched.iter() {
             let i = token as usize;
-            if i >= logits.len() || !penalties.touches(seen) {
-                continue;
-            }
             let b = (i / PATCH_BLOCK) as u32;
             if blocks.last() != Some(&b) {
                 blocks.push(b);
@@ -313,7 +374,7 @@ impl Sampler {
                 scratch.resize(blocks.len() * PATCH_BLOCK, f32::NEG_INFINITY);
             }
             let at = (blocks.len() - 1) * PATCH_BLOCK + i % PATCH_BLOCK;
-            scratch[at] = penalties.apply(logits[i], seen);
+            scratch[at] = v;
         }
         !blocks.is_empty()
     }

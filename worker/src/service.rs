@@ -79,6 +79,7 @@ impl WorkerServiceImpl {
         limits::check_stop(&req.stop)?;
         controls.check()?;
         let resume = check_resume(&req.resume_token_ids, self.model.n_vocab(), req.max_tokens)?;
+        let logit_bias = limits::check_logit_bias(&req.logit_bias, Some(self.model.n_vocab()))?;
         let model = self.model.clone();
         let text = req.prompt;
         let prompt = tokio::task::spawn_blocking(move || {
@@ -124,6 +125,7 @@ impl WorkerServiceImpl {
             top_p: req.top_p,
             seed: req.seed,
             controls,
+            logit_bias,
             stop: req.stop,
             deadline,
             span,

@@ -668,6 +668,7 @@ mod tests {
             tls_handshake_timeout: Duration::from_secs(1),
             max_requests_per_connection: 2,
             max_connections: 4,
+            cors_origins: Vec::new(),
         }
     }
 

@@ -106,6 +106,9 @@ pub struct Generation {
     pub seed: u64,
     /// Top-k, min-p, penalties and log-probabilities (checked).
     pub controls: SamplingControls,
+    /// Token id → bias added to its logit, sorted by id (ids in the
+    /// vocabulary).
+    pub logit_bias: Vec<(u32, f32)>,
     /// Stop sequences.
     pub stop: Vec<String>,
     /// When the caller gives up (its `grpc-timeout`): the request leaves

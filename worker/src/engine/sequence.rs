@@ -452,7 +452,9 @@ impl Sequence {
 /// The request's sampler, fed its prompt (the repetition penalty counts
 /// it; resumed tokens are fed by [`Sequence::replay`]).
 fn sampler(g: &Generation) -> Sampler {
-    let mut sampler = Sampler::new(g.temperature, g.top_p, g.seed).with_controls(g.controls);
+    let mut sampler = Sampler::new(g.temperature, g.top_p, g.seed)
+        .with_controls(g.controls)
+        .with_bias(g.logit_bias.clone());
     sampler.prompt(g.prompt.iter().map(|t| t.0 as u32));
     sampler
 }

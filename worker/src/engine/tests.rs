@@ -44,6 +44,7 @@ fn generation(
         top_p: 0.95,
         seed: 7,
         controls,
+        logit_bias: Vec::new(),
         stop: Vec::new(),
         deadline: None,
         span: tracing::Span::none(),

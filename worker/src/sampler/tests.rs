@@ -406,8 +406,31 @@ fn check_steps(
     resumed: &[u32],
     steps: usize,
 ) -> Vec<u32> {
+    check_biased_steps(logits, &[], t, p, c, prompt, resumed, steps)
+}
+
+/// [`check_steps`] with `bias` (sorted by token) added to the logits
+/// before the penalties.
+#[allow(clippy::too_many_arguments)]
+fn check_biased_steps(
+    raw: &[f32],
+    bias: &[(u32, f32)],
+    t: f32,
+    p: f32,
+    c: SamplingControls,
+    prompt: &[u32],
+    resumed: &[u32],
+    steps: usize,
+) -> Vec<u32> {
     let seed = 99;
-    let mut s = Sampler::new(t, p, seed).with_controls(c);
+    let mut s = Sampler::new(t, p, seed)
+        .with_controls(c)
+        .with_bias(bias.to_vec());
+    let mut logits = raw.to_vec();
+    for &(token, b) in bias {
+        logits[token as usize] += b;
+    }
+    let logits = &logits[..];
     s.prompt(prompt.iter().copied());
     s.resume(resumed);
     let mut rng = Rng::new(seed);
@@ -425,8 +448,11 @@ fn check_steps(
         } else {
             reference_controls(&penalised, t, c.top_k, c.min_p, p, rng.next_f64())
         };
-        let got = s.sample(logits);
-        assert_eq!(got, want, "step {step} with {c:?} t={t} p={p}");
+        let got = s.sample(raw);
+        assert_eq!(
+            got, want,
+            "step {step} with {c:?} t={t} p={p} bias={bias:?}"
+        );
         generated.push(got);
         picks.push(got);
     }
@@ -457,6 +483,38 @@ fn penalties_match_the_reference() {
         let p = [0.9f32, 1.0][case / 3 % 2];
         check_steps(&logits, t, p, c, &prompt, &resumed, 12);
     }
+}
+
+#[test]
+fn logit_bias_matches_the_reference_before_the_penalties() {
+    let mut rng = Rng::new(31);
+    for case in 0..30 {
+        let n = 2000;
+        let mut logits = random_logits(&mut rng, n, 10.0);
+        logits[7] = 9.0;
+        logits[1990] = 8.5;
+        // The favourite banned, a low token raised, one biased token also
+        // penalised (7, in the prompt), one in the short last block.
+        let bias = [(7u32, -100.0f32), (64, 15.0), (1999, 3.0)];
+        let prompt = [0u32, 7, 64, 500];
+        let c = match case % 3 {
+            0 => SamplingControls::default(),
+            1 => controls(0, 0.0, 1.3, 0.5, 0.0),
+            _ => controls(40, 0.05, 1.1, 0.0, 0.5),
+        };
+        let t = [0.0f32, 0.7, 1.5][case % 3];
+        let picks = check_biased_steps(&logits, &bias, t, 0.95, c, &prompt, &[], 8);
+        assert!(
+            !picks.contains(&7),
+            "a -100 bias bans the favourite: {picks:?}"
+        );
+    }
+    // Greedy with only a bias is no longer the cheap path, and a bias of 0
+    // changes nothing.
+    let s = Sampler::new(0.0, 1.0, 1).with_bias(vec![(2, -100.0)]);
+    assert!(!s.is_cheap());
+    let mut s = Sampler::new(0.0, 1.0, 1).with_bias(vec![(0, 0.0)]);
+    assert_eq!(s.sample(&[3.0, 1.0]), 0);
 }
 
 #[test]
