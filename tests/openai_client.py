@@ -110,6 +110,32 @@ check("top_logprobs: three alternatives, most likely first, the greedy pick on t
 check("logprob tokens spell the answer",
       "".join(t.token for t in content) == r.choices[0].message.content, content)
 
+# models.retrieve, and logit_bias as the client sends it (best_of too).
+check("models.retrieve finds the model", client.models.retrieve(MODEL).id == MODEL)
+r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=3,
+                              temperature=0, best_of=1, logit_bias={"0": -100})
+check("completions take best_of=1 and logit_bias", r.choices[0].text != "", r)
+
+# The Responses API: the same answer as chat, whole and streamed.
+resp = client.responses.create(model=MODEL, input=QUESTION[0]["content"], temperature=0,
+                               max_output_tokens=40)
+check("responses answers the question", "Paris" in resp.output_text, resp)
+check("responses shape and usage",
+      resp.object == "response" and resp.status == "completed" and resp.id.startswith("resp_")
+      and resp.usage.input_tokens > 10 and resp.usage.output_tokens > 0, resp)
+events = list(client.responses.create(model=MODEL, input=QUESTION[0]["content"], temperature=0,
+                                      max_output_tokens=40, stream=True))
+kinds = [e.type for e in events]
+deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+check("streamed responses: typed events in order, deltas spell the answer",
+      kinds[0] == "response.created" and kinds[-1] == "response.completed"
+      and deltas == resp.output_text and events[-1].response.output_text == resp.output_text,
+      (kinds, deltas))
+r = client.responses.create(model=MODEL, instructions="Answer in one word.",
+                            input=[{"role": "user", "content": "Name a colour."}], max_output_tokens=2)
+check("responses: max_output_tokens cuts it short, status incomplete",
+      r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens", r)
+
 # Errors: a bad parameter names it; an unknown model is 404 model_not_found.
 try:
     client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=-1)

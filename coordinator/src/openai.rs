@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API on `--http-listen`: `POST
 //! /v1/chat/completions`, `POST /v1/completions` (streaming over SSE or
-//! whole), `GET /v1/models`, `GET /v1/models/{id}`, `POST /tokenize`, `POST
+//! whole), `POST /v1/responses` (the Responses API for text, run as a chat
+//! request: [`responses`]), `GET /v1/models`, `GET /v1/models/{id}`, `POST /tokenize`, `POST
 //! /detokenize`, `GET /health`; every error as OpenAI's JSON object, and
 //! CORS when configured ([`edge`]).
 //!
@@ -42,6 +43,7 @@ use crate::service::health_status;
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 pub mod edge;
+mod responses;
 mod server;
 
 pub use server::{HttpMetrics, HTTP_ALPN};
@@ -85,6 +87,7 @@ pub fn router(front: Arc<Front>, cors: Option<edge::Cors>) -> Router {
     let routes = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/tokenize", post(tokenize))
@@ -220,7 +223,7 @@ async fn not_found() -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         kind: "invalid_request_error",
-        message: "unknown path; the API serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models and GET /v1/models/{id}".into(),
+        message: "unknown path; the API serves POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/models and GET /v1/models/{id}".into(),
         param: None,
         code: None,
         request_id: None,

@@ -864,11 +864,15 @@ impl Router {
         } else {
             "no_index"
         };
-        self.metrics
-            .kv
-            .decisions
-            .get_or_create(&DecisionLabel { reason })
-            .inc();
+        if need_room {
+            // A generation's pick (a one-shot call such as Tokenize has no
+            // prompt blocks and is not a routing decision worth counting).
+            self.metrics
+                .kv
+                .decisions
+                .get_or_create(&DecisionLabel { reason })
+                .inc();
+        }
         let (id, w) = candidates[index];
         tracing::debug!(worker = %id, reason, blocks = blocks.len(), ?matched, ?counts, ?costs,
             "cache-aware pick");

@@ -83,7 +83,11 @@ pub async fn json_errors(request: Request, next: Next) -> Response {
 /// The methods a route serves, for a 405's message.
 fn allowed_methods(path: &str) -> &'static str {
     match path {
-        "/v1/chat/completions" | "/v1/completions" | "/tokenize" | "/detokenize" => "POST",
+        "/v1/chat/completions"
+        | "/v1/completions"
+        | "/v1/responses"
+        | "/tokenize"
+        | "/detokenize" => "POST",
         "/v1/models" | "/health" => "GET, HEAD",
         p if p.starts_with("/v1/models/") => "GET, HEAD",
         _ => "none",

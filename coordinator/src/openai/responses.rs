@@ -1,0 +1,460 @@
+//! `POST /v1/responses`: OpenAI's Responses API for text, as a chat request.
+//!
+//! The body becomes a chat completion's (`instructions` the system message,
+//! `input` the conversation: a string is one user message, a list holds
+//! messages whose content is a string or text parts; `max_output_tokens`
+//! is `max_tokens`) and runs on the same path; the answer is one
+//! `message` output item with one `output_text` part. Streaming sends
+//! OpenAI's typed events (`response.created`, `response.output_item.added`,
+//! `response.content_part.added`, `response.output_text.delta` per token,
+//! then the `.done` events and `response.completed`). Nothing is stored:
+//! `previous_response_id`, `background` and `store: true` retrieval are
+//! refused, as are tools and non-text items, with a 400 naming the field.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use nanoinfer_proto::nanoinfer::FinishReason;
+use serde_json::{json, Map, Value};
+
+use super::{authorized, json_body, object, parse_request, unix_now, ApiError, Kind};
+use crate::error::REQUEST_ID_HEADER;
+use crate::front::{Api, Call, Front};
+
+/// Fields of the Responses API refused rather than ignored.
+const REFUSED: [&str; 4] = [
+    "previous_response_id",
+    "background",
+    "conversation",
+    "prompt",
+];
+
+/// The text of a content value: a string, or a list of text parts.
+fn content_text(value: &Value, at: &str) -> Result<String, ApiError> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for (j, part) in parts.iter().enumerate() {
+                let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+                match (kind, part.get("text").and_then(Value::as_str)) {
+                    ("input_text" | "output_text" | "text", Some(t)) => text.push_str(t),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("{at}.content[{j}]"),
+                            "only text parts (input_text, output_text) are supported",
+                        ))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(ApiError::invalid(
+            format!("{at}.content"),
+            "must be a string or a list of text parts",
+        )),
+    }
+}
+
+/// The body as a chat completion request's body.
+fn to_chat(body: &Value) -> Result<Value, ApiError> {
+    let f = object(body)?;
+    for key in REFUSED {
+        if !matches!(
+            f.get(key),
+            None | Some(Value::Null) | Some(Value::Bool(false))
+        ) {
+            return Err(ApiError::invalid(
+                key,
+                "is not supported by this server (responses are not stored)",
+            ));
+        }
+    }
+    if f.get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty())
+    {
+        return Err(ApiError::invalid(
+            "tools",
+            "is not supported by this server",
+        ));
+    }
+    if let Some(format) = f.get("text").and_then(|t| t.get("format")) {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::invalid(
+                "text.format",
+                "only {\"type\": \"text\"} is supported",
+            ));
+        }
+    }
+    let mut messages = Vec::new();
+    match f.get("instructions") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => messages.push(json!({"role": "system", "content": s})),
+        Some(_) => return Err(ApiError::invalid("instructions", "must be a string")),
+    }
+    match f.get("input") {
+        Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
+        Some(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                let at = format!("input[{i}]");
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
+                let role = item.get("role").and_then(Value::as_str);
+                let (Some(role), "message") = (role, kind) else {
+                    return Err(ApiError::invalid(
+                        at,
+                        "only messages ({role, content}) are supported",
+                    ));
+                };
+                let content = item.get("content").unwrap_or(&Value::Null);
+                messages.push(json!({"role": role, "content": content_text(content, &at)?}));
+            }
+        }
+        None => return Err(ApiError::invalid("input", "is required")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "input",
+                "must be a string or a list of messages",
+            ))
+        }
+    }
+    let mut chat = Map::new();
+    chat.insert("messages".into(), Value::Array(messages));
+    for (from, to) in [
+        ("model", "model"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("max_output_tokens", "max_tokens"),
+        ("stream", "stream"),
+    ] {
+        if let Some(v) = f.get(from).filter(|v| !v.is_null()) {
+            chat.insert(to.into(), v.clone());
+        }
+    }
+    Ok(Value::Object(chat))
+}
+
+/// A chat refusal's field, in this API's names.
+fn rename(mut e: ApiError) -> ApiError {
+    e.param = e.param.map(|p| {
+        if p == "max_tokens" {
+            "max_output_tokens".to_string()
+        } else if let Some(rest) = p.strip_prefix("messages") {
+            format!("input{rest}")
+        } else {
+            p
+        }
+    });
+    e
+}
+
+/// What a finished response says about itself.
+struct Done {
+    text: String,
+    model: String,
+    finish: i32,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+    generated: u32,
+}
+
+fn response_object(id: &str, created: u64, d: &Done, status: &str) -> Value {
+    let incomplete = d.finish == FinishReason::Length as i32;
+    let status = if status == "completed" && incomplete {
+        "incomplete"
+    } else {
+        status
+    };
+    let output = if status == "in_progress" {
+        json!([])
+    } else {
+        json!([message_item(id, &d.text, "completed")])
+    };
+    json!({
+        "id": format!("resp_{id}"),
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "model": d.model,
+        "output": output,
+        "incomplete_details": incomplete.then(|| json!({"reason": "max_output_tokens"})),
+        "error": null,
+        "parallel_tool_calls": false,
+        "tool_choice": "none",
+        "tools": [],
+        "text": {"format": {"type": "text"}},
+        "usage": {
+            "input_tokens": d.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": d.cached_tokens},
+            "output_tokens": d.generated,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": d.prompt_tokens + d.generated,
+        },
+    })
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    let content = if status == "in_progress" {
+        json!([])
+    } else {
+        json!([{"type": "output_text", "text": text, "annotations": []}])
+    };
+    json!({"type": "message", "id": format!("msg_{id}"), "status": status,
+           "role": "assistant", "content": content})
+}
+
+/// `POST /v1/responses`.
+pub(super) async fn responses(
+    State(front): State<Arc<Front>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let metadata = match authorized(&front, headers) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let client_id = metadata
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let parsed = json_body(&body)
+        .and_then(|v| to_chat(&v))
+        .and_then(|chat| parse_request(Kind::Chat, &chat).map_err(rename));
+    let (mut request, shape) = match parsed {
+        Ok(p) => p,
+        Err(mut e) => {
+            e.request_id = (!client_id.is_empty()).then_some(client_id);
+            return e.into_response();
+        }
+    };
+    request.request_id = client_id;
+    let call = match front.start(Api::Http, request, &metadata).await {
+        Ok(call) => call,
+        Err(status) => return ApiError::from_status(&status).into_response(),
+    };
+    let request_id = call.request_id.clone();
+    let mut response = if shape.stream {
+        let mut r = Response::new(Body::from_stream(events(call, shape.model.clone())));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        r
+    } else {
+        match collect(call, shape.model.clone()).await {
+            Ok(done) => axum::Json(response_object(&request_id, unix_now(), &done, "completed"))
+                .into_response(),
+            Err(status) => return ApiError::from_status(&status).into_response(),
+        }
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    response
+}
+
+/// Adds one message to `done`.
+fn add(done: &mut Done, m: &nanoinfer_proto::nanoinfer::InferResponse) {
+    if !m.model.is_empty() {
+        done.model = m.model.clone();
+    }
+    done.text.push_str(&m.token);
+    if m.finish_reason != FinishReason::Unspecified as i32 {
+        done.finish = m.finish_reason;
+        if let Some(u) = &m.usage {
+            done.prompt_tokens = u.prompt_tokens;
+            done.cached_tokens = u.cached_prompt_tokens;
+            done.generated = u.generated_tokens;
+        }
+    }
+}
+
+fn start(model: String) -> Done {
+    Done {
+        text: String::new(),
+        model,
+        finish: FinishReason::Unspecified as i32,
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        generated: 0,
+    }
+}
+
+async fn collect(mut call: Call, model: String) -> Result<Done, tonic::Status> {
+    let mut done = start(model);
+    while let Some(item) = call.rx.recv().await {
+        add(&mut done, &*item?);
+    }
+    Ok(done)
+}
+
+/// One typed SSE event.
+fn sse(seq: &mut u64, mut data: Value) -> Bytes {
+    data["sequence_number"] = json!(*seq);
+    *seq += 1;
+    let kind = data["type"].as_str().unwrap_or("error").to_string();
+    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+/// The event stream of a streamed response.
+fn events(
+    call: Call,
+    model: String,
+) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
+    let id = call.request_id.clone();
+    let created = unix_now();
+    let state = (call, start(model), 0u64, false, false);
+    futures::stream::unfold(
+        state,
+        move |(mut call, mut done, mut seq, mut opened, finished)| {
+            let id = id.clone();
+            async move {
+                if finished {
+                    return None;
+                }
+                let mut out = Vec::new();
+                let item_id = format!("msg_{id}");
+                if !opened {
+                    opened = true;
+                    let r = response_object(&id, created, &done, "in_progress");
+                    out.push(sse(
+                        &mut seq,
+                        json!({"type": "response.created", "response": r}),
+                    ));
+                    out.push(sse(
+                        &mut seq,
+                        json!({"type": "response.in_progress", "response": r}),
+                    ));
+                    out.push(sse(
+                        &mut seq,
+                        json!({"type": "response.output_item.added", "output_index": 0,
+                    "item": message_item(&id, "", "in_progress")}),
+                    ));
+                    out.push(sse(
+                        &mut seq,
+                        json!({"type": "response.content_part.added", "item_id": item_id,
+                    "output_index": 0, "content_index": 0,
+                    "part": {"type": "output_text", "text": "", "annotations": []}}),
+                    ));
+                }
+                match call.rx.next().await {
+                    Some(Ok(m)) => {
+                        add(&mut done, &m);
+                        if !m.token.is_empty() {
+                            out.push(sse(&mut seq, json!({"type": "response.output_text.delta", "item_id": item_id,
+                            "output_index": 0, "content_index": 0, "delta": m.token, "logprobs": []})));
+                        }
+                        Some((
+                            Ok(Bytes::from(out.concat())),
+                            (call, done, seq, opened, false),
+                        ))
+                    }
+                    Some(Err(status)) => {
+                        let e = ApiError::from_status(&status);
+                        out.push(sse(&mut seq, json!({"type": "error", "code": e.code, "message": e.message, "param": e.param})));
+                        Some((
+                            Ok(Bytes::from(out.concat())),
+                            (call, done, seq, opened, true),
+                        ))
+                    }
+                    None => {
+                        out.push(sse(
+                            &mut seq,
+                            json!({"type": "response.output_text.done", "item_id": item_id,
+                        "output_index": 0, "content_index": 0, "text": done.text, "logprobs": []}),
+                        ));
+                        out.push(sse(
+                            &mut seq,
+                            json!({"type": "response.content_part.done", "item_id": item_id,
+                        "output_index": 0, "content_index": 0,
+                        "part": {"type": "output_text", "text": done.text, "annotations": []}}),
+                        ));
+                        out.push(sse(
+                            &mut seq,
+                            json!({"type": "response.output_item.done", "output_index": 0,
+                        "item": message_item(&id, &done.text, "completed")}),
+                        ));
+                        let r = response_object(&id, created, &done, "completed");
+                        let kind = if r["status"] == "incomplete" {
+                            "response.incomplete"
+                        } else {
+                            "response.completed"
+                        };
+                        out.push(sse(&mut seq, json!({"type": kind, "response": r})));
+                        Some((
+                            Ok(Bytes::from(out.concat())),
+                            (call, done, seq, opened, true),
+                        ))
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_become_chat_requests() {
+        let chat = to_chat(&json!({
+            "model": "m", "instructions": "Be brief.", "max_output_tokens": 20,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
+                      {"type": "message", "role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "Bye"}],
+        }))
+        .unwrap();
+        assert_eq!(
+            chat,
+            json!({"model": "m", "max_tokens": 20, "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"}]})
+        );
+        assert_eq!(
+            to_chat(&json!({"input": "Hi"})).unwrap()["messages"],
+            json!([{"role": "user", "content": "Hi"}])
+        );
+    }
+
+    #[test]
+    fn what_is_not_supported_is_refused_by_name() {
+        let param = |body: Value| to_chat(&body).unwrap_err().param.unwrap();
+        assert_eq!(
+            param(json!({"input": "a", "previous_response_id": "resp_1"})),
+            "previous_response_id"
+        );
+        assert_eq!(
+            param(json!({"input": "a", "tools": [{"type": "web_search"}]})),
+            "tools"
+        );
+        assert_eq!(
+            param(json!({"input": "a", "text": {"format": {"type": "json_object"}}})),
+            "text.format"
+        );
+        assert_eq!(
+            param(json!({"input": [{"type": "function_call_output"}]})),
+            "input[0]"
+        );
+        assert_eq!(
+            param(json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]})),
+            "input[0].content[0]"
+        );
+        assert_eq!(param(json!({"model": "m"})), "input");
+        let chat = to_chat(&json!({"input": "a", "max_output_tokens": 0})).unwrap();
+        let e = rename(parse_request(Kind::Chat, &chat).unwrap_err());
+        assert_eq!(e.param.as_deref(), Some("max_output_tokens"));
+    }
+}
