@@ -434,30 +434,38 @@ async fn completions(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
     generate(front, headers, body, Kind::Completion).await
 }
 
-async fn generate(front: Arc<Front>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
-    // The key first: an unauthenticated caller learns nothing about the
-    // body's validity.
-    let metadata = match authorized(&front, headers) {
-        Ok(metadata) => metadata,
-        Err(e) => return e.into_response(),
-    };
+/// The steps every generating endpoint shares: the API key (first: an
+/// unauthenticated caller learns nothing about the body's validity), the
+/// body parsed by `parse` into the shared request (a refusal carries the
+/// client's request id), then the request started on the shared path.
+async fn begin(
+    front: &Front,
+    headers: HeaderMap,
+    body: &[u8],
+    parse: impl FnOnce(&Value) -> Result<(InferRequest, Shape), ApiError>,
+) -> Result<(Call, Shape), Response> {
+    let metadata = authorized(front, headers).map_err(IntoResponse::into_response)?;
     let client_id = metadata
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let parsed = json_body(&body).and_then(|v| parse_request(kind, &v));
-    let (mut request, shape) = match parsed {
-        Ok(p) => p,
-        Err(mut e) => {
-            e.request_id = (!client_id.is_empty()).then_some(client_id);
-            return e.into_response();
-        }
-    };
+    let (mut request, shape) = json_body(body).and_then(|v| parse(&v)).map_err(|mut e| {
+        e.request_id = (!client_id.is_empty()).then_some(client_id.clone());
+        e.into_response()
+    })?;
     request.request_id = client_id;
-    let call = match front.start(Api::Http, request, &metadata).await {
-        Ok(call) => call,
-        Err(status) => return ApiError::from_status(&status).into_response(),
+    let call = front
+        .start(Api::Http, request, &metadata)
+        .await
+        .map_err(|status| ApiError::from_status(&status).into_response())?;
+    Ok((call, shape))
+}
+
+async fn generate(front: Arc<Front>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
+    let (call, shape) = match begin(&front, headers, &body, |v| parse_request(kind, v)).await {
+        Ok(started) => started,
+        Err(response) => return response,
     };
     let request_id = call.request_id.clone();
     let mut response = if shape.stream {

@@ -21,9 +21,9 @@ use futures::StreamExt;
 use nanoinfer_proto::nanoinfer::FinishReason;
 use serde_json::{json, Map, Value};
 
-use super::{authorized, json_body, object, parse_request, unix_now, ApiError, Kind};
+use super::{begin, object, parse_request, unix_now, ApiError, Kind};
 use crate::error::REQUEST_ID_HEADER;
-use crate::front::{Api, Call, Front};
+use crate::front::{Call, Front};
 
 /// Fields of the Responses API refused rather than ignored.
 const REFUSED: [&str; 4] = [
@@ -216,29 +216,11 @@ pub(super) async fn responses(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let metadata = match authorized(&front, headers) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
-    let client_id = metadata
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let parsed = json_body(&body)
-        .and_then(|v| to_chat(&v))
-        .and_then(|chat| parse_request(Kind::Chat, &chat).map_err(rename));
-    let (mut request, shape) = match parsed {
-        Ok(p) => p,
-        Err(mut e) => {
-            e.request_id = (!client_id.is_empty()).then_some(client_id);
-            return e.into_response();
-        }
-    };
-    request.request_id = client_id;
-    let call = match front.start(Api::Http, request, &metadata).await {
-        Ok(call) => call,
-        Err(status) => return ApiError::from_status(&status).into_response(),
+    let parse =
+        |v: &Value| to_chat(v).and_then(|chat| parse_request(Kind::Chat, &chat).map_err(rename));
+    let (call, shape) = match begin(&front, headers, &body, parse).await {
+        Ok(started) => started,
+        Err(response) => return response,
     };
     let request_id = call.request_id.clone();
     let mut response = if shape.stream {
