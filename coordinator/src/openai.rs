@@ -462,6 +462,18 @@ async fn begin(
     Ok((call, shape))
 }
 
+/// A server-sent event stream's response.
+fn sse_response(body: Body) -> Response {
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
 async fn generate(front: Arc<Front>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
     let (call, shape) = match begin(&front, headers, &body, |v| parse_request(kind, v)).await {
         Ok(started) => started,
@@ -470,17 +482,9 @@ async fn generate(front: Arc<Front>, headers: HeaderMap, body: Bytes, kind: Kind
     let request_id = call.request_id.clone();
     let mut response = if shape.stream {
         let mut events = Events::new(call, shape);
-        let body = Body::from_stream(futures::stream::poll_fn(move |cx| {
+        sse_response(Body::from_stream(futures::stream::poll_fn(move |cx| {
             events.poll_next(cx).map(|o| o.map(Ok::<Bytes, Infallible>))
-        }));
-        let mut r = Response::new(body);
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        r
+        })))
     } else {
         match collect(call, &shape).await {
             Ok(v) => axum::Json(v).into_response(),

@@ -15,13 +15,13 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use nanoinfer_proto::nanoinfer::FinishReason;
 use serde_json::{json, Map, Value};
 
-use super::{begin, object, parse_request, unix_now, ApiError, Kind};
+use super::{begin, object, parse_request, sse_response, unix_now, ApiError, Kind};
 use crate::error::REQUEST_ID_HEADER;
 use crate::front::{Call, Front};
 
@@ -224,14 +224,7 @@ pub(super) async fn responses(
     };
     let request_id = call.request_id.clone();
     let mut response = if shape.stream {
-        let mut r = Response::new(Body::from_stream(events(call, shape.model.clone())));
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        r
+        sse_response(Body::from_stream(events(call, shape.model.clone())))
     } else {
         match collect(call, shape.model.clone()).await {
             Ok(done) => axum::Json(response_object(&request_id, unix_now(), &done, "completed"))
