@@ -315,3 +315,95 @@ async fn a_full_queue_is_resource_exhausted() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_schema_constrains_every_sequence() {
+    let cluster = Cluster::start(1, &[], &[]).await;
+    let mut client = cluster.client().await;
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "role": {"enum": ["admin", "editor", "viewer"]},
+            "address": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 20}},
+                "required": ["city"],
+                "additionalProperties": false
+            },
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 2}
+        },
+        "required": ["name", "role", "address", "tags"],
+        "additionalProperties": false
+    });
+    // Sampled, three sequences: each advances its own copy of the
+    // constraint; every one that ends by end-of-generation validates.
+    let req = InferRequest {
+        prompt: "A user of the site, as JSON:".into(),
+        max_tokens: 200,
+        temperature: Some(1.0),
+        seed: Some(11),
+        n: 3,
+        json_schema: schema.to_string(),
+        ..Default::default()
+    };
+    let msgs = collect(&mut client, req).await.unwrap();
+    let mut texts = [String::new(), String::new(), String::new()];
+    let mut ended = 0;
+    for m in &msgs {
+        texts[m.choice as usize].push_str(&m.token);
+        if m.finish_reason == FinishReason::Eos as i32 {
+            ended += 1;
+        }
+    }
+    assert!(ended >= 1, "no sequence ended by EOS: {texts:?}");
+    for (i, t) in texts.iter().enumerate() {
+        let finished = msgs
+            .iter()
+            .find(|m| m.choice as usize == i && m.finish_reason != 0)
+            .map(|m| m.finish_reason);
+        if finished != Some(FinishReason::Eos as i32) {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(t).unwrap_or_else(|e| panic!("sequence {i}: {e}: {t}"));
+        let o = v.as_object().unwrap();
+        assert_eq!(o.len(), 4, "{t}");
+        assert!(
+            ["admin", "editor", "viewer"].contains(&o["role"].as_str().unwrap()),
+            "{t}"
+        );
+        assert!(o["name"].as_str().unwrap().chars().count() <= 20, "{t}");
+        assert!(o["address"]["city"].is_string(), "{t}");
+        assert!(o["tags"].as_array().unwrap().len() <= 2, "{t}");
+    }
+    // json_object's schema: greedy, any object.
+    let req = InferRequest {
+        json_schema: r#"{"type":"object"}"#.into(),
+        ..greedy("The capital of France, as JSON:", 100)
+    };
+    let msgs = collect(&mut client, req).await.unwrap();
+    let out = text(&msgs);
+    if msgs.last().unwrap().finish_reason == FinishReason::Eos as i32 {
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert!(v.is_object(), "{out}");
+    } else {
+        assert!(out.starts_with('{'), "{out}");
+    }
+    // Refused: not JSON, a keyword the engine cannot enforce (named), an
+    // array; each names json_schema.
+    for (schema, says) in [
+        ("{not json", "not JSON"),
+        (r#"{"type":"array","uniqueItems":true}"#, "uniqueItems"),
+        ("[1]", "JSON Schema"),
+    ] {
+        let req = InferRequest {
+            json_schema: schema.into(),
+            ..greedy("hi", 4)
+        };
+        let err = collect(&mut client, req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{schema}: {err:?}");
+        assert!(err.message().contains("json_schema"), "{err:?}");
+        assert!(err.message().contains(says), "{schema}: {err:?}");
+    }
+}

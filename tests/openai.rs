@@ -156,6 +156,25 @@ async fn the_official_openai_client_drives_the_cluster() {
     );
 }
 
+/// Structured outputs as the official client asks for them
+/// (tests/structured_client.py): `chat.completions.parse` with a Pydantic
+/// model, `json_object`, streaming, `n`, completions, a cut by
+/// `max_tokens`, a refused keyword, and the judge: 200 sampled
+/// completions that all validate where they end by EOS, 90% of them so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn structured_outputs_hold_for_the_official_client() {
+    let api = cluster().await;
+    let out = Command::new(venv_python())
+        .arg(repo_root().join("tests/structured_client.py"))
+        .arg(format!("{}/v1", api.base))
+        .arg("smollm2")
+        .env("OPENAI_API_KEY", KEY)
+        .output()
+        .expect("run the structured-output checks");
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert_ok(&out, "tests/structured_client.py");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_framing_headers_and_errors_over_curl() {
     let api = cluster().await;

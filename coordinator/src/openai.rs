@@ -142,6 +142,14 @@ impl ApiError {
             .metadata()
             .get(INVALID_FIELD_HEADER)
             .and_then(|v| v.to_str().ok())
+            // The gRPC field holds what this API calls response_format.
+            .map(|f| {
+                if f == "json_schema" {
+                    "response_format"
+                } else {
+                    f
+                }
+            })
             .map(str::to_string);
         Self {
             status: http,
@@ -611,6 +619,60 @@ fn logit_bias(value: Option<&Value>) -> Result<std::collections::HashMap<i32, f3
         .collect()
 }
 
+/// `response_format` → the JSON Schema the output is constrained to (empty:
+/// free text). `{"type": "json_object"}` is any JSON object (with
+/// llama.cpp's server's `schema` extension honoured); `{"type":
+/// "json_schema", "json_schema": {"name", "schema", "strict"}}` is always
+/// enforced, `strict` or not (a schema without `schema` allows any JSON
+/// value).
+pub fn response_format(value: Option<&Value>) -> Result<String, ApiError> {
+    let format = match value {
+        None | Some(Value::Null) => return Ok(String::new()),
+        Some(Value::Object(o)) => Fields(o),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "must be an object such as {\"type\": \"json_object\"}",
+            ))
+        }
+    };
+    let schema = |holder: &Fields, at: &str| -> Result<String, ApiError> {
+        match holder.get("schema") {
+            None => Ok(String::new()),
+            Some(s @ (Value::Object(_) | Value::Bool(_))) => Ok(s.to_string()),
+            Some(_) => Err(ApiError::invalid(
+                format!("response_format.{at}schema"),
+                "must be a JSON Schema (an object)",
+            )),
+        }
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(String::new()),
+        Some("json_object") => {
+            let s = schema(&format, "")?;
+            Ok(if s.is_empty() {
+                r#"{"type":"object"}"#.to_string()
+            } else {
+                s
+            })
+        }
+        Some("json_schema") => {
+            let Some(Value::Object(inner)) = format.get("json_schema") else {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema",
+                    "is required: {\"name\", \"schema\", \"strict\"}",
+                ));
+            };
+            let s = schema(&Fields(inner), "json_schema.")?;
+            Ok(if s.is_empty() { "{}".to_string() } else { s })
+        }
+        _ => Err(ApiError::invalid(
+            "response_format.type",
+            "must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
+}
+
 /// The body of either endpoint → the shared request and the response's
 /// shape.
 pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), ApiError> {
@@ -618,14 +680,6 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
     for key in UNSUPPORTED {
         if f.get(key).is_some() {
             return Err(ApiError::invalid(key, "is not supported by this server"));
-        }
-    }
-    if let Some(format) = f.get("response_format") {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::invalid(
-                "response_format",
-                "only {\"type\": \"text\"} is supported",
-            ));
         }
     }
     let mut request = InferRequest {
@@ -645,6 +699,7 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
         frequency_penalty: f.f32("frequency_penalty")?,
         n: f.u32("n")?.unwrap_or(1),
         logit_bias: logit_bias(f.get("logit_bias"))?,
+        json_schema: response_format(f.get("response_format"))?,
         ..Default::default()
     };
     // `best_of` is the legacy API's server-side ranking: generate more than
@@ -1131,6 +1186,59 @@ mod tests {
         .unwrap();
         assert!(r.logit_bias.is_empty());
         assert_eq!(r.n, 2);
+    }
+
+    #[test]
+    fn a_response_format_becomes_the_schema_sent_to_the_worker() {
+        let schema = |format: Value| {
+            let (r, _) = parse(
+                Kind::Chat,
+                json!({"messages": [{"role": "user", "content": "a"}],
+                "response_format": format}),
+            )
+            .unwrap();
+            r.json_schema
+        };
+        assert_eq!(schema(json!({"type": "text"})), "");
+        assert_eq!(schema(Value::Null), "");
+        assert_eq!(
+            schema(json!({"type": "json_object"})),
+            r#"{"type":"object"}"#
+        );
+        let s = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+        let got = schema(
+            json!({"type": "json_schema", "json_schema": {"name": "c", "schema": s, "strict": true}}),
+        );
+        assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), s);
+        // llama.cpp's server's extension: a schema on json_object.
+        let got = schema(json!({"type": "json_object", "schema": s}));
+        assert_eq!(serde_json::from_str::<Value>(&got).unwrap(), s);
+        assert_eq!(
+            schema(json!({"type": "json_schema", "json_schema": {"name": "any"}})),
+            "{}"
+        );
+        let (r, _) = parse(
+            Kind::Completion,
+            json!({"prompt": "a", "response_format": {"type": "json_object"}}),
+        )
+        .unwrap();
+        assert_eq!(r.json_schema, r#"{"type":"object"}"#);
+        let refused = |format: Value| {
+            param(parse(
+                Kind::Completion,
+                json!({"prompt": "a", "response_format": format}),
+            ))
+        };
+        assert_eq!(refused(json!("json")), "response_format");
+        assert_eq!(refused(json!({"type": "yaml"})), "response_format.type");
+        assert_eq!(
+            refused(json!({"type": "json_schema"})),
+            "response_format.json_schema"
+        );
+        assert_eq!(
+            refused(json!({"type": "json_schema", "json_schema": {"schema": "{}"}})),
+            "response_format.json_schema.schema"
+        );
     }
 
     #[test]

@@ -114,6 +114,7 @@ pub fn generate_request(
             .iter()
             .map(|&(id, bias)| (id as i32, bias))
             .collect(),
+        json_schema: params.json_schema.clone(),
     });
     request.set_timeout(remaining);
     request
@@ -197,9 +198,11 @@ mod tests {
             n: 1,
             model: None,
             logit_bias: vec![(9, -100.0)],
+            json_schema: r#"{"type":"object"}"#.into(),
         };
         let req = generate_request(&params, &[5, 6], Duration::from_millis(1500));
         assert_eq!(req.get_ref().logit_bias.get(&9), Some(&-100.0));
+        assert_eq!(req.get_ref().json_schema, r#"{"type":"object"}"#);
         assert_eq!(req.get_ref().top_k, Some(40));
         assert_eq!(req.get_ref().min_p, None, "controls left off are not sent");
         assert_eq!(req.get_ref().resume_token_ids, vec![5, 6]);

@@ -48,6 +48,8 @@ pub struct InferParams {
     /// Token id → bias, sorted by id (the worker checks the ids against
     /// its vocabulary).
     pub logit_bias: Vec<(u32, f32)>,
+    /// The structured-output schema (empty: none; the worker compiles it).
+    pub json_schema: String,
 }
 
 impl From<FieldError> for CoordinatorError {
@@ -105,6 +107,7 @@ impl Limits {
         }
         let n = limits::check_n(req.n)?;
         let logit_bias = limits::check_logit_bias(&req.logit_bias, None)?;
+        limits::check_json_schema(&req.json_schema)?;
         if !req.model.is_empty() {
             nanoinfer_registry::schema::validate_model_name(&req.model).map_err(|message| {
                 CoordinatorError::InvalidArgument {
@@ -131,6 +134,7 @@ impl Limits {
             n,
             model: (!req.model.is_empty()).then_some(req.model),
             logit_bias,
+            json_schema: req.json_schema,
         })
     }
 }

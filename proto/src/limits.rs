@@ -35,6 +35,7 @@ pub const FIELDS: &[&str] = &[
     "tokens",
     "resume_token_ids",
     "logit_bias",
+    "json_schema",
 ];
 
 /// A refused field and why.
@@ -232,6 +233,35 @@ pub fn check_logit_bias(
     }
     out.sort_unstable_by_key(|&(id, _)| id);
     Ok(out)
+}
+
+/// Largest `json_schema` (bytes).
+pub const MAX_JSON_SCHEMA_BYTES: usize = 64 * 1024;
+
+/// `json_schema`: empty (none), or at most [`MAX_JSON_SCHEMA_BYTES`] of
+/// JSON holding an object or a boolean (what a schema can be). Whether the
+/// worker can enforce it is the worker's check.
+pub fn check_json_schema(schema: &str) -> Result<(), FieldError> {
+    let refuse = |message: String| FieldError {
+        field: "json_schema",
+        message,
+    };
+    if schema.is_empty() {
+        return Ok(());
+    }
+    if schema.len() > MAX_JSON_SCHEMA_BYTES {
+        return Err(refuse(format!(
+            "is {} bytes; the limit is {MAX_JSON_SCHEMA_BYTES}",
+            schema.len()
+        )));
+    }
+    let trimmed = schema.trim_start();
+    if !(trimmed.starts_with('{') || trimmed.starts_with("true") || trimmed.starts_with("false")) {
+        return Err(refuse(
+            "must be a JSON Schema: a JSON object (or true/false)".to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// Most token ids one detokenize request may hold.
@@ -546,5 +576,24 @@ mod tests {
         assert_eq!(err.field, "n");
         assert!(err.message.contains("1..=8"), "{}", err.message);
         assert_eq!(check_n(u32::MAX).unwrap_err().field, "n");
+    }
+
+    #[test]
+    fn a_json_schema_is_an_object_or_boolean_and_bounded() {
+        for ok in ["", "{}", r#" {"type": "object"}"#, "true", "false"] {
+            assert_eq!(check_json_schema(ok), Ok(()), "{ok:?}");
+        }
+        for bad in ["[1]", "\"string\"", "3", "null"] {
+            let err = check_json_schema(bad).unwrap_err();
+            assert_eq!(err.field, "json_schema");
+            assert!(err.message.contains("JSON Schema"), "{}", err.message);
+        }
+        let big = format!(
+            "{{\"description\": \"{}\"}}",
+            "x".repeat(MAX_JSON_SCHEMA_BYTES)
+        );
+        let err = check_json_schema(&big).unwrap_err();
+        assert_eq!(err.field, "json_schema");
+        assert!(err.message.contains("65536"), "{}", err.message);
     }
 }

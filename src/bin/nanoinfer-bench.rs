@@ -106,6 +106,11 @@ struct Args {
     /// coordinator's pid).
     #[arg(long)]
     rss_pid: Option<u32>,
+    /// Constrain every request to the JSON Schema in this file (structured
+    /// outputs: the request's `json_schema`), to measure the constraint's
+    /// cost against the same run without it.
+    #[arg(long, value_parser = read_schema)]
+    json_schema: Option<String>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -204,6 +209,11 @@ fn poisson_offsets(n: u32, rate: f64) -> Vec<Duration> {
         .collect()
 }
 
+/// `--json-schema FILE` → the schema's text.
+fn read_schema(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))
+}
+
 /// Distinguishes prompts when `--same-prompt` is off.
 static PROMPT_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -276,6 +286,7 @@ async fn via_coordinator(
         temperature: Some(args.temperature),
         top_p: Some(args.top_p),
         seed: Some(1),
+        json_schema: args.json_schema.clone().unwrap_or_default(),
         ..Default::default()
     };
     let started = Instant::now();
@@ -305,6 +316,7 @@ async fn via_worker(channel: Channel, args: &Args) -> Result<Sample, Box<dyn std
         stop: Vec::new(),
         resume_token_ids: Vec::new(),
         messages: Vec::new(),
+        json_schema: args.json_schema.clone().unwrap_or_default(),
         ..Default::default()
     };
     let started = Instant::now();

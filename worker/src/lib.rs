@@ -8,6 +8,8 @@
 //!   and per-request event channels.
 //! - [`sampler`]: sampling on raw logits: penalties, temperature, top-k,
 //!   min-p, exact top-p, log-probabilities.
+//! - [`grammar`]: structured outputs (a JSON Schema the sampler's picks
+//!   are constrained to).
 //! - [`stop`], [`detok`]: stop-sequence matching and UTF-8-safe detokenizing.
 //! - [`service`]: the gRPC service; [`error`]: the status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
@@ -19,6 +21,7 @@ pub mod config;
 pub mod detok;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod kv_events;
 pub mod metrics;
 pub mod model;

@@ -26,6 +26,8 @@ pub struct Model {
     pub model_name: String,
     /// Seconds the load took.
     pub load_seconds: f64,
+    /// The structured-output compiler over this vocabulary.
+    pub grammars: crate::grammar::Grammars,
 }
 
 /// Checks that `path` is a readable GGUF file (its magic bytes), so a wrong
@@ -87,9 +89,11 @@ pub fn load(path: &Path, model_name: Option<&str>) -> Result<Model, String> {
     };
     tracing::info!(model = %name, model_name = %model_name, params = model.n_params(), size_bytes = model.size(),
         load_ms = started.elapsed().as_millis() as u64, "model loaded");
+    let model = Arc::new(model);
     Ok(Model {
         backend: Arc::new(backend),
-        model: Arc::new(model),
+        grammars: crate::grammar::Grammars::new(model.clone()),
+        model,
         name,
         path: path.to_path_buf(),
         model_name,

@@ -2,6 +2,9 @@
 //! on a 262k-token one.
 //!
 //! # Order
+//! 0. A structured-output constraint ([`crate::grammar`]), when the
+//!    request has one, sets every token the schema cannot take next to
+//!    -inf: every pass below sees only what the grammar allows.
 //! 0. `logit_bias` adds each listed token's bias to its logit (OpenAI's
 //!    meaning: -100 all but bans a token, 100 all but forces it).
 //! 1. Penalties change the logits of tokens already seen: the repetition
@@ -61,6 +64,8 @@ mod tests;
 use std::collections::BTreeMap;
 
 use nanoinfer_proto::limits::SamplingControls;
+
+use crate::grammar::Grammar;
 
 pub use passes::{exp_neg, max_logit, weight_sum, PATCH_BLOCK};
 pub use select::{argmax, draw, logprobs, nucleus, select_in};
@@ -180,6 +185,10 @@ pub struct Sampler {
     touched: Vec<(u32, f32)>,
     history: BTreeMap<u32, Seen>,
     patch: Patch,
+    /// The structured-output constraint, when there is one.
+    grammar: Option<Grammar>,
+    /// Scratch: the logits with the constraint's mask applied.
+    masked: Vec<f32>,
 }
 
 impl Sampler {
@@ -196,6 +205,8 @@ impl Sampler {
             touched: Vec::new(),
             history: BTreeMap::new(),
             patch: Patch::default(),
+            grammar: None,
+            masked: Vec::new(),
         }
     }
 
@@ -216,6 +227,13 @@ impl Sampler {
         self
     }
 
+    /// The same constrained by `grammar`: only tokens it allows are picked
+    /// (each pick advances it); log-probabilities stay the model's own.
+    pub fn with_grammar(mut self, grammar: Option<Grammar>) -> Self {
+        self.grammar = grammar;
+        self
+    }
+
     /// Whether it picks the most likely token (no randomness).
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
@@ -227,6 +245,7 @@ impl Sampler {
         self.is_greedy()
             && self.penalties.is_none()
             && self.bias.is_empty()
+            && self.grammar.is_none()
             && !self.controls.logprobs
     }
 
@@ -247,6 +266,9 @@ impl Sampler {
         self.skip(tokens.len());
         for &t in tokens {
             self.record(t);
+            if let Some(g) = &mut self.grammar {
+                g.accept(t);
+            }
         }
     }
 
@@ -274,6 +296,17 @@ impl Sampler {
     /// Picks the next token from `logits`, with its log-probabilities when
     /// the controls ask for them, and records it as generated.
     pub fn pick(&mut self, logits: &[f32]) -> Pick {
+        let model = logits;
+        // The constraint's copy (at most one vocabulary-sized buffer, kept
+        // across picks) stands in for the model's logits below.
+        let mut masked = std::mem::take(&mut self.masked);
+        let logits = match &mut self.grammar {
+            Some(g) => {
+                g.mask(model, &mut masked);
+                &masked[..]
+            }
+            None => model,
+        };
         let patched = self.penalise(logits);
         let view = if patched {
             View {
@@ -301,11 +334,19 @@ impl Sampler {
             draw(&self.candidates, mass, self.rng.next_f64())
         };
         let logprobs = self.controls.logprobs.then(|| {
-            let raw_max = if patched { max_logit(logits) } else { max };
+            let raw_max = if patched || self.grammar.is_some() {
+                max_logit(model)
+            } else {
+                max
+            };
             let top = self.controls.top_logprobs as usize;
-            logprobs(logits, raw_max, token, top, &mut self.candidates)
+            logprobs(model, raw_max, token, top, &mut self.candidates)
         });
+        self.masked = masked;
         self.record(token);
+        if let Some(g) = &mut self.grammar {
+            g.accept(token);
+        }
         Pick { token, logprobs }
     }
 

@@ -80,21 +80,38 @@ impl WorkerServiceImpl {
         controls.check()?;
         let resume = check_resume(&req.resume_token_ids, self.model.n_vocab(), req.max_tokens)?;
         let logit_bias = limits::check_logit_bias(&req.logit_bias, Some(self.model.n_vocab()))?;
+        limits::check_json_schema(&req.json_schema)?;
         let model = self.model.clone();
         let text = req.prompt;
-        let prompt = tokio::task::spawn_blocking(move || {
-            if messages.is_empty() {
+        let schema = req.json_schema;
+        let (prompt, grammar) = tokio::task::spawn_blocking(move || {
+            // The schema first: a refused one costs no tokenizing.
+            let grammar = match schema.is_empty() {
+                true => None,
+                false => Some(
+                    model
+                        .grammars
+                        .compile(&schema)
+                        .map_err(|e| WorkerError::invalid("json_schema", e))?,
+                ),
+            };
+            let prompt = if messages.is_empty() {
                 Ok(model.tokenize(&text))
             } else {
                 model.render_chat(&messages).map(|(_, tokens)| tokens)
-            }
+            };
+            let prompt = prompt.map_err(|e| match e {
+                crate::model::ChatError::NoTemplate => {
+                    WorkerError::FailedPrecondition(e.to_string())
+                }
+                crate::model::ChatError::Render(_) => {
+                    WorkerError::invalid("messages", e.to_string())
+                }
+            })?;
+            Ok::<_, WorkerError>((prompt, grammar))
         })
         .await
-        .map_err(|e| Failure::Internal(format!("tokenizing the prompt: {e}")))?
-        .map_err(|e| match e {
-            crate::model::ChatError::NoTemplate => WorkerError::FailedPrecondition(e.to_string()),
-            crate::model::ChatError::Render(_) => WorkerError::invalid("messages", e.to_string()),
-        })?;
+        .map_err(|e| Failure::Internal(format!("tokenizing the prompt: {e}")))??;
         let ctx = self.engine.ctx_size() as usize;
         if prompt.len() >= ctx {
             return Err(WorkerError::invalid(
@@ -126,6 +143,7 @@ impl WorkerServiceImpl {
             seed: req.seed,
             controls,
             logit_bias,
+            grammar,
             stop: req.stop,
             deadline,
             span,

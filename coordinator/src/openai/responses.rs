@@ -83,14 +83,14 @@ fn to_chat(body: &Value) -> Result<Value, ApiError> {
             "is not supported by this server",
         ));
     }
-    if let Some(format) = f.get("text").and_then(|t| t.get("format")) {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::invalid(
-                "text.format",
-                "only {\"type\": \"text\"} is supported",
-            ));
+    // `text.format` flattens what chat nests under `json_schema`.
+    let format = match f.get("text").and_then(|t| t.get("format")) {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("json_schema") => {
+            Some(json!({"type": "json_schema", "json_schema": o}))
         }
-    }
+        Some(other) => Some(other.clone()),
+    };
     let mut messages = Vec::new();
     match f.get("instructions") {
         None | Some(Value::Null) => {}
@@ -127,6 +127,9 @@ fn to_chat(body: &Value) -> Result<Value, ApiError> {
     }
     let mut chat = Map::new();
     chat.insert("messages".into(), Value::Array(messages));
+    if let Some(format) = format {
+        chat.insert("response_format".into(), format);
+    }
     for (from, to) in [
         ("model", "model"),
         ("temperature", "temperature"),
@@ -148,6 +151,8 @@ fn rename(mut e: ApiError) -> ApiError {
             "max_output_tokens".to_string()
         } else if let Some(rest) = p.strip_prefix("messages") {
             format!("input{rest}")
+        } else if let Some(rest) = p.strip_prefix("response_format") {
+            format!("text.format{}", rest.replacen(".json_schema", "", 1))
         } else {
             p
         }
@@ -405,6 +410,25 @@ mod tests {
     }
 
     #[test]
+    fn a_text_format_becomes_the_chat_response_format() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let chat = to_chat(&json!({"input": "a", "text": {"format":
+            {"type": "json_schema", "name": "n", "schema": schema, "strict": true}}}))
+        .unwrap();
+        assert_eq!(chat["response_format"]["type"], "json_schema");
+        assert_eq!(chat["response_format"]["json_schema"]["schema"], schema);
+        let chat = to_chat(&json!({"input": "a", "text": {"format": {"type": "json_object"}}}));
+        assert_eq!(
+            chat.unwrap()["response_format"],
+            json!({"type": "json_object"})
+        );
+        assert!(to_chat(&json!({"input": "a"}))
+            .unwrap()
+            .get("response_format")
+            .is_none());
+    }
+
+    #[test]
     fn what_is_not_supported_is_refused_by_name() {
         let param = |body: Value| to_chat(&body).unwrap_err().param.unwrap();
         assert_eq!(
@@ -414,10 +438,6 @@ mod tests {
         assert_eq!(
             param(json!({"input": "a", "tools": [{"type": "web_search"}]})),
             "tools"
-        );
-        assert_eq!(
-            param(json!({"input": "a", "text": {"format": {"type": "json_object"}}})),
-            "text.format"
         );
         assert_eq!(
             param(json!({"input": [{"type": "function_call_output"}]})),
@@ -431,5 +451,16 @@ mod tests {
         let chat = to_chat(&json!({"input": "a", "max_output_tokens": 0})).unwrap();
         let e = rename(parse_request(Kind::Chat, &chat).unwrap_err());
         assert_eq!(e.param.as_deref(), Some("max_output_tokens"));
+        let format = |f: Value| {
+            let chat = to_chat(&json!({"input": "a", "text": {"format": f}})).unwrap();
+            rename(parse_request(Kind::Chat, &chat).unwrap_err())
+                .param
+                .unwrap()
+        };
+        assert_eq!(format(json!({"type": "xml"})), "text.format.type");
+        assert_eq!(
+            format(json!({"type": "json_schema", "schema": 3})),
+            "text.format.schema"
+        );
     }
 }

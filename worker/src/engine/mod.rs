@@ -109,6 +109,8 @@ pub struct Generation {
     /// Token id → bias added to its logit, sorted by id (ids in the
     /// vocabulary).
     pub logit_bias: Vec<(u32, f32)>,
+    /// The structured-output constraint (each sequence advances a copy).
+    pub grammar: Option<crate::grammar::Grammar>,
     /// Stop sequences.
     pub stop: Vec<String>,
     /// When the caller gives up (its `grpc-timeout`): the request leaves

@@ -454,7 +454,8 @@ impl Sequence {
 fn sampler(g: &Generation) -> Sampler {
     let mut sampler = Sampler::new(g.temperature, g.top_p, g.seed)
         .with_controls(g.controls)
-        .with_bias(g.logit_bias.clone());
+        .with_bias(g.logit_bias.clone())
+        .with_grammar(g.grammar.clone());
     sampler.prompt(g.prompt.iter().map(|t| t.0 as u32));
     sampler
 }

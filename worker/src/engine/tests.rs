@@ -45,6 +45,7 @@ fn generation(
         seed: 7,
         controls,
         logit_bias: Vec::new(),
+        grammar: None,
         stop: Vec::new(),
         deadline: None,
         span: tracing::Span::none(),
