@@ -470,6 +470,44 @@ async fn what_clients_send_first_is_taken() {
             "{t}"
         );
     }
+    // The context window (2,048 tokens): a prompt beyond it, and a
+    // prompt + max_tokens beyond it, are 400 context_length_exceeded naming
+    // the field the prompt came in; without max_tokens it generates until
+    // the window is full.
+    let long = "hello ".repeat(2500);
+    let (s, t) = api.post(
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{long}"}}]}}"#),
+        &[],
+    );
+    let e = error_of(s, &t);
+    assert_eq!(
+        (s, e["param"].as_str(), e["code"].as_str()),
+        (400, Some("messages"), Some("context_length_exceeded")),
+        "{t}"
+    );
+    let prompt = "hello ".repeat(1500);
+    let completion = |max: &str| {
+        api.post(
+            "/v1/completions",
+            &format!(r#"{{"model":"smollm2","temperature":0,"prompt":"{prompt}"{max}}}"#),
+            &[],
+        )
+    };
+    let (s, t) = completion(r#","max_tokens":1000"#);
+    let e = error_of(s, &t);
+    assert_eq!(
+        (s, e["param"].as_str(), e["code"].as_str()),
+        (400, Some("prompt"), Some("context_length_exceeded")),
+        "{t}"
+    );
+    let message = e["message"].as_str().unwrap();
+    assert!(
+        message.contains("2048") && message.contains("max_tokens"),
+        "{message}"
+    );
+    let (s, t) = completion(r#","max_tokens":4"#);
+    assert_eq!(s, 200, "{t}");
     let (s, t) = api.post("/v1/completions", r#"{"prompt":"a","suffix":"b"}"#, &[]);
     assert_eq!(
         (s, error_of(s, &t)["param"].as_str()),

@@ -186,6 +186,17 @@ impl CoordinatorError {
                 .metadata_mut()
                 .insert(INVALID_FIELD_HEADER, MetadataValue::from_static(field));
         }
+        // The worker's reason code (context_length_exceeded) goes on.
+        if let Self::Upstream { status: worker, .. } = &self {
+            if let Some(v) = worker
+                .metadata()
+                .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
+            {
+                status
+                    .metadata_mut()
+                    .insert(nanoinfer_proto::limits::ERROR_CODE_HEADER, v.clone());
+            }
+        }
         if overloaded {
             let m = status.metadata_mut();
             m.insert(RETRY_AFTER_HEADER, MetadataValue::from(RETRY_AFTER_SECONDS));
@@ -227,6 +238,28 @@ mod tests {
         assert_eq!(
             bad_prompt.into_status(Some("r")).message(),
             "request r: prompt: too long"
+        );
+        // The worker's reason code is passed on, with the field it names.
+        let mut worker = Status::invalid_argument("messages: the context window is 8 tokens");
+        worker.metadata_mut().insert(
+            nanoinfer_proto::limits::ERROR_CODE_HEADER,
+            MetadataValue::from_static("context_length_exceeded"),
+        );
+        let status = CoordinatorError::Upstream {
+            worker: "w1".into(),
+            status: worker,
+        }
+        .into_status(Some("r"));
+        assert_eq!(
+            status.metadata().get(INVALID_FIELD_HEADER).unwrap(),
+            "messages"
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
+                .unwrap(),
+            "context_length_exceeded"
         );
         let out = CoordinatorError::OutOfWorkers {
             delivered: 20,

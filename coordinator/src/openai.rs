@@ -151,6 +151,17 @@ impl ApiError {
                 }
             })
             .map(str::to_string);
+        // A refusal with a code of its own (context_length_exceeded).
+        let code = match status
+            .metadata()
+            .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(nanoinfer_proto::limits::CONTEXT_LENGTH_EXCEEDED) => {
+                Some(nanoinfer_proto::limits::CONTEXT_LENGTH_EXCEEDED)
+            }
+            _ => code,
+        };
         Self {
             status: http,
             kind,
@@ -727,6 +738,9 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
         Kind::Chat => {
             let max = f.u32("max_completion_tokens")?.or(f.u32("max_tokens")?);
             request.max_tokens = max.unwrap_or(0);
+            // The client's own max_tokens is held to (vLLM's rule): a
+            // prompt + max_tokens beyond the window is a 400, not a cut.
+            request.strict_max_tokens = max.is_some();
             if max == Some(0) {
                 return Err(ApiError::invalid("max_tokens", "must be at least 1"));
             }
@@ -737,6 +751,7 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
         Kind::Completion => {
             let max = f.u32("max_tokens")?;
             request.max_tokens = max.unwrap_or(0);
+            request.strict_max_tokens = max.is_some();
             if max == Some(0) {
                 return Err(ApiError::invalid("max_tokens", "must be at least 1"));
             }
@@ -1147,6 +1162,7 @@ mod tests {
         assert_eq!(r.messages[0].role, "system");
         assert_eq!(r.messages[1].content, "Hi!");
         assert_eq!(r.max_tokens, 7);
+        assert!(r.strict_max_tokens, "a client's max_tokens is held to");
         assert_eq!(r.temperature, Some(0.0));
         assert_eq!(r.stop, vec!["x".to_string()]);
         assert_eq!(r.seed, Some(u64::MAX));
@@ -1168,6 +1184,12 @@ mod tests {
         assert_eq!(s.echo.as_deref(), Some("Once"));
         assert_eq!(r.stop.len(), 2);
         assert!(!s.stream);
+        assert!(r.strict_max_tokens);
+        let (r, _) = parse(Kind::Completion, json!({"prompt": "a"})).unwrap();
+        assert!(
+            !r.strict_max_tokens,
+            "no max_tokens: generate until the window is full"
+        );
     }
 
     #[test]

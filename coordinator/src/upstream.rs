@@ -115,6 +115,7 @@ pub fn generate_request(
             .map(|&(id, bias)| (id as i32, bias))
             .collect(),
         json_schema: params.json_schema.clone(),
+        strict_max_tokens: params.strict_max_tokens,
     });
     request.set_timeout(remaining);
     request
@@ -199,10 +200,12 @@ mod tests {
             model: None,
             logit_bias: vec![(9, -100.0)],
             json_schema: r#"{"type":"object"}"#.into(),
+            strict_max_tokens: true,
         };
         let req = generate_request(&params, &[5, 6], Duration::from_millis(1500));
         assert_eq!(req.get_ref().logit_bias.get(&9), Some(&-100.0));
         assert_eq!(req.get_ref().json_schema, r#"{"type":"object"}"#);
+        assert!(req.get_ref().strict_max_tokens);
         assert_eq!(req.get_ref().top_k, Some(40));
         assert_eq!(req.get_ref().min_p, None, "controls left off are not sent");
         assert_eq!(req.get_ref().resume_token_ids, vec![5, 6]);

@@ -50,6 +50,8 @@ pub struct InferParams {
     pub logit_bias: Vec<(u32, f32)>,
     /// The structured-output schema (empty: none; the worker compiles it).
     pub json_schema: String,
+    /// Refuse a prompt + `max_tokens` beyond the context window up front.
+    pub strict_max_tokens: bool,
 }
 
 impl From<FieldError> for CoordinatorError {
@@ -135,6 +137,7 @@ impl Limits {
             model: (!req.model.is_empty()).then_some(req.model),
             logit_bias,
             json_schema: req.json_schema,
+            strict_max_tokens: req.strict_max_tokens,
         })
     }
 }

@@ -38,6 +38,14 @@ pub const FIELDS: &[&str] = &[
     "json_schema",
 ];
 
+/// Status metadata naming why a request was refused, where a client API
+/// has a code for it (the OpenAI error's `code`).
+pub const ERROR_CODE_HEADER: &str = "x-nanoinfer-error-code";
+
+/// [`ERROR_CODE_HEADER`]'s value for a prompt (with `max_tokens`, when the
+/// request holds it to that) that does not fit the context window.
+pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
+
 /// A refused field and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {

@@ -3,6 +3,7 @@
 //! | error | code |
 //! |---|---|
 //! | a field out of range | `INVALID_ARGUMENT` (the message starts with the field) |
+//! | the prompt does not fit the context window | `INVALID_ARGUMENT` naming `prompt` or `messages`, with `x-nanoinfer-error-code: context_length_exceeded` |
 //! | queue full, or no room in the KV cache | `RESOURCE_EXHAUSTED` |
 //! | shutting down, or waited past `--queue-timeout` | `UNAVAILABLE` |
 //! | the call's deadline passed | `DEADLINE_EXCEEDED` |
@@ -24,6 +25,16 @@ pub enum WorkerError {
         /// The offending field.
         field: &'static str,
         /// What is wrong with it.
+        message: String,
+    },
+    /// The prompt (with `max_tokens`, when the request holds it to that)
+    /// does not fit the context window; the message names `prompt` or
+    /// `messages`.
+    #[error("{field}: {message}")]
+    ContextLength {
+        /// `prompt` or `messages`.
+        field: &'static str,
+        /// The window, and what the request asked for.
         message: String,
     },
     /// The request cannot be served by this model (e.g. messages to a
@@ -50,7 +61,7 @@ impl WorkerError {
     /// The status code table.
     pub fn code(&self) -> Code {
         match self {
-            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::InvalidArgument { .. } | Self::ContextLength { .. } => Code::InvalidArgument,
             Self::FailedPrecondition(_) => Code::FailedPrecondition,
             Self::Engine(EngineError::QueueFull(_)) => Code::ResourceExhausted,
             Self::Engine(EngineError::ShuttingDown) => Code::Unavailable,
@@ -71,7 +82,16 @@ impl WorkerError {
         } else {
             format!("{self} (request_id {request_id})")
         };
-        Status::new(self.code(), message)
+        let mut status = Status::new(self.code(), message);
+        if let Self::ContextLength { .. } = self {
+            status.metadata_mut().insert(
+                nanoinfer_proto::limits::ERROR_CODE_HEADER,
+                tonic::metadata::MetadataValue::from_static(
+                    nanoinfer_proto::limits::CONTEXT_LENGTH_EXCEEDED,
+                ),
+            );
+        }
+        status
     }
 }
 
@@ -99,5 +119,23 @@ mod tests {
         let status = WorkerError::invalid("resume_token_ids", "bad").status("r");
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("resume_token_ids"));
+        assert!(status
+            .metadata()
+            .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
+            .is_none());
+        let status = WorkerError::ContextLength {
+            field: "messages",
+            message: "too long".into(),
+        }
+        .status("r");
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("messages: too long"));
+        assert_eq!(
+            status
+                .metadata()
+                .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
+                .unwrap(),
+            "context_length_exceeded"
+        );
     }
 }

@@ -81,6 +81,7 @@ impl WorkerServiceImpl {
         let resume = check_resume(&req.resume_token_ids, self.model.n_vocab(), req.max_tokens)?;
         let logit_bias = limits::check_logit_bias(&req.logit_bias, Some(self.model.n_vocab()))?;
         limits::check_json_schema(&req.json_schema)?;
+        let chat = !messages.is_empty();
         let model = self.model.clone();
         let text = req.prompt;
         let schema = req.json_schema;
@@ -113,14 +114,28 @@ impl WorkerServiceImpl {
         .await
         .map_err(|e| Failure::Internal(format!("tokenizing the prompt: {e}")))??;
         let ctx = self.engine.ctx_size() as usize;
+        let field = if chat { "messages" } else { "prompt" };
         if prompt.len() >= ctx {
-            return Err(WorkerError::invalid(
-                "prompt",
-                format!(
+            return Err(WorkerError::ContextLength {
+                field,
+                message: format!(
                     "{} tokens leave no room in the context window of {ctx} tokens",
                     prompt.len()
                 ),
-            ));
+            });
+        }
+        // vLLM's rule for a client's own max_tokens: refused up front
+        // rather than cut at the window.
+        let asked = prompt.len() + req.max_tokens as usize;
+        if req.strict_max_tokens && asked > ctx {
+            return Err(WorkerError::ContextLength {
+                field,
+                message: format!(
+                    "the context window is {ctx} tokens; this request asks for {asked} ({} in the {field}, {} in max_tokens): shorten the {field} or lower max_tokens",
+                    prompt.len(),
+                    req.max_tokens
+                ),
+            });
         }
         if prompt.len() + resume.len() >= ctx {
             return Err(WorkerError::invalid(
