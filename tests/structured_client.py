@@ -83,6 +83,11 @@ check("streamed structured output equals the whole one and validates",
       streamed == whole.choices[0].message.content and Trip.model_validate_json(streamed),
       (streamed, whole.choices[0].message.content))
 
+# The Responses API: text.format, as responses.parse sends it.
+resp = client.responses.parse(model=MODEL, input=ASK[0]["content"], text_format=Trip, temperature=0,
+                              max_output_tokens=300)
+check("responses.parse returns the Pydantic object", isinstance(resp.output_parsed, Trip), resp)
+
 # json_object: any JSON object.
 r = client.chat.completions.create(
     model=MODEL, temperature=0, max_tokens=200, response_format={"type": "json_object"},
