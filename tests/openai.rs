@@ -309,7 +309,7 @@ async fn sse_framing_headers_and_errors_over_curl() {
         (s, t.as_str()),
         (
             200,
-            r#"{"model":"smollm2","prompt":"The capital of France"}"#
+            r#"{"prompt":"The capital of France","model":"smollm2"}"#
         )
     );
     let (s, t) = api.post("/detokenize", r#"{"tokens":[1, 99999999]}"#, &[]);

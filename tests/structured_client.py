@@ -88,6 +88,16 @@ resp = client.responses.parse(model=MODEL, input=ASK[0]["content"], text_format=
                               max_output_tokens=300)
 check("responses.parse returns the Pydantic object", isinstance(resp.output_parsed, Trip), resp)
 
+# LangChain, as an agent framework asks: with_structured_output(Model)
+# (its default method sends response_format json_schema).
+from langchain_openai import ChatOpenAI  # noqa: E402
+
+llm = ChatOpenAI(base_url=BASE, model=MODEL, temperature=0, max_tokens=300, max_retries=0,
+                 api_key=client.api_key)
+planned = llm.with_structured_output(Trip).invoke(ASK[0]["content"])
+check("LangChain with_structured_output returns the Pydantic object", isinstance(planned, Trip),
+      planned)
+
 # json_object: any JSON object.
 r = client.chat.completions.create(
     model=MODEL, temperature=0, max_tokens=200, response_format={"type": "json_object"},
