@@ -156,13 +156,16 @@ async fn the_official_openai_client_drives_the_cluster() {
     );
 }
 
-/// Structured outputs as the official client asks for them
-/// (tests/structured_client.py): `chat.completions.parse` with a Pydantic
-/// model, `json_object`, streaming, `n`, completions, a cut by
-/// `max_tokens`, a refused keyword, and the judge: 200 sampled
-/// completions that all validate where they end by EOS, 90% of them so.
+/// Structured outputs and tool calls as the official client and LangChain
+/// ask for them (tests/structured_client.py): `chat.completions.parse` and
+/// `responses.parse` with a Pydantic model, `with_structured_output`,
+/// `json_object`, streaming, `n`, completions, a cut by `max_tokens`, a
+/// refused keyword; a named function's call, `required`, a streamed call,
+/// a round trip through a `tool` message, `bind_tools`; and the issue's
+/// judge: 200 sampled completions that all validate where they end by EOS,
+/// 90% of them so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn structured_outputs_hold_for_the_official_client() {
+async fn structured_outputs_and_tool_calls_hold_for_the_official_clients() {
     let api = cluster().await;
     let out = Command::new(venv_python())
         .arg(repo_root().join("tests/structured_client.py"))

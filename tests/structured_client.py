@@ -68,16 +68,17 @@ r = client.chat.completions.parse(model=MODEL, messages=ASK, response_format=Tri
 check("n=3: every choice is a parsed Trip",
       len(r.choices) == 3 and all(isinstance(c.message.parsed, Trip) for c in r.choices), r)
 
-# Streaming: the deltas join into the same JSON as the whole answer.
-whole = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=300,
-                                       response_format={"type": "json_schema", "json_schema": {
-                                           "name": "trip", "schema": Trip.model_json_schema(),
-                                           "strict": True}})
+# Streaming: the deltas join into the same JSON as the whole answer. Each
+# comparison sends its request once first, so the whole and the streamed
+# one find the same prompt cells in the worker's cache and compute the
+# same logits (docs/api.md, Reproducibility).
+TRIP_FORMAT = {"type": "json_schema", "json_schema": {
+    "name": "trip", "schema": Trip.model_json_schema(), "strict": True}}
+for _ in range(2):
+    whole = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=300,
+                                           response_format=TRIP_FORMAT)
 chunks = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, max_tokens=300,
-                                        stream=True, response_format={
-                                            "type": "json_schema", "json_schema": {
-                                                "name": "trip", "schema": Trip.model_json_schema(),
-                                                "strict": True}})
+                                        stream=True, response_format=TRIP_FORMAT)
 streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 check("streamed structured output equals the whole one and validates",
       streamed == whole.choices[0].message.content and Trip.model_validate_json(streamed),
@@ -142,6 +143,95 @@ except openai.BadRequestError as err:
     check("an unenforceable schema is 400 naming response_format and the keyword",
           err.body.get("param") == "response_format"
           and "uniqueItems" in err.body.get("message", ""), err.body)
+
+# Tool calling (the generic format: the tools described in a system
+# message, the answer constrained to a call of one of them).
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city.",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 40},
+        "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The current time."}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def valid_weather_args(text):
+    args = json.loads(text)
+    return (set(args) == {"city", "unit"} and isinstance(args["city"], str)
+            and len(args["city"]) <= 40 and args["unit"] in ("celsius", "fahrenheit"))
+
+
+r = client.chat.completions.create(
+    model=MODEL, messages=ASK_WEATHER, temperature=0, max_tokens=200, tools=[WEATHER, TIME],
+    tool_choice={"type": "function", "function": {"name": "get_weather"}})
+calls = r.choices[0].message.tool_calls
+check("a named function is called, its arguments valid against its schema",
+      r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+      and len(calls) == 1 and calls[0].function.name == "get_weather"
+      and calls[0].type == "function" and calls[0].id.startswith("call_")
+      and valid_weather_args(calls[0].function.arguments), r)
+print(f"    {calls[0].function.name}({calls[0].function.arguments})")
+
+r = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, temperature=1.0, seed=3,
+                                   max_tokens=200, tools=[WEATHER, TIME], tool_choice="required",
+                                   parallel_tool_calls=False, n=3)
+check("required: every choice calls one of the tools (one call: parallel_tool_calls false)",
+      all(c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+          and c.message.tool_calls[0].function.name in ("get_weather", "get_time")
+          for c in r.choices), r)
+
+# Streamed: id and name first, then argument fragments; reassembled, the
+# same call as the whole answer's.
+for _ in range(2):
+    whole = client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, temperature=0,
+                                           max_tokens=200, tools=[WEATHER], tool_choice="required")
+chunks = list(client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, temperature=0,
+                                             max_tokens=200, tools=[WEATHER], tool_choice="required",
+                                             stream=True))
+parts = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+first = parts[0]
+arguments = "".join(p.function.arguments or "" for p in parts)
+finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+wcall = whole.choices[0].message.tool_calls[0]
+check("a streamed tool call reassembles to the whole one",
+      first.id.startswith("call_") and first.type == "function"
+      and first.function.name == wcall.function.name and first.index == 0
+      and arguments == wcall.function.arguments and finals == ["tool_calls"], (parts, wcall))
+
+# A round trip: the call, the tool's result, then the answer in words.
+history = ASK_WEATHER + [
+    {"role": "assistant", "content": None, "tool_calls": [wcall.model_dump()]},
+    {"role": "tool", "tool_call_id": wcall.id, "content": "18 degrees celsius and sunny"}]
+r = client.chat.completions.create(model=MODEL, messages=history, temperature=0, max_tokens=100,
+                                   tools=[WEATHER], tool_choice="none")
+answer = r.choices[0].message.content
+check("a round trip: the tool's result read, the answer in words",
+      r.choices[0].finish_reason == "stop" and "18" in answer and "{" not in answer
+      and not r.choices[0].message.tool_calls, r)
+print(f"    {answer!r}")
+r = client.chat.completions.create(model=MODEL, messages=history, temperature=0, max_tokens=100,
+                                   tools=[WEATHER], parallel_tool_calls=False)
+check("auto after a tool's result: an answer or another valid call",
+      (r.choices[0].finish_reason == "stop" and r.choices[0].message.content)
+      or (r.choices[0].finish_reason == "tool_calls"
+          and valid_weather_args(r.choices[0].message.tool_calls[0].function.arguments)), r)
+
+# LangChain's bind_tools, as an agent binds them.
+bound = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke(ASK_WEATHER[0]["content"])
+check("LangChain bind_tools: the model's tool call comes back parsed",
+      len(bound.tool_calls) == 1 and bound.tool_calls[0]["name"] == "get_weather"
+      and set(bound.tool_calls[0]["args"]) == {"city", "unit"}, bound)
+
+# A tool whose schema the engine cannot enforce is refused, naming tools.
+try:
+    client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=10, tools=[
+        {"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "array", "uniqueItems": True}}}}}])
+    raise AssertionError("an unenforceable tool schema was accepted")
+except openai.BadRequestError as err:
+    check("an unenforceable tool schema is 400 naming tools",
+          err.body.get("param") == "tools" and "uniqueItems" in err.body.get("message", ""), err.body)
 
 # The judge: SAMPLES sampled completions, 8 per request (n), temperature
 # 1.0, two requests at a time (the cluster has two workers).

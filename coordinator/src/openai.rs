@@ -10,6 +10,9 @@
 //! `traceparent`, `x-request-id`), and [`Front::start`] runs the request on
 //! the same path as gRPC `Infer` (routing, failover, deadlines, spans,
 //! metrics with `api="http"`). Its messages become OpenAI's JSON.
+//! `response_format` becomes the request's `json_schema`; chat `tools`
+//! become a system message and a schema too, and the answer `tool_calls`
+//! ([`tools`]).
 //!
 //! Bodies are read as JSON values and each field is taken with a check that
 //! names it, so a wrong type is a 400 that says which field, as every other
@@ -45,6 +48,7 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 pub mod edge;
 mod responses;
 mod server;
+pub mod tools;
 
 pub use server::{HttpMetrics, HTTP_ALPN};
 
@@ -439,6 +443,9 @@ pub struct Shape {
     pub echo: Option<String>,
     /// Log-probabilities were asked for.
     pub logprobs: bool,
+    /// Chat with tools: each choice's answer (the generic format's JSON)
+    /// becomes `tool_calls` or `content` ([`tools`]).
+    pub tools: bool,
 }
 
 async fn chat_completions(
@@ -477,7 +484,14 @@ async fn begin(
     let call = front
         .start(Api::Http, request, &metadata)
         .await
-        .map_err(|status| ApiError::from_status(&status).into_response())?;
+        .map_err(|status| {
+            let mut e = ApiError::from_status(&status);
+            // With tools, the schema the worker refused is theirs.
+            if shape.tools && e.param.as_deref() == Some("response_format") {
+                e.param = Some("tools".into());
+            }
+            e.into_response()
+        })?;
     Ok((call, shape))
 }
 
@@ -596,7 +610,9 @@ impl<'a> Fields<'a> {
 
 /// Fields OpenAI defines that this server does not implement: refused, not
 /// silently ignored, since a caller relying on them would get wrong output.
-const UNSUPPORTED: [&str; 4] = ["tools", "tool_choice", "functions", "function_call"];
+/// Refused on both endpoints: the legacy function-calling fields (`tools`
+/// replaced them).
+const UNSUPPORTED: [&str; 2] = ["functions", "function_call"];
 
 /// `logit_bias`: an object of token ids (as strings, OpenAI's shape; JSON
 /// numbers as keys are not JSON) → bias. Absent or null: none.
@@ -734,6 +750,7 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
         Some(_) => return Err(ApiError::invalid("stream_options", "must be an object")),
     };
     let mut echo = None;
+    let mut tool_plan = None;
     match kind {
         Kind::Chat => {
             let max = f.u32("max_completion_tokens")?.or(f.u32("max_tokens")?);
@@ -745,6 +762,35 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
                 return Err(ApiError::invalid("max_tokens", "must be at least 1"));
             }
             request.messages = chat_messages(f.get("messages"))?;
+            tool_plan = tools::parse(
+                f.get("tools"),
+                f.get("tool_choice"),
+                f.get("parallel_tool_calls"),
+            )?;
+            if let Some(plan) = &tool_plan {
+                if !request.json_schema.is_empty() {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "cannot be combined with tools (the answer is already constrained to \
+                         tool calls); send one of them",
+                    ));
+                }
+                request.json_schema = plan.schema().to_string();
+                // The tools described after the caller's own system text.
+                let instructions = plan.instructions();
+                match request.messages.first_mut() {
+                    Some(m) if m.role == "system" => {
+                        m.content = format!("{}\n\n{instructions}", m.content);
+                    }
+                    _ => request.messages.insert(
+                        0,
+                        ChatMessage {
+                            role: "system".into(),
+                            content: instructions,
+                        },
+                    ),
+                }
+            }
             request.logprobs = f.bool("logprobs")?;
             request.top_logprobs = f.u32("top_logprobs")?.unwrap_or(0);
         }
@@ -770,6 +816,14 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
                 };
             if request.prompt.is_empty() {
                 return Err(ApiError::invalid("prompt", "must not be empty"));
+            }
+            for key in ["tools", "tool_choice"] {
+                if f.get(key).is_some() {
+                    return Err(ApiError::invalid(
+                        key,
+                        "is for chat completions (/v1/chat/completions)",
+                    ));
+                }
             }
             // Insertion (text after the completion) needs a fill-in-the-
             // middle model and prompt format; refused rather than ignored.
@@ -801,6 +855,7 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
         model: request.model.clone(),
         echo,
         logprobs: request.logprobs,
+        tools: tool_plan.is_some(),
     };
     Ok((request, shape))
 }
@@ -816,6 +871,9 @@ fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
     if items.is_empty() {
         return Err(ApiError::invalid("messages", "must not be empty"));
     }
+    // The tool each call id of the history named (a tool message's result
+    // is introduced by its tool's name).
+    let mut called: Vec<(String, String)> = Vec::new();
     items
         .iter()
         .enumerate()
@@ -830,6 +888,15 @@ fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
             };
             // OpenAI's newer name for the system role.
             let role = if role == "developer" { "system" } else { role };
+            // Tool calls and their results, in the tools' generic format
+            // (a tool's result is a user turn: every template has one).
+            if role == "assistant" && !matches!(m.get("tool_calls"), None | Some(Value::Null)) {
+                called.extend(tools::call_names(&m["tool_calls"]));
+                return Ok(ChatMessage {
+                    role: role.to_string(),
+                    content: tools::calls_as_text(&m["tool_calls"], &field("tool_calls"))?,
+                });
+            }
             let content = match m.get("content") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => {
@@ -854,6 +921,18 @@ fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
                     ))
                 }
             };
+            if role == "tool" {
+                let id = match m.get("tool_call_id") {
+                    Some(Value::String(id)) => Some(id.as_str()),
+                    None | Some(Value::Null) => None,
+                    Some(_) => return Err(ApiError::invalid(field("tool_call_id"), "must be a string")),
+                };
+                let name = id.and_then(|id| called.iter().find(|(c, _)| c == id));
+                return Ok(ChatMessage {
+                    role: "user".into(),
+                    content: tools::result_as_text(name.map(|(_, n)| n.as_str()), &content),
+                });
+            }
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
@@ -971,6 +1050,11 @@ async fn collect(mut call: Call, shape: &Shape) -> Result<Value, Status> {
         .iter()
         .enumerate()
         .map(|(i, c)| match shape.kind {
+            Kind::Chat if shape.tools => {
+                let (message, finish) =
+                    tools::message(&c.text, c.finish, &format!("{}_{i}", call.request_id));
+                json!({"index": i, "message": message, "logprobs": null, "finish_reason": finish})
+            }
             Kind::Chat => json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text},
@@ -1081,9 +1165,12 @@ impl Events {
             return Bytes::new();
         }
         self.choices[i].add(m);
-        let first = !std::mem::replace(&mut self.opened[i], true);
         let finish = (m.finish_reason != FinishReason::Unspecified as i32)
             .then(|| finish_reason(m.finish_reason));
+        if self.shape.tools {
+            return self.tool_chunks(i, finish);
+        }
+        let first = !std::mem::replace(&mut self.opened[i], true);
         let choice = match self.shape.kind {
             Kind::Chat => {
                 let mut delta = Map::new();
@@ -1130,6 +1217,40 @@ impl Events {
         }
         event(&chunk)
     }
+
+    /// With tools: nothing until choice `i` finishes (its answer is one
+    /// JSON object), then its deltas in OpenAI's order (the role and each
+    /// call's id and name, then its arguments; or the content) and a last
+    /// chunk with the finish reason.
+    fn tool_chunks(&mut self, i: usize, finish: Option<&'static str>) -> Bytes {
+        if finish.is_none() {
+            return Bytes::new();
+        }
+        let id_base = format!("{}_{i}", self.call.request_id);
+        let (deltas, finish) = tools::deltas(&self.choices[i].text, finish, &id_base);
+        let mut out = Vec::new();
+        let chunk = |delta: Value, finish: Option<&str>| {
+            let mut chunk = json!({
+                "id": self.id,
+                "object": self.object(),
+                "created": self.created,
+                "model": self.model,
+                "choices": [{"index": i, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            });
+            if self.shape.include_usage {
+                chunk["usage"] = Value::Null;
+            }
+            event(&chunk)
+        };
+        for (k, mut delta) in deltas.into_iter().enumerate() {
+            if k == 0 {
+                delta["role"] = json!("assistant");
+            }
+            out.extend_from_slice(&chunk(delta, None));
+        }
+        out.extend_from_slice(&chunk(json!({}), finish));
+        Bytes::from(out)
+    }
 }
 
 #[cfg(test)]
@@ -1170,6 +1291,67 @@ mod tests {
         assert_eq!(r.top_k, None, "top_k -1 means off");
         assert_eq!(r.model, "m");
         assert!(s.stream && s.include_usage && s.logprobs);
+    }
+
+    #[test]
+    fn tools_become_a_system_message_and_a_schema() {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let (r, s) = parse(
+            Kind::Chat,
+            json!({"messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_9", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_9", "content": "18C"}
+            ], "tools": tools, "tool_choice": "required"}),
+        )
+        .unwrap();
+        assert!(s.tools);
+        assert!(r.messages[0]
+            .content
+            .starts_with("Be brief.\n\nYou can call these tools."));
+        assert!(r.messages[0].content.contains("get_weather"));
+        assert_eq!(r.messages[2].role, "assistant");
+        assert_eq!(
+            r.messages[2].content,
+            r#"Calling get_weather({"city":"Paris"})."#
+        );
+        assert_eq!(r.messages[3].role, "user");
+        assert_eq!(r.messages[3].content, "Tool result (get_weather): 18C");
+        let schema: Value = serde_json::from_str(&r.json_schema).unwrap();
+        assert_eq!(schema["required"], json!(["tool_calls"]));
+        // No system message: one is put first.
+        let (r, _) = parse(
+            Kind::Chat,
+            json!({"messages": [{"role": "user", "content": "Hi"}], "tools": tools}),
+        )
+        .unwrap();
+        assert_eq!(r.messages[0].role, "system");
+        assert_eq!(r.messages.len(), 2);
+        // tool_choice none: no tools at all.
+        let (r, s) = parse(
+            Kind::Chat,
+            json!({"messages": [{"role": "user", "content": "Hi"}], "tools": tools, "tool_choice": "none"}),
+        )
+        .unwrap();
+        assert!(!s.tools && r.json_schema.is_empty() && r.messages.len() == 1);
+        assert_eq!(
+            param(parse(
+                Kind::Chat,
+                json!({"messages": [{"role": "user", "content": "Hi"}], "tools": tools,
+                       "response_format": {"type": "json_object"}}),
+            )),
+            "response_format"
+        );
+        assert_eq!(
+            param(parse(
+                Kind::Chat,
+                json!({"messages": [{"role": "user", "content": "Hi"}], "functions": []}),
+            )),
+            "functions"
+        );
     }
 
     #[test]
