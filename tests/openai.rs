@@ -79,6 +79,20 @@ async fn cluster_with(extra: &[&str]) -> Api {
 }
 
 impl Api {
+    /// Runs a Python client script of `tests/` (BASE_URL MODEL, the key in
+    /// OPENAI_API_KEY) against this cluster; its checks must all pass.
+    fn run_checks(&self, script: &str) {
+        let out = Command::new(venv_python())
+            .arg(repo_root().join(script))
+            .arg(format!("{}/v1", self.base))
+            .arg("smollm2")
+            .env("OPENAI_API_KEY", KEY)
+            .output()
+            .unwrap_or_else(|e| panic!("run {script}: {e}"));
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+        assert_ok(&out, script);
+    }
+
     /// Prompt tokens the workers reused from their KV caches so far, over
     /// all workers (their own counter).
     fn reused_tokens(&self) -> f64 {
@@ -121,15 +135,7 @@ impl Api {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_client_drives_the_cluster() {
     let api = cluster().await;
-    let out = Command::new(venv_python())
-        .arg(repo_root().join("tests/openai_client.py"))
-        .arg(format!("{}/v1", api.base))
-        .arg("smollm2")
-        .env("OPENAI_API_KEY", KEY)
-        .output()
-        .expect("run the openai client checks");
-    println!("{}", String::from_utf8_lossy(&out.stdout));
-    assert_ok(&out, "tests/openai_client.py");
+    api.run_checks("tests/openai_client.py");
 
     // The shared path counted the HTTP requests under api="http".
     // What a vLLM or TGI user looks for in /metrics.
@@ -167,15 +173,7 @@ async fn the_official_openai_client_drives_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn structured_outputs_and_tool_calls_hold_for_the_official_clients() {
     let api = cluster().await;
-    let out = Command::new(venv_python())
-        .arg(repo_root().join("tests/structured_client.py"))
-        .arg(format!("{}/v1", api.base))
-        .arg("smollm2")
-        .env("OPENAI_API_KEY", KEY)
-        .output()
-        .expect("run the structured-output checks");
-    println!("{}", String::from_utf8_lossy(&out.stdout));
-    assert_ok(&out, "tests/structured_client.py");
+    api.run_checks("tests/structured_client.py");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
