@@ -255,11 +255,8 @@ mod tests {
             "messages"
         );
         assert_eq!(
-            status
-                .metadata()
-                .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
-                .unwrap(),
-            "context_length_exceeded"
+            nanoinfer_proto::limits::error_code(&status),
+            Some("context_length_exceeded")
         );
         let out = CoordinatorError::OutOfWorkers {
             delivered: 20,

@@ -156,11 +156,7 @@ impl ApiError {
             })
             .map(str::to_string);
         // A refusal with a code of its own (context_length_exceeded).
-        let code = match status
-            .metadata()
-            .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
-            .and_then(|v| v.to_str().ok())
-        {
+        let code = match nanoinfer_proto::limits::error_code(status) {
             Some(nanoinfer_proto::limits::CONTEXT_LENGTH_EXCEEDED) => {
                 Some(nanoinfer_proto::limits::CONTEXT_LENGTH_EXCEEDED)
             }
@@ -1205,6 +1201,12 @@ impl Events {
                 json!({"index": i, "text": format!("{echo}{}", m.token), "logprobs": logprobs, "finish_reason": finish})
             }
         };
+        self.wrap(choice)
+    }
+
+    /// One chunk event holding `choice` (`usage` null when a usage chunk
+    /// comes last).
+    fn wrap(&self, choice: Value) -> Bytes {
         let mut chunk = json!({
             "id": self.id,
             "object": self.object(),
@@ -1230,17 +1232,9 @@ impl Events {
         let (deltas, finish) = tools::deltas(&self.choices[i].text, finish, &id_base);
         let mut out = Vec::new();
         let chunk = |delta: Value, finish: Option<&str>| {
-            let mut chunk = json!({
-                "id": self.id,
-                "object": self.object(),
-                "created": self.created,
-                "model": self.model,
-                "choices": [{"index": i, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            });
-            if self.shape.include_usage {
-                chunk["usage"] = Value::Null;
-            }
-            event(&chunk)
+            self.wrap(
+                json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": finish}),
+            )
         };
         for (k, mut delta) in deltas.into_iter().enumerate() {
             if k == 0 {

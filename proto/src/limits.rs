@@ -46,6 +46,14 @@ pub const ERROR_CODE_HEADER: &str = "x-nanoinfer-error-code";
 /// request holds it to that) that does not fit the context window.
 pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
 
+/// The reason code `status` carries in [`ERROR_CODE_HEADER`], if any.
+pub fn error_code(status: &tonic::Status) -> Option<&str> {
+    status
+        .metadata()
+        .get(ERROR_CODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+}
+
 /// A refused field and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {

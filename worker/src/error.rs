@@ -119,10 +119,7 @@ mod tests {
         let status = WorkerError::invalid("resume_token_ids", "bad").status("r");
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("resume_token_ids"));
-        assert!(status
-            .metadata()
-            .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
-            .is_none());
+        assert_eq!(nanoinfer_proto::limits::error_code(&status), None);
         let status = WorkerError::ContextLength {
             field: "messages",
             message: "too long".into(),
@@ -131,11 +128,8 @@ mod tests {
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("messages: too long"));
         assert_eq!(
-            status
-                .metadata()
-                .get(nanoinfer_proto::limits::ERROR_CODE_HEADER)
-                .unwrap(),
-            "context_length_exceeded"
+            nanoinfer_proto::limits::error_code(&status),
+            Some("context_length_exceeded")
         );
     }
 }

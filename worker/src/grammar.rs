@@ -30,10 +30,8 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
+use nanoinfer_proto::limits::MAX_JSON_SCHEMA_BYTES;
 use toktrie::SimpleVob;
-
-/// Largest schema text accepted (bytes).
-pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 
 /// The JSON layout the constraint imposes (see the module docs).
 const LAYOUT: &str =
@@ -88,9 +86,9 @@ impl Grammars {
     /// first call builds the token trie): call it off the async runtime.
     /// The error says what in the schema cannot be enforced.
     pub fn compile(&self, schema: &str) -> Result<Grammar, String> {
-        if schema.len() > MAX_SCHEMA_BYTES {
+        if schema.len() > MAX_JSON_SCHEMA_BYTES {
             return Err(format!(
-                "the schema is {} bytes; the limit is {MAX_SCHEMA_BYTES}",
+                "the schema is {} bytes; the limit is {MAX_JSON_SCHEMA_BYTES}",
                 schema.len()
             ));
         }
