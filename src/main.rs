@@ -266,6 +266,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 messages.push(ChatMessage {
                     role: "user".into(),
                     content: prompt,
+                    ..Default::default()
                 });
                 let request = InferRequest {
                     request_id,
@@ -320,6 +321,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 messages.push(ChatMessage {
                     role: "user".into(),
                     content: turn.to_string(),
+                    ..Default::default()
                 });
                 let request = sampling.request(String::new(), messages.clone());
                 let mut lock = out.lock();
@@ -335,6 +337,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     Ok(answer) => messages.push(ChatMessage {
                         role: "assistant".into(),
                         content: answer,
+                        ..Default::default()
                     }),
                     Err(e) => {
                         // The turn failed: drop it, keep the conversation.
@@ -357,6 +360,7 @@ fn system_message(system: Option<String>) -> Vec<ChatMessage> {
         .map(|content| ChatMessage {
             role: "system".into(),
             content,
+            ..Default::default()
         })
         .collect()
 }

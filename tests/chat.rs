@@ -18,6 +18,7 @@ fn chat(messages: &[(&str, &str)], max_tokens: u32) -> InferRequest {
             .map(|(role, content)| ChatMessage {
                 role: role.to_string(),
                 content: content.to_string(),
+                ..Default::default()
             })
             .collect(),
         max_tokens,

@@ -215,6 +215,7 @@ async fn the_dev_overlay_runs_as_containers_and_survives_worker_faults() {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: "Write a long story about the history of the Roman Empire.".into(),
+            ..Default::default()
         }],
         max_tokens: 60,
         temperature: Some(0.0),

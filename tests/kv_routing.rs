@@ -64,6 +64,7 @@ async fn worker_tokens(
                 .map(|(role, content)| ChatMessage {
                     role: role.clone(),
                     content: content.clone(),
+                    ..Default::default()
                 })
                 .collect(),
             add_special: true,
@@ -108,7 +109,15 @@ async fn the_coordinators_token_ids_are_the_workers() {
         // Twice: the second time the long content comes from the cache.
         for _ in 0..2 {
             assert_eq!(
-                tokenizer.chat(messages).unwrap(),
+                tokenizer
+                    .chat(
+                        &messages
+                            .iter()
+                            .map(|(r, c)| nanoinfer_vocab::ChatMessage::new(r, c))
+                            .collect::<Vec<_>>(),
+                        None
+                    )
+                    .unwrap(),
                 worker_tokens(&mut client, None, messages).await,
                 "conversation {messages:?}"
             );

@@ -270,7 +270,7 @@ impl Front {
                     params
                         .messages
                         .iter()
-                        .map(|(r, c)| (r.as_str(), c.as_str())),
+                        .map(|m| (m.role.as_str(), m.content.as_str())),
                 );
                 crate::affinity::prefix_blocks(&text).into()
             }
@@ -394,6 +394,17 @@ impl Front {
                 .map(|m| wpb::ChatMessage {
                     role: m.role,
                     content: m.content,
+                    tool_calls: m
+                        .tool_calls
+                        .into_iter()
+                        .map(|c| wpb::ToolCall {
+                            id: c.id,
+                            name: c.name,
+                            arguments: c.arguments,
+                        })
+                        .collect(),
+                    tool_call_id: m.tool_call_id,
+                    name: m.name,
                 })
                 .collect(),
             add_special: request.add_special,
@@ -458,11 +469,17 @@ async fn kv_blocks(
 ) -> Arc<[u64]> {
     let prompt = params.prompt.clone();
     let messages = params.messages.clone();
+    let tools: Option<serde_json::Value> = match params.tools.is_empty() {
+        true => None,
+        false => serde_json::from_str(&params.tools).ok(),
+    };
     tokio::task::spawn_blocking(move || {
         let tokens = if messages.is_empty() {
             tokenizer.prompt(&prompt)
         } else {
-            tokenizer.chat(&messages).unwrap_or_default()
+            tokenizer
+                .chat(&messages, tools.as_ref())
+                .unwrap_or_default()
         };
         Arc::from(nanoinfer_proto::kv::block_hashes(&tokens))
     })

@@ -783,6 +783,7 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
                         ChatMessage {
                             role: "system".into(),
                             content: instructions,
+                            ..ChatMessage::default()
                         },
                     ),
                 }
@@ -891,6 +892,7 @@ fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
                 return Ok(ChatMessage {
                     role: role.to_string(),
                     content: tools::calls_as_text(&m["tool_calls"], &field("tool_calls"))?,
+                    ..ChatMessage::default()
                 });
             }
             let content = match m.get("content") {
@@ -927,11 +929,13 @@ fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
                 return Ok(ChatMessage {
                     role: "user".into(),
                     content: tools::result_as_text(name.map(|(_, n)| n.as_str()), &content),
+                    ..ChatMessage::default()
                 });
             }
             Ok(ChatMessage {
                 role: role.to_string(),
                 content,
+                ..ChatMessage::default()
             })
         })
         .collect()

@@ -97,9 +97,20 @@ pub fn generate_request(
         messages: params
             .messages
             .iter()
-            .map(|(role, content)| wpb::ChatMessage {
-                role: role.clone(),
-                content: content.clone(),
+            .map(|m| wpb::ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+                tool_calls: m
+                    .tool_calls
+                    .iter()
+                    .map(|c| wpb::ToolCall {
+                        id: c.id.clone(),
+                        name: c.name.clone(),
+                        arguments: c.arguments.clone(),
+                    })
+                    .collect(),
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
             })
             .collect(),
         top_k: set(c.top_k, off.top_k),
@@ -116,6 +127,8 @@ pub fn generate_request(
             .collect(),
         json_schema: params.json_schema.clone(),
         strict_max_tokens: params.strict_max_tokens,
+        tools: params.tools.clone(),
+        grammar: params.grammar.clone(),
     });
     request.set_timeout(remaining);
     request
@@ -201,11 +214,14 @@ mod tests {
             logit_bias: vec![(9, -100.0)],
             json_schema: r#"{"type":"object"}"#.into(),
             strict_max_tokens: true,
+            tools: r#"[{"type":"function"}]"#.into(),
+            grammar: String::new(),
         };
         let req = generate_request(&params, &[5, 6], Duration::from_millis(1500));
         assert_eq!(req.get_ref().logit_bias.get(&9), Some(&-100.0));
         assert_eq!(req.get_ref().json_schema, r#"{"type":"object"}"#);
         assert!(req.get_ref().strict_max_tokens);
+        assert_eq!(req.get_ref().tools, r#"[{"type":"function"}]"#);
         assert_eq!(req.get_ref().top_k, Some(40));
         assert_eq!(req.get_ref().min_p, None, "controls left off are not sent");
         assert_eq!(req.get_ref().resume_token_ids, vec![5, 6]);

@@ -27,8 +27,12 @@ pub struct InferParams {
     pub request_id: String,
     /// The prompt (empty when `messages` is used).
     pub prompt: String,
-    /// A conversation as `(role, content)` (empty when `prompt` is used).
-    pub messages: Vec<(String, String)>,
+    /// A conversation (empty when `prompt` is used).
+    pub messages: Vec<nanoinfer_vocab::ChatMessage>,
+    /// Tools for the chat template, a JSON array (empty: none).
+    pub tools: String,
+    /// A Lark grammar constraint (empty: none).
+    pub grammar: String,
     /// 1..=limit.
     pub max_tokens: u32,
     /// ≥ 0, finite; 0 = greedy.
@@ -73,13 +77,17 @@ impl Limits {
         seed: impl FnOnce() -> u64,
     ) -> Result<InferParams, CoordinatorError> {
         limits::check_request_id(&req.request_id)?;
-        let messages: Vec<(String, String)> = req
-            .messages
-            .into_iter()
-            .map(|m| (m.role, m.content))
-            .collect();
+        let messages = chat_messages(req.messages);
         self.checks
-            .check_prompt_or_messages(&req.prompt, &messages)?;
+            .check_prompt_or_messages(&req.prompt, &roles_and_contents(&messages))?;
+        limits::check_tools(&req.tools)?;
+        if !req.tools.is_empty() && messages.is_empty() {
+            return Err(FieldError {
+                field: "tools",
+                message: "are rendered by the chat template: send messages, not a prompt".into(),
+            }
+            .into());
+        }
         let max_tokens = match req.max_tokens {
             0 => self.default_max_tokens,
             n => n,
@@ -110,6 +118,7 @@ impl Limits {
         let n = limits::check_n(req.n)?;
         let logit_bias = limits::check_logit_bias(&req.logit_bias, None)?;
         limits::check_json_schema(&req.json_schema)?;
+        limits::check_grammar(&req.grammar, &req.json_schema)?;
         if !req.model.is_empty() {
             nanoinfer_registry::schema::validate_model_name(&req.model).map_err(|message| {
                 CoordinatorError::InvalidArgument {
@@ -127,6 +136,8 @@ impl Limits {
             request_id,
             prompt: req.prompt,
             messages,
+            tools: req.tools,
+            grammar: req.grammar,
             max_tokens,
             temperature,
             top_p,
@@ -140,6 +151,38 @@ impl Limits {
             strict_max_tokens: req.strict_max_tokens,
         })
     }
+}
+
+/// The public API's chat messages as the template code takes them.
+pub fn chat_messages(
+    messages: Vec<nanoinfer_proto::nanoinfer::ChatMessage>,
+) -> Vec<nanoinfer_vocab::ChatMessage> {
+    messages
+        .into_iter()
+        .map(|m| nanoinfer_vocab::ChatMessage {
+            role: m.role,
+            content: m.content,
+            tool_calls: m
+                .tool_calls
+                .into_iter()
+                .map(|c| nanoinfer_vocab::ToolCall {
+                    id: c.id,
+                    name: c.name,
+                    arguments: c.arguments,
+                })
+                .collect(),
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+        })
+        .collect()
+}
+
+/// `(role, content)` of each message, for the shared limit checks.
+pub fn roles_and_contents(messages: &[nanoinfer_vocab::ChatMessage]) -> Vec<(&str, &str)> {
+    messages
+        .iter()
+        .map(|m| (m.role.as_str(), m.content.as_str()))
+        .collect()
 }
 
 #[cfg(test)]

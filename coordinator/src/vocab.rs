@@ -59,6 +59,9 @@ fn backend() -> Result<&'static LlamaBackend, String> {
 /// One model's tokenizer.
 pub struct Tokenizer {
     model: LlamaModel,
+    /// The model's Jinja chat template (`None`: llama.cpp's matcher), as
+    /// the worker compiles it from the same file.
+    template: Option<nanoinfer_vocab::ChatTemplate>,
     contents: Mutex<ContentCache>,
 }
 
@@ -85,8 +88,11 @@ impl Tokenizer {
         std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         let model = nanoinfer_vocab::load_vocab(backend, &path);
         let _ = std::fs::remove_file(&path);
+        let model = model?;
+        let template = nanoinfer_vocab::chat_template(&model, None).ok();
         Ok(Self {
-            model: model?,
+            template,
+            model,
             contents: Mutex::new(ContentCache {
                 map: HashMap::new(),
                 bytes: 0,
@@ -106,12 +112,25 @@ impl Tokenizer {
     /// A conversation's tokens, as the worker renders and computes them.
     pub fn chat(
         &self,
-        messages: &[(String, String)],
+        messages: &[nanoinfer_vocab::ChatMessage],
+        tools: Option<&serde_json::Value>,
     ) -> Result<Vec<i32>, nanoinfer_vocab::ChatError> {
-        let (_, tokens) = nanoinfer_vocab::render_chat(&self.model, messages, &mut |content| {
-            self.content(content)
-        })?;
+        let (_, tokens) = nanoinfer_vocab::render_chat(
+            &self.model,
+            self.template.as_ref(),
+            messages,
+            tools,
+            &mut |content| self.content(content),
+        )?;
         Ok(tokens.into_iter().map(|t| t.0).collect())
+    }
+
+    /// How the model's chat template writes tool calls
+    /// ([`nanoinfer_vocab::ToolFormat::None`]: it has no tool section).
+    pub fn tool_format(&self) -> nanoinfer_vocab::ToolFormat {
+        self.template
+            .as_ref()
+            .map_or(nanoinfer_vocab::ToolFormat::None, |t| t.tool_format())
     }
 
     fn content(&self, content: &str) -> Vec<LlamaToken> {

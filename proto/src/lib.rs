@@ -141,6 +141,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 pub mod kv;
 pub mod limits;
+pub mod schema;
 pub mod tls;
 
 pub mod windows {

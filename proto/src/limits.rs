@@ -36,6 +36,8 @@ pub const FIELDS: &[&str] = &[
     "resume_token_ids",
     "logit_bias",
     "json_schema",
+    "tools",
+    "grammar",
 ];
 
 /// Status metadata naming why a request was refused, where a client API
@@ -280,6 +282,51 @@ pub fn check_json_schema(schema: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
+/// Largest `tools` (bytes of JSON).
+pub const MAX_TOOLS_BYTES: usize = 256 * 1024;
+
+/// `tools`: empty (none), or at most [`MAX_TOOLS_BYTES`] of JSON holding
+/// an array of objects.
+pub fn check_tools(tools: &str) -> Result<(), FieldError> {
+    if tools.is_empty() {
+        return Ok(());
+    }
+    if tools.len() > MAX_TOOLS_BYTES {
+        return refuse(
+            "tools",
+            format!("is {} bytes; the limit is {MAX_TOOLS_BYTES}", tools.len()),
+        );
+    }
+    match serde_json::from_str::<serde_json::Value>(tools) {
+        Ok(serde_json::Value::Array(a)) if a.iter().all(serde_json::Value::is_object) => Ok(()),
+        _ => refuse("tools", "must be a JSON array of tool objects"),
+    }
+}
+
+/// `grammar`: empty (none), or at most [`MAX_JSON_SCHEMA_BYTES`], and not
+/// beside a `json_schema` (one constraint per request).
+pub fn check_grammar(grammar: &str, json_schema: &str) -> Result<(), FieldError> {
+    if grammar.is_empty() {
+        return Ok(());
+    }
+    if !json_schema.is_empty() {
+        return refuse(
+            "grammar",
+            "and json_schema were both sent; send one of them",
+        );
+    }
+    if grammar.len() > MAX_JSON_SCHEMA_BYTES {
+        return refuse(
+            "grammar",
+            format!(
+                "is {} bytes; the limit is {MAX_JSON_SCHEMA_BYTES}",
+                grammar.len()
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// Most token ids one detokenize request may hold.
 pub const MAX_DETOKENIZE_TOKENS: usize = 1 << 20;
 
@@ -333,7 +380,7 @@ pub fn check_stop(stop: &[String]) -> Result<(), FieldError> {
 /// Most messages one conversation may hold.
 pub const MAX_MESSAGES: usize = 256;
 /// The roles a chat message may have.
-pub const ROLES: [&str; 3] = ["system", "user", "assistant"];
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
 
 impl Limits {
     /// Exactly one of a prompt and a conversation (`(role, content)` pairs,
@@ -368,7 +415,7 @@ impl Limits {
                 return refuse(
                     "messages",
                     format!(
-                        "messages[{i}].role must be system, user or assistant, got {:?}",
+                        "messages[{i}].role must be system, user, assistant or tool, got {:?}",
                         role.chars().take(32).collect::<String>()
                     ),
                 );
@@ -481,7 +528,7 @@ mod tests {
         let bad = l.check_prompt_or_messages("", &[("user", "a"), ("bot", "b")]);
         assert_eq!(
             bad.unwrap_err().message,
-            "messages[1].role must be system, user or assistant, got \"bot\""
+            "messages[1].role must be system, user, assistant or tool, got \"bot\""
         );
         assert_eq!(
             field(l.check_messages(&[("user", "123"), ("assistant", "45")])),

@@ -101,6 +101,16 @@ pub fn vocab_only(path: &Path) -> Result<Vec<u8>, String> {
 
 /// [`vocab_only`] over any reader of a GGUF file.
 pub fn vocab_only_from(inner: impl Read) -> Result<Vec<u8>, String> {
+    vocab_only_with(inner, None)
+}
+
+/// The metadata key of the Jinja chat template.
+pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
+
+/// [`vocab_only_from`], with the chat template replaced by `chat_template`
+/// (or added) when given: a worker started with its own template serves
+/// it to coordinators, so both render alike.
+pub fn vocab_only_with(inner: impl Read, chat_template: Option<&str>) -> Result<Vec<u8>, String> {
     let mut r = Reader {
         inner,
         copied: Vec::new(),
@@ -115,13 +125,31 @@ pub fn vocab_only_from(inner: impl Read) -> Result<Vec<u8>, String> {
     let tensors_at = r.copied.len();
     r.u64()?;
     let count = r.u64()?;
+    let mut kept = count;
     for _ in 0..count {
+        let at = r.copied.len();
         r.string()?;
+        let is_template = r.copied[at + 8..] == *CHAT_TEMPLATE_KEY.as_bytes();
         let kind = r.u32()?;
         r.value(kind)?;
+        if is_template && chat_template.is_some() {
+            r.copied.truncate(at);
+            kept -= 1;
+        }
     }
     let mut out = r.copied;
+    if let Some(t) = chat_template {
+        for s in [CHAT_TEMPLATE_KEY, t] {
+            if s == t {
+                out.extend(STRING.to_le_bytes());
+            }
+            out.extend((s.len() as u64).to_le_bytes());
+            out.extend(s.as_bytes());
+        }
+        kept += 1;
+    }
     out[tensors_at..tensors_at + 8].copy_from_slice(&0u64.to_le_bytes());
+    out[tensors_at + 8..tensors_at + 16].copy_from_slice(&kept.to_le_bytes());
     Ok(out)
 }
 
@@ -160,6 +188,19 @@ mod tests {
         assert_eq!(out.len(), metadata_end);
         assert_eq!(&out[16..], &file[16..metadata_end]);
         assert_eq!(&out[8..16], &0u64.to_le_bytes());
+
+        // A template given replaces the file's (here: is added).
+        let with = vocab_only_with(&file[..], Some("{{ x }}")).unwrap();
+        assert_eq!(&with[16..24], &4u64.to_le_bytes());
+        let mut tail = Vec::new();
+        string(&mut tail, CHAT_TEMPLATE_KEY);
+        tail.extend(STRING.to_le_bytes());
+        string(&mut tail, "{{ x }}");
+        assert!(with.ends_with(&tail));
+        let again = vocab_only_with(&with[..], Some("{{ y }}")).unwrap();
+        assert_eq!(&again[16..24], &4u64.to_le_bytes());
+        assert_eq!(again.len(), with.len());
+        assert!(again.ends_with(b"{{ y }}"));
 
         assert!(vocab_only_from(&b"GGML"[..])
             .unwrap_err()

@@ -8,6 +8,9 @@
 //! worker serves ([`gguf`]) with [`load_vocab`].
 
 pub mod gguf;
+pub mod template;
+
+pub use template::{ChatMessage, ChatTemplate, ToolCall, ToolFormat};
 
 use std::path::Path;
 
@@ -50,59 +53,150 @@ pub fn content_tokens(model: &LlamaModel, content: &str) -> Vec<LlamaToken> {
     model.vocab().tokenize(content.as_bytes(), false, false)
 }
 
-/// Renders a conversation (`(role, content)` pairs) with the model's own
-/// chat template, the assistant's turn added, and tokenizes it: the
+/// The model's Jinja chat template, compiled (`source` overrides the
+/// GGUF's `tokenizer.chat_template`). An error says why there is none (no
+/// template, or one `minijinja` cannot compile): [`render_chat`] then uses
+/// llama.cpp's built-in matcher.
+pub fn chat_template(model: &LlamaModel, source: Option<&str>) -> Result<ChatTemplate, String> {
+    let owned;
+    let source = match source {
+        Some(s) => s,
+        None => {
+            let t = model
+                .chat_template(None)
+                .map_err(|_| "the model has no chat template".to_string())?;
+            owned = t
+                .to_string()
+                .map_err(|e| format!("the chat template is not UTF-8: {e}"))?;
+            &owned
+        }
+    };
+    let vocab = model.vocab();
+    let text =
+        |t: LlamaToken| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+    let bos = if vocab.bos().0 >= 0 {
+        text(vocab.bos())
+    } else {
+        String::new()
+    };
+    let eos = if vocab.eos().0 >= 0 {
+        text(vocab.eos())
+    } else {
+        String::new()
+    };
+    ChatTemplate::new(source, &bos, &eos)
+}
+
+/// Renders a conversation with the model's own chat template (`template`,
+/// from [`chat_template`]; llama.cpp's built-in matcher when `None`, which
+/// renders no tools), the assistant's turn added, and tokenizes it: the
 /// template's text with special tokens parsed (its turn markers), each
 /// message's content as plain text (a `<|im_start|>` typed by a user stays
-/// text). `content` tokenizes one content ([`content_tokens`], or a cache
-/// of it: contents are tokenized on their own, so a cached one is exact).
+/// text). `tools` (OpenAI's tool objects) are handed to the template.
+/// `content` tokenizes one content ([`content_tokens`], or a cache of it:
+/// contents are tokenized on their own, so a cached one is exact).
 /// Returns the rendered text and its tokens.
+///
+/// A leading `bos_token` the template writes is dropped when the
+/// tokenizer adds BOS itself (so there is one, as llama.cpp's server does).
 pub fn render_chat(
     model: &LlamaModel,
-    messages: &[(String, String)],
+    template: Option<&ChatTemplate>,
+    messages: &[ChatMessage],
+    tools: Option<&serde_json::Value>,
     content: &mut dyn FnMut(&str) -> Vec<LlamaToken>,
 ) -> Result<(String, Vec<LlamaToken>), ChatError> {
-    let template = model
-        .chat_template(None)
-        .map_err(|_| ChatError::NoTemplate)?;
     // Each content is replaced by a marker the template copies through
     // verbatim; the rendered text is then cut at the markers. The marker
     // holds a part that differs between calls (an address), so a message
-    // cannot carry it by accident.
+    // cannot carry it by accident; it is plain ASCII so that a template
+    // that writes a content through `tojson` copies it unchanged.
     let nonce = format!(
         "{:016x}",
         std::ptr::addr_of!(*messages) as *const u8 as usize as u64 ^ 0x6e61_6e6f_696e_6665
     );
-    let marker = |i: usize| format!("\u{1}nanoinfer-{nonce}-{i}\u{1}");
-    let chat = messages
-        .iter()
-        .enumerate()
-        .map(|(i, (role, _))| LlamaChatMessage::new(role.clone(), marker(i)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ChatError::Render(e.to_string()))?;
-    let rendered = model
-        .apply_chat_template(&template, &chat, true)
-        .map_err(|e| ChatError::Render(e.to_string()))?;
+    let prefix = format!("@@nanoinfer-{nonce}-");
+    let marker = |i: usize| format!("{prefix}{i}@@");
     let vocab = model.vocab();
+    let rendered = match template {
+        Some(t) => {
+            let marked: Vec<ChatMessage> = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| ChatMessage {
+                    content: if m.content.is_empty() {
+                        String::new()
+                    } else {
+                        marker(i)
+                    },
+                    ..m.clone()
+                })
+                .collect();
+            let mut text = t.render(&marked, tools).map_err(ChatError::Render)?;
+            if vocab.should_add_bos() && !t.bos().is_empty() && text.starts_with(t.bos()) {
+                text.drain(..t.bos().len());
+            }
+            text
+        }
+        None => {
+            if tools.is_some() || messages.iter().any(|m| !m.tool_calls.is_empty()) {
+                return Err(ChatError::Render(
+                    "the model's chat template cannot be rendered here, and llama.cpp's \
+                     built-in templates render no tools"
+                        .to_string(),
+                ));
+            }
+            let template = model
+                .chat_template(None)
+                .map_err(|_| ChatError::NoTemplate)?;
+            let chat = messages
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    LlamaChatMessage::new(
+                        m.role.clone(),
+                        if m.content.is_empty() {
+                            String::new()
+                        } else {
+                            marker(i)
+                        },
+                    )
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ChatError::Render(e.to_string()))?;
+            model
+                .apply_chat_template(&template, &chat, true)
+                .map_err(|e| ChatError::Render(e.to_string()))?
+        }
+    };
     let mut tokens = Vec::new();
     let mut text = String::new();
     let mut rest = rendered.as_str();
     let mut first = true;
-    for (i, (_, body)) in messages.iter().enumerate() {
-        let m = marker(i);
-        let Some(at) = rest.find(&m) else {
-            return Err(ChatError::Render(format!(
-                "the chat template dropped message {i}"
-            )));
+    // Markers may come in any order, or more than once (a template may move
+    // the system prompt into the last user turn): each is cut where it is.
+    while let Some(at) = rest.find(&prefix) {
+        let after = &rest[at + prefix.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let index: Option<usize> = after[..digits].parse().ok();
+        let (Some(i), true) = (index, after[digits..].starts_with("@@")) else {
+            return Err(ChatError::Render(
+                "the chat template altered a message's content marker".to_string(),
+            ));
         };
-        let (template_part, after) = rest.split_at(at);
+        let Some(m) = messages.get(i) else {
+            return Err(ChatError::Render(
+                "the chat template wrote a message that is not there".to_string(),
+            ));
+        };
+        let template_part = &rest[..at];
         // BOS (when the model wants one) once, before the first piece.
         tokens.extend(vocab.tokenize(template_part.as_bytes(), first, true));
         first = false;
-        tokens.extend(content(body));
+        tokens.extend(content(&m.content));
         text.push_str(template_part);
-        text.push_str(body);
-        rest = &after[m.len()..];
+        text.push_str(&m.content);
+        rest = &after[digits + 2..];
     }
     tokens.extend(vocab.tokenize(rest.as_bytes(), first, true));
     text.push_str(rest);

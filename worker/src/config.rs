@@ -23,6 +23,12 @@ pub struct Args {
     /// `general.name`, or the file name without `.gguf`.
     #[arg(long, env = "NANOINFER_MODEL_NAME")]
     pub model_name: Option<String>,
+    /// A Jinja chat template file to render conversations with instead of
+    /// the GGUF's `tokenizer.chat_template` (Hugging Face's format, as
+    /// llama.cpp's `--chat-template-file`). Coordinators get it with the
+    /// vocabulary, so both render alike.
+    #[arg(long, env = "NANOINFER_CHAT_TEMPLATE_FILE")]
+    pub chat_template_file: Option<PathBuf>,
     /// Address to listen on for gRPC; port 0 picks a free port (the bound
     /// address is logged).
     #[arg(long, env = "NANOINFER_LISTEN", default_value = "0.0.0.0:50061")]
@@ -112,6 +118,8 @@ pub struct WorkerConfig {
     pub model: PathBuf,
     /// `--model-name` (`None`: from the GGUF).
     pub model_name: Option<String>,
+    /// `--chat-template-file`'s text (`None`: the GGUF's template).
+    pub chat_template: Option<String>,
     /// Published address; `None` = derive from the bound address.
     pub advertise: Option<String>,
     /// How to reach etcd.
@@ -216,9 +224,20 @@ impl Args {
             nanoinfer_registry::schema::validate_model_name(name)
                 .map_err(|e| format!("--model-name: {e}"))?;
         }
+        let chat_template = match &self.chat_template_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--chat-template-file {}: {e}", path.display()))?;
+                nanoinfer_vocab::ChatTemplate::new(&text, "", "")
+                    .map_err(|e| format!("--chat-template-file {}: {e}", path.display()))?;
+                Some(text)
+            }
+        };
         Ok(WorkerConfig {
             model: self.model,
             model_name: self.model_name,
+            chat_template,
             advertise: self.advertise,
             etcd: self.etcd.validate()?,
             cluster_tls: self.cluster.validate()?,

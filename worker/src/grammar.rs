@@ -10,7 +10,7 @@
 //!
 //! # Integers
 //! An integer the schema leaves unbounded is kept within ±(2^53 − 1)
-//! ([`INTEGER_LIMIT`]).
+//! (`nanoinfer_proto::schema::INTEGER_LIMIT`).
 //!
 //! # Refusals
 //! A schema keyword the engine cannot enforce (`Unimplemented keys: [...]`),
@@ -32,10 +32,6 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use nanoinfer_proto::limits::MAX_JSON_SCHEMA_BYTES;
 use toktrie::SimpleVob;
-
-/// The JSON layout the constraint imposes (see the module docs).
-const LAYOUT: &str =
-    r#"{"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}"#;
 
 /// One model's grammar compiler: its token trie, built on first use.
 pub struct Grammars {
@@ -92,21 +88,30 @@ impl Grammars {
                 schema.len()
             ));
         }
-        let mut value: serde_json::Value =
+        let value: serde_json::Value =
             serde_json::from_str(schema).map_err(|e| format!("the schema is not JSON: {e}"))?;
-        bound_integers(&mut value);
-        match &mut value {
-            serde_json::Value::Object(map) => {
-                let layout = serde_json::from_str(LAYOUT).expect("the layout is JSON");
-                map.insert("x-guidance".to_string(), layout);
-            }
-            serde_json::Value::Bool(_) => {}
-            _ => return Err("the schema must be a JSON object".to_string()),
+        let value = nanoinfer_proto::schema::prepare(value)?;
+        self.build(TopLevelGrammar::from_json_schema(value))
+    }
+
+    /// Compiles a Lark grammar (llguidance's dialect; a `%json { … }` in it
+    /// is taken as written, so it should come from
+    /// [`nanoinfer_proto::schema::prepare`]). Blocking, like [`Self::compile`].
+    pub fn compile_lark(&self, grammar: &str) -> Result<Grammar, String> {
+        if grammar.len() > MAX_JSON_SCHEMA_BYTES {
+            return Err(format!(
+                "the grammar is {} bytes; the limit is {MAX_JSON_SCHEMA_BYTES}",
+                grammar.len()
+            ));
         }
+        self.build(TopLevelGrammar::from_lark(grammar.to_string()))
+    }
+
+    fn build(&self, grammar: TopLevelGrammar) -> Result<Grammar, String> {
         let engine = self.engine()?;
         let parser = engine
             .factory
-            .create_parser(TopLevelGrammar::from_json_schema(value))
+            .create_parser(grammar)
             .map_err(|e| e.to_string())?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
@@ -178,40 +183,6 @@ impl Grammar {
     }
 }
 
-/// The integers a schema leaves unbounded are kept within I-JSON's
-/// interoperable range, ±(2^53 − 1) (RFC 7493): without it a small model
-/// can write digits until `max_tokens` runs out, and a value beyond it
-/// would not survive a JavaScript or double-precision parser anyway.
-pub const INTEGER_LIMIT: i64 = (1 << 53) - 1;
-
-/// Gives every integer schema in `schema` (at any depth) that has no lower
-/// or upper bound the [`INTEGER_LIMIT`] one.
-fn bound_integers(schema: &mut serde_json::Value) {
-    use serde_json::Value;
-    match schema {
-        Value::Object(map) => {
-            let integer = match map.get("type") {
-                Some(Value::String(t)) => t == "integer",
-                Some(Value::Array(ts)) => ts.iter().any(|t| t == "integer"),
-                _ => false,
-            };
-            if integer {
-                if !map.contains_key("minimum") && !map.contains_key("exclusiveMinimum") {
-                    map.insert("minimum".into(), Value::from(-INTEGER_LIMIT));
-                }
-                if !map.contains_key("maximum") && !map.contains_key("exclusiveMaximum") {
-                    map.insert("maximum".into(), Value::from(INTEGER_LIMIT));
-                }
-            }
-            for v in map.values_mut() {
-                bound_integers(v);
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(bound_integers),
-        _ => {}
-    }
-}
-
 /// Sets every logit whose bit in `words` (32 tokens a word, bit j of word w
 /// for token 32w + j) is clear to -inf; tokens past the mask's end too.
 fn apply(words: &[u32], logits: &mut [f32]) {
@@ -237,31 +208,7 @@ fn apply(words: &[u32], logits: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{apply, bound_integers, INTEGER_LIMIT};
-
-    #[test]
-    fn unbounded_integers_get_the_interoperable_range() {
-        let mut schema = serde_json::json!({
-            "type": "object",
-            "properties": {
-                "n": {"type": "integer"},
-                "m": {"type": ["integer", "null"], "minimum": 0},
-                "type": {"type": "string"},
-                "list": {"type": "array", "items": {"anyOf": [{"type": "integer", "exclusiveMaximum": 5}]}}
-            }
-        });
-        bound_integers(&mut schema);
-        let p = &schema["properties"];
-        assert_eq!(p["n"]["minimum"], -INTEGER_LIMIT);
-        assert_eq!(p["n"]["maximum"], INTEGER_LIMIT);
-        assert_eq!(p["m"]["minimum"], 0, "a bound given is kept");
-        assert_eq!(p["m"]["maximum"], INTEGER_LIMIT);
-        assert!(p["type"].get("maximum").is_none(), "{p}");
-        let inner = &p["list"]["items"]["anyOf"][0];
-        assert_eq!(inner["minimum"], -INTEGER_LIMIT);
-        assert!(inner.get("maximum").is_none(), "{inner}");
-        assert!(schema.get("minimum").is_none());
-    }
+    use super::apply;
 
     #[test]
     fn the_mask_keeps_exactly_its_set_bits() {

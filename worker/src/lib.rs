@@ -135,7 +135,8 @@ pub async fn run(
 
     let path = config.model.clone();
     let name = config.model_name.clone();
-    let model = tokio::task::spawn_blocking(move || model::load(&path, name.as_deref()))
+    let template = config.chat_template.clone();
+    let model = tokio::task::spawn_blocking(move || model::load(&path, name.as_deref(), template))
         .await
         .map_err(|e| RunError::Model(e.to_string()))?
         .map_err(RunError::Model)?;

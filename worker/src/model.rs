@@ -9,7 +9,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
-pub use nanoinfer_vocab::ChatError;
+pub use nanoinfer_vocab::{ChatError, ChatMessage, ChatTemplate};
 
 /// A loaded model, shareable across threads (tokenization is read-only).
 pub struct Model {
@@ -28,6 +28,10 @@ pub struct Model {
     pub load_seconds: f64,
     /// The structured-output compiler over this vocabulary.
     pub grammars: crate::grammar::Grammars,
+    /// The chat template, compiled (`None`: llama.cpp's built-in matcher).
+    pub template: Option<Arc<ChatTemplate>>,
+    /// `--chat-template-file`'s text, served in the vocabulary file.
+    pub template_override: Option<String>,
 }
 
 /// Checks that `path` is a readable GGUF file (its magic bytes), so a wrong
@@ -69,7 +73,11 @@ pub fn check_file(path: &Path) -> Result<(), String> {
 /// Loads `path` on the calling thread (blocking; call it from
 /// `spawn_blocking`). Errors name the path. `model_name` overrides the name
 /// read from the file.
-pub fn load(path: &Path, model_name: Option<&str>) -> Result<Model, String> {
+pub fn load(
+    path: &Path,
+    model_name: Option<&str>,
+    template_override: Option<String>,
+) -> Result<Model, String> {
     check_file(path)?;
     let mut backend = LlamaBackend::init().map_err(|e| format!("llama.cpp backend: {e}"))?;
     // llama.cpp's own logging is verbose; keep it only at debug level.
@@ -89,8 +97,23 @@ pub fn load(path: &Path, model_name: Option<&str>) -> Result<Model, String> {
     };
     tracing::info!(model = %name, model_name = %model_name, params = model.n_params(), size_bytes = model.size(),
         load_ms = started.elapsed().as_millis() as u64, "model loaded");
+    let template = match nanoinfer_vocab::chat_template(&model, template_override.as_deref()) {
+        Ok(t) => {
+            tracing::info!(
+                tool_format = t.tool_format().name(),
+                "chat template compiled"
+            );
+            Some(Arc::new(t))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no Jinja chat template: conversations use llama.cpp's built-in templates, without tools");
+            None
+        }
+    };
     let model = Arc::new(model);
     Ok(Model {
+        template,
+        template_override,
         backend: Arc::new(backend),
         grammars: crate::grammar::Grammars::new(model.clone()),
         model,
@@ -134,17 +157,28 @@ impl Model {
     /// and its tokens.
     pub fn render_chat(
         &self,
-        messages: &[(String, String)],
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
     ) -> Result<(String, Vec<LlamaToken>), ChatError> {
-        nanoinfer_vocab::render_chat(&self.model, messages, &mut |content| {
-            nanoinfer_vocab::content_tokens(&self.model, content)
-        })
+        nanoinfer_vocab::render_chat(
+            &self.model,
+            self.template.as_deref(),
+            messages,
+            tools,
+            &mut |content| nanoinfer_vocab::content_tokens(&self.model, content),
+        )
     }
 
     /// This model's vocabulary-only GGUF (for coordinators, which tokenize
     /// with it; see [`nanoinfer_vocab::gguf`]).
     pub fn vocab_gguf(&self) -> Result<Vec<u8>, String> {
-        nanoinfer_vocab::gguf::vocab_only(&self.path)
+        let file =
+            std::fs::File::open(&self.path).map_err(|e| format!("{}: {e}", self.path.display()))?;
+        nanoinfer_vocab::gguf::vocab_only_with(
+            std::io::BufReader::new(file),
+            self.template_override.as_deref(),
+        )
+        .map_err(|e| format!("{}: {e}", self.path.display()))
     }
 
     /// The text of one token, special tokens as their text form.

@@ -22,7 +22,7 @@ use nanoinfer_proto::limits::{self, FieldError, Limits, SamplingControls};
 
 use crate::engine::{Alternative, Engine, Event, Failure, FinishReason, Generation};
 use crate::error::WorkerError;
-use crate::model::Model;
+use crate::model::{ChatMessage, Model};
 
 /// The worker's gRPC service.
 pub struct WorkerServiceImpl {
@@ -67,13 +67,28 @@ impl WorkerServiceImpl {
         // messages): a caller that reaches the worker directly gets no more.
         // (The request id was checked on arrival, before it was escaped.)
         let controls = controls(&req);
-        let messages: Vec<(String, String)> = req
-            .messages
-            .into_iter()
-            .map(|m| (m.role, m.content))
-            .collect();
+        let messages = chat_messages(req.messages);
         self.limits
-            .check_prompt_or_messages(&req.prompt, &messages)?;
+            .check_prompt_or_messages(&req.prompt, &roles_and_contents(&messages))?;
+        limits::check_tools(&req.tools)?;
+        limits::check_grammar(&req.grammar, &req.json_schema)?;
+        if !req.tools.is_empty() {
+            if messages.is_empty() {
+                return Err(WorkerError::invalid(
+                    "tools",
+                    "are rendered by the chat template: send messages, not a prompt",
+                ));
+            }
+            let renders = self.model.template.as_ref().map(|t| t.tool_format());
+            if matches!(renders, None | Some(nanoinfer_vocab::ToolFormat::None)) {
+                // Never dropped in silence (the OpenAI API describes tools
+                // in a system message instead for such a model).
+                return Err(WorkerError::invalid(
+                    "tools",
+                    "the model's chat template has no tool section",
+                ));
+            }
+        }
         self.limits.check_max_tokens(req.max_tokens)?;
         limits::check_sampling(req.temperature, req.top_p)?;
         limits::check_stop(&req.stop)?;
@@ -85,21 +100,36 @@ impl WorkerServiceImpl {
         let model = self.model.clone();
         let text = req.prompt;
         let schema = req.json_schema;
+        let lark = req.grammar;
+        let tools: Option<serde_json::Value> = match req.tools.is_empty() {
+            true => None,
+            false => serde_json::from_str(&req.tools).ok(),
+        };
         let (prompt, grammar) = tokio::task::spawn_blocking(move || {
-            // The schema first: a refused one costs no tokenizing.
-            let grammar = match schema.is_empty() {
-                true => None,
-                false => Some(
+            // The constraint first: a refused one costs no tokenizing.
+            let grammar = if !schema.is_empty() {
+                Some(
                     model
                         .grammars
                         .compile(&schema)
                         .map_err(|e| WorkerError::invalid("json_schema", e))?,
-                ),
+                )
+            } else if !lark.is_empty() {
+                Some(
+                    model
+                        .grammars
+                        .compile_lark(&lark)
+                        .map_err(|e| WorkerError::invalid("grammar", e))?,
+                )
+            } else {
+                None
             };
             let prompt = if messages.is_empty() {
                 Ok(model.tokenize(&text))
             } else {
-                model.render_chat(&messages).map(|(_, tokens)| tokens)
+                model
+                    .render_chat(&messages, tools.as_ref())
+                    .map(|(_, tokens)| tokens)
             };
             let prompt = prompt.map_err(|e| match e {
                 crate::model::ChatError::NoTemplate => {
@@ -502,13 +532,9 @@ impl WorkerService for WorkerServiceImpl {
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
         let req = request.into_inner();
-        let messages: Vec<(String, String)> = req
-            .messages
-            .into_iter()
-            .map(|m| (m.role, m.content))
-            .collect();
+        let messages = chat_messages(req.messages);
         self.limits
-            .check_prompt_or_messages(&req.text, &messages)
+            .check_prompt_or_messages(&req.text, &roles_and_contents(&messages))
             .map_err(|e| WorkerError::from(e).status(""))?;
         let model = self.model.clone();
         let (text, add_special) = (req.text, req.add_special);
@@ -520,7 +546,7 @@ impl WorkerService for WorkerServiceImpl {
                     .vocab()
                     .tokenize(text.as_bytes(), add_special, false))
             } else {
-                model.render_chat(&messages).map(|(_, tokens)| tokens)
+                model.render_chat(&messages, None).map(|(_, tokens)| tokens)
             }?;
             let pieces = tokens.iter().map(|&t| model.piece(t)).collect();
             Ok::<_, crate::model::ChatError>((tokens, pieces))
@@ -571,6 +597,36 @@ pub fn check_token_ids(ids: &[i32], n_vocab: i32) -> Result<Vec<LlamaToken>, Fie
         });
     }
     Ok(ids.iter().map(|&id| LlamaToken(id)).collect())
+}
+
+/// The wire's chat messages as the template code takes them.
+fn chat_messages(messages: Vec<nanoinfer_proto::worker::ChatMessage>) -> Vec<ChatMessage> {
+    messages
+        .into_iter()
+        .map(|m| ChatMessage {
+            role: m.role,
+            content: m.content,
+            tool_calls: m
+                .tool_calls
+                .into_iter()
+                .map(|c| nanoinfer_vocab::ToolCall {
+                    id: c.id,
+                    name: c.name,
+                    arguments: c.arguments,
+                })
+                .collect(),
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+        })
+        .collect()
+}
+
+/// `(role, content)` of each message, for the shared limit checks.
+fn roles_and_contents(messages: &[ChatMessage]) -> Vec<(&str, &str)> {
+    messages
+        .iter()
+        .map(|m| (m.role.as_str(), m.content.as_str()))
+        .collect()
 }
 
 #[cfg(test)]

@@ -160,6 +160,7 @@ fn grpc_request(args: &Args, i: u32) -> InferRequest {
         let message = ChatMessage {
             role: "user".into(),
             content: text,
+            ..Default::default()
         };
         (String::new(), vec![message])
     } else {

@@ -74,7 +74,7 @@ async fn tokens(engine: &Engine, g: Generation) -> Vec<(i32, u32, Option<TokenLo
 
 #[tokio::test]
 async fn controls_and_logprobs_reach_the_events() {
-    let m = model::load(&test_model(), None).expect("load the test model");
+    let m = model::load(&test_model(), None, None).expect("load the test model");
     let config = EngineConfig {
         ctx_size: 512,
         parallel: 2,
