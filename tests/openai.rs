@@ -622,3 +622,209 @@ async fn what_clients_send_first_is_taken() {
     assert_eq!(s, 503, "{t}");
     assert!(t.to_lowercase().contains("retry-after:"), "{t}");
 }
+
+/// A ChatML template with a tool section in Hermes' form (written for this
+/// test: SmolLM2's own template has none), given to the worker with
+/// `--chat-template-file`.
+const HERMES_STYLE: &str = r#"{%- if tools %}
+<|im_start|>system
+{% if messages[0].role == 'system' %}
+{{ messages[0].content }}
+{% endif %}
+You are a function calling AI model. You may call one or more functions. Function signatures:
+<tools>
+{% for tool in tools %}
+{{ tool | tojson }}
+{% endfor %}
+</tools>
+For each call return a JSON object with the function name and arguments within <tool_call></tool_call> tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% elif messages[0].role == 'system' %}
+<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' %}
+{%- elif message.role == 'assistant' and message.tool_calls %}
+<|im_start|>assistant
+{% if message.content %}{{ message.content }}
+{% endif %}
+{%- for call in message.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{% endfor %}<|im_end|>
+{% elif message.role == 'tool' %}
+<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"#;
+
+/// Tools through the model's own chat template: a worker whose template
+/// has a tool section (Hermes' `<tool_call>` form) gets the tools and the
+/// history's calls and results rendered by it, a forced call is held to
+/// that form by a grammar, and the coordinator reads the calls back into
+/// OpenAI's `tool_calls`, whole and streamed alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_with_a_tool_section_renders_tools_and_its_calls_are_read() {
+    let etcd = Etcd::start().await;
+    let dir = std::env::temp_dir().join(format!("nanoinfer-hermes-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let template = dir.join("hermes-style.jinja");
+    std::fs::write(&template, HERMES_STYLE).unwrap();
+    let mut worker = start_worker_with(
+        &etcd,
+        "w1",
+        &chat_model_path(),
+        &[
+            "--model-name",
+            "smollm2",
+            "--chat-template-file",
+            template.to_str().unwrap(),
+        ],
+    )
+    .await;
+    worker
+        .wait_for_line("tool_format=\"hermes\"", Duration::from_secs(5))
+        .await;
+    let (mut coordinator, _) = common::start_coordinator(&etcd, &[]).await;
+    let base = format!("http://{}", coordinator.http_addr().await);
+    let post = |body: &serde_json::Value| {
+        curl(&[
+            "-sS",
+            "-N",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            &body.to_string(),
+            &format!("{base}/v1/chat/completions"),
+        ])
+    };
+    // The coordinator reads the template's format from the vocabulary it
+    // fetches (here, least-loaded routing, on the first request with tools).
+    let (status, text) = post(&serde_json::json!({"model": "smollm2",
+        "messages": [{"role": "user", "content": "Hi"}], "tools": [{"type": "function",
+        "function": {"name": "noop"}}], "tool_choice": "none", "max_tokens": 1}));
+    assert_eq!(status, 200, "{text}");
+    coordinator
+        .wait_for_line("vocabulary loaded", Duration::from_secs(30))
+        .await;
+    let tools = serde_json::json!([
+        {"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city.",
+         "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                        "required": ["city"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "description": "The local time in a city.",
+         "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                        "required": ["city"], "additionalProperties": false}}}
+    ]);
+    let ask = serde_json::json!([{"role": "user", "content": "What is the weather in Paris?"}]);
+    let request = |choice: serde_json::Value, stream: bool| {
+        serde_json::json!({"model": "smollm2", "messages": ask, "tools": tools, "tool_choice": choice,
+                           "temperature": 0, "max_tokens": 80, "stream": stream})
+    };
+
+    // A forced call: the template's form, read back as OpenAI's calls.
+    let mut whole = Vec::new();
+    for choice in [
+        serde_json::json!("required"),
+        serde_json::json!({"type": "function", "function": {"name": "get_time"}}),
+    ] {
+        let (status, text) = post(&request(choice.clone(), false));
+        assert_eq!(status, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{text}");
+        let call = &c["message"]["tool_calls"][0];
+        let name = call["function"]["name"].as_str().unwrap().to_string();
+        if choice.is_object() {
+            assert_eq!(name, "get_time", "{text}");
+        } else {
+            assert!(
+                ["get_weather", "get_time"].contains(&name.as_str()),
+                "{text}"
+            );
+        }
+        let args: serde_json::Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert!(args["city"].is_string(), "{text}");
+        assert!(call["id"].as_str().unwrap().starts_with("call_"), "{text}");
+        whole.push((name, args, v["usage"]["prompt_tokens"].as_u64().unwrap()));
+    }
+
+    // The tools are in the prompt the template rendered (more tokens than
+    // the question alone, which renders without a system turn here).
+    let (status, text) = post(&serde_json::json!({"model": "smollm2", "messages": ask,
+        "temperature": 0, "max_tokens": 1}));
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let plain = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(
+        whole[0].2 > plain + 100,
+        "tools rendered: {} vs {plain}",
+        whole[0].2
+    );
+
+    // Streamed, the same call: id and name first, then the arguments.
+    let (status, text) = post(&request(serde_json::json!("required"), true));
+    assert_eq!(status, 200, "{text}");
+    let (mut name, mut arguments, mut finish) = (String::new(), String::new(), String::new());
+    for data in text
+        .split_terminator("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+    {
+        if data == "[DONE]" {
+            break;
+        }
+        let v: serde_json::Value = serde_json::from_str(data).unwrap();
+        let c = &v["choices"][0];
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = f.to_string();
+        }
+        if let Some(calls) = c["delta"]["tool_calls"].as_array() {
+            let f = &calls[0]["function"];
+            if let Some(n) = f["name"].as_str() {
+                assert!(arguments.is_empty(), "the name comes first: {text}");
+                name.push_str(n);
+            }
+            arguments.push_str(f["arguments"].as_str().unwrap_or_default());
+        }
+    }
+    assert_eq!(finish, "tool_calls", "{text}");
+    assert_eq!(name, whole[0].0, "{text}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&arguments).unwrap(),
+        whole[0].1
+    );
+
+    // A round trip: the call and its result rendered by the template, and
+    // the model answers (in words or with another call).
+    let history = serde_json::json!([
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+          "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}
+    ]);
+    let (status, text) = post(&serde_json::json!({"model": "smollm2", "messages": history,
+        "tools": tools, "temperature": 0, "max_tokens": 40}));
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let m = &v["choices"][0]["message"];
+    assert!(
+        m["content"].is_string() || m["tool_calls"].is_array(),
+        "{text}"
+    );
+    assert!(
+        v["usage"]["prompt_tokens"].as_u64().unwrap() > whole[0].2,
+        "the call and its result are in the prompt: {text}"
+    );
+}

@@ -171,6 +171,18 @@ impl Front {
         })
     }
 
+    /// How `model`'s chat template writes tool calls, from its vocabulary
+    /// (fetched from a worker once, and shared with cache-aware routing);
+    /// [`nanoinfer_vocab::ToolFormat::None`] when it has no tool section or
+    /// its vocabulary could not be had within `vocab::LOAD_WAIT` (tools then
+    /// use the OpenAI API's generic format).
+    pub async fn tool_format(&self, model: Option<&str>) -> nanoinfer_vocab::ToolFormat {
+        match self.router.vocabulary(model).await {
+            Some(t) => t.tool_format(),
+            None => nanoinfer_vocab::ToolFormat::None,
+        }
+    }
+
     /// Starts `request`: authorizes, validates, and runs its completions on
     /// workers. `metadata` carries the key, `traceparent` and
     /// `grpc-timeout`. Fails (with the status the client gets) when the

@@ -31,6 +31,7 @@ use axum::Router;
 use nanoinfer_proto::nanoinfer::{
     ChatMessage, FinishReason, InferRequest, InferResponse, TopLogprob,
 };
+use nanoinfer_vocab::ToolFormat;
 use serde_json::{json, Map, Value};
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
@@ -346,7 +347,7 @@ async fn tokenize(
     let body = json_body(&body)?;
     let f = object(&body)?;
     let messages = match f.get("messages") {
-        Some(m) => chat_messages(Some(m))?,
+        Some(m) => chat_messages(Some(m), false)?,
         None => Vec::new(),
     };
     let add_special = match f.get("add_special_tokens") {
@@ -442,6 +443,9 @@ pub struct Shape {
     /// Chat with tools: each choice's answer (the generic format's JSON)
     /// becomes `tool_calls` or `content` ([`tools`]).
     pub tools: bool,
+    /// How the answer writes its calls: the model's template's own format,
+    /// or [`ToolFormat::None`] for the generic format.
+    pub tool_format: ToolFormat,
 }
 
 async fn chat_completions(
@@ -464,7 +468,7 @@ async fn begin(
     front: &Front,
     headers: HeaderMap,
     body: &[u8],
-    parse: impl FnOnce(&Value) -> Result<(InferRequest, Shape), ApiError>,
+    parse: impl FnOnce(&Value, ToolFormat) -> Result<(InferRequest, Shape), ApiError>,
 ) -> Result<(Call, Shape), Response> {
     let metadata = authorized(front, headers).map_err(IntoResponse::into_response)?;
     let client_id = metadata
@@ -472,7 +476,21 @@ async fn begin(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
-    let (mut request, shape) = json_body(body).and_then(|v| parse(&v)).map_err(|mut e| {
+    let parsed = match json_body(body) {
+        Ok(v) => {
+            // With tools, the model's chat template decides their format.
+            let format = match v.get("tools") {
+                Some(Value::Array(t)) if !t.is_empty() => {
+                    let model = v.get("model").and_then(Value::as_str);
+                    front.tool_format(model).await
+                }
+                _ => ToolFormat::None,
+            };
+            parse(&v, format)
+        }
+        Err(e) => Err(e),
+    };
+    let (mut request, shape) = parsed.map_err(|mut e| {
         e.request_id = (!client_id.is_empty()).then_some(client_id.clone());
         e.into_response()
     })?;
@@ -504,7 +522,11 @@ fn sse_response(body: Body) -> Response {
 }
 
 async fn generate(front: Arc<Front>, headers: HeaderMap, body: Bytes, kind: Kind) -> Response {
-    let (call, shape) = match begin(&front, headers, &body, |v| parse_request(kind, v)).await {
+    let (call, shape) = match begin(&front, headers, &body, |v, format| {
+        parse_request_for(kind, v, format)
+    })
+    .await
+    {
         Ok(started) => started,
         Err(response) => return response,
     };
@@ -699,6 +721,17 @@ pub fn response_format(value: Option<&Value>) -> Result<String, ApiError> {
 /// The body of either endpoint → the shared request and the response's
 /// shape.
 pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), ApiError> {
+    parse_request_for(kind, body, ToolFormat::None)
+}
+
+/// [`parse_request`] for a model whose chat template writes tool calls in
+/// `format` ([`ToolFormat::None`]: it has no tool section, and tools use
+/// the generic format).
+pub fn parse_request_for(
+    kind: Kind,
+    body: &Value,
+    format: ToolFormat,
+) -> Result<(InferRequest, Shape), ApiError> {
     let f = object(body)?;
     for key in UNSUPPORTED {
         if f.get(key).is_some() {
@@ -757,13 +790,26 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
             if max == Some(0) {
                 return Err(ApiError::invalid("max_tokens", "must be at least 1"));
             }
-            request.messages = chat_messages(f.get("messages"))?;
             tool_plan = tools::parse(
                 f.get("tools"),
                 f.get("tool_choice"),
                 f.get("parallel_tool_calls"),
             )?;
-            if let Some(plan) = &tool_plan {
+            let own_format = tool_plan.is_some() && format != ToolFormat::None;
+            request.messages = chat_messages(f.get("messages"), own_format)?;
+            if let (Some(plan), true) = (&tool_plan, own_format) {
+                // The model's template renders the tools and the history's
+                // calls itself; a forced call is held to its own format.
+                if !request.json_schema.is_empty() {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "cannot be combined with tools (the answer is already constrained to \
+                         tool calls); send one of them",
+                    ));
+                }
+                request.tools = plan.openai_tools().to_string();
+                request.grammar = plan.grammar(format).unwrap_or_default();
+            } else if let Some(plan) = &tool_plan {
                 if !request.json_schema.is_empty() {
                     return Err(ApiError::invalid(
                         "response_format",
@@ -853,12 +899,20 @@ pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), 
         echo,
         logprobs: request.logprobs,
         tools: tool_plan.is_some(),
+        tool_format: if tool_plan.is_some() {
+            format
+        } else {
+            ToolFormat::None
+        },
     };
     Ok((request, shape))
 }
 
 /// `messages`: roles and text contents (a string, or a list of text parts).
-fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
+/// The conversation. `structured`: tool calls and tool results stay
+/// structured for a chat template that renders them; otherwise they are
+/// written in the generic format's words.
+fn chat_messages(value: Option<&Value>, structured: bool) -> Result<Vec<ChatMessage>, ApiError> {
     let Some(Value::Array(items)) = value else {
         return Err(ApiError::invalid(
             "messages",
@@ -889,6 +943,20 @@ fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
             // (a tool's result is a user turn: every template has one).
             if role == "assistant" && !matches!(m.get("tool_calls"), None | Some(Value::Null)) {
                 called.extend(tools::call_names(&m["tool_calls"]));
+                if structured {
+                    // Checked as the generic path checks them.
+                    tools::calls_as_text(&m["tool_calls"], &field("tool_calls"))?;
+                    let content = match m.get("content") {
+                        Some(Value::String(s)) => s.clone(),
+                        _ => String::new(),
+                    };
+                    return Ok(ChatMessage {
+                        role: role.to_string(),
+                        content,
+                        tool_calls: tools::structured_calls(&m["tool_calls"]),
+                        ..ChatMessage::default()
+                    });
+                }
                 return Ok(ChatMessage {
                     role: role.to_string(),
                     content: tools::calls_as_text(&m["tool_calls"], &field("tool_calls"))?,
@@ -926,6 +994,15 @@ fn chat_messages(value: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
                     Some(_) => return Err(ApiError::invalid(field("tool_call_id"), "must be a string")),
                 };
                 let name = id.and_then(|id| called.iter().find(|(c, _)| c == id));
+                if structured {
+                    return Ok(ChatMessage {
+                        role: "tool".into(),
+                        content,
+                        tool_call_id: id.unwrap_or_default().to_string(),
+                        name: name.map(|(_, n)| n.clone()).unwrap_or_default(),
+                        ..ChatMessage::default()
+                    });
+                }
                 return Ok(ChatMessage {
                     role: "user".into(),
                     content: tools::result_as_text(name.map(|(_, n)| n.as_str()), &content),
@@ -1052,7 +1129,12 @@ async fn collect(mut call: Call, shape: &Shape) -> Result<Value, Status> {
         .map(|(i, c)| match shape.kind {
             Kind::Chat if shape.tools => {
                 let (message, finish) =
-                    tools::message(&c.text, c.finish, &format!("{}_{i}", call.request_id));
+                    tools::message(
+                    &c.text,
+                    c.finish,
+                    &format!("{}_{i}", call.request_id),
+                    shape.tool_format,
+                );
                 json!({"index": i, "message": message, "logprobs": null, "finish_reason": finish})
             }
             Kind::Chat => json!({
@@ -1233,7 +1315,12 @@ impl Events {
             return Bytes::new();
         }
         let id_base = format!("{}_{i}", self.call.request_id);
-        let (deltas, finish) = tools::deltas(&self.choices[i].text, finish, &id_base);
+        let (deltas, finish) = tools::deltas(
+            &self.choices[i].text,
+            finish,
+            &id_base,
+            self.shape.tool_format,
+        );
         let mut out = Vec::new();
         let chunk = |delta: Value, finish: Option<&str>| {
             self.wrap(

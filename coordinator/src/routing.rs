@@ -486,6 +486,12 @@ impl Router {
         if self.upstream.routing != crate::affinity::Routing::CacheAware {
             return None;
         }
+        self.vocabulary(model).await
+    }
+
+    /// The tokenizer of `model` as [`Self::tokenizer`] gets it, under any
+    /// routing policy (the OpenAI API reads a model's chat template from it).
+    pub async fn vocabulary(&self, model: Option<&str>) -> Option<Arc<crate::vocab::Tokenizer>> {
         let model = match model {
             Some(m) => m.to_string(),
             None => {

@@ -217,7 +217,7 @@ impl Vocabs {
             let state = match fetch(channel, &model).await {
                 Ok(t) => {
                     tracing::info!(model = %model, ms = started.elapsed().as_millis() as u64,
-                        "vocabulary loaded: routing this model by the workers' KV caches");
+                        "vocabulary loaded: its tokenizer and chat template are at hand");
                     State::Ready(Arc::new(t))
                 }
                 Err(e) => {

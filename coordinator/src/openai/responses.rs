@@ -221,8 +221,9 @@ pub(super) async fn responses(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let parse =
-        |v: &Value| to_chat(v).and_then(|chat| parse_request(Kind::Chat, &chat).map_err(rename));
+    let parse = |v: &Value, _format| {
+        to_chat(v).and_then(|chat| parse_request(Kind::Chat, &chat).map_err(rename))
+    };
     let (call, shape) = match begin(&front, headers, &body, parse).await {
         Ok(started) => started,
         Err(response) => return response,

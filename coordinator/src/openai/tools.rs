@@ -18,6 +18,7 @@
 //! section); templates that do (Hermes/Qwen `<tool_call>`, Llama 3.x,
 //! Mistral `[TOOL_CALLS]`) need a Jinja renderer, not built yet.
 
+use nanoinfer_vocab::ToolFormat;
 use serde_json::{json, Map, Value};
 
 use super::ApiError;
@@ -222,6 +223,77 @@ impl Tools {
         }
     }
 
+    /// The tools as the model's chat template takes them (OpenAI's tool
+    /// objects; with a named `tool_choice`, only that one).
+    pub fn openai_tools(&self) -> Value {
+        self.callable()
+            .map(|t| {
+                json!({"type": "function", "function": {
+                    "name": t.name, "description": t.description, "parameters": t.parameters,
+                }})
+            })
+            .collect()
+    }
+
+    /// The constraint of a template that writes calls in `format`: `None`
+    /// under `auto` (the model may answer in words; its answer is read
+    /// after), else a Lark grammar (llguidance's dialect) that holds the
+    /// answer to calls in the template's own form, each call's arguments
+    /// valid against its tool's schema.
+    pub fn grammar(&self, format: ToolFormat) -> Option<String> {
+        if self.choice == Choice::Auto {
+            return None;
+        }
+        let object = |args: &str| {
+            let calls: Vec<Value> = self
+                .callable()
+                .map(|t| {
+                    json!({
+                        "type": "object",
+                        "properties": {"name": {"const": t.name}, args: t.parameters},
+                        "required": ["name", args],
+                        "additionalProperties": false,
+                    })
+                })
+                .collect();
+            if calls.len() == 1 {
+                calls.into_iter().next().unwrap_or_default()
+            } else {
+                json!({"anyOf": calls})
+            }
+        };
+        let prepared = |schema: Value| {
+            nanoinfer_proto::schema::prepare(schema)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        };
+        let many = self.max_calls() > 1;
+        let lark = match format {
+            ToolFormat::None => return None,
+            ToolFormat::Hermes => {
+                let call = prepared(object("arguments"));
+                let rest = if many { " (\"\\n\" call)*" } else { "" };
+                format!(
+                    "start: call{rest}\ncall: \"<tool_call>\\n\" %json {call} \"\\n</tool_call>\"\n"
+                )
+            }
+            ToolFormat::Llama3 => {
+                let call = prepared(object("parameters"));
+                let rest = if many { " (\"; \" call)*" } else { "" };
+                format!("start: call{rest}\ncall: %json {call}\n")
+            }
+            ToolFormat::Mistral => {
+                let array = prepared(json!({
+                    "type": "array", "items": object("arguments"),
+                    "minItems": 1, "maxItems": self.max_calls(),
+                }));
+                format!("start: %json {array}\n")
+            }
+            ToolFormat::Json => format!("start: %json {}\n", prepared(self.schema())),
+        };
+        Some(lark)
+    }
+
     /// The JSON Schema the answer is constrained to.
     pub fn schema(&self) -> Value {
         let call = |t: &Tool| {
@@ -345,6 +417,28 @@ pub fn call_names(calls: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// One assistant message's `tool_calls` (OpenAI's shape, checked by
+/// [`calls_as_text`]) for a chat template that renders them.
+pub fn structured_calls(calls: &Value) -> Vec<nanoinfer_proto::nanoinfer::ToolCall> {
+    let Value::Array(list) = calls else {
+        return Vec::new();
+    };
+    list.iter()
+        .map(|c| {
+            let f = &c["function"];
+            nanoinfer_proto::nanoinfer::ToolCall {
+                id: c["id"].as_str().unwrap_or_default().to_string(),
+                name: f["name"].as_str().unwrap_or_default().to_string(),
+                arguments: match &f["arguments"] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "{}".to_string(),
+                    v => v.to_string(),
+                },
+            }
+        })
+        .collect()
+}
+
 /// What the model's answer (the constrained JSON) says.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
@@ -385,7 +479,17 @@ pub fn message(
     text: &str,
     finish: Option<&'static str>,
     id_base: &str,
+    format: ToolFormat,
 ) -> (Value, Option<&'static str>) {
+    if format != ToolFormat::None {
+        return match (finish, read_calls(format, text, id_base)) {
+            (Some("stop"), Some((content, calls))) => (
+                json!({"role": "assistant", "content": content, "tool_calls": calls}),
+                Some("tool_calls"),
+            ),
+            _ => (json!({"role": "assistant", "content": text}), finish),
+        };
+    }
     match (finish, read_answer(text, id_base)) {
         (Some("stop"), Some(Answer::Calls(calls))) => (
             json!({"role": "assistant", "content": null, "tool_calls": calls}),
@@ -404,11 +508,15 @@ pub fn deltas(
     text: &str,
     finish: Option<&'static str>,
     id_base: &str,
+    format: ToolFormat,
 ) -> (Vec<Value>, Option<&'static str>) {
-    let (message, finish) = message(text, finish, id_base);
+    let (message, finish) = message(text, finish, id_base, format);
     let mut out = Vec::new();
     match message.get("tool_calls") {
         Some(Value::Array(calls)) => {
+            if let Some(Value::String(c)) = message.get("content") {
+                out.push(json!({"content": c}));
+            }
             for (k, c) in calls.iter().enumerate() {
                 let f = &c["function"];
                 out.push(json!({"tool_calls": [{
@@ -427,6 +535,93 @@ pub fn deltas(
         }
     }
     (out, finish)
+}
+
+/// The calls in an answer written in a chat template's own `format`, and
+/// the text before them (`None` when empty); `None` when the answer holds
+/// no call. Each call `{"name", "arguments"}` (Llama 3's `parameters`
+/// too) becomes an OpenAI `tool_calls` entry.
+pub fn read_calls(
+    format: ToolFormat,
+    text: &str,
+    id_base: &str,
+) -> Option<(Option<String>, Vec<Value>)> {
+    let (content, objects): (&str, Vec<Value>) = match format {
+        ToolFormat::None => return None,
+        ToolFormat::Hermes => {
+            let at = text.find("<tool_call>")?;
+            let mut objects = Vec::new();
+            for block in text[at..].split("<tool_call>").skip(1) {
+                let body = block.split("</tool_call>").next().unwrap_or("");
+                objects.push(serde_json::from_str(body.trim()).ok()?);
+            }
+            (&text[..at], objects)
+        }
+        ToolFormat::Llama3 => {
+            let body = text.trim_start();
+            let body = body.strip_prefix("<|python_tag|>").unwrap_or(body);
+            ("", json_sequence(body, ';')?)
+        }
+        ToolFormat::Mistral => {
+            let at = text.find("[TOOL_CALLS]");
+            let body = at
+                .map_or(text, |a| &text[a + "[TOOL_CALLS]".len()..])
+                .trim();
+            let content = at.map_or("", |a| &text[..a]);
+            match serde_json::from_str::<Value>(body).ok()? {
+                Value::Array(a) => (content, a),
+                o @ Value::Object(_) => (content, vec![o]),
+                _ => return None,
+            }
+        }
+        ToolFormat::Json => match serde_json::from_str::<Value>(text.trim()).ok()? {
+            Value::Array(a) => ("", a),
+            Value::Object(mut o) => match o.remove("tool_calls") {
+                Some(Value::Array(a)) => ("", a),
+                Some(_) => return None,
+                None => ("", vec![Value::Object(o)]),
+            },
+            _ => return None,
+        },
+    };
+    if objects.is_empty() {
+        return None;
+    }
+    let mut calls = Vec::with_capacity(objects.len());
+    for (k, o) in objects.iter().enumerate() {
+        let name = o.get("name")?.as_str()?;
+        let arguments = o
+            .get("arguments")
+            .or_else(|| o.get("parameters"))
+            .cloned()
+            .unwrap_or_else(|| json!({}));
+        // Some models write the arguments as a JSON string.
+        let arguments = match arguments {
+            Value::String(s) => s,
+            v => v.to_string(),
+        };
+        calls.push(json!({
+            "id": format!("call_{id_base}_{k}"),
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }));
+    }
+    let content = content.trim();
+    Some(((!content.is_empty()).then(|| content.to_string()), calls))
+}
+
+/// JSON values one after another, separated by `sep` and whitespace.
+fn json_sequence(text: &str, sep: char) -> Option<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let mut it = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        let v = it.next()?.ok()?;
+        out.push(v);
+        rest = rest[it.byte_offset()..].trim_start();
+        rest = rest.strip_prefix(sep).unwrap_or(rest).trim_start();
+    }
+    Some(out)
 }
 
 #[cfg(test)]
@@ -539,21 +734,31 @@ mod tests {
     #[test]
     fn answers_become_tool_calls_or_content() {
         let text = r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}"#;
-        let (m, finish) = message(text, Some("stop"), "r1_0");
+        let (m, finish) = message(text, Some("stop"), "r1_0", ToolFormat::None);
         assert_eq!(finish, Some("tool_calls"));
         assert_eq!(m["content"], Value::Null);
         let call = &m["tool_calls"][0];
         assert_eq!(call["id"], "call_r1_0_0");
         assert_eq!(call["function"]["name"], "get_weather");
         assert_eq!(call["function"]["arguments"], r#"{"city":"Paris"}"#);
-        let (m, finish) = message(r#"{"response": "Hi!"}"#, Some("stop"), "r");
+        let (m, finish) = message(
+            r#"{"response": "Hi!"}"#,
+            Some("stop"),
+            "r",
+            ToolFormat::None,
+        );
         assert_eq!((m["content"].as_str(), finish), (Some("Hi!"), Some("stop")));
         // Cut by max_tokens: the text as it is, finish length.
-        let (m, finish) = message(r#"{"tool_calls": [{"na"#, Some("length"), "r");
+        let (m, finish) = message(
+            r#"{"tool_calls": [{"na"#,
+            Some("length"),
+            "r",
+            ToolFormat::None,
+        );
         assert_eq!(finish, Some("length"));
         assert_eq!(m["content"], r#"{"tool_calls": [{"na"#);
         // Streamed: name first, then the arguments.
-        let (d, finish) = deltas(text, Some("stop"), "r1_0");
+        let (d, finish) = deltas(text, Some("stop"), "r1_0", ToolFormat::None);
         assert_eq!(finish, Some("tool_calls"));
         assert_eq!(d.len(), 2);
         assert_eq!(d[0]["tool_calls"][0]["function"]["name"], "get_weather");
@@ -586,5 +791,109 @@ mod tests {
             "Tool result (get_weather): 18°C"
         );
         assert_eq!(result_as_text(None, "18°C"), "Tool result: 18°C");
+    }
+
+    #[test]
+    fn each_template_family_is_read_from_its_own_format() {
+        let weather = |k: usize| {
+            json!({"id": format!("call_r_{k}"), "type": "function",
+                   "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}})
+        };
+        // Hermes / Qwen: text before the blocks is content.
+        let hermes = "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        assert_eq!(
+            read_calls(ToolFormat::Hermes, hermes, "r"),
+            Some((Some("Let me look.".into()), vec![weather(0), weather(1)]))
+        );
+        // Llama 3.x: `parameters`, calls separated by `;`, the python tag.
+        let llama = "<|python_tag|>{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}; {\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}";
+        assert_eq!(
+            read_calls(ToolFormat::Llama3, llama, "r"),
+            Some((None, vec![weather(0), weather(1)]))
+        );
+        // Mistral: [TOOL_CALLS] and an array (the control token itself is
+        // not in the detokenized text; both forms are read).
+        for m in [
+            "[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]",
+            "[{\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\":\\\"Paris\\\"}\"}]",
+        ] {
+            assert_eq!(
+                read_calls(ToolFormat::Mistral, m, "r"),
+                Some((None, vec![weather(0)])),
+                "{m}"
+            );
+        }
+        // Generic JSON: one call, a list, or the tool_calls object.
+        for j in [
+            "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}",
+            "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]",
+            "{\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]}",
+        ] {
+            assert_eq!(
+                read_calls(ToolFormat::Json, j, "r"),
+                Some((None, vec![weather(0)])),
+                "{j}"
+            );
+        }
+        // Words are no call, in any format; a broken call is no call.
+        for f in [
+            ToolFormat::Hermes,
+            ToolFormat::Llama3,
+            ToolFormat::Mistral,
+            ToolFormat::Json,
+        ] {
+            assert_eq!(read_calls(f, "It is sunny in Paris.", "r"), None, "{f:?}");
+        }
+        assert_eq!(
+            read_calls(ToolFormat::Hermes, "<tool_call>\n{\"name\": \"get_w", "r"),
+            None
+        );
+        // The message: content and calls, finish reason tool_calls; cut by
+        // max_tokens it stays text.
+        let (m, finish) = message(hermes, Some("stop"), "r", ToolFormat::Hermes);
+        assert_eq!(finish, Some("tool_calls"));
+        assert_eq!(m["content"], "Let me look.");
+        assert_eq!(m["tool_calls"][1]["id"], "call_r_1");
+        let (m, finish) = message(hermes, Some("length"), "r", ToolFormat::Hermes);
+        assert_eq!(
+            (m["content"].as_str(), finish),
+            (Some(hermes), Some("length"))
+        );
+        let (d, _) = deltas(hermes, Some("stop"), "r", ToolFormat::Hermes);
+        assert_eq!(d[0], json!({"content": "Let me look."}));
+        assert_eq!(d[1]["tool_calls"][0]["function"]["name"], "get_weather");
+        assert_eq!(d.len(), 5);
+    }
+
+    #[test]
+    fn a_forced_call_gets_the_templates_grammar() {
+        let tools = weather();
+        let plan = |choice: Value, parallel: Value| {
+            parse(Some(&tools), Some(&choice), Some(&parallel))
+                .unwrap()
+                .unwrap()
+        };
+        let auto = plan(json!("auto"), json!(true));
+        assert_eq!(
+            auto.grammar(ToolFormat::Hermes),
+            None,
+            "auto is read, not forced"
+        );
+        assert_eq!(auto.openai_tools()[0]["function"]["name"], "get_weather");
+        let required = plan(json!("required"), json!(false));
+        let g = required.grammar(ToolFormat::Hermes).unwrap();
+        assert!(
+            g.starts_with("start: call\ncall: \"<tool_call>\\n\" %json {"),
+            "{g}"
+        );
+        assert!(g.contains("\"x-guidance\""), "the shared JSON layout: {g}");
+        let g = plan(json!("required"), json!(true))
+            .grammar(ToolFormat::Llama3)
+            .unwrap();
+        assert!(g.starts_with("start: call (\"; \" call)*\n"), "{g}");
+        assert!(g.contains("\"parameters\""), "{g}");
+        let g = required.grammar(ToolFormat::Mistral).unwrap();
+        assert!(g.contains("\"maxItems\":1"), "{g}");
+        assert_eq!(required.grammar(ToolFormat::None), None);
     }
 }
