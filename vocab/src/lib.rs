@@ -16,7 +16,7 @@ use std::path::Path;
 
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaModel};
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 /// Why a conversation could not be turned into a prompt.
@@ -87,18 +87,70 @@ pub fn chat_template(model: &LlamaModel, source: Option<&str>) -> Result<ChatTem
     ChatTemplate::new(source, &bos, &eos)
 }
 
-/// Renders a conversation with the model's own chat template (`template`,
-/// from [`chat_template`]; llama.cpp's built-in matcher when `None`, which
-/// renders no tools), the assistant's turn added, and tokenizes it: the
-/// template's text with special tokens parsed (its turn markers), each
-/// message's content as plain text (a `<|im_start|>` typed by a user stays
-/// text). `tools` (OpenAI's tool objects) are handed to the template.
-/// `content` tokenizes one content ([`content_tokens`], or a cache of it:
-/// contents are tokenized on their own, so a cached one is exact).
-/// Returns the rendered text and its tokens.
+/// Whether [`render_chat`] renders this conversation with the Jinja
+/// template (see there) rather than llama.cpp's matcher: when it carries
+/// tools, tool calls or tool results.
+pub fn uses_jinja(messages: &[ChatMessage], tools: Option<&serde_json::Value>) -> bool {
+    tools.is_some()
+        || messages
+            .iter()
+            .any(|m| !m.tool_calls.is_empty() || m.role == "tool")
+}
+
+/// llama.cpp's built-in matcher over the template's source (the GGUF's
+/// when there is no compiled one), contents replaced by their markers.
+fn matcher(
+    model: &LlamaModel,
+    template: Option<&ChatTemplate>,
+    messages: &[ChatMessage],
+    marker: &dyn Fn(usize) -> String,
+) -> Result<String, ChatError> {
+    let source = match template {
+        Some(t) => {
+            LlamaChatTemplate::new(t.source()).map_err(|e| ChatError::Render(e.to_string()))?
+        }
+        None => model
+            .chat_template(None)
+            .map_err(|_| ChatError::NoTemplate)?,
+    };
+    let chat = messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            LlamaChatMessage::new(
+                m.role.clone(),
+                if m.content.is_empty() {
+                    String::new()
+                } else {
+                    marker(i)
+                },
+            )
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ChatError::Render(e.to_string()))?;
+    model
+        .apply_chat_template(&source, &chat, true)
+        .map_err(|e| ChatError::Render(e.to_string()))
+}
+
+/// Renders a conversation with the model's chat template, the assistant's
+/// turn added, and tokenizes it: the template's text with special tokens
+/// parsed (its turn markers), each message's content as plain text (a
+/// `<|im_start|>` typed by a user stays text). `content` tokenizes one
+/// content ([`content_tokens`], or a cache of it: contents are tokenized on
+/// their own, so a cached one is exact). Returns the rendered text and its
+/// tokens.
 ///
-/// A leading `bos_token` the template writes is dropped when the
-/// tokenizer adds BOS itself (so there is one, as llama.cpp's server does).
+/// Which renderer ([`uses_jinja`]): a conversation with tools, tool calls
+/// or tool results is rendered by the Jinja `template` (from
+/// [`chat_template`]), with `tools` (OpenAI's tool objects) handed to it;
+/// a plain conversation by llama.cpp's built-in matcher over the same
+/// template source, as llama.cpp's server renders without `--jinja`, and by
+/// the Jinja template when the matcher does not know it. (SmolLM2's own
+/// template adds a default system prompt the matcher leaves out, and with
+/// it the 135M model stops naming Paris as France's capital.) A leading
+/// `bos_token` the Jinja template writes is dropped when the tokenizer adds
+/// BOS itself.
 pub fn render_chat(
     model: &LlamaModel,
     template: Option<&ChatTemplate>,
@@ -118,8 +170,14 @@ pub fn render_chat(
     let prefix = format!("@@nanoinfer-{nonce}-");
     let marker = |i: usize| format!("{prefix}{i}@@");
     let vocab = model.vocab();
-    let rendered = match template {
-        Some(t) => {
+    let matched = match uses_jinja(messages, tools) {
+        true => None,
+        false => Some(matcher(model, template, messages, &marker)),
+    };
+    let rendered = match (matched, template) {
+        (Some(Ok(text)), _) => text,
+        (Some(Err(e)), None) => return Err(e),
+        (_, Some(t)) => {
             let marked: Vec<ChatMessage> = messages
                 .iter()
                 .enumerate()
@@ -138,35 +196,12 @@ pub fn render_chat(
             }
             text
         }
-        None => {
-            if tools.is_some() || messages.iter().any(|m| !m.tool_calls.is_empty()) {
-                return Err(ChatError::Render(
-                    "the model's chat template cannot be rendered here, and llama.cpp's \
-                     built-in templates render no tools"
-                        .to_string(),
-                ));
-            }
-            let template = model
-                .chat_template(None)
-                .map_err(|_| ChatError::NoTemplate)?;
-            let chat = messages
-                .iter()
-                .enumerate()
-                .map(|(i, m)| {
-                    LlamaChatMessage::new(
-                        m.role.clone(),
-                        if m.content.is_empty() {
-                            String::new()
-                        } else {
-                            marker(i)
-                        },
-                    )
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ChatError::Render(e.to_string()))?;
-            model
-                .apply_chat_template(&template, &chat, true)
-                .map_err(|e| ChatError::Render(e.to_string()))?
+        (None, None) => {
+            return Err(ChatError::Render(
+                "the model's chat template cannot be rendered here, and llama.cpp's \
+                 built-in templates render no tools"
+                    .to_string(),
+            ))
         }
     };
     let mut tokens = Vec::new();

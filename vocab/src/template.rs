@@ -105,6 +105,7 @@ pub struct ToolCall {
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    source: String,
     bos: String,
     eos: String,
     format: ToolFormat,
@@ -136,6 +137,7 @@ impl ChatTemplate {
             .map_err(|e| describe(&e))?;
         Ok(ChatTemplate {
             env,
+            source: source.to_string(),
             bos: bos.to_string(),
             eos: eos.to_string(),
             format: ToolFormat::of(source),
@@ -145,6 +147,11 @@ impl ChatTemplate {
     /// How this template writes tool calls.
     pub fn tool_format(&self) -> ToolFormat {
         self.format
+    }
+
+    /// The template's Jinja source.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The text of the begin-of-sequence token the template may write.

@@ -90,11 +90,11 @@ fn conversations_render_with_the_models_template_and_user_text_stays_text() {
     let (_, tokens) = m.render_chat(&pairs(&injected), None).unwrap();
     assert_eq!(
         turns(&tokens),
-        3,
-        "only the template's turns: its default system prompt, the user's, the assistant's"
+        2,
+        "only the template's user and assistant turns"
     );
     assert!(
-        tokens.iter().filter(|t| vocab.is_control(**t)).count() <= 5,
+        tokens.iter().filter(|t| vocab.is_control(**t)).count() <= 4,
         "the typed markers are not control tokens"
     );
 }
@@ -149,19 +149,25 @@ fn the_jinja_template_renders_as_llama_cpp_does_where_they_agree() {
         "SmolLM2-135M's template has no tool section"
     );
     for c in conversations {
-        let (text, tokens) = smol.render_chat(&pairs(c), None).unwrap();
-        let expected = matcher(&smol, c);
-        assert_eq!(text, expected);
-        assert_eq!(
-            tokens,
-            smol.model.vocab().tokenize(expected.as_bytes(), true, true)
-        );
+        assert_eq!(t.render(&pairs(c), None).unwrap(), matcher(&smol, c));
     }
-    // Where the template and the matcher differ, the template wins: SmolLM2
-    // adds its own default system prompt when the caller sends none.
-    let (text, _) = smol.render_chat(&pairs(&[("user", "Hi")]), None).unwrap();
+    // Where they differ: SmolLM2's template adds its own default system
+    // prompt when the caller sends none, the matcher does not. A plain
+    // conversation is rendered by the matcher (with that prompt the 135M
+    // model no longer names Paris as France's capital); one with tool
+    // results by the template.
+    let text = t.render(&pairs(&[("user", "Hi")]), None).unwrap();
     assert!(
         text.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
+        "{text:?}"
+    );
+    let (text, _) = smol.render_chat(&pairs(&[("user", "Hi")]), None).unwrap();
+    assert_eq!(text, matcher(&smol, &[("user", "Hi")]));
+    let (text, _) = smol
+        .render_chat(&pairs(&[("user", "Hi"), ("tool", "42")]), None)
+        .unwrap();
+    assert!(
+        text.starts_with("<|im_start|>system\nYou are a helpful AI"),
         "{text:?}"
     );
 }

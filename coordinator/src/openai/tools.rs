@@ -13,10 +13,12 @@
 //! <name>(<arguments>).`, and a `tool` message a user turn `Tool result
 //! (<name>): <content>`.
 //!
-//! The model's own chat template is not asked to render tools (the worker
-//! renders with llama.cpp's built-in template matcher, which has no tool
-//! section); templates that do (Hermes/Qwen `<tool_call>`, Llama 3.x,
-//! Mistral `[TOOL_CALLS]`) need a Jinja renderer, not built yet.
+//! A model whose chat template has a tool section (Hermes/Qwen
+//! `<tool_call>`, Llama 3.x, Mistral `[TOOL_CALLS]`, or its own JSON;
+//! [`ToolFormat`]) gets the tools and the history's calls rendered by that
+//! template instead; a forced call is held to the template's form by a
+//! Lark grammar ([`Tools::grammar`]) and the answer is read back by
+//! [`read_calls`].
 
 use nanoinfer_vocab::ToolFormat;
 use serde_json::{json, Map, Value};
