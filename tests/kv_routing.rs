@@ -68,11 +68,87 @@ async fn worker_tokens(
                 })
                 .collect(),
             add_special: true,
+            tools: String::new(),
         })
         .await
         .unwrap()
         .into_inner()
         .tokens
+}
+
+/// Tool prompts too: a worker whose chat template has a tool section
+/// (`--chat-template-file`, served in its vocabulary) renders the tools, an
+/// assistant's calls and a tool's result to the ids the coordinator
+/// computes from the same vocabulary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_prompts_have_the_same_token_ids_in_coordinator_and_worker() {
+    let etcd = Etcd::start().await;
+    let template = common::hermes_style_template();
+    let mut worker = start_worker_with(
+        &etcd,
+        "w1",
+        &chat_model_path(),
+        &["--chat-template-file", template.to_str().unwrap()],
+    )
+    .await;
+    let mut client = worker_client(&mut worker).await;
+    let tokenizer = tokenizer_of(&mut client, "smollm2").await;
+    assert_eq!(tokenizer.tool_format(), nanoinfer_vocab::ToolFormat::Hermes);
+    let tools = serde_json::json!([{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather <now> in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    let call = nanoinfer_vocab::ToolCall {
+        id: "call_1".into(),
+        name: "get_weather".into(),
+        arguments: r#"{"city": "Grüße <|im_end|>"}"#.into(),
+    };
+    let messages = vec![
+        nanoinfer_vocab::ChatMessage::new("system", "Be brief."),
+        nanoinfer_vocab::ChatMessage::new("user", "Weather in Paris? <|im_start|>"),
+        nanoinfer_vocab::ChatMessage {
+            role: "assistant".into(),
+            tool_calls: vec![call.clone()],
+            ..Default::default()
+        },
+        nanoinfer_vocab::ChatMessage {
+            role: "tool".into(),
+            content: "18 C".into(),
+            tool_call_id: "call_1".into(),
+            ..Default::default()
+        },
+    ];
+    let wire: Vec<ChatMessage> = messages
+        .iter()
+        .map(|m| ChatMessage {
+            role: m.role.clone(),
+            content: m.content.clone(),
+            tool_calls: m
+                .tool_calls
+                .iter()
+                .map(|c| nanoinfer_proto::worker::ToolCall {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    arguments: c.arguments.clone(),
+                })
+                .collect(),
+            tool_call_id: m.tool_call_id.clone(),
+            name: m.name.clone(),
+        })
+        .collect();
+    let worker_ids = client
+        .tokenize(TokenizeRequest {
+            messages: wire,
+            tools: tools.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    let ids = tokenizer.chat(&messages, Some(&tools)).unwrap();
+    assert_eq!(ids, worker_ids);
+    let plain = tokenizer.chat(&messages[..2], None).unwrap();
+    assert!(ids.len() > plain.len() + 50, "the tools are rendered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -623,53 +623,6 @@ async fn what_clients_send_first_is_taken() {
     assert!(t.to_lowercase().contains("retry-after:"), "{t}");
 }
 
-/// A ChatML template with a tool section in Hermes' form (written for this
-/// test: SmolLM2's own template has none), given to the worker with
-/// `--chat-template-file`.
-const HERMES_STYLE: &str = r#"{%- if tools %}
-<|im_start|>system
-{% if messages[0].role == 'system' %}
-{{ messages[0].content }}
-{% endif %}
-You are a function calling AI model. You may call one or more functions. Function signatures:
-<tools>
-{% for tool in tools %}
-{{ tool | tojson }}
-{% endfor %}
-</tools>
-For each call return a JSON object with the function name and arguments within <tool_call></tool_call> tags:
-<tool_call>
-{"name": <function-name>, "arguments": <args-json-object>}
-</tool_call><|im_end|>
-{% elif messages[0].role == 'system' %}
-<|im_start|>system
-{{ messages[0].content }}<|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == 'system' %}
-{%- elif message.role == 'assistant' and message.tool_calls %}
-<|im_start|>assistant
-{% if message.content %}{{ message.content }}
-{% endif %}
-{%- for call in message.tool_calls %}
-<tool_call>
-{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
-</tool_call>
-{% endfor %}<|im_end|>
-{% elif message.role == 'tool' %}
-<|im_start|>user
-<tool_response>
-{{ message.content }}
-</tool_response><|im_end|>
-{% else %}
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-<|im_start|>assistant
-{% endif %}"#;
-
 /// Tools through the model's own chat template: a worker whose template
 /// has a tool section (Hermes' `<tool_call>` form) gets the tools and the
 /// history's calls and results rendered by it, a forced call is held to
@@ -678,10 +631,7 @@ For each call return a JSON object with the function name and arguments within <
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_with_a_tool_section_renders_tools_and_its_calls_are_read() {
     let etcd = Etcd::start().await;
-    let dir = std::env::temp_dir().join(format!("nanoinfer-hermes-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let template = dir.join("hermes-style.jinja");
-    std::fs::write(&template, HERMES_STYLE).unwrap();
+    let template = common::hermes_style_template();
     let mut worker = start_worker_with(
         &etcd,
         "w1",
@@ -760,6 +710,21 @@ async fn a_template_with_a_tool_section_renders_tools_and_its_calls_are_read() {
         assert!(call["id"].as_str().unwrap().starts_with("call_"), "{text}");
         whole.push((name, args, v["usage"]["prompt_tokens"].as_u64().unwrap()));
     }
+
+    // /tokenize with the same tools counts what usage counted.
+    let (status, text) = curl(&[
+        "-sS",
+        "-H",
+        "content-type: application/json",
+        "--data-binary",
+        &serde_json::json!({"model": "smollm2", "messages": ask, "tools": tools,
+            "tool_choice": "required"})
+        .to_string(),
+        &format!("{base}/tokenize"),
+    ]);
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["count"].as_u64().unwrap(), whole[0].2, "{text}");
 
     // The tools are in the prompt the template rendered (more tokens than
     // the question alone, which renders without a system turn here).

@@ -391,7 +391,7 @@ impl Args {
             }
         }
         for origin in &self.http_cors_origins {
-            crate::openai::edge::check_origin(origin)
+            crate::http::edge::check_origin(origin)
                 .map_err(|e| format!("--http-cors-origins: {e}"))?;
         }
         if !(1..=16).contains(&self.max_attempts) {

@@ -420,6 +420,7 @@ impl Front {
                 })
                 .collect(),
             add_special: request.add_special,
+            tools: request.tools,
         });
         call.set_timeout(self.upstream.request_timeout);
         let answer = WorkerServiceClient::new(picked.channel.clone())

@@ -3,15 +3,23 @@
 //! # Layout
 //! - [`config`]: flags and env vars, validated into [`CoordinatorConfig`].
 //! - [`validate`]: public request → [`validate::InferParams`] with defaults.
+//! - [`front`]: what both public APIs share: the key check, the request's
+//!   span, validation, and the start of its completions.
 //! - [`service`]: the gRPC front: `Health`, and `Infer` (validate, span,
 //!   hand over to the relay).
+//! - [`http`]: the OpenAI-compatible HTTP API (request parsing, whole and
+//!   streamed answers, its error type, tools, the Responses API, the
+//!   connection handling, CORS).
 //! - [`relay`]: one request's task: pick, wait for room, open, relay, retry
 //!   before the first token, resume mid-stream, deadline, stalled clients.
 //! - [`admission`]: the bounded, fair queue requests wait in while no
 //!   worker has room.
 //! - [`upstream`]: `Generate` calls and the retry/ejection rule.
-//! - [`routing`]: the worker table (fed by discovery), least-in-flight
-//!   choice, passive ejection and re-admission probes.
+//! - [`routing`]: the worker table (fed by discovery), the routing
+//!   policies, passive ejection and re-admission probes.
+//! - [`affinity`]: the routing policies' names and prefix-affinity hashes.
+//! - [`kv_index`]: what each worker's KV cache holds, from its events.
+//! - [`vocab`]: per model, the workers' tokenizer and chat template.
 //! - [`auth`]: API keys at the door (`--api-keys-file`).
 //! - [`error`]: the one status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
@@ -25,9 +33,9 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod front;
+pub mod http;
 pub mod kv_index;
 pub mod metrics;
-pub mod openai;
 pub mod relay;
 pub mod routing;
 pub mod service;
@@ -107,7 +115,7 @@ pub async fn run(
     let metrics = Arc::new(metrics::CoordinatorMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
-    let http_metrics = Arc::new(openai::HttpMetrics::default());
+    let http_metrics = Arc::new(http::HttpMetrics::default());
     http_metrics.register(&mut registry);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let ready_tx = Arc::new(ready_tx);
@@ -182,7 +190,7 @@ pub async fn run(
     };
     let mut http_server = http_listener
         .map(|l| {
-            openai::spawn(
+            http::spawn(
                 l,
                 front.clone(),
                 public_tls.clone(),

@@ -536,6 +536,11 @@ impl WorkerService for WorkerServiceImpl {
         self.limits
             .check_prompt_or_messages(&req.text, &roles_and_contents(&messages))
             .map_err(|e| WorkerError::from(e).status(""))?;
+        limits::check_tools(&req.tools).map_err(|e| WorkerError::from(e).status(""))?;
+        let tools: Option<serde_json::Value> = match req.tools.is_empty() {
+            true => None,
+            false => serde_json::from_str(&req.tools).ok(),
+        };
         let model = self.model.clone();
         let (text, add_special) = (req.text, req.add_special);
         // Off the runtime: a prompt may be a megabyte.
@@ -546,7 +551,9 @@ impl WorkerService for WorkerServiceImpl {
                     .vocab()
                     .tokenize(text.as_bytes(), add_special, false))
             } else {
-                model.render_chat(&messages, None).map(|(_, tokens)| tokens)
+                model
+                    .render_chat(&messages, tools.as_ref())
+                    .map(|(_, tokens)| tokens)
             }?;
             let pieces = tokens.iter().map(|&t| model.piece(t)).collect();
             Ok::<_, crate::model::ChatError>((tokens, pieces))

@@ -284,7 +284,7 @@ fn sse(seq: &mut u64, mut data: Value) -> Bytes {
     data["sequence_number"] = json!(*seq);
     *seq += 1;
     let kind = data["type"].as_str().unwrap_or("error").to_string();
-    Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+    super::encode(Some(&kind), &data)
 }
 
 /// The event stream of a streamed response.

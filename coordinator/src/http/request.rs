@@ -1,0 +1,511 @@
+//! Request bodies: each field taken with a check that names it, into the
+//! shared [`InferRequest`] and the [`Shape`] of the answer.
+
+use super::*;
+
+/// The two generation endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completion,
+}
+
+/// What the response needs besides the stream.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// Chat or completion.
+    pub kind: Kind,
+    /// Stream over SSE.
+    pub stream: bool,
+    /// Send a final usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// The model asked for (echoed until a worker names its own).
+    pub model: String,
+    /// Completions' `echo`: the prompt, put before each choice's text.
+    pub echo: Option<String>,
+    /// Log-probabilities were asked for.
+    pub logprobs: bool,
+    /// Chat with tools: each choice's answer (the generic format's JSON)
+    /// becomes `tool_calls` or `content` ([`tools`]).
+    pub tools: bool,
+    /// How the answer writes its calls: the model's template's own format,
+    /// or [`ToolFormat::None`] for the generic format.
+    pub tool_format: ToolFormat,
+}
+
+/// Field access on a JSON object, each refusal naming its field.
+pub(crate) struct Fields<'a>(pub(crate) &'a Map<String, Value>);
+
+impl<'a> Fields<'a> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    pub(crate) fn f32(&self, key: &str) -> Result<Option<f32>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => Ok(n.as_f64().map(|x| x as f32)),
+            Some(_) => Err(ApiError::invalid(key, "must be a number")),
+        }
+    }
+
+    pub(crate) fn u32(&self, key: &str) -> Result<Option<u32>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => match n.as_u64().map(u32::try_from) {
+                Some(Ok(v)) => Ok(Some(v)),
+                Some(Err(_)) => Err(ApiError::invalid(key, "is too large")),
+                None => Err(ApiError::invalid(key, "must be a non-negative integer")),
+            },
+            Some(_) => Err(ApiError::invalid(key, "must be a non-negative integer")),
+        }
+    }
+
+    pub(crate) fn bool(&self, key: &str) -> Result<bool, ApiError> {
+        match self.get(key) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(ApiError::invalid(key, "must be true or false")),
+        }
+    }
+
+    pub(crate) fn str(&self, key: &str) -> Result<Option<&'a str>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(ApiError::invalid(key, "must be a string")),
+        }
+    }
+
+    /// `seed`: any integer OpenAI accepts (negative ones keep their bits).
+    pub(crate) fn seed(&self) -> Result<Option<u64>, ApiError> {
+        match self.get("seed") {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .or_else(|| n.as_i64().map(|i| i as u64))
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid("seed", "must be an integer")),
+            Some(_) => Err(ApiError::invalid("seed", "must be an integer")),
+        }
+    }
+
+    /// `stop`: a string or a list of strings.
+    pub(crate) fn stop(&self) -> Result<Vec<String>, ApiError> {
+        match self.get("stop") {
+            None => Ok(Vec::new()),
+            Some(Value::String(s)) => Ok(vec![s.clone()]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| ApiError::invalid("stop", "must hold strings only"))
+                })
+                .collect(),
+            Some(_) => Err(ApiError::invalid(
+                "stop",
+                "must be a string or a list of strings",
+            )),
+        }
+    }
+}
+
+/// Fields OpenAI defines that this server does not implement: refused, not
+/// silently ignored, since a caller relying on them would get wrong output.
+/// Refused on both endpoints: the legacy function-calling fields (`tools`
+/// replaced them).
+pub(crate) const UNSUPPORTED: [&str; 2] = ["functions", "function_call"];
+
+/// `logit_bias`: an object of token ids (as strings, OpenAI's shape; JSON
+/// numbers as keys are not JSON) → bias. Absent or null: none.
+pub(crate) fn logit_bias(
+    value: Option<&Value>,
+) -> Result<std::collections::HashMap<i32, f32>, ApiError> {
+    let map = match value {
+        None | Some(Value::Null) => return Ok(Default::default()),
+        Some(Value::Object(map)) => map,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "must be an object of token id → bias, e.g. {\"1234\": -100}",
+            ))
+        }
+    };
+    map.iter()
+        .map(|(key, v)| {
+            let id = key.trim().parse::<i32>().map_err(|_| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("keys must be token ids (integers), got {key:?}"),
+                )
+            })?;
+            let bias = v.as_f64().ok_or_else(|| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("the bias of token {id} must be a number"),
+                )
+            })?;
+            Ok((id, bias as f32))
+        })
+        .collect()
+}
+
+/// `response_format` → the JSON Schema the output is constrained to (empty:
+/// free text). `{"type": "json_object"}` is any JSON object (with
+/// llama.cpp's server's `schema` extension honoured); `{"type":
+/// "json_schema", "json_schema": {"name", "schema", "strict"}}` is always
+/// enforced, `strict` or not (a schema without `schema` allows any JSON
+/// value).
+pub fn response_format(value: Option<&Value>) -> Result<String, ApiError> {
+    let format = match value {
+        None | Some(Value::Null) => return Ok(String::new()),
+        Some(Value::Object(o)) => Fields(o),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                "must be an object such as {\"type\": \"json_object\"}",
+            ))
+        }
+    };
+    let schema = |holder: &Fields, at: &str| -> Result<String, ApiError> {
+        match holder.get("schema") {
+            None => Ok(String::new()),
+            Some(s @ (Value::Object(_) | Value::Bool(_))) => Ok(s.to_string()),
+            Some(_) => Err(ApiError::invalid(
+                format!("response_format.{at}schema"),
+                "must be a JSON Schema (an object)",
+            )),
+        }
+    };
+    match format.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(String::new()),
+        Some("json_object") => {
+            let s = schema(&format, "")?;
+            Ok(if s.is_empty() {
+                r#"{"type":"object"}"#.to_string()
+            } else {
+                s
+            })
+        }
+        Some("json_schema") => {
+            let Some(Value::Object(inner)) = format.get("json_schema") else {
+                return Err(ApiError::invalid(
+                    "response_format.json_schema",
+                    "is required: {\"name\", \"schema\", \"strict\"}",
+                ));
+            };
+            let s = schema(&Fields(inner), "json_schema.")?;
+            Ok(if s.is_empty() { "{}".to_string() } else { s })
+        }
+        _ => Err(ApiError::invalid(
+            "response_format.type",
+            "must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
+}
+
+/// The body of either endpoint → the shared request and the response's
+/// shape.
+pub fn parse_request(kind: Kind, body: &Value) -> Result<(InferRequest, Shape), ApiError> {
+    parse_request_for(kind, body, ToolFormat::None)
+}
+
+/// [`parse_request`] for a model whose chat template writes tool calls in
+/// `format` ([`ToolFormat::None`]: it has no tool section, and tools use
+/// the generic format).
+pub fn parse_request_for(
+    kind: Kind,
+    body: &Value,
+    format: ToolFormat,
+) -> Result<(InferRequest, Shape), ApiError> {
+    let f = object(body)?;
+    for key in UNSUPPORTED {
+        if f.get(key).is_some() {
+            return Err(ApiError::invalid(key, "is not supported by this server"));
+        }
+    }
+    let mut request = InferRequest {
+        model: f.str("model")?.unwrap_or_default().to_string(),
+        temperature: f.f32("temperature")?,
+        top_p: f.f32("top_p")?,
+        seed: f.seed()?,
+        stop: f.stop()?,
+        // top_k = -1 is how vLLM and llama-server say "off".
+        top_k: match f.get("top_k").and_then(Value::as_i64) {
+            Some(-1) => None,
+            _ => f.u32("top_k")?,
+        },
+        min_p: f.f32("min_p")?,
+        repetition_penalty: f.f32("repetition_penalty")?,
+        presence_penalty: f.f32("presence_penalty")?,
+        frequency_penalty: f.f32("frequency_penalty")?,
+        n: f.u32("n")?.unwrap_or(1),
+        logit_bias: logit_bias(f.get("logit_bias"))?,
+        json_schema: response_format(f.get("response_format"))?,
+        ..Default::default()
+    };
+    // `best_of` is the legacy API's server-side ranking: generate more than
+    // `n` and return the `n` most likely. Equal to `n` (OpenAI's default of
+    // 1, as clients send it) there is nothing to rank.
+    if !matches!(f.get("best_of"), None | Some(Value::Null))
+        && f.u32("best_of")? != Some(request.n.max(1))
+    {
+        return Err(ApiError::invalid(
+            "best_of",
+            "only best_of equal to n (default 1) is supported: this server does not rank \
+             extra completions (ask for n and rank them by logprobs)",
+        ));
+    }
+    let stream = f.bool("stream")?;
+    let include_usage = match f.get("stream_options") {
+        None => false,
+        Some(Value::Object(o)) => Fields(o).bool("include_usage").map_err(|_| {
+            ApiError::invalid("stream_options.include_usage", "must be true or false")
+        })?,
+        Some(_) => return Err(ApiError::invalid("stream_options", "must be an object")),
+    };
+    let mut echo = None;
+    let mut tool_plan = None;
+    match kind {
+        Kind::Chat => {
+            let max = f.u32("max_completion_tokens")?.or(f.u32("max_tokens")?);
+            request.max_tokens = max.unwrap_or(0);
+            // The client's own max_tokens is held to (vLLM's rule): a
+            // prompt + max_tokens beyond the window is a 400, not a cut.
+            request.strict_max_tokens = max.is_some();
+            if max == Some(0) {
+                return Err(ApiError::invalid("max_tokens", "must be at least 1"));
+            }
+            tool_plan = tools::parse(
+                f.get("tools"),
+                f.get("tool_choice"),
+                f.get("parallel_tool_calls"),
+            )?;
+            let own_format = tool_plan.is_some() && format != ToolFormat::None;
+            request.messages = chat_messages(f.get("messages"), own_format)?;
+            if let (Some(plan), true) = (&tool_plan, own_format) {
+                // The model's template renders the tools and the history's
+                // calls itself; a forced call is held to its own format.
+                if !request.json_schema.is_empty() {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "cannot be combined with tools (the answer is already constrained to \
+                         tool calls); send one of them",
+                    ));
+                }
+                request.tools = plan.openai_tools().to_string();
+                request.grammar = plan.grammar(format).unwrap_or_default();
+            } else if let Some(plan) = &tool_plan {
+                if !request.json_schema.is_empty() {
+                    return Err(ApiError::invalid(
+                        "response_format",
+                        "cannot be combined with tools (the answer is already constrained to \
+                         tool calls); send one of them",
+                    ));
+                }
+                request.json_schema = plan.schema().to_string();
+                // The tools described after the caller's own system text.
+                let instructions = plan.instructions();
+                match request.messages.first_mut() {
+                    Some(m) if m.role == "system" => {
+                        m.content = format!("{}\n\n{instructions}", m.content);
+                    }
+                    _ => request.messages.insert(
+                        0,
+                        ChatMessage {
+                            role: "system".into(),
+                            content: instructions,
+                            ..ChatMessage::default()
+                        },
+                    ),
+                }
+            }
+            request.logprobs = f.bool("logprobs")?;
+            request.top_logprobs = f.u32("top_logprobs")?.unwrap_or(0);
+        }
+        Kind::Completion => {
+            let max = f.u32("max_tokens")?;
+            request.max_tokens = max.unwrap_or(0);
+            request.strict_max_tokens = max.is_some();
+            if max == Some(0) {
+                return Err(ApiError::invalid("max_tokens", "must be at least 1"));
+            }
+            request.prompt =
+                match f.get("prompt") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                        items[0].as_str().unwrap_or_default().to_string()
+                    }
+                    Some(Value::Array(_)) => return Err(ApiError::invalid(
+                        "prompt",
+                        "must be one string (a list of prompts or of token ids is not supported)",
+                    )),
+                    Some(_) => return Err(ApiError::invalid("prompt", "must be a string")),
+                    None => return Err(ApiError::invalid("prompt", "is required")),
+                };
+            if request.prompt.is_empty() {
+                return Err(ApiError::invalid("prompt", "must not be empty"));
+            }
+            for key in ["tools", "tool_choice"] {
+                if f.get(key).is_some() {
+                    return Err(ApiError::invalid(
+                        key,
+                        "is for chat completions (/v1/chat/completions)",
+                    ));
+                }
+            }
+            // Insertion (text after the completion) needs a fill-in-the-
+            // middle model and prompt format; refused rather than ignored.
+            match f.get("suffix") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) if s.is_empty() => {}
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "suffix",
+                        "is not supported by this server (no insertion: send the text before \
+                         the gap as the prompt)",
+                    ))
+                }
+            }
+            // The legacy API's `logprobs` is the number of alternatives.
+            if let Some(k) = f.u32("logprobs")? {
+                request.logprobs = true;
+                request.top_logprobs = k;
+            }
+            if f.bool("echo")? {
+                echo = Some(request.prompt.clone());
+            }
+        }
+    }
+    let shape = Shape {
+        kind,
+        stream,
+        include_usage,
+        model: request.model.clone(),
+        echo,
+        logprobs: request.logprobs,
+        tools: tool_plan.is_some(),
+        tool_format: if tool_plan.is_some() {
+            format
+        } else {
+            ToolFormat::None
+        },
+    };
+    Ok((request, shape))
+}
+
+/// `messages`: roles and text contents (a string, or a list of text parts).
+/// The conversation. `structured`: tool calls and tool results stay
+/// structured for a chat template that renders them; otherwise they are
+/// written in the generic format's words.
+pub(crate) fn chat_messages(
+    value: Option<&Value>,
+    structured: bool,
+) -> Result<Vec<ChatMessage>, ApiError> {
+    let Some(Value::Array(items)) = value else {
+        return Err(ApiError::invalid(
+            "messages",
+            "is required: a list of {role, content}",
+        ));
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid("messages", "must not be empty"));
+    }
+    // The tool each call id of the history named (a tool message's result
+    // is introduced by its tool's name).
+    let mut called: Vec<(String, String)> = Vec::new();
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |name: &str| format!("messages[{i}].{name}");
+            let Value::Object(m) = m else {
+                return Err(ApiError::invalid(format!("messages[{i}]"), "must be an object"));
+            };
+            let role = match m.get("role") {
+                Some(Value::String(r)) => r.as_str(),
+                _ => return Err(ApiError::invalid(field("role"), "must be a string")),
+            };
+            // OpenAI's newer name for the system role.
+            let role = if role == "developer" { "system" } else { role };
+            // Tool calls and their results, in the tools' generic format
+            // (a tool's result is a user turn: every template has one).
+            if role == "assistant" && !matches!(m.get("tool_calls"), None | Some(Value::Null)) {
+                called.extend(tools::call_names(&m["tool_calls"]));
+                if structured {
+                    // Checked as the generic path checks them.
+                    tools::calls_as_text(&m["tool_calls"], &field("tool_calls"))?;
+                    let content = match m.get("content") {
+                        Some(Value::String(s)) => s.clone(),
+                        _ => String::new(),
+                    };
+                    return Ok(ChatMessage {
+                        role: role.to_string(),
+                        content,
+                        tool_calls: tools::structured_calls(&m["tool_calls"]),
+                        ..ChatMessage::default()
+                    });
+                }
+                return Ok(ChatMessage {
+                    role: role.to_string(),
+                    content: tools::calls_as_text(&m["tool_calls"], &field("tool_calls"))?,
+                    ..ChatMessage::default()
+                });
+            }
+            let content = match m.get("content") {
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Array(parts)) => {
+                    let mut text = String::new();
+                    for (j, part) in parts.iter().enumerate() {
+                        match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                            (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    format!("messages[{i}].content[{j}]"),
+                                    "only text parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+                _ => {
+                    return Err(ApiError::invalid(
+                        field("content"),
+                        "must be a string or a list of text parts",
+                    ))
+                }
+            };
+            if role == "tool" {
+                let id = match m.get("tool_call_id") {
+                    Some(Value::String(id)) => Some(id.as_str()),
+                    None | Some(Value::Null) => None,
+                    Some(_) => return Err(ApiError::invalid(field("tool_call_id"), "must be a string")),
+                };
+                let name = id.and_then(|id| called.iter().find(|(c, _)| c == id));
+                if structured {
+                    return Ok(ChatMessage {
+                        role: "tool".into(),
+                        content,
+                        tool_call_id: id.unwrap_or_default().to_string(),
+                        name: name.map(|(_, n)| n.clone()).unwrap_or_default(),
+                        ..ChatMessage::default()
+                    });
+                }
+                return Ok(ChatMessage {
+                    role: "user".into(),
+                    content: tools::result_as_text(name.map(|(_, n)| n.as_str()), &content),
+                    ..ChatMessage::default()
+                });
+            }
+            Ok(ChatMessage {
+                role: role.to_string(),
+                content,
+                ..ChatMessage::default()
+            })
+        })
+        .collect()
+}
