@@ -223,6 +223,37 @@ check("LangChain bind_tools: the model's tool call comes back parsed",
       len(bound.tool_calls) == 1 and bound.tool_calls[0]["name"] == "get_weather"
       and set(bound.tool_calls[0]["args"]) == {"city", "unit"}, bound)
 
+# The Responses API's function tools, as the Agents SDK sends them: flat
+# tool objects, function_call output items, function_call_output input.
+RWEATHER = {"type": "function", "name": "get_weather", "strict": True,
+            "description": WEATHER["function"]["description"],
+            "parameters": WEATHER["function"]["parameters"]}
+r = client.responses.create(model=MODEL, input=ASK_WEATHER[0]["content"], tools=[RWEATHER],
+                            tool_choice="required", temperature=0, max_output_tokens=200)
+rcalls = [o for o in r.output if o.type == "function_call"]
+check("responses: a required call is a function_call item, its arguments valid",
+      r.status == "completed" and len(rcalls) >= 1 and rcalls[0].name == "get_weather"
+      and rcalls[0].call_id.startswith("call_") and valid_weather_args(rcalls[0].arguments), r)
+events = list(client.responses.create(model=MODEL, input=ASK_WEATHER[0]["content"],
+                                      tools=[RWEATHER], tool_choice="required", temperature=0,
+                                      max_output_tokens=200, stream=True))
+kinds = [e.type for e in events]
+final = [e.response for e in events if e.type == "response.completed"]
+scalls = [o for o in final[0].output if o.type == "function_call"] if final else []
+check("responses: streamed, the same call, with its arguments events",
+      "response.function_call_arguments.done" in kinds and len(scalls) == len(rcalls)
+      and scalls[0].arguments == rcalls[0].arguments, kinds)
+r = client.responses.create(model=MODEL, tools=[RWEATHER], temperature=0, max_output_tokens=100,
+                            tool_choice="none", input=[
+                                {"role": "user", "content": ASK_WEATHER[0]["content"]},
+                                {"type": "function_call", "call_id": rcalls[0].call_id,
+                                 "name": rcalls[0].name, "arguments": rcalls[0].arguments},
+                                {"type": "function_call_output", "call_id": rcalls[0].call_id,
+                                 "output": "18 degrees celsius and sunny"}])
+check("responses: a round trip through function_call_output to an answer in words",
+      r.status == "completed" and "18" in r.output_text, r)
+print(f"    {r.output_text!r}")
+
 # A tool whose schema the engine cannot enforce is refused, naming tools.
 try:
     client.chat.completions.create(model=MODEL, messages=ASK_WEATHER, max_tokens=10, tools=[

@@ -1,15 +1,20 @@
-//! `POST /v1/responses`: OpenAI's Responses API for text, as a chat request.
+//! `POST /v1/responses`: OpenAI's Responses API, as a chat request.
 //!
 //! The body becomes a chat completion's (`instructions` the system message,
 //! `input` the conversation: a string is one user message, a list holds
-//! messages whose content is a string or text parts; `max_output_tokens`
-//! is `max_tokens`) and runs on the same path; the answer is one
-//! `message` output item with one `output_text` part. Streaming sends
-//! OpenAI's typed events (`response.created`, `response.output_item.added`,
+//! messages whose content is a string or text parts, and the
+//! `function_call` / `function_call_output` items of a tool round trip;
+//! `max_output_tokens` is `max_tokens`; function `tools`, `tool_choice`
+//! and `parallel_tool_calls` in chat's shape) and runs on the same path;
+//! the answer is one `message` output item with one `output_text` part, or
+//! a `function_call` item per tool call. Streaming sends OpenAI's typed
+//! events (`response.created`, `response.output_item.added`,
 //! `response.content_part.added`, `response.output_text.delta` per token,
-//! then the `.done` events and `response.completed`). Nothing is stored:
-//! `previous_response_id`, `background` and `store: true` retrieval are
-//! refused, as are tools and non-text items, with a 400 naming the field.
+//! then the `.done` events and `response.completed`; an answer with tools
+//! goes out when complete, its calls with `function_call_arguments`
+//! events). Nothing is stored: `previous_response_id`, `background` and
+//! `store: true` retrieval are refused, as are hosted tools and non-text
+//! items, with a 400 naming the field.
 
 use std::sync::Arc;
 
@@ -21,9 +26,12 @@ use futures::StreamExt;
 use nanoinfer_proto::nanoinfer::FinishReason;
 use serde_json::{json, Map, Value};
 
-use super::{begin, object, parse_request, sse_response, unix_now, ApiError, Kind};
+use super::{
+    begin, finish_reason, object, parse_request_for, sse_response, unix_now, ApiError, Kind,
+};
 use crate::error::REQUEST_ID_HEADER;
 use crate::front::{Call, Front};
+use nanoinfer_vocab::ToolFormat;
 
 /// Fields of the Responses API refused rather than ignored.
 const REFUSED: [&str; 4] = [
@@ -60,6 +68,36 @@ fn content_text(value: &Value, at: &str) -> Result<String, ApiError> {
     }
 }
 
+/// The Responses API's function tools (`{"type": "function", "name",
+/// "description", "parameters", "strict"}`) in chat's shape; `None` when
+/// there are none. Other tool types (hosted search, files, computer use)
+/// are refused by index.
+fn function_tools(value: Option<&Value>) -> Result<Option<Value>, ApiError> {
+    let list = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(list)) if list.is_empty() => return Ok(None),
+        Some(Value::Array(list)) => list,
+        Some(_) => return Err(ApiError::invalid("tools", "must be a list of tools")),
+    };
+    let mut out = Vec::with_capacity(list.len());
+    for (i, t) in list.iter().enumerate() {
+        if t.get("type").and_then(Value::as_str) != Some("function") {
+            return Err(ApiError::invalid(
+                format!("tools[{i}].type"),
+                "only function tools are supported by this server",
+            ));
+        }
+        let mut function = Map::new();
+        for key in ["name", "description", "parameters"] {
+            if let Some(v) = t.get(key).filter(|v| !v.is_null()) {
+                function.insert(key.into(), v.clone());
+            }
+        }
+        out.push(json!({"type": "function", "function": function}));
+    }
+    Ok(Some(Value::Array(out)))
+}
+
 /// The body as a chat completion request's body.
 fn to_chat(body: &Value) -> Result<Value, ApiError> {
     let f = object(body)?;
@@ -74,15 +112,7 @@ fn to_chat(body: &Value) -> Result<Value, ApiError> {
             ));
         }
     }
-    if f.get("tools")
-        .and_then(Value::as_array)
-        .is_some_and(|t| !t.is_empty())
-    {
-        return Err(ApiError::invalid(
-            "tools",
-            "is not supported by this server",
-        ));
-    }
+    let tools = function_tools(f.get("tools"))?;
     // `text.format` flattens what chat nests under `json_schema`.
     let format = match f.get("text").and_then(|t| t.get("format")) {
         None | Some(Value::Null) => None,
@@ -106,11 +136,55 @@ fn to_chat(body: &Value) -> Result<Value, ApiError> {
                     .get("type")
                     .and_then(Value::as_str)
                     .unwrap_or("message");
+                match kind {
+                    // A call of the history: consecutive calls are one
+                    // assistant turn.
+                    "function_call" => {
+                        let text = |k: &str| match item.get(k) {
+                            Some(Value::String(s)) => Ok(s.clone()),
+                            _ => Err(ApiError::invalid(format!("{at}.{k}"), "must be a string")),
+                        };
+                        let call = json!({"id": text("call_id")?, "type": "function",
+                            "function": {"name": text("name")?, "arguments": text("arguments")?}});
+                        let merge = messages.last_mut().and_then(|m: &mut Value| {
+                            (m["role"] == "assistant" && m["tool_calls"].is_array())
+                                .then(|| m["tool_calls"].as_array_mut())
+                                .flatten()
+                        });
+                        match merge {
+                            Some(calls) => calls.push(call),
+                            None => messages.push(
+                                json!({"role": "assistant", "content": null, "tool_calls": [call]}),
+                            ),
+                        }
+                        continue;
+                    }
+                    "function_call_output" => {
+                        let id = item.get("call_id").and_then(Value::as_str).ok_or_else(|| {
+                            ApiError::invalid(format!("{at}.call_id"), "must be a string")
+                        })?;
+                        let output = match item.get("output") {
+                            Some(Value::String(s)) => s.clone(),
+                            Some(v @ Value::Array(_)) => content_text(v, &at)?,
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    format!("{at}.output"),
+                                    "must be a string",
+                                ))
+                            }
+                        };
+                        messages
+                            .push(json!({"role": "tool", "tool_call_id": id, "content": output}));
+                        continue;
+                    }
+                    _ => {}
+                }
                 let role = item.get("role").and_then(Value::as_str);
                 let (Some(role), "message") = (role, kind) else {
                     return Err(ApiError::invalid(
                         at,
-                        "only messages ({role, content}) are supported",
+                        "only messages ({role, content}), function_call and \
+                         function_call_output items are supported",
                     ));
                 };
                 let content = item.get("content").unwrap_or(&Value::Null);
@@ -127,6 +201,25 @@ fn to_chat(body: &Value) -> Result<Value, ApiError> {
     }
     let mut chat = Map::new();
     chat.insert("messages".into(), Value::Array(messages));
+    if let Some(tools) = tools {
+        chat.insert("tools".into(), tools);
+        match f.get("tool_choice") {
+            None => {}
+            Some(Value::Object(o)) => {
+                let name = o.get("name").cloned().unwrap_or(Value::Null);
+                chat.insert(
+                    "tool_choice".into(),
+                    json!({"type": "function", "function": {"name": name}}),
+                );
+            }
+            Some(v) => {
+                chat.insert("tool_choice".into(), v.clone());
+            }
+        }
+        if let Some(p) = f.get("parallel_tool_calls") {
+            chat.insert("parallel_tool_calls".into(), p.clone());
+        }
+    }
     if let Some(format) = format {
         chat.insert("response_format".into(), format);
     }
@@ -151,6 +244,8 @@ fn rename(mut e: ApiError) -> ApiError {
             "max_output_tokens".to_string()
         } else if let Some(rest) = p.strip_prefix("messages") {
             format!("input{rest}")
+        } else if p.starts_with("tools[") && p.contains("].function.") {
+            p.replacen("].function.", "].", 1)
         } else if let Some(rest) = p.strip_prefix("response_format") {
             format!("text.format{}", rest.replacen(".json_schema", "", 1))
         } else {
@@ -162,6 +257,9 @@ fn rename(mut e: ApiError) -> ApiError {
 
 /// What a finished response says about itself.
 struct Done {
+    /// The request had tools: the text is read for calls
+    /// ([`super::tools::message`]) in this format.
+    tools: Option<ToolFormat>,
     text: String,
     model: String,
     finish: i32,
@@ -180,7 +278,7 @@ fn response_object(id: &str, created: u64, d: &Done, status: &str) -> Value {
     let output = if status == "in_progress" {
         json!([])
     } else {
-        json!([message_item(id, &d.text, "completed")])
+        Value::Array(output_items(id, d))
     };
     json!({
         "id": format!("resp_{id}"),
@@ -205,6 +303,37 @@ fn response_object(id: &str, created: u64, d: &Done, status: &str) -> Value {
     })
 }
 
+/// A finished response's output: one message, or, when the answer calls
+/// tools, a `function_call` item per call (after a message with the text
+/// before them, if any).
+fn output_items(id: &str, d: &Done) -> Vec<Value> {
+    let Some(format) = d.tools else {
+        return vec![message_item(id, &d.text, "completed")];
+    };
+    let (m, _) = super::tools::message(
+        &d.text,
+        Some(finish_reason(d.finish)),
+        &format!("{id}_0"),
+        format,
+    );
+    let text = m["content"].as_str().unwrap_or_default();
+    let Some(calls) = m["tool_calls"].as_array() else {
+        return vec![message_item(id, text, "completed")];
+    };
+    let mut out = Vec::new();
+    if !text.is_empty() {
+        out.push(message_item(id, text, "completed"));
+    }
+    for (k, c) in calls.iter().enumerate() {
+        out.push(
+            json!({"type": "function_call", "id": format!("fc_{id}_{k}"),
+            "call_id": c["id"], "name": c["function"]["name"],
+            "arguments": c["function"]["arguments"], "status": "completed"}),
+        );
+    }
+    out
+}
+
 fn message_item(id: &str, text: &str, status: &str) -> Value {
     let content = if status == "in_progress" {
         json!([])
@@ -221,18 +350,22 @@ pub(super) async fn responses(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let parse = |v: &Value, _format| {
-        to_chat(v).and_then(|chat| parse_request(Kind::Chat, &chat).map_err(rename))
+    let parse = |v: &Value, format| {
+        to_chat(v).and_then(|chat| parse_request_for(Kind::Chat, &chat, format).map_err(rename))
     };
     let (call, shape) = match begin(&front, headers, &body, parse).await {
         Ok(started) => started,
         Err(response) => return response,
     };
     let request_id = call.request_id.clone();
+    let tools = shape.tools.then_some(shape.tool_format);
     let mut response = if shape.stream {
-        sse_response(Body::from_stream(events(call, shape.model.clone())))
+        sse_response(Body::from_stream(events(
+            call,
+            start(shape.model.clone(), tools),
+        )))
     } else {
-        match collect(call, shape.model.clone()).await {
+        match collect(call, start(shape.model.clone(), tools)).await {
             Ok(done) => axum::Json(response_object(&request_id, unix_now(), &done, "completed"))
                 .into_response(),
             Err(status) => return ApiError::from_status(&status).into_response(),
@@ -260,8 +393,9 @@ fn add(done: &mut Done, m: &nanoinfer_proto::nanoinfer::InferResponse) {
     }
 }
 
-fn start(model: String) -> Done {
+fn start(model: String, tools: Option<ToolFormat>) -> Done {
     Done {
+        tools,
         text: String::new(),
         model,
         finish: FinishReason::Unspecified as i32,
@@ -271,8 +405,7 @@ fn start(model: String) -> Done {
     }
 }
 
-async fn collect(mut call: Call, model: String) -> Result<Done, tonic::Status> {
-    let mut done = start(model);
+async fn collect(mut call: Call, mut done: Done) -> Result<Done, tonic::Status> {
     while let Some(item) = call.rx.recv().await {
         add(&mut done, &*item?);
     }
@@ -287,14 +420,74 @@ fn sse(seq: &mut u64, mut data: Value) -> Bytes {
     super::encode(Some(&kind), &data)
 }
 
+/// The events of one finished output item of an answer with tools, at
+/// `index`: added, its text or arguments whole, done.
+fn tool_events(out: &mut Vec<Bytes>, seq: &mut u64, index: usize, item: Value) {
+    let item_id = item["id"].clone();
+    let mut opening = item.clone();
+    opening["status"] = json!("in_progress");
+    if item["type"] == "function_call" {
+        opening["arguments"] = json!("");
+        out.push(sse(
+            seq,
+            json!({"type": "response.output_item.added",
+            "output_index": index, "item": opening}),
+        ));
+        out.push(sse(
+            seq,
+            json!({"type": "response.function_call_arguments.delta",
+            "item_id": item_id, "output_index": index, "delta": item["arguments"]}),
+        ));
+        out.push(sse(
+            seq,
+            json!({"type": "response.function_call_arguments.done",
+            "item_id": item_id, "output_index": index, "arguments": item["arguments"]}),
+        ));
+    } else {
+        let text = item["content"][0]["text"].clone();
+        opening["content"] = json!([]);
+        out.push(sse(
+            seq,
+            json!({"type": "response.output_item.added",
+            "output_index": index, "item": opening}),
+        ));
+        let part = |t: &Value| json!({"type": "output_text", "text": t, "annotations": []});
+        out.push(sse(
+            seq,
+            json!({"type": "response.content_part.added", "item_id": item_id,
+            "output_index": index, "content_index": 0, "part": part(&json!(""))}),
+        ));
+        out.push(sse(
+            seq,
+            json!({"type": "response.output_text.delta", "item_id": item_id,
+            "output_index": index, "content_index": 0, "delta": text, "logprobs": []}),
+        ));
+        out.push(sse(
+            seq,
+            json!({"type": "response.output_text.done", "item_id": item_id,
+            "output_index": index, "content_index": 0, "text": text, "logprobs": []}),
+        ));
+        out.push(sse(
+            seq,
+            json!({"type": "response.content_part.done", "item_id": item_id,
+            "output_index": index, "content_index": 0, "part": part(&text)}),
+        ));
+    }
+    out.push(sse(
+        seq,
+        json!({"type": "response.output_item.done",
+        "output_index": index, "item": item}),
+    ));
+}
+
 /// The event stream of a streamed response.
 fn events(
     call: Call,
-    model: String,
+    done: Done,
 ) -> impl futures::Stream<Item = Result<Bytes, std::convert::Infallible>> {
     let id = call.request_id.clone();
     let created = unix_now();
-    let state = (call, start(model), 0u64, false, false);
+    let state = (call, done, 0u64, false, false);
     futures::stream::unfold(
         state,
         move |(mut call, mut done, mut seq, mut opened, finished)| {
@@ -316,22 +509,25 @@ fn events(
                         &mut seq,
                         json!({"type": "response.in_progress", "response": r}),
                     ));
-                    out.push(sse(
-                        &mut seq,
-                        json!({"type": "response.output_item.added", "output_index": 0,
-                    "item": message_item(&id, "", "in_progress")}),
-                    ));
-                    out.push(sse(
-                        &mut seq,
-                        json!({"type": "response.content_part.added", "item_id": item_id,
-                    "output_index": 0, "content_index": 0,
-                    "part": {"type": "output_text", "text": "", "annotations": []}}),
-                    ));
+                    if done.tools.is_none() {
+                        out.push(sse(
+                            &mut seq,
+                            json!({"type": "response.output_item.added", "output_index": 0,
+                        "item": message_item(&id, "", "in_progress")}),
+                        ));
+                        out.push(sse(
+                            &mut seq,
+                            json!({"type": "response.content_part.added", "item_id": item_id,
+                        "output_index": 0, "content_index": 0,
+                        "part": {"type": "output_text", "text": "", "annotations": []}}),
+                        ));
+                    }
                 }
                 match call.rx.next().await {
                     Some(Ok(m)) => {
                         add(&mut done, &m);
-                        if !m.token.is_empty() {
+                        // With tools the answer is read when complete.
+                        if !m.token.is_empty() && done.tools.is_none() {
                             out.push(sse(&mut seq, json!({"type": "response.output_text.delta", "item_id": item_id,
                             "output_index": 0, "content_index": 0, "delta": m.token, "logprobs": []})));
                         }
@@ -343,6 +539,22 @@ fn events(
                     Some(Err(status)) => {
                         let e = ApiError::from_status(&status);
                         out.push(sse(&mut seq, json!({"type": "error", "code": e.code, "message": e.message, "param": e.param})));
+                        Some((
+                            Ok(Bytes::from(out.concat())),
+                            (call, done, seq, opened, true),
+                        ))
+                    }
+                    None if done.tools.is_some() => {
+                        for (k, item) in output_items(&id, &done).into_iter().enumerate() {
+                            tool_events(&mut out, &mut seq, k, item);
+                        }
+                        let r = response_object(&id, created, &done, "completed");
+                        let kind = if r["status"] == "incomplete" {
+                            "response.incomplete"
+                        } else {
+                            "response.completed"
+                        };
+                        out.push(sse(&mut seq, json!({"type": kind, "response": r})));
                         Some((
                             Ok(Bytes::from(out.concat())),
                             (call, done, seq, opened, true),
@@ -385,6 +597,7 @@ fn events(
 
 #[cfg(test)]
 mod tests {
+    use super::super::parse_request;
     use super::*;
 
     #[test]
@@ -430,6 +643,89 @@ mod tests {
     }
 
     #[test]
+    fn function_tools_and_their_calls_become_chats() {
+        let chat = to_chat(&json!({
+            "input": [
+                {"role": "user", "content": "Weather in Paris and Rome?"},
+                {"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{\"city\":\"Paris\"}"},
+                {"type": "function_call", "call_id": "c2", "name": "w", "arguments": "{\"city\":\"Rome\"}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "18 C"},
+                {"type": "function_call_output", "call_id": "c2", "output": "21 C"}],
+            "tools": [{"type": "function", "name": "w", "description": "Weather.",
+                       "parameters": {"type": "object"}, "strict": true}],
+            "tool_choice": {"type": "function", "name": "w"},
+            "parallel_tool_calls": false,
+        }))
+        .unwrap();
+        assert_eq!(
+            chat["tools"],
+            json!([{"type": "function", "function": {"name": "w", "description": "Weather.",
+                    "parameters": {"type": "object"}}}])
+        );
+        assert_eq!(
+            chat["tool_choice"],
+            json!({"type": "function", "function": {"name": "w"}})
+        );
+        assert_eq!(chat["parallel_tool_calls"], false);
+        let m = &chat["messages"];
+        assert_eq!(m.as_array().unwrap().len(), 4, "{m}");
+        assert_eq!(
+            m[1]["tool_calls"].as_array().unwrap().len(),
+            2,
+            "one assistant turn"
+        );
+        assert_eq!(
+            m[1]["tool_calls"][1]["function"]["arguments"],
+            "{\"city\":\"Rome\"}"
+        );
+        assert_eq!(
+            m[3],
+            json!({"role": "tool", "tool_call_id": "c2", "content": "21 C"})
+        );
+        // The chat request it makes is valid, and a refusal names this
+        // API's field.
+        parse_request(Kind::Chat, &chat).unwrap();
+        let bad = to_chat(
+            &json!({"input": "a", "tools": [{"type": "function", "name": "w",
+            "parameters": {"type": "object", "uniqueItems": 3}}]}),
+        )
+        .unwrap();
+        let _ = bad;
+        let e = rename(ApiError::invalid("tools[0].function.parameters", "x"));
+        assert_eq!(e.param.as_deref(), Some("tools[0].parameters"));
+    }
+
+    #[test]
+    fn an_answer_with_calls_is_function_call_items() {
+        let mut d = start("m".into(), Some(ToolFormat::None));
+        d.text = r#"{"tool_calls": [{"name": "w", "arguments": {"city": "Paris"}}]}"#.into();
+        d.finish = FinishReason::Eos as i32;
+        let items = output_items("r1", &d);
+        assert_eq!(
+            items,
+            vec![
+                json!({"type": "function_call", "id": "fc_r1_0", "call_id": "call_r1_0_0",
+                "name": "w", "arguments": "{\"city\":\"Paris\"}", "status": "completed"})
+            ]
+        );
+        d.text = r#"{"response": "Sunny."}"#.into();
+        assert_eq!(output_items("r1", &d)[0]["content"][0]["text"], "Sunny.");
+        let mut out = Vec::new();
+        let mut seq = 0;
+        tool_events(&mut out, &mut seq, 0, items[0].clone());
+        let text = String::from_utf8(out.concat()).unwrap();
+        assert!(
+            text.starts_with("event: response.output_item.added\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("event: response.function_call_arguments.done\n"),
+            "{text}"
+        );
+        assert_eq!(seq, 4);
+    }
+
+    #[test]
     fn what_is_not_supported_is_refused_by_name() {
         let param = |body: Value| to_chat(&body).unwrap_err().param.unwrap();
         assert_eq!(
@@ -438,12 +734,13 @@ mod tests {
         );
         assert_eq!(
             param(json!({"input": "a", "tools": [{"type": "web_search"}]})),
-            "tools"
+            "tools[0].type"
         );
         assert_eq!(
             param(json!({"input": [{"type": "function_call_output"}]})),
-            "input[0]"
+            "input[0].call_id"
         );
+        assert_eq!(param(json!({"input": [{"type": "reasoning"}]})), "input[0]");
         assert_eq!(
             param(json!({"input": [{"role": "user", "content": [{"type": "input_image"}]}]})),
             "input[0].content[0]"
