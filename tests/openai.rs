@@ -136,6 +136,8 @@ impl Api {
 async fn the_official_openai_client_drives_the_cluster() {
     let api = cluster().await;
     api.run_checks("tests/openai_client.py");
+    // LiteLLM, as applications that route through it call the cluster.
+    api.run_checks("tests/litellm_client.py");
 
     // The shared path counted the HTTP requests under api="http".
     // What a vLLM or TGI user looks for in /metrics.
