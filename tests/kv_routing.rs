@@ -117,24 +117,7 @@ async fn tool_prompts_have_the_same_token_ids_in_coordinator_and_worker() {
             ..Default::default()
         },
     ];
-    let wire: Vec<ChatMessage> = messages
-        .iter()
-        .map(|m| ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
-            tool_calls: m
-                .tool_calls
-                .iter()
-                .map(|c| nanoinfer_proto::worker::ToolCall {
-                    id: c.id.clone(),
-                    name: c.name.clone(),
-                    arguments: c.arguments.clone(),
-                })
-                .collect(),
-            tool_call_id: m.tool_call_id.clone(),
-            name: m.name.clone(),
-        })
-        .collect();
+    let wire: Vec<ChatMessage> = messages.iter().map(ChatMessage::from).collect();
     let worker_ids = client
         .tokenize(TokenizeRequest {
             messages: wire,

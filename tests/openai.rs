@@ -773,6 +773,23 @@ async fn a_template_with_a_tool_section_renders_tools_and_its_calls_are_read() {
         whole[0].1
     );
 
+    // A tool schema the engine cannot enforce is refused naming `tools`
+    // (the worker refused the grammar it is embedded in).
+    let (status, text) = post(&serde_json::json!({"model": "smollm2", "messages": ask,
+        "tool_choice": "required", "max_tokens": 10, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object", "properties":
+        {"x": {"type": "array", "uniqueItems": true}}}}}]}));
+    assert_eq!(status, 400, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["error"]["param"], "tools", "{text}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("uniqueItems"),
+        "{text}"
+    );
+
     // A round trip: the call and its result rendered by the template, and
     // the model answers (in words or with another call).
     let history = serde_json::json!([

@@ -403,21 +403,7 @@ impl Front {
             messages: request
                 .messages
                 .into_iter()
-                .map(|m| wpb::ChatMessage {
-                    role: m.role,
-                    content: m.content,
-                    tool_calls: m
-                        .tool_calls
-                        .into_iter()
-                        .map(|c| wpb::ToolCall {
-                            id: c.id,
-                            name: c.name,
-                            arguments: c.arguments,
-                        })
-                        .collect(),
-                    tool_call_id: m.tool_call_id,
-                    name: m.name,
-                })
+                .map(|m| wpb::ChatMessage::from(&nanoinfer_vocab::ChatMessage::from(m)))
                 .collect(),
             add_special: request.add_special,
             tools: request.tools,

@@ -94,25 +94,7 @@ pub fn generate_request(
         seed: params.seed,
         stop: params.stop.clone(),
         resume_token_ids: delivered.to_vec(),
-        messages: params
-            .messages
-            .iter()
-            .map(|m| wpb::ChatMessage {
-                role: m.role.clone(),
-                content: m.content.clone(),
-                tool_calls: m
-                    .tool_calls
-                    .iter()
-                    .map(|c| wpb::ToolCall {
-                        id: c.id.clone(),
-                        name: c.name.clone(),
-                        arguments: c.arguments.clone(),
-                    })
-                    .collect(),
-                tool_call_id: m.tool_call_id.clone(),
-                name: m.name.clone(),
-            })
-            .collect(),
+        messages: params.messages.iter().map(wpb::ChatMessage::from).collect(),
         top_k: set(c.top_k, off.top_k),
         min_p: set(c.min_p, off.min_p),
         repetition_penalty: set(c.repetition_penalty, off.repetition_penalty),

@@ -77,9 +77,15 @@ impl Limits {
         seed: impl FnOnce() -> u64,
     ) -> Result<InferParams, CoordinatorError> {
         limits::check_request_id(&req.request_id)?;
-        let messages = chat_messages(req.messages);
-        self.checks
-            .check_prompt_or_messages(&req.prompt, &roles_and_contents(&messages))?;
+        let messages: Vec<nanoinfer_vocab::ChatMessage> = req
+            .messages
+            .into_iter()
+            .map(nanoinfer_vocab::ChatMessage::from)
+            .collect();
+        self.checks.check_prompt_or_messages(
+            &req.prompt,
+            &nanoinfer_vocab::roles_and_contents(&messages),
+        )?;
         limits::check_tools(&req.tools)?;
         if !req.tools.is_empty() && messages.is_empty() {
             return Err(FieldError {
@@ -151,38 +157,6 @@ impl Limits {
             strict_max_tokens: req.strict_max_tokens,
         })
     }
-}
-
-/// The public API's chat messages as the template code takes them.
-pub fn chat_messages(
-    messages: Vec<nanoinfer_proto::nanoinfer::ChatMessage>,
-) -> Vec<nanoinfer_vocab::ChatMessage> {
-    messages
-        .into_iter()
-        .map(|m| nanoinfer_vocab::ChatMessage {
-            role: m.role,
-            content: m.content,
-            tool_calls: m
-                .tool_calls
-                .into_iter()
-                .map(|c| nanoinfer_vocab::ToolCall {
-                    id: c.id,
-                    name: c.name,
-                    arguments: c.arguments,
-                })
-                .collect(),
-            tool_call_id: m.tool_call_id,
-            name: m.name,
-        })
-        .collect()
-}
-
-/// `(role, content)` of each message, for the shared limit checks.
-pub fn roles_and_contents(messages: &[nanoinfer_vocab::ChatMessage]) -> Vec<(&str, &str)> {
-    messages
-        .iter()
-        .map(|m| (m.role.as_str(), m.content.as_str()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -710,52 +710,10 @@ pub async fn tls_channel(
     nanoinfer::connect_with(addr, Some(config)).await
 }
 
-/// A ChatML template with a tool section in Hermes' form (written for the
-/// tests: SmolLM2's own template has none), for a worker's
-/// `--chat-template-file`.
-pub const HERMES_STYLE: &str = r#"{%- if tools %}
-<|im_start|>system
-{% if messages[0].role == 'system' %}
-{{ messages[0].content }}
-{% endif %}
-You are a function calling AI model. You may call one or more functions. Function signatures:
-<tools>
-{% for tool in tools %}
-{{ tool | tojson }}
-{% endfor %}
-</tools>
-For each call return a JSON object with the function name and arguments within <tool_call></tool_call> tags:
-<tool_call>
-{"name": <function-name>, "arguments": <args-json-object>}
-</tool_call><|im_end|>
-{% elif messages[0].role == 'system' %}
-<|im_start|>system
-{{ messages[0].content }}<|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == 'system' %}
-{%- elif message.role == 'assistant' and message.tool_calls %}
-<|im_start|>assistant
-{% if message.content %}{{ message.content }}
-{% endif %}
-{%- for call in message.tool_calls %}
-<tool_call>
-{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
-</tool_call>
-{% endfor %}<|im_end|>
-{% elif message.role == 'tool' %}
-<|im_start|>user
-<tool_response>
-{{ message.content }}
-</tool_response><|im_end|>
-{% else %}
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-<|im_start|>assistant
-{% endif %}"#;
+/// A ChatML template with a tool section in Hermes' form
+/// (`tests/fixtures/hermes-style.jinja`, written for the tests: SmolLM2's
+/// own template has none), for a worker's `--chat-template-file`.
+pub const HERMES_STYLE: &str = include_str!("../fixtures/hermes-style.jinja");
 
 /// [`HERMES_STYLE`] in a file of this test process.
 pub fn hermes_style_template() -> PathBuf {

@@ -9,8 +9,10 @@
 
 pub mod gguf;
 pub mod template;
+pub mod wire;
 
 pub use template::{ChatMessage, ChatTemplate, ToolCall, ToolFormat};
+pub use wire::roles_and_contents;
 
 use std::path::Path;
 

@@ -304,11 +304,7 @@ impl serde_json::ser::Formatter for PythonFormatter {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
+        self.begin_array_value(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(
@@ -390,47 +386,8 @@ mod tests {
     use super::*;
 
     /// A ChatML template in Hermes' style with a tool section, written for
-    /// these tests.
-    const HERMES: &str = r#"{%- if tools %}
-<|im_start|>system
-{% if messages[0].role == 'system' %}
-{{ messages[0].content }}
-{% endif %}
-You may call functions. Signatures:
-<tools>
-{% for tool in tools %}
-{{ tool | tojson }}
-{% endfor %}
-</tools>
-Answer with <tool_call>{"name": <name>, "arguments": <args>}</tool_call>.<|im_end|>
-{% elif messages[0].role == 'system' %}
-<|im_start|>system
-{{ messages[0].content }}<|im_end|>
-{% endif %}
-{%- for message in messages %}
-{%- if message.role == 'system' %}
-{%- elif message.role == 'assistant' and message.tool_calls %}
-<|im_start|>assistant
-{% if message.content %}{{ message.content }}
-{% endif %}
-{%- for call in message.tool_calls %}
-<tool_call>
-{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
-</tool_call>
-{% endfor %}<|im_end|>
-{% elif message.role == 'tool' %}
-<|im_start|>user
-<tool_response>
-{{ message.content }}
-</tool_response><|im_end|>
-{% else %}
-<|im_start|>{{ message.role }}
-{{ message.content }}<|im_end|>
-{% endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-<|im_start|>assistant
-{% endif %}"#;
+    /// the tests (the integration tests give it to a worker too).
+    const HERMES: &str = include_str!("../../tests/fixtures/hermes-style.jinja");
 
     #[test]
     fn a_hermes_style_template_renders_tools_and_calls() {
@@ -460,11 +417,14 @@ Answer with <tool_call>{"name": <name>, "arguments": <args>}</tool_call>.<|im_en
         let text = t.render(&messages, Some(&tools)).unwrap();
         assert_eq!(
             text,
-            "<|im_start|>system\nYou may call functions. Signatures:\n<tools>\n\
+            "<|im_start|>system\nYou are a function calling AI model. You may call one or more \
+             functions. Function signatures:\n<tools>\n\
              {\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \
              \"description\": \"Weather <now> & here\", \"parameters\": {\"type\": \"object\", \
              \"properties\": {\"city\": {\"type\": \"string\"}}}}}\n</tools>\n\
-             Answer with <tool_call>{\"name\": <name>, \"arguments\": <args>}</tool_call>.<|im_end|>\n\
+             For each call return a JSON object with the function name and arguments within \
+             <tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \
+             \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n\
              <|im_start|>user\nWeather in Paris?<|im_end|>\n\
              <|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<|im_end|>\n\
              <|im_start|>user\n<tool_response>\n18 C\n</tool_response><|im_end|>\n\

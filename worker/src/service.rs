@@ -67,9 +67,11 @@ impl WorkerServiceImpl {
         // messages): a caller that reaches the worker directly gets no more.
         // (The request id was checked on arrival, before it was escaped.)
         let controls = controls(&req);
-        let messages = chat_messages(req.messages);
-        self.limits
-            .check_prompt_or_messages(&req.prompt, &roles_and_contents(&messages))?;
+        let messages: Vec<ChatMessage> = req.messages.into_iter().map(ChatMessage::from).collect();
+        self.limits.check_prompt_or_messages(
+            &req.prompt,
+            &nanoinfer_vocab::roles_and_contents(&messages),
+        )?;
         limits::check_tools(&req.tools)?;
         limits::check_grammar(&req.grammar, &req.json_schema)?;
         if !req.tools.is_empty() {
@@ -532,9 +534,9 @@ impl WorkerService for WorkerServiceImpl {
         request: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
         let req = request.into_inner();
-        let messages = chat_messages(req.messages);
+        let messages: Vec<ChatMessage> = req.messages.into_iter().map(ChatMessage::from).collect();
         self.limits
-            .check_prompt_or_messages(&req.text, &roles_and_contents(&messages))
+            .check_prompt_or_messages(&req.text, &nanoinfer_vocab::roles_and_contents(&messages))
             .map_err(|e| WorkerError::from(e).status(""))?;
         limits::check_tools(&req.tools).map_err(|e| WorkerError::from(e).status(""))?;
         let tools: Option<serde_json::Value> = match req.tools.is_empty() {
@@ -604,36 +606,6 @@ pub fn check_token_ids(ids: &[i32], n_vocab: i32) -> Result<Vec<LlamaToken>, Fie
         });
     }
     Ok(ids.iter().map(|&id| LlamaToken(id)).collect())
-}
-
-/// The wire's chat messages as the template code takes them.
-fn chat_messages(messages: Vec<nanoinfer_proto::worker::ChatMessage>) -> Vec<ChatMessage> {
-    messages
-        .into_iter()
-        .map(|m| ChatMessage {
-            role: m.role,
-            content: m.content,
-            tool_calls: m
-                .tool_calls
-                .into_iter()
-                .map(|c| nanoinfer_vocab::ToolCall {
-                    id: c.id,
-                    name: c.name,
-                    arguments: c.arguments,
-                })
-                .collect(),
-            tool_call_id: m.tool_call_id,
-            name: m.name,
-        })
-        .collect()
-}
-
-/// `(role, content)` of each message, for the shared limit checks.
-fn roles_and_contents(messages: &[ChatMessage]) -> Vec<(&str, &str)> {
-    messages
-        .iter()
-        .map(|m| (m.role.as_str(), m.content.as_str()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -373,8 +373,9 @@ async fn begin(
         .await
         .map_err(|status| {
             let mut e = ApiError::from_status(&status);
-            // With tools, the schema the worker refused is theirs.
-            if shape.tools && e.param.as_deref() == Some("response_format") {
+            // With tools, the schema (or, in a template's own format, the
+            // grammar) the worker refused is theirs.
+            if shape.tools && matches!(e.param.as_deref(), Some("response_format" | "grammar")) {
                 e.param = Some("tools".into());
             }
             e.into_response()

@@ -398,9 +398,9 @@ pub fn parse_request_for(
 }
 
 /// `messages`: roles and text contents (a string, or a list of text parts).
-/// The conversation. `structured`: tool calls and tool results stay
-/// structured for a chat template that renders them; otherwise they are
-/// written in the generic format's words.
+/// `structured`: tool calls and tool results stay structured for a chat
+/// template that renders them; otherwise they are written in the generic
+/// format's words.
 pub(crate) fn chat_messages(
     value: Option<&Value>,
     structured: bool,

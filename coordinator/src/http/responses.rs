@@ -544,39 +544,14 @@ fn events(
                             (call, done, seq, opened, true),
                         ))
                     }
-                    None if done.tools.is_some() => {
-                        for (k, item) in output_items(&id, &done).into_iter().enumerate() {
-                            tool_events(&mut out, &mut seq, k, item);
-                        }
-                        let r = response_object(&id, created, &done, "completed");
-                        let kind = if r["status"] == "incomplete" {
-                            "response.incomplete"
-                        } else {
-                            "response.completed"
-                        };
-                        out.push(sse(&mut seq, json!({"type": kind, "response": r})));
-                        Some((
-                            Ok(Bytes::from(out.concat())),
-                            (call, done, seq, opened, true),
-                        ))
-                    }
                     None => {
-                        out.push(sse(
-                            &mut seq,
-                            json!({"type": "response.output_text.done", "item_id": item_id,
-                        "output_index": 0, "content_index": 0, "text": done.text, "logprobs": []}),
-                        ));
-                        out.push(sse(
-                            &mut seq,
-                            json!({"type": "response.content_part.done", "item_id": item_id,
-                        "output_index": 0, "content_index": 0,
-                        "part": {"type": "output_text", "text": done.text, "annotations": []}}),
-                        ));
-                        out.push(sse(
-                            &mut seq,
-                            json!({"type": "response.output_item.done", "output_index": 0,
-                        "item": message_item(&id, &done.text, "completed")}),
-                        ));
+                        if done.tools.is_some() {
+                            for (k, item) in output_items(&id, &done).into_iter().enumerate() {
+                                tool_events(&mut out, &mut seq, k, item);
+                            }
+                        } else {
+                            text_done_events(&mut out, &mut seq, &id, &done.text);
+                        }
                         let r = response_object(&id, created, &done, "completed");
                         let kind = if r["status"] == "incomplete" {
                             "response.incomplete"
@@ -593,6 +568,27 @@ fn events(
             }
         },
     )
+}
+
+/// The closing events of the streamed text message (output index 0).
+fn text_done_events(out: &mut Vec<Bytes>, seq: &mut u64, id: &str, text: &str) {
+    let item_id = format!("msg_{id}");
+    out.push(sse(
+        seq,
+        json!({"type": "response.output_text.done", "item_id": item_id,
+            "output_index": 0, "content_index": 0, "text": text, "logprobs": []}),
+    ));
+    out.push(sse(
+        seq,
+        json!({"type": "response.content_part.done", "item_id": item_id,
+            "output_index": 0, "content_index": 0,
+            "part": {"type": "output_text", "text": text, "annotations": []}}),
+    ));
+    out.push(sse(
+        seq,
+        json!({"type": "response.output_item.done", "output_index": 0,
+            "item": message_item(id, text, "completed")}),
+    ));
 }
 
 #[cfg(test)]
