@@ -14,9 +14,12 @@
 //! become a system message and a schema too, and the answer `tool_calls`
 //! ([`tools`]).
 //!
-//! Bodies are read as JSON values and each field is taken with a check that
-//! names it, so a wrong type is a 400 that says which field, as every other
-//! refusal is.
+//! A body's scalar fields are deserialized into a typed struct
+//! ([`request::Body`]) whose type errors carry the field's path
+//! (`serde_path_to_error`); its structured fields (messages, tools,
+//! response_format, logit_bias, prompt) are read by functions that name the
+//! nested path they refuse (`messages[2].content[0]`). Either way a 400
+//! says which field, as every other refusal does.
 //!
 //! # Layout
 //! - this module: the routes, the key check, the small endpoints (models,
@@ -420,6 +423,50 @@ mod tests {
 
     fn param(r: Result<(InferRequest, Shape), ApiError>) -> String {
         r.expect_err("refused").param.expect("names a field")
+    }
+
+    #[test]
+    fn a_wrong_type_is_refused_by_its_path() {
+        let chat = |extra: Value| {
+            let mut body = json!({"messages": [{"role": "user", "content": "hi"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            param(parse(Kind::Chat, body))
+        };
+        assert_eq!(
+            chat(json!({"stream_options": {"include_usage": "yes"}})),
+            "stream_options.include_usage"
+        );
+        assert_eq!(chat(json!({"max_tokens": "5"})), "max_tokens");
+        assert_eq!(
+            chat(json!({"max_completion_tokens": -1})),
+            "max_completion_tokens"
+        );
+        assert_eq!(chat(json!({"temperature": "hot"})), "temperature");
+        assert_eq!(chat(json!({"stop": 3})), "stop");
+        assert_eq!(chat(json!({"stop": ["a", 1]})), "stop");
+        assert_eq!(chat(json!({"top_k": -2})), "top_k");
+        assert_eq!(chat(json!({"seed": 1.5})), "seed");
+        assert_eq!(chat(json!({"logprobs": 3})), "logprobs");
+        assert_eq!(chat(json!({"n": 1e10})), "n");
+        let completion = param(parse(
+            Kind::Completion,
+            json!({"prompt": "a", "logprobs": true}),
+        ));
+        assert_eq!(completion, "logprobs");
+        // What clients send and this server ignores is taken.
+        let (r, _) = parse(
+            Kind::Chat,
+            json!({"messages": [{"role": "user", "content": "hi"}], "user": "u1",
+                   "metadata": {"a": "b"}, "store": false, "stop": null, "seed": -1,
+                   "top_k": -1, "temperature": 1}),
+        )
+        .unwrap();
+        assert_eq!(
+            (r.seed, r.top_k, r.temperature),
+            (Some(u64::MAX), None, Some(1.0))
+        );
     }
 
     #[test]

@@ -43,26 +43,6 @@ impl<'a> Fields<'a> {
         self.0.get(key).filter(|v| !v.is_null())
     }
 
-    pub(crate) fn f32(&self, key: &str) -> Result<Option<f32>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => Ok(n.as_f64().map(|x| x as f32)),
-            Some(_) => Err(ApiError::invalid(key, "must be a number")),
-        }
-    }
-
-    pub(crate) fn u32(&self, key: &str) -> Result<Option<u32>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Number(n)) => match n.as_u64().map(u32::try_from) {
-                Some(Ok(v)) => Ok(Some(v)),
-                Some(Err(_)) => Err(ApiError::invalid(key, "is too large")),
-                None => Err(ApiError::invalid(key, "must be a non-negative integer")),
-            },
-            Some(_) => Err(ApiError::invalid(key, "must be a non-negative integer")),
-        }
-    }
-
     pub(crate) fn bool(&self, key: &str) -> Result<bool, ApiError> {
         match self.get(key) {
             None => Ok(false),
@@ -78,37 +58,80 @@ impl<'a> Fields<'a> {
             Some(_) => Err(ApiError::invalid(key, "must be a string")),
         }
     }
+}
+
+/// The scalar fields of a chat or completions body, typed: a wrong type is
+/// a 400 whose `param` is the field's path (`serde_path_to_error`), e.g.
+/// `stream_options.include_usage`. The structured fields (`messages`,
+/// `tools`, `response_format`, `logit_bias`, `prompt`) are read by their own
+/// functions, which name nested paths (`messages[2].content[0]`). Fields
+/// not listed are ignored, as OpenAI's clients send more than a server
+/// uses (`user`, `metadata`, `store`).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub(crate) struct Body {
+    model: Option<String>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<serde_json::Number>,
+    stop: Option<Stop>,
+    top_k: Option<i64>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    n: Option<u32>,
+    best_of: Option<u32>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    logprobs: Option<Logprobs>,
+    top_logprobs: Option<u32>,
+    echo: Option<bool>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+pub(crate) struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+/// `stop`: a string or a list of strings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged, expecting = "a string or a list of strings")]
+pub(crate) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `logprobs`: chat's flag, or the legacy completions' count.
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(untagged, expecting = "true/false (chat) or a count (completions)")]
+pub(crate) enum Logprobs {
+    Flag(bool),
+    Count(u32),
+}
+
+impl Body {
+    /// The typed fields of `body`, or a refusal naming the field's path.
+    pub(crate) fn from_json(body: &Value) -> Result<Self, ApiError> {
+        serde_path_to_error::deserialize(body).map_err(|e| {
+            let path = e.path().to_string();
+            ApiError::invalid(path, e.into_inner().to_string())
+        })
+    }
 
     /// `seed`: any integer OpenAI accepts (negative ones keep their bits).
-    pub(crate) fn seed(&self) -> Result<Option<u64>, ApiError> {
-        match self.get("seed") {
+    fn seed(&self) -> Result<Option<u64>, ApiError> {
+        match &self.seed {
             None => Ok(None),
-            Some(Value::Number(n)) => n
+            Some(n) => n
                 .as_u64()
                 .or_else(|| n.as_i64().map(|i| i as u64))
                 .map(Some)
                 .ok_or_else(|| ApiError::invalid("seed", "must be an integer")),
-            Some(_) => Err(ApiError::invalid("seed", "must be an integer")),
-        }
-    }
-
-    /// `stop`: a string or a list of strings.
-    pub(crate) fn stop(&self) -> Result<Vec<String>, ApiError> {
-        match self.get("stop") {
-            None => Ok(Vec::new()),
-            Some(Value::String(s)) => Ok(vec![s.clone()]),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| ApiError::invalid("stop", "must hold strings only"))
-                })
-                .collect(),
-            Some(_) => Err(ApiError::invalid(
-                "stop",
-                "must be a string or a list of strings",
-            )),
         }
     }
 }
@@ -227,22 +250,29 @@ pub fn parse_request_for(
             return Err(ApiError::invalid(key, "is not supported by this server"));
         }
     }
+    let b = Body::from_json(body)?;
     let mut request = InferRequest {
-        model: f.str("model")?.unwrap_or_default().to_string(),
-        temperature: f.f32("temperature")?,
-        top_p: f.f32("top_p")?,
-        seed: f.seed()?,
-        stop: f.stop()?,
-        // top_k = -1 is how vLLM and llama-server say "off".
-        top_k: match f.get("top_k").and_then(Value::as_i64) {
-            Some(-1) => None,
-            _ => f.u32("top_k")?,
+        model: b.model.clone().unwrap_or_default(),
+        temperature: b.temperature,
+        top_p: b.top_p,
+        seed: b.seed()?,
+        stop: match b.stop.clone() {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
         },
-        min_p: f.f32("min_p")?,
-        repetition_penalty: f.f32("repetition_penalty")?,
-        presence_penalty: f.f32("presence_penalty")?,
-        frequency_penalty: f.f32("frequency_penalty")?,
-        n: f.u32("n")?.unwrap_or(1),
+        // top_k = -1 is how vLLM and llama-server say "off".
+        top_k: match b.top_k {
+            None | Some(-1) => None,
+            Some(k) => Some(u32::try_from(k).map_err(|_| {
+                ApiError::invalid("top_k", "must be -1 (off) or a non-negative integer")
+            })?),
+        },
+        min_p: b.min_p,
+        repetition_penalty: b.repetition_penalty,
+        presence_penalty: b.presence_penalty,
+        frequency_penalty: b.frequency_penalty,
+        n: b.n.unwrap_or(1),
         logit_bias: logit_bias(f.get("logit_bias"))?,
         json_schema: response_format(f.get("response_format"))?,
         ..Default::default()
@@ -250,28 +280,24 @@ pub fn parse_request_for(
     // `best_of` is the legacy API's server-side ranking: generate more than
     // `n` and return the `n` most likely. Equal to `n` (OpenAI's default of
     // 1, as clients send it) there is nothing to rank.
-    if !matches!(f.get("best_of"), None | Some(Value::Null))
-        && f.u32("best_of")? != Some(request.n.max(1))
-    {
+    if b.best_of.is_some_and(|k| k != request.n.max(1)) {
         return Err(ApiError::invalid(
             "best_of",
             "only best_of equal to n (default 1) is supported: this server does not rank \
              extra completions (ask for n and rank them by logprobs)",
         ));
     }
-    let stream = f.bool("stream")?;
-    let include_usage = match f.get("stream_options") {
-        None => false,
-        Some(Value::Object(o)) => Fields(o).bool("include_usage").map_err(|_| {
-            ApiError::invalid("stream_options.include_usage", "must be true or false")
-        })?,
-        Some(_) => return Err(ApiError::invalid("stream_options", "must be an object")),
-    };
+    let stream = b.stream.unwrap_or(false);
+    let include_usage = b
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
     let mut echo = None;
     let mut tool_plan = None;
     match kind {
         Kind::Chat => {
-            let max = f.u32("max_completion_tokens")?.or(f.u32("max_tokens")?);
+            let max = b.max_completion_tokens.or(b.max_tokens);
             request.max_tokens = max.unwrap_or(0);
             // The client's own max_tokens is held to (vLLM's rule): a
             // prompt + max_tokens beyond the window is a 400, not a cut.
@@ -323,11 +349,17 @@ pub fn parse_request_for(
                     ),
                 }
             }
-            request.logprobs = f.bool("logprobs")?;
-            request.top_logprobs = f.u32("top_logprobs")?.unwrap_or(0);
+            request.logprobs = match b.logprobs {
+                None | Some(Logprobs::Flag(false)) => false,
+                Some(Logprobs::Flag(true)) => true,
+                Some(Logprobs::Count(_)) => {
+                    return Err(ApiError::invalid("logprobs", "must be true or false"))
+                }
+            };
+            request.top_logprobs = b.top_logprobs.unwrap_or(0);
         }
         Kind::Completion => {
-            let max = f.u32("max_tokens")?;
+            let max = b.max_tokens;
             request.max_tokens = max.unwrap_or(0);
             request.strict_max_tokens = max.is_some();
             if max == Some(0) {
@@ -371,11 +403,20 @@ pub fn parse_request_for(
                 }
             }
             // The legacy API's `logprobs` is the number of alternatives.
-            if let Some(k) = f.u32("logprobs")? {
-                request.logprobs = true;
-                request.top_logprobs = k;
+            match b.logprobs {
+                None => {}
+                Some(Logprobs::Count(k)) => {
+                    request.logprobs = true;
+                    request.top_logprobs = k;
+                }
+                Some(Logprobs::Flag(_)) => {
+                    return Err(ApiError::invalid(
+                        "logprobs",
+                        "must be a non-negative integer (the number of alternatives)",
+                    ))
+                }
             }
-            if f.bool("echo")? {
+            if b.echo.unwrap_or(false) {
                 echo = Some(request.prompt.clone());
             }
         }
