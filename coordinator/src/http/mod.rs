@@ -549,6 +549,39 @@ mod tests {
             )),
             "response_format"
         );
+        // A template with a tool section: the tools and the history's calls
+        // go to it structured, a forced call gets the template's grammar.
+        let body = json!({"messages": [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+              "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "18 C"}],
+            "tools": tools, "tool_choice": "required"});
+        let (r, s) = parse_request_for(Kind::Chat, &body, ToolFormat::Hermes).unwrap();
+        assert_eq!((s.tools, s.tool_format), (true, ToolFormat::Hermes));
+        assert!(
+            r.json_schema.is_empty() && r.grammar.contains("<tool_call>"),
+            "{}",
+            r.grammar
+        );
+        assert_eq!(r.messages.len(), 3, "no system message added");
+        assert_eq!(r.messages[1].tool_calls[0].name, "get_weather");
+        assert_eq!(
+            (r.messages[2].role.as_str(), r.messages[2].name.as_str()),
+            ("tool", "get_weather")
+        );
+        let tools_sent: Value = serde_json::from_str(&r.tools).unwrap();
+        assert_eq!(tools_sent[0]["function"]["name"], "get_weather");
+        let mut with_format = body.clone();
+        with_format["response_format"] = json!({"type": "json_object"});
+        assert_eq!(
+            param(parse_request_for(
+                Kind::Chat,
+                &with_format,
+                ToolFormat::Hermes
+            )),
+            "response_format"
+        );
         assert_eq!(
             param(parse(
                 Kind::Chat,

@@ -312,26 +312,19 @@ pub fn parse_request_for(
             )?;
             let own_format = tool_plan.is_some() && format != ToolFormat::None;
             request.messages = chat_messages(f.get("messages"), own_format)?;
+            if tool_plan.is_some() && !request.json_schema.is_empty() {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "cannot be combined with tools (the answer is already constrained to \
+                     tool calls); send one of them",
+                ));
+            }
             if let (Some(plan), true) = (&tool_plan, own_format) {
                 // The model's template renders the tools and the history's
                 // calls itself; a forced call is held to its own format.
-                if !request.json_schema.is_empty() {
-                    return Err(ApiError::invalid(
-                        "response_format",
-                        "cannot be combined with tools (the answer is already constrained to \
-                         tool calls); send one of them",
-                    ));
-                }
                 request.tools = plan.openai_tools().to_string();
                 request.grammar = plan.grammar(format).unwrap_or_default();
             } else if let Some(plan) = &tool_plan {
-                if !request.json_schema.is_empty() {
-                    return Err(ApiError::invalid(
-                        "response_format",
-                        "cannot be combined with tools (the answer is already constrained to \
-                         tool calls); send one of them",
-                    ));
-                }
                 request.json_schema = plan.schema().to_string();
                 // The tools described after the caller's own system text.
                 let instructions = plan.instructions();
