@@ -83,14 +83,7 @@ async fn worker_tokens(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_prompts_have_the_same_token_ids_in_coordinator_and_worker() {
     let etcd = Etcd::start().await;
-    let template = common::hermes_style_template();
-    let mut worker = start_worker_with(
-        &etcd,
-        "w1",
-        &chat_model_path(),
-        &["--chat-template-file", template.to_str().unwrap()],
-    )
-    .await;
+    let mut worker = common::start_hermes_style_worker(&etcd, "w1", &[]).await;
     let mut client = worker_client(&mut worker).await;
     let tokenizer = tokenizer_of(&mut client, "smollm2").await;
     assert_eq!(tokenizer.tool_format(), nanoinfer_vocab::ToolFormat::Hermes);

@@ -633,19 +633,8 @@ async fn what_clients_send_first_is_taken() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_template_with_a_tool_section_renders_tools_and_its_calls_are_read() {
     let etcd = Etcd::start().await;
-    let template = common::hermes_style_template();
-    let mut worker = start_worker_with(
-        &etcd,
-        "w1",
-        &chat_model_path(),
-        &[
-            "--model-name",
-            "smollm2",
-            "--chat-template-file",
-            template.to_str().unwrap(),
-        ],
-    )
-    .await;
+    let mut worker =
+        common::start_hermes_style_worker(&etcd, "w1", &["--model-name", "smollm2"]).await;
     worker
         .wait_for_line("tool_format=\"hermes\"", Duration::from_secs(5))
         .await;

@@ -468,10 +468,10 @@ async fn kv_blocks(
 ) -> Arc<[u64]> {
     let prompt = params.prompt.clone();
     let messages = params.messages.clone();
-    let tools: Option<serde_json::Value> = match params.tools.is_empty() {
-        true => None,
-        false => serde_json::from_str(&params.tools).ok(),
-    };
+    // Checked when the request was validated.
+    let tools = nanoinfer_proto::limits::check_tools(&params.tools)
+        .ok()
+        .flatten();
     tokio::task::spawn_blocking(move || {
         let tokens = if messages.is_empty() {
             tokenizer.prompt(&prompt)

@@ -286,20 +286,29 @@ pub fn check_json_schema(schema: &str) -> Result<(), FieldError> {
 pub const MAX_TOOLS_BYTES: usize = 256 * 1024;
 
 /// `tools`: empty (none), or at most [`MAX_TOOLS_BYTES`] of JSON holding
-/// an array of objects.
-pub fn check_tools(tools: &str) -> Result<(), FieldError> {
+/// an array of objects, which is returned parsed (what the chat template
+/// is handed).
+pub fn check_tools(tools: &str) -> Result<Option<serde_json::Value>, FieldError> {
     if tools.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     if tools.len() > MAX_TOOLS_BYTES {
-        return refuse(
-            "tools",
-            format!("is {} bytes; the limit is {MAX_TOOLS_BYTES}", tools.len()),
-        );
+        return Err(FieldError {
+            field: "tools",
+            message: format!("is {} bytes; the limit is {MAX_TOOLS_BYTES}", tools.len()),
+        });
     }
     match serde_json::from_str::<serde_json::Value>(tools) {
-        Ok(serde_json::Value::Array(a)) if a.iter().all(serde_json::Value::is_object) => Ok(()),
-        _ => refuse("tools", "must be a JSON array of tool objects"),
+        Ok(v @ serde_json::Value::Array(_))
+            if v.as_array()
+                .is_some_and(|a| a.iter().all(serde_json::Value::is_object)) =>
+        {
+            Ok(Some(v))
+        }
+        _ => Err(FieldError {
+            field: "tools",
+            message: "must be a JSON array of tool objects".into(),
+        }),
     }
 }
 

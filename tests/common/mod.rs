@@ -715,6 +715,15 @@ pub async fn tls_channel(
 /// own template has none), for a worker's `--chat-template-file`.
 pub const HERMES_STYLE: &str = include_str!("../fixtures/hermes-style.jinja");
 
+/// A worker on the chat model started with [`HERMES_STYLE`] as its
+/// `--chat-template-file`, and `extra` arguments.
+pub async fn start_hermes_style_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
+    let template = hermes_style_template();
+    let mut args = vec!["--chat-template-file", template.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    start_worker_with(etcd, id, &chat_model_path(), &args).await
+}
+
 /// [`HERMES_STYLE`] in a file of this test process.
 pub fn hermes_style_template() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("nanoinfer-hermes-{}", std::process::id()));

@@ -72,7 +72,7 @@ impl WorkerServiceImpl {
             &req.prompt,
             &nanoinfer_vocab::roles_and_contents(&messages),
         )?;
-        limits::check_tools(&req.tools)?;
+        let tools = limits::check_tools(&req.tools)?;
         limits::check_grammar(&req.grammar, &req.json_schema)?;
         if !req.tools.is_empty() {
             if messages.is_empty() {
@@ -103,10 +103,6 @@ impl WorkerServiceImpl {
         let text = req.prompt;
         let schema = req.json_schema;
         let lark = req.grammar;
-        let tools: Option<serde_json::Value> = match req.tools.is_empty() {
-            true => None,
-            false => serde_json::from_str(&req.tools).ok(),
-        };
         let (prompt, grammar) = tokio::task::spawn_blocking(move || {
             // The constraint first: a refused one costs no tokenizing.
             let grammar = if !schema.is_empty() {
@@ -538,11 +534,7 @@ impl WorkerService for WorkerServiceImpl {
         self.limits
             .check_prompt_or_messages(&req.text, &nanoinfer_vocab::roles_and_contents(&messages))
             .map_err(|e| WorkerError::from(e).status(""))?;
-        limits::check_tools(&req.tools).map_err(|e| WorkerError::from(e).status(""))?;
-        let tools: Option<serde_json::Value> = match req.tools.is_empty() {
-            true => None,
-            false => serde_json::from_str(&req.tools).ok(),
-        };
+        let tools = limits::check_tools(&req.tools).map_err(|e| WorkerError::from(e).status(""))?;
         let model = self.model.clone();
         let (text, add_special) = (req.text, req.add_special);
         // Off the runtime: a prompt may be a megabyte.
