@@ -31,7 +31,7 @@ pub const RETRY_AFTER_SECONDS: u64 = 1;
 
 /// The trailer naming the refused field of an INVALID_ARGUMENT (the HTTP
 /// API's `param`).
-pub const INVALID_FIELD_HEADER: &str = "x-nanoinfer-invalid-field";
+pub use nanoinfer_proto::limits::INVALID_FIELD_HEADER;
 
 /// Why an `Infer` call failed.
 #[derive(Debug, thiserror::Error)]
@@ -162,12 +162,10 @@ impl CoordinatorError {
         };
         let field = match &self {
             Self::InvalidArgument { field, .. } => Some(*field),
-            // A worker's refusal starts with the field it names.
-            Self::Upstream { status, .. } if code == Code::InvalidArgument => status
-                .message()
-                .split_once(": ")
-                .and_then(|(f, _)| nanoinfer_proto::limits::FIELDS.iter().find(|k| **k == f))
-                .copied(),
+            // The worker names the field it refused in the status's metadata.
+            Self::Upstream { status, .. } if code == Code::InvalidArgument => {
+                nanoinfer_proto::limits::invalid_field(status)
+            }
             _ => None,
         };
         let mut status = match request_id {
@@ -235,16 +233,19 @@ mod tests {
             worker: "w1".into(),
             status: Status::invalid_argument("prompt: too long"),
         };
-        assert_eq!(
-            bad_prompt.into_status(Some("r")).message(),
-            "request r: prompt: too long"
-        );
+        let status = bad_prompt.into_status(Some("r"));
+        assert_eq!(status.message(), "request r: prompt: too long");
+        // The field comes from the worker's metadata, never from its text.
+        assert!(status.metadata().get(INVALID_FIELD_HEADER).is_none());
         // The worker's reason code is passed on, with the field it names.
         let mut worker = Status::invalid_argument("messages: the context window is 8 tokens");
         worker.metadata_mut().insert(
             nanoinfer_proto::limits::ERROR_CODE_HEADER,
             MetadataValue::from_static("context_length_exceeded"),
         );
+        worker
+            .metadata_mut()
+            .insert(INVALID_FIELD_HEADER, MetadataValue::from_static("messages"));
         let status = CoordinatorError::Upstream {
             worker: "w1".into(),
             status: worker,

@@ -40,6 +40,18 @@ pub const FIELDS: &[&str] = &[
     "grammar",
 ];
 
+/// Status metadata naming the refused field of an `INVALID_ARGUMENT` (the
+/// HTTP API's `param`): set by the worker and passed on by the coordinator,
+/// so no process reads a field back out of a message's text.
+pub const INVALID_FIELD_HEADER: &str = "x-nanoinfer-invalid-field";
+
+/// The refused field `status` carries in [`INVALID_FIELD_HEADER`], if it
+/// is one of [`FIELDS`].
+pub fn invalid_field(status: &tonic::Status) -> Option<&'static str> {
+    let field = status.metadata().get(INVALID_FIELD_HEADER)?.to_str().ok()?;
+    FIELDS.iter().find(|f| **f == field).copied()
+}
+
 /// Status metadata naming why a request was refused, where a client API
 /// has a code for it (the OpenAI error's `code`).
 pub const ERROR_CODE_HEADER: &str = "x-nanoinfer-error-code";

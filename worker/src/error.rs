@@ -2,7 +2,7 @@
 //!
 //! | error | code |
 //! |---|---|
-//! | a field out of range | `INVALID_ARGUMENT` (the message starts with the field) |
+//! | a field out of range | `INVALID_ARGUMENT` (the message starts with the field, and `x-nanoinfer-invalid-field` names it) |
 //! | the prompt does not fit the context window | `INVALID_ARGUMENT` naming `prompt` or `messages`, with `x-nanoinfer-error-code: context_length_exceeded` |
 //! | queue full, or no room in the KV cache | `RESOURCE_EXHAUSTED` |
 //! | shutting down, or waited past `--queue-timeout` | `UNAVAILABLE` |
@@ -83,6 +83,12 @@ impl WorkerError {
             format!("{self} (request_id {request_id})")
         };
         let mut status = Status::new(self.code(), message);
+        if let Self::InvalidArgument { field, .. } | Self::ContextLength { field, .. } = self {
+            status.metadata_mut().insert(
+                nanoinfer_proto::limits::INVALID_FIELD_HEADER,
+                tonic::metadata::MetadataValue::from_static(field),
+            );
+        }
         if let Self::ContextLength { .. } = self {
             status.metadata_mut().insert(
                 nanoinfer_proto::limits::ERROR_CODE_HEADER,
@@ -119,6 +125,10 @@ mod tests {
         let status = WorkerError::invalid("resume_token_ids", "bad").status("r");
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("resume_token_ids"));
+        assert_eq!(
+            nanoinfer_proto::limits::invalid_field(&status),
+            Some("resume_token_ids")
+        );
         assert_eq!(nanoinfer_proto::limits::error_code(&status), None);
         let status = WorkerError::ContextLength {
             field: "messages",
@@ -127,6 +137,10 @@ mod tests {
         .status("r");
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().starts_with("messages: too long"));
+        assert_eq!(
+            nanoinfer_proto::limits::invalid_field(&status),
+            Some("messages")
+        );
         assert_eq!(
             nanoinfer_proto::limits::error_code(&status),
             Some("context_length_exceeded")

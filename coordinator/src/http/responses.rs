@@ -316,19 +316,19 @@ fn output_items(id: &str, d: &Done) -> Vec<Value> {
         &format!("{id}_0"),
         format,
     );
-    let text = m["content"].as_str().unwrap_or_default();
-    let Some(calls) = m["tool_calls"].as_array() else {
+    let text = m.content.as_deref().unwrap_or_default();
+    if m.tool_calls.is_empty() {
         return vec![message_item(id, text, "completed")];
-    };
+    }
     let mut out = Vec::new();
     if !text.is_empty() {
         out.push(message_item(id, text, "completed"));
     }
-    for (k, c) in calls.iter().enumerate() {
+    for (k, c) in m.tool_calls.iter().enumerate() {
         out.push(
             json!({"type": "function_call", "id": format!("fc_{id}_{k}"),
-            "call_id": c["id"], "name": c["function"]["name"],
-            "arguments": c["function"]["arguments"], "status": "completed"}),
+            "call_id": c.id, "name": c.function.name,
+            "arguments": c.function.arguments, "status": "completed"}),
         );
     }
     out

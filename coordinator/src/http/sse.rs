@@ -82,14 +82,12 @@ impl Events {
                 self.done = true;
                 let mut tail = Vec::new();
                 if self.shape.include_usage {
-                    tail.extend_from_slice(&event(&json!({
-                        "id": self.id,
-                        "object": self.object(),
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": usage(&self.choices),
-                    })));
+                    let last: Chunk = Envelope {
+                        choices: Vec::new(),
+                        usage: Some(Some(usage(&self.choices))),
+                        ..self.envelope()
+                    };
+                    tail.extend_from_slice(&event(&to_value(&last)));
                 }
                 tail.extend_from_slice(DONE);
                 Poll::Ready(Some(Bytes::from(tail)))
@@ -112,6 +110,7 @@ impl Events {
         if i >= self.choices.len() {
             return Bytes::new();
         }
+        let offset = self.choices[i].text.len();
         self.choices[i].add(m);
         let finish = (m.finish_reason != FinishReason::Unspecified as i32)
             .then(|| finish_reason(m.finish_reason));
@@ -119,57 +118,64 @@ impl Events {
             return self.tool_chunks(i, finish);
         }
         let first = !std::mem::replace(&mut self.opened[i], true);
-        let choice = match self.shape.kind {
+        match self.shape.kind {
             Kind::Chat => {
-                let mut delta = Map::new();
-                if first {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if !m.token.is_empty() || (first && finish.is_none()) {
-                    delta.insert("content".into(), json!(m.token));
-                }
-                let logprobs = m.logprob.map(|lp| {
-                    json!({"content": [{
-                        "token": m.token, "logprob": lp, "bytes": m.token.as_bytes(),
-                        "top_logprobs": top_entries(&m.top_logprobs),
-                    }]})
-                });
-                json!({"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                let delta = Delta {
+                    role: first.then_some("assistant"),
+                    content: (!m.token.is_empty() || (first && finish.is_none()))
+                        .then(|| m.token.clone()),
+                    tool_calls: Vec::new(),
+                };
+                self.wrap(ChunkChoice {
+                    index: i,
+                    delta,
+                    logprobs: token_logprobs(m),
+                    finish_reason: finish,
+                })
             }
             Kind::Completion => {
-                let echo = if first {
-                    self.shape.echo.as_deref().unwrap_or("")
+                let echo = self.shape.echo.as_deref().unwrap_or("");
+                let (echo, offset) = if first {
+                    (echo, offset + echo.len())
                 } else {
-                    ""
+                    ("", offset + echo.len())
                 };
-                let logprobs = m.logprob.map(|lp| {
-                    let top: Map<String, Value> = m
-                        .top_logprobs
-                        .iter()
-                        .map(|t| (t.token.clone(), json!(t.logprob)))
-                        .collect();
-                    json!({"tokens": [m.token], "token_logprobs": [lp], "top_logprobs": [top]})
+                let logprobs = m.logprob.map(|lp| TextLogprobs {
+                    tokens: vec![m.token.clone()],
+                    token_logprobs: vec![lp],
+                    top_logprobs: vec![top_map(&m.top_logprobs)],
+                    text_offset: vec![offset],
                 });
-                json!({"index": i, "text": format!("{echo}{}", m.token), "logprobs": logprobs, "finish_reason": finish})
+                self.wrap(TextChoice {
+                    index: i,
+                    text: format!("{echo}{}", m.token),
+                    logprobs,
+                    finish_reason: finish,
+                })
             }
-        };
-        self.wrap(choice)
+        }
     }
 
-    /// One chunk event holding `choice` (`usage` null when a usage chunk
-    /// comes last).
-    pub(crate) fn wrap(&self, choice: Value) -> Bytes {
-        let mut chunk = json!({
-            "id": self.id,
-            "object": self.object(),
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        });
-        if self.shape.include_usage {
-            chunk["usage"] = Value::Null;
+    /// The fields every chunk of this stream shares, with no choice.
+    fn envelope<C>(&self) -> Envelope<C> {
+        Envelope {
+            id: self.id.clone(),
+            object: self.object(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: Vec::new(),
+            // Every chunk before the usage chunk carries `usage: null`.
+            usage: self.shape.include_usage.then_some(None),
         }
-        event(&chunk)
+    }
+
+    /// One chunk event holding `choice`.
+    pub(crate) fn wrap<C: serde::Serialize>(&self, choice: C) -> Bytes {
+        let chunk = Envelope {
+            choices: vec![choice],
+            ..self.envelope()
+        };
+        event(&to_value(&chunk))
     }
 
     /// With tools: nothing until choice `i` finishes (its answer is one
@@ -188,18 +194,21 @@ impl Events {
             self.shape.tool_format,
         );
         let mut out = Vec::new();
-        let chunk = |delta: Value, finish: Option<&str>| {
-            self.wrap(
-                json!({"index": i, "delta": delta, "logprobs": null, "finish_reason": finish}),
-            )
+        let chunk = |delta: Delta, finish: Option<&'static str>| {
+            self.wrap(ChunkChoice {
+                index: i,
+                delta,
+                logprobs: None,
+                finish_reason: finish,
+            })
         };
         for (k, mut delta) in deltas.into_iter().enumerate() {
             if k == 0 {
-                delta["role"] = json!("assistant");
+                delta.role = Some("assistant");
             }
             out.extend_from_slice(&chunk(delta, None));
         }
-        out.extend_from_slice(&chunk(json!({}), finish));
+        out.extend_from_slice(&chunk(Delta::default(), finish));
         Bytes::from(out)
     }
 }

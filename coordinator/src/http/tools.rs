@@ -21,8 +21,9 @@
 //! [`read_calls`].
 
 use nanoinfer_vocab::ToolFormat;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
+use super::response::{AssistantMessage, Delta, FunctionDelta, ToolCall, ToolCallDelta};
 use super::ApiError;
 
 /// Most calls in one answer when `parallel_tool_calls` is on (the default).
@@ -444,9 +445,8 @@ pub fn structured_calls(calls: &Value) -> Vec<nanoinfer_proto::nanoinfer::ToolCa
 /// What the model's answer (the constrained JSON) says.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Answer {
-    /// OpenAI `tool_calls` entries (`id`, `type`, `function.name`,
-    /// `function.arguments` as JSON text).
-    Calls(Vec<Value>),
+    /// OpenAI `tool_calls` entries.
+    Calls(Vec<ToolCall>),
     /// A plain answer (`content`).
     Text(String),
 }
@@ -466,11 +466,11 @@ pub fn read_answer(text: &str, id_base: &str) -> Option<Answer> {
     for (k, c) in calls.iter().enumerate() {
         let name = c.get("name")?.as_str()?;
         let arguments = c.get("arguments").cloned().unwrap_or_else(|| json!({}));
-        out.push(json!({
-            "id": format!("call_{id_base}_{k}"),
-            "type": "function",
-            "function": {"name": name, "arguments": arguments.to_string()},
-        }));
+        out.push(ToolCall::function(
+            format!("call_{id_base}_{k}"),
+            name,
+            arguments.to_string(),
+        ));
     }
     Some(Answer::Calls(out))
 }
@@ -482,23 +482,26 @@ pub fn message(
     finish: Option<&'static str>,
     id_base: &str,
     format: ToolFormat,
-) -> (Value, Option<&'static str>) {
+) -> (AssistantMessage, Option<&'static str>) {
+    let calls = |content: Option<String>, tool_calls: Vec<ToolCall>| AssistantMessage {
+        role: "assistant",
+        content,
+        tool_calls,
+    };
     if format != ToolFormat::None {
         return match (finish, read_calls(format, text, id_base)) {
-            (Some("stop"), Some((content, calls))) => (
-                json!({"role": "assistant", "content": content, "tool_calls": calls}),
-                Some("tool_calls"),
-            ),
-            _ => (json!({"role": "assistant", "content": text}), finish),
+            (Some("stop"), Some((content, tool_calls))) => {
+                (calls(content, tool_calls), Some("tool_calls"))
+            }
+            _ => (AssistantMessage::text(text), finish),
         };
     }
     match (finish, read_answer(text, id_base)) {
-        (Some("stop"), Some(Answer::Calls(calls))) => (
-            json!({"role": "assistant", "content": null, "tool_calls": calls}),
-            Some("tool_calls"),
-        ),
-        (_, Some(Answer::Text(t))) => (json!({"role": "assistant", "content": t}), finish),
-        _ => (json!({"role": "assistant", "content": text}), finish),
+        (Some("stop"), Some(Answer::Calls(tool_calls))) => {
+            (calls(None, tool_calls), Some("tool_calls"))
+        }
+        (_, Some(Answer::Text(t))) => (AssistantMessage::text(t), finish),
+        _ => (AssistantMessage::text(text), finish),
     }
 }
 
@@ -511,30 +514,40 @@ pub fn deltas(
     finish: Option<&'static str>,
     id_base: &str,
     format: ToolFormat,
-) -> (Vec<Value>, Option<&'static str>) {
+) -> (Vec<Delta>, Option<&'static str>) {
     let (message, finish) = message(text, finish, id_base, format);
+    let content = |c: String| Delta {
+        content: Some(c),
+        ..Delta::default()
+    };
+    let call = |piece: ToolCallDelta| Delta {
+        tool_calls: vec![piece],
+        ..Delta::default()
+    };
+    if message.tool_calls.is_empty() {
+        return (vec![content(message.content.unwrap_or_default())], finish);
+    }
     let mut out = Vec::new();
-    match message.get("tool_calls") {
-        Some(Value::Array(calls)) => {
-            if let Some(Value::String(c)) = message.get("content") {
-                out.push(json!({"content": c}));
-            }
-            for (k, c) in calls.iter().enumerate() {
-                let f = &c["function"];
-                out.push(json!({"tool_calls": [{
-                    "index": k, "id": c["id"], "type": "function",
-                    "function": {"name": f["name"], "arguments": ""},
-                }]}));
-                out.push(json!({"tool_calls": [{
-                    "index": k, "function": {"arguments": f["arguments"]},
-                }]}));
-            }
-        }
-        _ => {
-            let mut d = Map::new();
-            d.insert("content".into(), message["content"].clone());
-            out.push(Value::Object(d));
-        }
+    out.extend(message.content.map(content));
+    for (k, c) in message.tool_calls.into_iter().enumerate() {
+        out.push(call(ToolCallDelta {
+            index: k,
+            id: Some(c.id),
+            kind: Some(c.kind),
+            function: FunctionDelta {
+                name: Some(c.function.name),
+                arguments: String::new(),
+            },
+        }));
+        out.push(call(ToolCallDelta {
+            index: k,
+            id: None,
+            kind: None,
+            function: FunctionDelta {
+                name: None,
+                arguments: c.function.arguments,
+            },
+        }));
     }
     (out, finish)
 }
@@ -547,7 +560,7 @@ pub fn read_calls(
     format: ToolFormat,
     text: &str,
     id_base: &str,
-) -> Option<(Option<String>, Vec<Value>)> {
+) -> Option<(Option<String>, Vec<ToolCall>)> {
     let (content, objects): (&str, Vec<Value>) = match format {
         ToolFormat::None => return None,
         ToolFormat::Hermes => {
@@ -602,11 +615,11 @@ pub fn read_calls(
             Value::String(s) => s,
             v => v.to_string(),
         };
-        calls.push(json!({
-            "id": format!("call_{id_base}_{k}"),
-            "type": "function",
-            "function": {"name": name, "arguments": arguments},
-        }));
+        calls.push(ToolCall::function(
+            format!("call_{id_base}_{k}"),
+            name,
+            arguments,
+        ));
     }
     let content = content.trim();
     Some(((!content.is_empty()).then(|| content.to_string()), calls))
@@ -628,6 +641,7 @@ fn json_sequence(text: &str, sep: char) -> Option<Vec<Value>> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::response::to_value;
     use super::*;
 
     fn weather() -> Value {
@@ -737,6 +751,7 @@ mod tests {
     fn answers_become_tool_calls_or_content() {
         let text = r#"{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}"#;
         let (m, finish) = message(text, Some("stop"), "r1_0", ToolFormat::None);
+        let m = to_value(&m);
         assert_eq!(finish, Some("tool_calls"));
         assert_eq!(m["content"], Value::Null);
         let call = &m["tool_calls"][0];
@@ -749,6 +764,7 @@ mod tests {
             "r",
             ToolFormat::None,
         );
+        let m = to_value(&m);
         assert_eq!((m["content"].as_str(), finish), (Some("Hi!"), Some("stop")));
         // Cut by max_tokens: the text as it is, finish length.
         let (m, finish) = message(
@@ -758,9 +774,11 @@ mod tests {
             ToolFormat::None,
         );
         assert_eq!(finish, Some("length"));
+        let m = to_value(&m);
         assert_eq!(m["content"], r#"{"tool_calls": [{"na"#);
         // Streamed: name first, then the arguments.
         let (d, finish) = deltas(text, Some("stop"), "r1_0", ToolFormat::None);
+        let d: Vec<Value> = d.iter().map(to_value).collect();
         assert_eq!(finish, Some("tool_calls"));
         assert_eq!(d.len(), 2);
         assert_eq!(d[0]["tool_calls"][0]["function"]["name"], "get_weather");
@@ -798,8 +816,11 @@ mod tests {
     #[test]
     fn each_template_family_is_read_from_its_own_format() {
         let weather = |k: usize| {
-            json!({"id": format!("call_r_{k}"), "type": "function",
-                   "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}})
+            ToolCall::function(
+                format!("call_r_{k}"),
+                "get_weather",
+                "{\"city\":\"Paris\"}".into(),
+            )
         };
         // Hermes / Qwen: text before the blocks is content.
         let hermes = "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
@@ -854,16 +875,35 @@ mod tests {
         // max_tokens it stays text.
         let (m, finish) = message(hermes, Some("stop"), "r", ToolFormat::Hermes);
         assert_eq!(finish, Some("tool_calls"));
-        assert_eq!(m["content"], "Let me look.");
-        assert_eq!(m["tool_calls"][1]["id"], "call_r_1");
+        assert_eq!(m.content.as_deref(), Some("Let me look."));
+        assert_eq!(m.tool_calls[1].id, "call_r_1");
         let (m, finish) = message(hermes, Some("length"), "r", ToolFormat::Hermes);
+        assert_eq!((m.content.as_deref(), finish), (Some(hermes), Some("length")));
+        assert!(m.tool_calls.is_empty());
+        // On the wire: OpenAI's field names, `content` null beside calls.
+        let (m, _) = message(
+            "{\"tool_calls\": [{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]}",
+            Some("stop"),
+            "r",
+            ToolFormat::None,
+        );
         assert_eq!(
-            (m["content"].as_str(), finish),
-            (Some(hermes), Some("length"))
+            to_value(&m),
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_r_0", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]})
         );
         let (d, _) = deltas(hermes, Some("stop"), "r", ToolFormat::Hermes);
-        assert_eq!(d[0], json!({"content": "Let me look."}));
-        assert_eq!(d[1]["tool_calls"][0]["function"]["name"], "get_weather");
+        assert_eq!(to_value(&d[0]), json!({"content": "Let me look."}));
+        assert_eq!(
+            to_value(&d[1]),
+            json!({"tool_calls": [{"index": 0, "id": "call_r_0", "type": "function",
+                   "function": {"name": "get_weather", "arguments": ""}}]})
+        );
+        assert_eq!(
+            to_value(&d[2]),
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":\"Paris\"}"}}]})
+        );
         assert_eq!(d.len(), 5);
     }
 
