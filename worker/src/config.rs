@@ -80,6 +80,20 @@ pub struct Args {
     /// keeps a conversation warm without letting idle slots fill the cache.
     #[arg(long, env = "NANOINFER_PREFIX_CACHE_TOKENS", default_value_t = 2048)]
     pub prefix_cache_tokens: u32,
+    /// Draft-free speculation: most tokens a decoding request proposes per
+    /// step from an earlier occurrence of its latest n-gram in its own
+    /// prompt or output (prompt lookup), verified in the same batch; each
+    /// kept token is the sampler's own pick at its position. 0 (the
+    /// default) turns it off; 8 nearly doubled copy-heavy decoding here but
+    /// cost up to 13% on sampled prose at 4 streams (docs/benchmarks.md).
+    #[arg(long, env = "NANOINFER_DRAFT_MAX", default_value_t = 0)]
+    pub draft_max: u32,
+    /// Shortest n-gram looked up for a proposal (1 to --spec-ngram-max).
+    #[arg(long, env = "NANOINFER_SPEC_NGRAM_MIN", default_value_t = 2)]
+    pub spec_ngram_min: u32,
+    /// Longest n-gram looked up for a proposal (the longest match wins).
+    #[arg(long, env = "NANOINFER_SPEC_NGRAM_MAX", default_value_t = 4)]
+    pub spec_ngram_max: u32,
     /// Requests that may wait for the engine; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "NANOINFER_QUEUE", default_value_t = 16)]
     pub queue: u32,
@@ -144,6 +158,8 @@ pub struct WorkerConfig {
     pub prefill_chunk_decoding: u32,
     /// Tokens of finished sequences kept warm for prefix reuse.
     pub prefix_cache_tokens: u32,
+    /// Draft-free speculation.
+    pub spec: crate::engine::SpecConfig,
     /// Drain time on shutdown.
     pub grace_period: Duration,
     /// Longest wait in the queue.
@@ -234,6 +250,26 @@ impl Args {
                 Some(text)
             }
         };
+        if self.draft_max > 64 {
+            return Err(format!("--draft-max: {} is above 64", self.draft_max));
+        }
+        if self.spec_ngram_min == 0 || self.spec_ngram_min > self.spec_ngram_max {
+            return Err(format!(
+                "--spec-ngram-min: must be 1 to --spec-ngram-max ({}), got {}",
+                self.spec_ngram_max, self.spec_ngram_min
+            ));
+        }
+        if self.spec_ngram_max > 16 {
+            return Err(format!(
+                "--spec-ngram-max: {} is above 16",
+                self.spec_ngram_max
+            ));
+        }
+        let spec = crate::engine::SpecConfig {
+            draft_max: self.draft_max as usize,
+            ngram_min: self.spec_ngram_min as usize,
+            ngram_max: self.spec_ngram_max as usize,
+        };
         Ok(WorkerConfig {
             model: self.model,
             model_name: self.model_name,
@@ -250,6 +286,7 @@ impl Args {
             prefill_chunk: self.prefill_chunk,
             prefill_chunk_decoding: self.prefill_chunk_decoding.min(self.prefill_chunk),
             prefix_cache_tokens: self.prefix_cache_tokens,
+            spec,
             grace_period: Duration::from_secs(self.grace_period),
             queue_timeout: Duration::from_secs(self.queue_timeout),
             failpoint,

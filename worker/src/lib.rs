@@ -162,6 +162,7 @@ pub async fn run(
             threads: config.threads as i32,
             queue: config.queue,
             queue_timeout: config.queue_timeout,
+            spec: config.spec,
             failpoint: config.failpoint,
         },
         metrics.clone(),

@@ -52,6 +52,12 @@ pub struct WorkerMetrics {
     pub generation_tokens: Counter,
     /// Prompt tokens whose KV cells were reused instead of recomputed.
     pub prefix_cache_hit_tokens: Counter,
+    /// Tokens proposed by draft-free speculation.
+    pub spec_proposed_tokens: Counter,
+    /// Proposed tokens the sampler agreed with (kept).
+    pub spec_accepted_tokens: Counter,
+    /// Per request that had proposals: the share of them kept.
+    pub spec_acceptance: Histogram,
     /// Time from arrival to the first token sent.
     pub time_to_first_token: Histogram,
     /// Decode time per generated token after the first, per request.
@@ -94,6 +100,9 @@ impl Default for WorkerMetrics {
             prompt_tokens: Counter::default(),
             generation_tokens: Counter::default(),
             prefix_cache_hit_tokens: Counter::default(),
+            spec_proposed_tokens: Counter::default(),
+            spec_accepted_tokens: Counter::default(),
+            spec_acceptance: histogram(&[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]),
             time_to_first_token: histogram(LATENCY_BUCKETS),
             time_per_output_token: histogram(TOKEN_BUCKETS),
             queue_time: histogram(LATENCY_BUCKETS),
@@ -166,6 +175,21 @@ impl WorkerMetrics {
             "prefix_cache_hit_tokens",
             "Prompt tokens reused from the KV cache instead of recomputed",
             self.prefix_cache_hit_tokens.clone(),
+        );
+        r.register(
+            "spec_proposed_tokens",
+            "Tokens proposed by draft-free (n-gram) speculation",
+            self.spec_proposed_tokens.clone(),
+        );
+        r.register(
+            "spec_accepted_tokens",
+            "Proposed tokens the sampler agreed with; proposed minus accepted were rejected",
+            self.spec_accepted_tokens.clone(),
+        );
+        r.register(
+            "spec_acceptance_ratio",
+            "Per request with proposals: the share of its proposed tokens kept",
+            self.spec_acceptance.clone(),
         );
         r.register(
             "time_to_first_token_seconds",

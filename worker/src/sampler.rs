@@ -51,7 +51,8 @@
 //! and only while a penalty is on.
 //!
 //! # Layout
-//! - this module: [`Sampler`] (controls, history, penalties), [`sample_all`];
+//! - this module: [`Sampler`] (controls, history, penalties), [`sample_all`],
+//!   speculative [`Chain`]s ([`sample_chains`]);
 //! - `select`: the cuts, the draw, the log-probabilities;
 //! - `passes`: the vectorised passes over the vocabulary or a penalised view
 //!   of it.
@@ -426,11 +427,53 @@ impl Sampler {
 /// sequences of one engine step are independent, so with free cores a step
 /// with several sequences takes about 1/`threads` of the serial time.
 pub fn sample_all(work: &mut [(&mut Sampler, &[f32], Pick)], threads: usize) {
+    in_parallel(work, threads, &|(sampler, logits, pick)| {
+        *pick = sampler.pick(logits)
+    });
+}
+
+/// One sequence's picks over a speculative step: `logits[j]` are the
+/// logits after the sequence's next token and `drafts[..j]`.
+pub struct Chain<'a> {
+    /// The sequence's sampler.
+    pub sampler: &'a mut Sampler,
+    /// One row per decoded position (`drafts.len() + 1` of them).
+    pub logits: Vec<&'a [f32]>,
+    /// The proposed tokens.
+    pub drafts: Vec<u32>,
+    /// Filled by [`sample_chains`].
+    pub picks: Vec<Pick>,
+}
+
+impl Chain<'_> {
+    /// Picks position by position while the pick is the proposed token:
+    /// `picks[j]` for `j < picks.len() - 1` equal `drafts[j]`, and the last
+    /// pick is the first that differs, or the one after every proposal.
+    /// Each pick is what [`Sampler::pick`] gives without speculation (same
+    /// state, same random draw), so the kept tokens are too.
+    pub fn run(&mut self) {
+        self.picks.clear();
+        for (j, logits) in self.logits.iter().enumerate() {
+            let pick = self.sampler.pick(logits);
+            let agreed = self.drafts.get(j) == Some(&pick.token);
+            self.picks.push(pick);
+            if !agreed {
+                break;
+            }
+        }
+    }
+}
+
+/// [`Chain::run`] for every chain, split over up to `threads` threads as
+/// [`sample_all`] does.
+pub fn sample_chains(work: &mut [Chain<'_>], threads: usize) {
+    in_parallel(work, threads, &|chain| chain.run());
+}
+
+fn in_parallel<T: Send>(work: &mut [T], threads: usize, f: &(dyn Fn(&mut T) + Sync)) {
     let threads = threads.clamp(1, work.len().max(1));
     if threads == 1 {
-        for (sampler, logits, pick) in work.iter_mut() {
-            *pick = sampler.pick(logits);
-        }
+        work.iter_mut().for_each(f);
         return;
     }
     let per_thread = work.len().div_ceil(threads);
@@ -438,10 +481,10 @@ pub fn sample_all(work: &mut [(&mut Sampler, &[f32], Pick)], threads: usize) {
         let mut chunks = work.chunks_mut(per_thread);
         let mine = chunks.next();
         for chunk in chunks {
-            scope.spawn(move || sample_all(chunk, 1));
+            scope.spawn(move || chunk.iter_mut().for_each(f));
         }
         if let Some(chunk) = mine {
-            sample_all(chunk, 1);
+            chunk.iter_mut().for_each(f);
         }
     });
 }

@@ -878,7 +878,10 @@ mod tests {
         assert_eq!(m.content.as_deref(), Some("Let me look."));
         assert_eq!(m.tool_calls[1].id, "call_r_1");
         let (m, finish) = message(hermes, Some("length"), "r", ToolFormat::Hermes);
-        assert_eq!((m.content.as_deref(), finish), (Some(hermes), Some("length")));
+        assert_eq!(
+            (m.content.as_deref(), finish),
+            (Some(hermes), Some("length"))
+        );
         assert!(m.tool_calls.is_empty());
         // On the wire: OpenAI's field names, `content` null beside calls.
         let (m, _) = message(

@@ -29,6 +29,7 @@
 //! - [`step`]: one step: build the batch, decode, sample;
 //! - [`sequence`]: one sequence's sampling, stop matching, KV cells and
 //!   outbox;
+//! - [`speculate`]: draft-free speculation (prompt lookup) and its back-off;
 //! - [`outcome`]: spans, logs and metrics when a request leaves.
 
 mod outcome;
@@ -36,11 +37,13 @@ mod policy;
 mod scheduler;
 mod sequence;
 mod slots;
+mod speculate;
 mod step;
 #[cfg(test)]
 mod tests;
 
 pub use policy::{plan_step, SeqView, Work};
+pub use speculate::{propose, SpecConfig};
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -254,6 +257,8 @@ pub struct EngineConfig {
     /// How long a request may wait in the queue before it fails with
     /// [`Failure::QueueTimeout`] (so the coordinator tries elsewhere).
     pub queue_timeout: Duration,
+    /// Draft-free speculation ([`SpecConfig::OFF`]: none).
+    pub spec: SpecConfig,
     /// Test-only fault injection.
     pub failpoint: Option<Failpoint>,
 }

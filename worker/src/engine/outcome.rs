@@ -14,6 +14,12 @@ pub(super) fn retired(metrics: &WorkerMetrics, seq: &Sequence, client_left: bool
     let span = &g.span;
     let _entered = span.enter();
     let elapsed_ms = seq.admitted().elapsed().as_millis() as u64;
+    let (proposed, kept) = seq.speculation();
+    if proposed > 0 {
+        metrics
+            .spec_acceptance
+            .observe(f64::from(kept) / f64::from(proposed));
+    }
     let finish_reason = match (seq.failure(), seq.finish()) {
         (Some(failure), _) => {
             nanoinfer_telemetry::mark_span_error(span, &failure.to_string());

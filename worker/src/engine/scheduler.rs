@@ -44,7 +44,10 @@ pub(super) fn run(
     ready: oneshot::Sender<Result<u32, EngineError>>,
 ) -> Result<(), String> {
     let parallel = config.parallel.max(1);
-    let batch_capacity = config.step_tokens.max(1) + parallel;
+    // A step holds the prompt chunk and every sequence's next token with
+    // its proposals.
+    let per_sequence = 1 + config.spec.draft_max as u32;
+    let batch_capacity = config.step_tokens.max(1) + parallel * per_sequence;
     // One unified KV cache with room for every slot's full window.
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(config.ctx_size * parallel))
@@ -78,6 +81,7 @@ pub(super) fn run(
             (1 + cores.saturating_sub(config.threads.max(1) as usize)).min(parallel as usize)
         },
         kv_total: ctx.n_ctx(),
+        spec: config.spec,
         active: Vec::new(),
         queue: VecDeque::new(),
         slots: Slots::new(parallel, config.prefix_cache_tokens as usize),
@@ -121,6 +125,8 @@ pub(super) struct Scheduler<'m> {
     /// took 4.2 ms to sample either way.)
     pub(super) sample_threads: usize,
     pub(super) kv_total: u32,
+    /// Draft-free speculation settings.
+    pub(super) spec: super::SpecConfig,
     /// Running sequences, oldest first.
     pub(super) active: Vec<Sequence>,
     /// Requests waiting for a slot, oldest first. The `waiting` gauge counts

@@ -19,6 +19,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tracing::field::Empty;
 
 use super::policy::{SeqView, Work};
+use super::speculate::{propose, Adapt, SpecConfig};
 use super::{Alternative, Event, Failure, FinishReason, Generation, Job, TokenLogprobs};
 use crate::detok::Utf8Carry;
 use crate::sampler::{Logprobs, Sampler};
@@ -91,6 +92,12 @@ impl<T: Copy> Cells<T> {
     pub fn len(&self) -> usize {
         self.decoded.len() + self.staged.len()
     }
+
+    /// Drops the decoded cells from position `len` on (rejected
+    /// speculative tokens, whose cells the caller removes from the cache).
+    pub fn truncate(&mut self, len: usize) {
+        self.decoded.truncate(len);
+    }
 }
 
 pub(super) struct Sequence {
@@ -109,6 +116,13 @@ pub(super) struct Sequence {
     cells: Cells<LlamaToken>,
     /// The last sampled token, decoded in the next step.
     next: Option<LlamaToken>,
+    /// Tokens proposed this step, staged after `next` ([`super::speculate`]).
+    drafts: Vec<LlamaToken>,
+    /// When to propose again.
+    adapt: Adapt,
+    /// Tokens proposed and kept over the request.
+    proposed: u32,
+    kept: u32,
     /// Generated tokens, resumed ones included (the next token's index).
     generated: u32,
     outbox: VecDeque<Event>,
@@ -146,6 +160,10 @@ impl Sequence {
             reused,
             input,
             next: None,
+            drafts: Vec::new(),
+            adapt: Adapt::default(),
+            proposed: 0,
+            kept: 0,
             generated: 0,
             outbox: VecDeque::new(),
             finish: None,
@@ -292,15 +310,29 @@ impl Sequence {
         }
     }
 
-    /// Adds this sequence's `work` to `batch`. Returns whether its logits
-    /// will be computed (then it samples after the decode).
-    pub fn stage(&mut self, work: Work, batch: &mut LlamaBatch) -> Result<bool, BatchAddError> {
+    /// Adds this sequence's `work` to `batch`. Returns how many positions
+    /// get logits (the last ones it added): 0, 1, or with speculation
+    /// (`spec`) 1 plus the tokens proposed after the next one. `window` is
+    /// the per-sequence context window.
+    pub fn stage(
+        &mut self,
+        work: Work,
+        batch: &mut LlamaBatch,
+        spec: &SpecConfig,
+        window: u32,
+    ) -> Result<usize, BatchAddError> {
         match work {
             Work::Decode => {
                 let token = self.next.take().expect("planned decode has a token");
+                self.drafts = self.proposal(token, spec, window);
                 let pos = self.cells.stage(token);
                 batch.add(token, pos, &[self.slot], true)?;
-                Ok(true)
+                for k in 0..self.drafts.len() {
+                    let draft = self.drafts[k];
+                    let pos = self.cells.stage(draft);
+                    batch.add(draft, pos, &[self.slot], true)?;
+                }
+                Ok(1 + self.drafts.len())
             }
             Work::Prefill { from, len } => {
                 for k in from..from + len {
@@ -311,9 +343,66 @@ impl Sequence {
                     batch.add(token, pos, &[self.slot], k + 1 == self.input.len())?;
                 }
                 self.prefilled = from + len;
-                Ok(self.prefilled == self.input.len())
+                Ok(usize::from(self.prefilled == self.input.len()))
             }
         }
+    }
+
+    /// What to propose after `next` this step: none when speculation is
+    /// off or backing off, and never past what the request may still
+    /// generate or the window.
+    fn proposal(&mut self, next: LlamaToken, spec: &SpecConfig, window: u32) -> Vec<LlamaToken> {
+        if !spec.enabled() {
+            return Vec::new();
+        }
+        let g = &self.job.generation;
+        // `next` is generated token `generated - 1`; the picks after it are
+        // the request's last `max_tokens - generated`.
+        let picks_left = g.max_tokens.saturating_sub(self.generated) as usize;
+        let next_pos = self.cells.len();
+        let room = (window as usize).saturating_sub(next_pos + 1);
+        let max = spec.draft_max.min(picks_left.saturating_sub(1)).min(room);
+        let max = self.adapt.allowed(max);
+        if max == 0 {
+            return Vec::new();
+        }
+        propose(
+            self.cells.reusable(),
+            next,
+            spec.ngram_min,
+            spec.ngram_max,
+            max,
+        )
+    }
+
+    /// The tokens proposed this step (staged after the next token).
+    pub fn drafts(&self) -> &[LlamaToken] {
+        &self.drafts
+    }
+
+    /// The step's picks are handled: `kept` of this step's proposals were
+    /// kept. Returns the first KV position to remove from the sequence's
+    /// slot when some were rejected (their cells are written, but hold
+    /// tokens that are not the sequence's).
+    pub fn settle(&mut self, kept: usize) -> Option<usize> {
+        let proposed = std::mem::take(&mut self.drafts).len();
+        if proposed == 0 {
+            return None;
+        }
+        self.adapt.verified(proposed, kept);
+        self.proposed += proposed as u32;
+        self.kept += kept as u32;
+        if kept == proposed {
+            return None;
+        }
+        let end = self.cells.len() - (proposed - kept);
+        self.cells.truncate(end);
+        Some(end)
+    }
+
+    /// Tokens proposed and kept over the request.
+    pub fn speculation(&self) -> (u32, u32) {
+        (self.proposed, self.kept)
     }
 
     /// The step's decode succeeded: the staged cells are written.

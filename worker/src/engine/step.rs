@@ -19,7 +19,7 @@ use super::policy::plan_step;
 use super::scheduler::Scheduler;
 use super::sequence::Delivery;
 use super::{Failure, FinishReason};
-use crate::sampler::{sample_all, Pick, Sampler};
+use crate::sampler::{sample_chains, Chain, Pick};
 
 impl Scheduler<'_> {
     /// One step of the batch. `Err` means the engine must stop (its
@@ -62,14 +62,14 @@ impl Scheduler<'_> {
             return Ok(());
         }
 
-        // Build the batch; remember which batch index holds whose logits.
+        // Build the batch; remember which batch rows hold whose logits.
         self.batch.clear();
-        let mut sample_at: Vec<(usize, i32)> = Vec::new();
+        let mut sample_at: Vec<(usize, i32, usize)> = Vec::new();
         for &(i, work) in &plan {
             let seq = &mut self.active[i];
-            match seq.stage(work, &mut self.batch) {
-                Ok(true) => sample_at.push((i, self.batch.n_tokens() - 1)),
-                Ok(false) => {}
+            match seq.stage(work, &mut self.batch, &self.spec, self.window) {
+                Ok(0) => {}
+                Ok(rows) => sample_at.push((i, self.batch.n_tokens() - rows as i32, rows)),
                 Err(e) => {
                     let failure = Failure::Internal(format!("batch: {e}"));
                     seq.fail(failure, true);
@@ -101,57 +101,93 @@ impl Scheduler<'_> {
             self.active[i].decoded();
         }
 
-        // Sample every sequence whose logits were computed; split over
-        // spare cores when there are any and the work is worth a thread.
-        let mut logits_at: Vec<Option<i32>> = vec![None; self.active.len()];
-        for (i, idx) in sample_at {
+        // Sample every sequence whose logits were computed, position by
+        // position over its proposals; split over spare cores when there
+        // are any and the work is worth a thread.
+        let mut logits_at: Vec<Option<(i32, usize)>> = vec![None; self.active.len()];
+        for (i, first, rows) in sample_at {
             if !self.active[i].is_over() {
-                logits_at[i] = Some(idx);
+                logits_at[i] = Some((first, rows));
             }
         }
-        let picks: Vec<(usize, Pick)> = {
+        let picks: Vec<(usize, Vec<Pick>)> = {
             let ctx = &*ctx;
             let mut order = Vec::new();
-            let mut jobs: Vec<(&mut Sampler, &[f32], Pick)> = Vec::new();
+            let mut jobs: Vec<Chain> = Vec::new();
             for (i, seq) in self.active.iter_mut().enumerate() {
-                if let Some(idx) = logits_at[i] {
+                if let Some((first, rows)) = logits_at[i] {
                     order.push(i);
-                    jobs.push((seq.sampler_mut(), ctx.get_logits_ith(idx), Pick::default()));
+                    let drafts = seq.drafts().iter().map(|t| t.0 as u32).collect();
+                    jobs.push(Chain {
+                        sampler: seq.sampler_mut(),
+                        logits: (0..rows as i32)
+                            .map(|r| ctx.get_logits_ith(first + r))
+                            .collect(),
+                        drafts,
+                        picks: Vec::new(),
+                    });
                 }
             }
-            let costly = jobs.iter().filter(|(s, _, _)| !s.is_cheap()).count();
+            let costly = jobs
+                .iter()
+                .filter(|c| !c.sampler.is_cheap() || c.logits.len() > 1)
+                .count();
             let threads = if costly >= 2 { self.sample_threads } else { 1 };
-            sample_all(&mut jobs, threads);
-            let picks = jobs.into_iter().map(|(_, _, pick)| pick);
+            sample_chains(&mut jobs, threads);
+            let picks = jobs.into_iter().map(|c| c.picks);
             order.into_iter().zip(picks).collect()
         };
 
-        let vocab = self.model.vocab();
-        let metrics = &self.shared.metrics;
+        let (model, shared) = (self.model, self.shared);
+        let vocab = model.vocab();
+        let metrics = &shared.metrics;
         metrics
             .step_duration
             .observe(step_started.elapsed().as_secs_f64());
         metrics.step_tokens.observe(f64::from(step_tokens));
-        for (i, pick) in picks {
+        for (i, chain) in picks {
             let seq = &mut self.active[i];
-            let token = LlamaToken(pick.token as i32);
-            if seq.decode_started().is_none() {
-                metrics
-                    .prefill_time
-                    .observe(seq.admitted().elapsed().as_secs_f64());
-                metrics.prompt_tokens.inc_by(seq.input_len() as u64);
-            }
-            if seq.accept(token, pick.logprobs, &vocab, self.window) {
-                self.tokens_generated += 1;
-                metrics.generation_tokens.inc();
-                if seq.new_tokens() == 1 {
+            let mut taken: usize = 0;
+            for pick in chain {
+                let token = LlamaToken(pick.token as i32);
+                if seq.decode_started().is_none() {
                     metrics
-                        .time_to_first_token
-                        .observe(seq.submitted().elapsed().as_secs_f64());
+                        .prefill_time
+                        .observe(seq.admitted().elapsed().as_secs_f64());
+                    metrics.prompt_tokens.inc_by(seq.input_len() as u64);
+                }
+                taken += 1;
+                if seq.accept(token, pick.logprobs, &vocab, self.window) {
+                    self.tokens_generated += 1;
+                    metrics.generation_tokens.inc();
+                    if seq.new_tokens() == 1 {
+                        metrics
+                            .time_to_first_token
+                            .observe(seq.submitted().elapsed().as_secs_f64());
+                    }
+                }
+                if seq.is_over() {
+                    break;
                 }
             }
+            // Every pick but the last was a proposal the sampler agreed
+            // with (see `Chain::run`); the sequence may have ended sooner.
+            let proposed = seq.drafts().len();
+            let kept = taken.saturating_sub(1).min(proposed);
+            if proposed > 0 {
+                metrics.spec_proposed_tokens.inc_by(proposed as u64);
+                metrics.spec_accepted_tokens.inc_by(kept as u64);
+            }
+            self.drop_rejected(ctx, i, kept);
             // Deliver at once rather than a step later.
-            seq.flush();
+            self.active[i].flush();
+        }
+        // Proposals of sequences that did not sample (over before their
+        // logits were read) are not theirs either.
+        for i in 0..self.active.len() {
+            if !self.active[i].drafts().is_empty() {
+                self.drop_rejected(ctx, i, 0);
+            }
         }
         let used: usize = self.active.iter().map(|s| s.cells_in_use()).sum();
         metrics
@@ -165,5 +201,19 @@ impl Scheduler<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Keeps `kept` of sequence `i`'s proposals and removes the rest's KV
+    /// cells; a sequence whose cells cannot be removed fails (a later token
+    /// at those positions would sit beside the stale ones).
+    fn drop_rejected(&mut self, ctx: &mut LlamaContext<'_>, i: usize, kept: usize) {
+        let seq = &mut self.active[i];
+        let Some(from) = seq.settle(kept) else {
+            return;
+        };
+        if let Err(e) = ctx.kv_cache_seq_rm(seq.slot(), Some(from as u32), None) {
+            let failure = Failure::Internal(format!("removing rejected proposals: {e}"));
+            seq.fail(failure, true);
+        }
     }
 }

@@ -84,6 +84,7 @@ async fn controls_and_logprobs_reach_the_events() {
         threads: 2,
         queue: 8,
         queue_timeout: Duration::from_secs(60),
+        spec: SpecConfig::OFF,
         failpoint: None,
     };
     let metrics = Arc::new(WorkerMetrics::default());
