@@ -94,6 +94,13 @@ pub struct Args {
     /// Longest n-gram looked up for a proposal (the longest match wins).
     #[arg(long, env = "NANOINFER_SPEC_NGRAM_MAX", default_value_t = 4)]
     pub spec_ngram_max: u32,
+    /// What a decode step costs before its first position, in positions
+    /// (a step of N positions takes about RATIO + N position-times): the
+    /// proposals' break-even. About 1 for Gemma 3 270M on a CPU (its large
+    /// output layer makes each position dear); larger for bigger models,
+    /// whose weights dominate a step, which makes proposals pay sooner.
+    #[arg(long, env = "NANOINFER_SPEC_STEP_RATIO", default_value_t = 1.0)]
+    pub spec_step_ratio: f64,
     /// Requests that may wait for the engine; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "NANOINFER_QUEUE", default_value_t = 16)]
     pub queue: u32,
@@ -265,10 +272,17 @@ impl Args {
                 self.spec_ngram_max
             ));
         }
+        if !(0.0..=1024.0).contains(&self.spec_step_ratio) {
+            return Err(format!(
+                "--spec-step-ratio: must be 0 to 1024, got {}",
+                self.spec_step_ratio
+            ));
+        }
         let spec = crate::engine::SpecConfig {
             draft_max: self.draft_max as usize,
             ngram_min: self.spec_ngram_min as usize,
             ngram_max: self.spec_ngram_max as usize,
+            step_ratio: self.spec_step_ratio,
         };
         Ok(WorkerConfig {
             model: self.model,

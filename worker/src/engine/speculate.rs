@@ -7,11 +7,13 @@
 //! one the sampler would have picked without speculation, from the same
 //! random stream. The rejected proposals' KV cells are removed.
 //!
-//! Pure rules only (no llama.cpp state): [`propose`] and the per-sequence
-//! back-off ([`Adapt`]), unit-tested on plain values.
+//! Pure rules only (no llama.cpp state): [`propose`], when a proposed
+//! position pays ([`SpecConfig::threshold`]) and each sequence's proposal
+//! length and back-off ([`Adapt`]), unit-tested on plain values.
 
-/// Speculation settings (`--speculate`, `--draft-max`, `--spec-ngram-*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Speculation settings (`--draft-max`, `--spec-ngram-*`,
+/// `--spec-step-ratio`).
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SpecConfig {
     /// Most tokens proposed per sequence and step (0: off).
     pub draft_max: usize,
@@ -19,6 +21,15 @@ pub struct SpecConfig {
     pub ngram_max: usize,
     /// Shortest n-gram looked up.
     pub ngram_min: usize,
+    /// What a decode step costs before its first position, in positions:
+    /// a step of `rows` positions takes about `(ratio + rows) * r`. On a
+    /// CPU with a small model a position is dear (Gemma 3 270M computes its
+    /// 262,144-row output layer per position): measured here, a
+    /// 1-position step 15 ms and a 9-position step 74 ms, so about 1. A
+    /// fixed setting rather than a measurement taken while serving, so a
+    /// request's proposals (and so its batch shapes) never depend on
+    /// timing.
+    pub step_ratio: f64,
 }
 
 impl SpecConfig {
@@ -27,12 +38,32 @@ impl SpecConfig {
         draft_max: 0,
         ngram_max: 0,
         ngram_min: 0,
+        step_ratio: 1.0,
     };
+
+    /// The chance of being kept that a proposed position needs to pay for
+    /// itself in a step that decodes for `decoding` sequences: the tokens
+    /// per second it adds (`p / r`) must beat the step's own
+    /// (`decoding / ((ratio + decoding) * r)`).
+    pub fn threshold(&self, decoding: usize) -> f64 {
+        let n = decoding.max(1) as f64;
+        n / (self.step_ratio + n)
+    }
 
     /// Whether any token is ever proposed.
     pub fn enabled(&self) -> bool {
         self.draft_max > 0 && self.ngram_max >= self.ngram_min && self.ngram_min > 0
     }
+}
+
+/// What a sequence needs to decide its proposal in one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SpecStep {
+    /// The settings.
+    pub config: SpecConfig,
+    /// The chance of a keep a proposed position needs in this step
+    /// ([`SpecConfig::threshold`]).
+    pub threshold: f64,
 }
 
 /// The proposal for the context `history` followed by `last`: the tokens
@@ -67,28 +98,29 @@ pub fn propose<T: Copy + PartialEq>(
     Vec::new()
 }
 
-/// One sequence's adaptation. A proposed position costs a good part of a
-/// step (Gemma 3 270M here: a step of 9 positions took about 5 times a
-/// one-token step, its 262,144-row output layer computed for each), so a
-/// proposal pays only when most of it is kept. The length allowed starts at
-/// [`Adapt::START`], doubles (up to the limit) when a whole proposal is
-/// kept, and falls to what was kept when part of it is. After a proposal of
-/// which nothing was kept, the sequence waits 1, 2, 4 … up to
-/// [`Adapt::MAX_WAIT`] steps before proposing again, so a text with nothing
-/// to copy pays for few wasted positions; any kept token resets the wait.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One sequence's adaptation: an estimate of the chance that its next
+/// proposed token is kept (a fading count of kept tokens over tries, each
+/// proposal trying its kept tokens and the first rejected one), and from it
+/// the proposal's length: position `i` is kept with chance `p^i`, so
+/// propose while `p^i` beats the step's [`SpecConfig::threshold`]. Below
+/// the threshold it only probes with one token, and after a proposal that
+/// keeps nothing it waits 1, 2, 4 … up to [`Adapt::MAX_WAIT`] steps before
+/// the next probe, so a text with nothing to copy pays for few positions.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Adapt {
+    kept: f64,
+    tries: f64,
     misses: u32,
     wait: u32,
-    len: usize,
 }
 
 impl Default for Adapt {
     fn default() -> Self {
         Self {
+            kept: 0.0,
+            tries: 0.0,
             misses: 0,
             wait: 0,
-            len: Self::START,
         }
     }
 }
@@ -96,34 +128,48 @@ impl Default for Adapt {
 impl Adapt {
     /// Longest wait, in steps.
     pub const MAX_WAIT: u32 = 32;
-    /// The first proposal's length at most.
-    pub const START: usize = 4;
+    /// The estimate before any proposal: 3 kept of 4 tried.
+    const PRIOR: (f64, f64) = (3.0, 4.0);
+    const FADE: f64 = 0.9;
 
-    /// How many tokens to propose at most this step (0: none; a step that
-    /// proposes none counts down the wait).
-    pub fn allowed(&mut self, max: usize) -> usize {
+    /// The chance that the next proposed token is kept.
+    pub fn chance(&self) -> f64 {
+        (self.kept + Self::PRIOR.0) / (self.tries + Self::PRIOR.1)
+    }
+
+    /// How many tokens to propose at most this step, in a step whose
+    /// proposed positions pay off when kept with chance above `threshold`
+    /// (0: none; a step that proposes none counts down the wait).
+    pub fn allowed(&mut self, max: usize, threshold: f64) -> usize {
         if self.wait > 0 {
             self.wait -= 1;
             return 0;
         }
-        self.len.min(max)
+        if max == 0 {
+            return 0;
+        }
+        let p = self.chance();
+        if p <= threshold {
+            return 1;
+        }
+        if p >= 1.0 {
+            return max;
+        }
+        ((threshold.ln() / p.ln()).floor() as usize).clamp(1, max)
     }
 
     /// A proposal of `proposed` tokens was verified: `kept` were kept.
     pub fn verified(&mut self, proposed: usize, kept: usize) {
+        let tries = kept + usize::from(kept < proposed);
+        self.kept = self.kept * Self::FADE + kept as f64;
+        self.tries = self.tries * Self::FADE + tries as f64;
         if kept == 0 {
             self.misses = (self.misses + 1).min(6);
             self.wait = (1u32 << (self.misses - 1)).min(Self::MAX_WAIT);
-            self.len = 1;
-            return;
-        }
-        self.misses = 0;
-        self.wait = 0;
-        self.len = if kept == proposed {
-            (proposed * 2).max(self.len)
         } else {
-            kept
-        };
+            self.misses = 0;
+            self.wait = 0;
+        }
     }
 }
 
@@ -154,30 +200,52 @@ mod tests {
     }
 
     #[test]
-    fn misses_back_off_and_lengths_follow_what_is_kept() {
+    fn lengths_follow_the_chance_of_a_keep_against_the_steps_cost() {
         let mut a = Adapt::default();
-        assert_eq!(a.allowed(8), Adapt::START);
-        // All kept: twice as many next time, within the limit.
-        a.verified(4, 4);
-        assert_eq!(a.allowed(8), 8);
-        assert_eq!(a.allowed(5), 5);
-        // Part kept: only that many next time.
-        a.verified(8, 3);
-        assert_eq!(a.allowed(8), 3);
-        // None kept: wait 1, then 2 steps, proposing one token.
-        a.verified(3, 0);
-        assert_eq!(a.allowed(8), 0);
-        assert_eq!(a.allowed(8), 1);
+        // Prior 0.75: at one stream (threshold 0.5) two tokens; at four
+        // (0.8) a one-token probe.
+        assert_eq!(a.allowed(8, 0.5), 2);
+        assert_eq!(a.allowed(8, 0.8), 1);
+        // Everything kept: the chance nears 1 and the length the limit.
+        for _ in 0..6 {
+            let n = a.allowed(8, 0.5);
+            a.verified(n, n);
+        }
+        assert!(a.chance() > 0.95, "{}", a.chance());
+        assert_eq!(a.allowed(8, 0.5), 8);
+        assert_eq!(a.allowed(5, 0.5), 5);
+        // Half kept for a while: short proposals, none worth more than one
+        // where the threshold is high.
+        for _ in 0..20 {
+            a.verified(2, 1);
+        }
+        // (The prior and what came before still weigh a little.)
+        assert!((0.5..0.65).contains(&a.chance()), "{}", a.chance());
+        assert_eq!(a.allowed(8, 0.8), 1);
+        // None kept: wait 1, then 2 steps.
         a.verified(1, 0);
-        assert_eq!((a.allowed(8), a.allowed(8)), (0, 0));
-        assert_eq!(a.allowed(8), 1);
+        assert_eq!(a.allowed(8, 0.5), 0);
+        assert!(a.allowed(8, 0.5) >= 1);
+        a.verified(1, 0);
+        assert_eq!((a.allowed(8, 0.5), a.allowed(8, 0.5)), (0, 0));
         for _ in 0..10 {
             a.verified(1, 0);
         }
-        let waited = (0..100).take_while(|_| a.allowed(8) == 0).count() as u32;
+        let waited = (0..100).take_while(|_| a.allowed(8, 0.5) == 0).count() as u32;
         assert_eq!(waited, Adapt::MAX_WAIT);
-        // A kept token resets the wait; a whole proposal kept grows it.
+        // A kept token ends the wait.
         a.verified(1, 1);
-        assert_eq!(a.allowed(8), 2);
+        assert_eq!(a.allowed(8, 0.5), 1);
+    }
+
+    #[test]
+    fn a_position_must_pay_more_the_more_sequences_share_the_step() {
+        let mut c = SpecConfig::OFF;
+        assert!((c.threshold(1) - 0.5).abs() < 1e-9);
+        assert!((c.threshold(4) - 0.8).abs() < 1e-9);
+        // A big model: the weights dominate, positions are cheap.
+        c.step_ratio = 16.0;
+        assert!((c.threshold(1) - 1.0 / 17.0).abs() < 1e-9);
+        assert!(c.threshold(8) < c.threshold(16));
     }
 }

@@ -15,9 +15,10 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
-use super::policy::plan_step;
+use super::policy::{plan_step, Work};
 use super::scheduler::Scheduler;
 use super::sequence::Delivery;
+use super::speculate::SpecStep;
 use super::{Failure, FinishReason};
 use crate::sampler::{sample_chains, Chain, Pick};
 
@@ -64,10 +65,15 @@ impl Scheduler<'_> {
 
         // Build the batch; remember which batch rows hold whose logits.
         self.batch.clear();
+        let decoding = plan.iter().filter(|(_, w)| *w == Work::Decode).count();
+        let spec = SpecStep {
+            config: self.spec,
+            threshold: self.spec.threshold(decoding),
+        };
         let mut sample_at: Vec<(usize, i32, usize)> = Vec::new();
         for &(i, work) in &plan {
             let seq = &mut self.active[i];
-            match seq.stage(work, &mut self.batch, &self.spec, self.window) {
+            match seq.stage(work, &mut self.batch, &spec, self.window) {
                 Ok(0) => {}
                 Ok(rows) => sample_at.push((i, self.batch.n_tokens() - rows as i32, rows)),
                 Err(e) => {
@@ -141,9 +147,8 @@ impl Scheduler<'_> {
         let (model, shared) = (self.model, self.shared);
         let vocab = model.vocab();
         let metrics = &shared.metrics;
-        metrics
-            .step_duration
-            .observe(step_started.elapsed().as_secs_f64());
+        let step_seconds = step_started.elapsed().as_secs_f64();
+        metrics.step_duration.observe(step_seconds);
         metrics.step_tokens.observe(f64::from(step_tokens));
         for (i, chain) in picks {
             let seq = &mut self.active[i];
