@@ -104,14 +104,17 @@ pub fn propose<T: Copy + PartialEq>(
 /// the proposal's length: position `i` is kept with chance `p^i`, so
 /// propose while `p^i` beats the step's [`SpecConfig::threshold`]. Below
 /// the threshold it only probes with one token, and after a proposal that
-/// keeps nothing it waits 1, 2, 4 … up to [`Adapt::MAX_WAIT`] steps before
-/// the next probe, so a text with nothing to copy pays for few positions.
+/// keeps nothing, or leaves the chance below the threshold, it waits 1, 2,
+/// 4 … up to [`Adapt::MAX_WAIT`] steps before the next probe, so a text
+/// with little to copy pays for few positions.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Adapt {
     kept: f64,
     tries: f64,
     misses: u32,
     wait: u32,
+    /// The threshold of the step that proposed last.
+    threshold: f64,
 }
 
 impl Default for Adapt {
@@ -121,6 +124,7 @@ impl Default for Adapt {
             tries: 0.0,
             misses: 0,
             wait: 0,
+            threshold: 0.0,
         }
     }
 }
@@ -148,6 +152,7 @@ impl Adapt {
         if max == 0 {
             return 0;
         }
+        self.threshold = threshold;
         let p = self.chance();
         if p <= threshold {
             return 1;
@@ -163,7 +168,9 @@ impl Adapt {
         let tries = kept + usize::from(kept < proposed);
         self.kept = self.kept * Self::FADE + kept as f64;
         self.tries = self.tries * Self::FADE + tries as f64;
-        if kept == 0 {
+        // Nothing kept, or a probe that leaves the chance below what pays:
+        // wait longer each time. A proposal that pays: go on.
+        if kept == 0 || self.chance() <= self.threshold {
             self.misses = (self.misses + 1).min(6);
             self.wait = (1u32 << (self.misses - 1)).min(Self::MAX_WAIT);
         } else {
@@ -222,20 +229,30 @@ mod tests {
         // (The prior and what came before still weigh a little.)
         assert!((0.5..0.65).contains(&a.chance()), "{}", a.chance());
         assert_eq!(a.allowed(8, 0.8), 1);
-        // None kept: wait 1, then 2 steps.
-        a.verified(1, 0);
-        assert_eq!(a.allowed(8, 0.5), 0);
-        assert!(a.allowed(8, 0.5) >= 1);
+        // A kept probe that leaves the chance below the threshold waits
+        // too.
+        a.verified(1, 1);
+        assert_eq!(a.allowed(8, 0.8), 0);
+        assert_eq!(a.allowed(8, 0.8), 1);
+        // None kept: wait 2, then 4 steps.
         a.verified(1, 0);
         assert_eq!((a.allowed(8, 0.5), a.allowed(8, 0.5)), (0, 0));
+        assert!(a.allowed(8, 0.5) >= 1);
+        a.verified(1, 0);
+        assert_eq!(
+            (0..4).map(|_| a.allowed(8, 0.5)).collect::<Vec<_>>(),
+            [0, 0, 0, 0]
+        );
         for _ in 0..10 {
             a.verified(1, 0);
         }
         let waited = (0..100).take_while(|_| a.allowed(8, 0.5) == 0).count() as u32;
         assert_eq!(waited, Adapt::MAX_WAIT);
-        // A kept token ends the wait.
-        a.verified(1, 1);
-        assert_eq!(a.allowed(8, 0.5), 1);
+        // Kept tokens that bring the chance above the threshold end it.
+        for _ in 0..8 {
+            a.verified(4, 4);
+        }
+        assert!(a.allowed(8, 0.5) > 1);
     }
 
     #[test]
