@@ -1,5 +1,6 @@
 //! Integration: a real worker under faults, driven directly over
-//! `nanoinfer.worker.v1` (no coordinator): mid-stream resume, deadlines and
+//! `nanoinfer.worker.v1` (no coordinator): mid-stream resume (with and
+//! without draft-free speculation), deadlines and
 //! dead requests in the queue, the queue timeout, an engine that dies, a
 //! drain with a slow reader, and a worker started while etcd is down.
 
@@ -210,6 +211,54 @@ async fn a_resumed_stream_continues_where_the_first_worker_stopped() {
             "names the request: {err:?}"
         );
     }
+}
+
+/// A prompt whose answer copies text from it (what speculation proposes).
+const COPY_PROMPT: &str = "Passage:\nThe harbour town of Kessel sits where two rivers meet the \
+sea. Its fishermen leave before dawn in narrow boats painted blue and yellow, and they return \
+in the early afternoon with herring and mackerel.\n\nThe same passage, copied word for word:\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speculating_worker_streams_and_resumes_the_same_greedy_text() {
+    let etcd = Etcd::start().await;
+    let (_plain, mut plain) = worker(&etcd, "plain", &["--parallel", "1"], &[]).await;
+    let (mut spec_proc, mut spec) =
+        worker(&etcd, "spec", &["--parallel", "1", "--draft-max", "8"], &[]).await;
+    const N: u32 = 32;
+    let (want, err) = run(&mut plain, greedy("plain", COPY_PROMPT, N)).await;
+    assert!(err.is_none(), "{err:?}");
+    let (got, err) = run(&mut spec, greedy("spec", COPY_PROMPT, N)).await;
+    assert!(err.is_none(), "{err:?}");
+    // One message per token, indexes in order, the same text.
+    let indexes: Vec<u32> = got
+        .iter()
+        .filter(|m| m.token_id.is_some())
+        .map(|m| m.index)
+        .collect();
+    assert_eq!(indexes, (0..N).collect::<Vec<_>>());
+    assert_eq!(
+        ids(&got),
+        ids(&want),
+        "{:?} / {:?}",
+        text(&got),
+        text(&want)
+    );
+    let m = spec_proc.metrics_addr().await;
+    let kept = metric(&m, "nanoinfer_worker_spec_accepted_tokens_total").await;
+    let proposed = metric(&m, "nanoinfer_worker_spec_proposed_tokens_total").await;
+    assert!(kept > 0.0 && kept <= proposed, "kept {kept} of {proposed}");
+    // Resumed mid-copy (the resume point is the last token the client
+    // has), the rest is the same text.
+    let whole = ids(&want);
+    let req = GenerateRequest {
+        resume_token_ids: whole[..10].to_vec(),
+        ..greedy("spec-resumed", COPY_PROMPT, N)
+    };
+    let (rest, err) = run(&mut spec, req).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(rest.first().map(|m| m.index), Some(10));
+    assert_eq!(ids(&rest), whole[10..].to_vec());
+    assert_eq!(rest.last().unwrap().finished.unwrap().generated_tokens, N);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
