@@ -84,8 +84,8 @@ pub struct Args {
     /// step from an earlier occurrence of its latest n-gram in its own
     /// prompt or output (prompt lookup), verified in the same batch; each
     /// kept token is the sampler's own pick at its position. 0 (the
-    /// default) turns it off; 8 nearly doubled copy-heavy decoding here but
-    /// cost up to 13% on sampled prose at 4 streams (docs/benchmarks.md).
+    /// default) turns it off; 48 made copy-heavy decoding 2.6x faster here
+    /// at one stream but cost 6-9% on sampled prose (docs/benchmarks.md).
     #[arg(long, env = "NANOINFER_DRAFT_MAX", default_value_t = 0)]
     pub draft_max: u32,
     /// Shortest n-gram looked up for a proposal (1 to --spec-ngram-max).
