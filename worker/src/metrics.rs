@@ -208,7 +208,7 @@ impl WorkerMetrics {
         );
         r.register(
             "step_tokens",
-            "Tokens computed per engine step (one per generating request plus prompt tokens)",
+            "Tokens computed per engine step (one per generating request, its proposed tokens, and prompt tokens)",
             self.step_tokens.clone(),
         );
         r.register(
