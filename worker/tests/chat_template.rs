@@ -6,9 +6,11 @@
 //! llama.cpp's built-in matcher gives where the template agrees with it
 //! (Gemma 3 270M, `NANOINFER_TEST_MODEL`, is a base model with no template).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::PathBuf;
+
+use common::fetched;
 use nanoinfer_worker::model;
 
 /// llama.cpp's backend is one per process: one model loaded at a time.
@@ -16,30 +18,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn chat_model() -> PathBuf {
     fetched("NANOINFER_TEST_CHAT_MODEL", "smollm2-135m-instruct")
-}
-
-fn fetched(var: &str, key: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(var) {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(root.join("scripts/fetch-model"))
-        .arg(key)
-        .output()
-        .expect("run scripts/fetch-model");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .trim(),
-    )
 }
 
 fn pairs(messages: &[(&str, &str)]) -> Vec<model::ChatMessage> {

@@ -9,8 +9,9 @@
 //! where proposals are rejected. Sampled with a seed, penalties and
 //! log-probabilities, a request keeps proposals too.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,22 +20,10 @@ use nanoinfer_worker::engine::{Engine, EngineConfig, Event, FinishReason, Genera
 use nanoinfer_worker::metrics::WorkerMetrics;
 use nanoinfer_worker::model::{self, Model};
 
+use common::fetched;
+
 fn test_model() -> PathBuf {
-    if let Ok(p) = std::env::var("NANOINFER_TEST_MODEL") {
-        return PathBuf::from(p);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    let out = Command::new(root.join("scripts/fetch-model"))
-        .arg("gemma3-270m")
-        .output()
-        .expect("run scripts/fetch-model");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    PathBuf::from(stdout.lines().last().unwrap().trim())
+    fetched("NANOINFER_TEST_MODEL", "gemma3-270m")
 }
 
 const PASSAGE: &str = "The harbour town of Kessel sits where two rivers meet the sea. Its \
