@@ -54,7 +54,8 @@ async fn stream_contract_request_ids_usage_and_length() {
 /// The final message's `cached_prompt_tokens` is what the worker reused
 /// from its KV cache: its own counter moves by exactly that much. A first
 /// prompt finds nothing; the same prompt again finds all but the tokens the
-/// worker must compute to sample from (at least the last one).
+/// worker must compute to sample from (the last one, and up to 3 more to
+/// keep to whole row groups).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_counts_the_prompt_tokens_the_worker_reused() {
     let mut cluster = Cluster::start(1, &[], &[]).await;
@@ -77,7 +78,7 @@ async fn usage_counts_the_prompt_tokens_the_worker_reused() {
     }
     assert_eq!(seen[0].0, 0, "{seen:?}");
     assert!(
-        seen[1].0 + 2 >= seen[1].1,
+        seen[1].0 + 4 >= seen[1].1,
         "the repeat reused its prompt: {seen:?}"
     );
 }

@@ -10,6 +10,11 @@
 //! prompt, then TG steps that decode one token of every sequence in one
 //! batch; total decode tok/s = PARALLEL × TG / decode time.
 //!
+//! With `KV_CACHE_TYPE=q8_0` the KV cache is 8-bit, as the worker's is by
+//! default; with `GGML_CPU_TILED_MM=0` ggml's tiled K-quant kernel is off,
+//! as the worker turns it off (both for the seed promise,
+//! docs/operations.md).
+//!
 //! cargo run --release -p nanoinfer-worker --example raw_decode -- MODEL [THREADS] [PP] [TG] [REPS] [PARALLEL]
 
 use std::num::NonZeroU32;
@@ -55,6 +60,17 @@ fn main() {
         .with_kv_unified(true)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
+    // KV_CACHE_TYPE=q8_0 stores the cache as the worker does by default
+    // (f16 otherwise, llama.cpp's default).
+    let params = match std::env::var("KV_CACHE_TYPE").as_deref() {
+        Ok("q8_0") => params
+            .with_type_k(llama_cpp_2::context::params::KvCacheType::Q8_0)
+            .with_type_v(llama_cpp_2::context::params::KvCacheType::Q8_0),
+        Ok("bf16") => params
+            .with_type_k(llama_cpp_2::context::params::KvCacheType::BF16)
+            .with_type_v(llama_cpp_2::context::params::KvCacheType::BF16),
+        _ => params,
+    };
     let mut ctx = model.new_context(&backend, params).unwrap();
     let token = model.vocab().bos();
     let mut batch = LlamaBatch::new(512, 1);

@@ -80,6 +80,13 @@ pub struct Args {
     /// keeps a conversation warm without letting idle slots fill the cache.
     #[arg(long, env = "NANOINFER_PREFIX_CACHE_TOKENS", default_value_t = 2048)]
     pub prefix_cache_tokens: u32,
+    /// What the KV cache stores keys and values as: q8_0 (half of f16's
+    /// memory, and one attention path for every batch shape and cache
+    /// layout, which the seed promise needs) or f16 (llama.cpp's default:
+    /// slightly faster prompts here, but a seeded request's text may then
+    /// change with what the cache holds). docs/operations.md.
+    #[arg(long, env = "NANOINFER_KV_CACHE_TYPE", value_enum, default_value_t = crate::engine::KvCacheType::Q8_0)]
+    pub kv_cache_type: crate::engine::KvCacheType,
     /// Draft-free speculation: most tokens a decoding request proposes per
     /// step from an earlier occurrence of its latest n-gram in its own
     /// prompt or output (prompt lookup), verified in the same batch; each
@@ -167,6 +174,8 @@ pub struct WorkerConfig {
     pub prefix_cache_tokens: u32,
     /// Draft-free speculation.
     pub spec: crate::engine::SpecConfig,
+    /// What the KV cache stores.
+    pub kv_cache_type: crate::engine::KvCacheType,
     /// Drain time on shutdown.
     pub grace_period: Duration,
     /// Longest wait in the queue.
@@ -202,15 +211,17 @@ impl Args {
         if !(1..=64).contains(&self.parallel) {
             return Err(format!("--parallel must be 1..=64, got {}", self.parallel));
         }
-        if !(1..=8192).contains(&self.prefill_chunk) {
+        // A chunk that does not end its prompt is whole row groups of 4
+        // (the seed promise), so a smaller one would never move.
+        if !(4..=8192).contains(&self.prefill_chunk) {
             return Err(format!(
-                "--prefill-chunk must be 1..=8192, got {}",
+                "--prefill-chunk must be 4..=8192, got {}",
                 self.prefill_chunk
             ));
         }
-        if !(1..=8192).contains(&self.prefill_chunk_decoding) {
+        if !(4..=8192).contains(&self.prefill_chunk_decoding) {
             return Err(format!(
-                "--prefill-chunk-decoding must be 1..=8192, got {}",
+                "--prefill-chunk-decoding must be 4..=8192, got {}",
                 self.prefill_chunk_decoding
             ));
         }
@@ -301,6 +312,7 @@ impl Args {
             prefill_chunk_decoding: self.prefill_chunk_decoding.min(self.prefill_chunk),
             prefix_cache_tokens: self.prefix_cache_tokens,
             spec,
+            kv_cache_type: self.kv_cache_type,
             grace_period: Duration::from_secs(self.grace_period),
             queue_timeout: Duration::from_secs(self.queue_timeout),
             failpoint,

@@ -163,6 +163,7 @@ pub async fn run(
             queue: config.queue,
             queue_timeout: config.queue_timeout,
             spec: config.spec,
+            kv_cache_type: config.kv_cache_type,
             failpoint: config.failpoint,
         },
         metrics.clone(),

@@ -70,6 +70,24 @@ pub fn check_file(path: &Path) -> Result<(), String> {
     }
 }
 
+/// Environment variable that turns ggml's tiled matrix kernel for
+/// K-quants on (`1`) or off (`0`).
+pub const TILED_KERNEL_VAR: &str = "GGML_CPU_TILED_MM";
+
+/// Turns off ggml's tiled K-quant matrix kernel unless the environment
+/// already says: it takes a batch of 8 rows or more and rounds differently
+/// from the kernel a smaller batch gets, so a prompt computed cold (in one
+/// large chunk) and the same prompt after a cached prefix (a few rows)
+/// would get different logits, and a seeded request different text
+/// (docs/operations.md, "Same seed, same text"). It costs about 12% of
+/// prompt speed with Gemma 3 270M here (docs/benchmarks.md). ggml reads the
+/// variable once, at its first matrix product.
+pub fn pin_kernels() {
+    if std::env::var_os(TILED_KERNEL_VAR).is_none() {
+        std::env::set_var(TILED_KERNEL_VAR, "0");
+    }
+}
+
 /// Loads `path` on the calling thread (blocking; call it from
 /// `spawn_blocking`). Errors name the path. `model_name` overrides the name
 /// read from the file.
@@ -79,6 +97,7 @@ pub fn load(
     template_override: Option<String>,
 ) -> Result<Model, String> {
     check_file(path)?;
+    pin_kernels();
     let mut backend = LlamaBackend::init().map_err(|e| format!("llama.cpp backend: {e}"))?;
     // llama.cpp's own logging is verbose; keep it only at debug level.
     if !tracing::enabled!(tracing::Level::DEBUG) {

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nanoinfer_proto::limits::SamplingControls;
-use nanoinfer_worker::engine::{Engine, EngineConfig, Event, FinishReason, Generation, SpecConfig};
+use nanoinfer_worker::engine::{
+    Engine, EngineConfig, Event, FinishReason, Generation, KvCacheType, SpecConfig,
+};
 use nanoinfer_worker::metrics::WorkerMetrics;
 use nanoinfer_worker::model::{self, Model};
 
@@ -116,6 +118,7 @@ fn config(spec: SpecConfig) -> EngineConfig {
         queue: 8,
         queue_timeout: Duration::from_secs(60),
         spec,
+        kv_cache_type: KvCacheType::default(),
         failpoint: None,
     }
 }

@@ -259,8 +259,37 @@ pub struct EngineConfig {
     pub queue_timeout: Duration,
     /// Draft-free speculation ([`SpecConfig::OFF`]: none).
     pub spec: SpecConfig,
+    /// What the KV cache stores keys and values as.
+    pub kv_cache_type: KvCacheType,
     /// Test-only fault injection.
     pub failpoint: Option<Failpoint>,
+}
+
+/// What the KV cache stores keys and values as (`--kv-cache-type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum KvCacheType {
+    /// 8-bit blocks (half of f16's memory). ggml's CPU attention then takes
+    /// one path for every batch shape and cache layout, which the seed
+    /// promise needs (docs/operations.md, "Same seed, same text").
+    #[default]
+    #[value(name = "q8_0")]
+    Q8_0,
+    /// 16-bit floats: llama.cpp's default. ggml's CPU attention then splits
+    /// a one-token step over the cache, and tiles a step of 64 tokens or
+    /// more, by cell index, so a seeded request's text may change with
+    /// what the cache holds.
+    #[value(name = "f16")]
+    F16,
+}
+
+impl KvCacheType {
+    /// llama.cpp's type.
+    pub fn llama(self) -> llama_cpp_2::context::params::KvCacheType {
+        match self {
+            Self::Q8_0 => llama_cpp_2::context::params::KvCacheType::Q8_0,
+            Self::F16 => llama_cpp_2::context::params::KvCacheType::F16,
+        }
+    }
 }
 
 /// State shared by the handles and the engine thread.

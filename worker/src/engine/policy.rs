@@ -5,6 +5,16 @@
 
 use llama_cpp_2::token::LlamaToken;
 
+/// Rows of a step that ggml multiplies in its grouped kernel: with
+/// repacked weights (llama.cpp's default on x86 and ARM) a batch's rows go
+/// through the matrix kernel in groups of `ROW_GROUP` and its last
+/// `rows % ROW_GROUP` through the one-row kernel, which rounds
+/// differently, so a KV cell's values depend on which kernel computed its
+/// row. Prompt chunks and reused prefixes keep to multiples of it, so a
+/// prompt's rows take the same kernels whatever its cache held (the seed
+/// promise, docs/operations.md).
+pub const ROW_GROUP: usize = 4;
+
 /// What one sequence contributes to a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
@@ -57,7 +67,14 @@ pub fn plan_step(seqs: &[SeqView], budget: usize, decoding_budget: usize) -> Vec
         if s.blocked || s.prompt_left == 0 {
             continue;
         }
-        let len = s.prompt_left.min(left);
+        let mut len = s.prompt_left.min(left);
+        if len < s.prompt_left {
+            // A chunk that does not end the prompt is whole row groups.
+            len -= len % ROW_GROUP;
+            if len == 0 {
+                continue;
+            }
+        }
         left -= len;
         plan.push((
             i,
@@ -134,7 +151,7 @@ pub struct Placement {
 /// Places `prompt` in one of the `free` slots (slot, cached tokens), reusing
 /// the longest prefix found there or in `running` (slot, known tokens). At
 /// least one prompt token is always left to compute (its logits start
-/// generation). Without any reuse, the free slot with the least cached is
+/// generation), and a reused prefix is whole row groups ([`ROW_GROUP`]). Without any reuse, the free slot with the least cached is
 /// taken, to keep the rest warm. A free slot whose cache would lose more
 /// than the coldest slot holds (a short shared prefix, say a common first
 /// sentence, in front of another prompt's long one) is not overwritten: its
@@ -149,7 +166,10 @@ pub fn place(
     let best = |slots: &[(i32, &[LlamaToken])]| {
         slots
             .iter()
-            .map(|(slot, tokens)| (*slot, common_prefix(prompt, tokens).min(limit)))
+            .map(|(slot, tokens)| {
+                let len = common_prefix(prompt, tokens).min(limit);
+                (*slot, len - len % ROW_GROUP)
+            })
             .filter(|(_, len)| *len > 0)
             .max_by_key(|(slot, len)| (*len, -slot))
     };
@@ -247,12 +267,19 @@ mod tests {
             view(50, 0, false, false),
             view(10, 0, false, false),
         ];
+        // A chunk that leaves some of its prompt is whole row groups.
         assert_eq!(
             plan_step(&seqs, 64, 8),
             vec![
                 (0, Work::Prefill { from: 100, len: 30 }),
-                (1, Work::Prefill { from: 0, len: 34 })
+                (1, Work::Prefill { from: 0, len: 32 })
             ]
+        );
+        // Less room than a row group: only a prompt that ends gets it.
+        let seqs = [view(10, 0, false, false), view(2, 0, false, false)];
+        assert_eq!(
+            plan_step(&seqs, 3, 3),
+            vec![(1, Work::Prefill { from: 0, len: 2 })]
         );
     }
 
@@ -262,19 +289,20 @@ mod tests {
 
     #[test]
     fn placement_reuses_the_longest_prefix() {
-        let prompt = toks(&[1, 2, 3, 4, 5]);
+        let prompt = toks(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         let (a, b, c) = (
-            toks(&[1, 2, 9]),
-            toks(&[1, 2, 3, 4, 7, 8]),
+            toks(&[1, 2, 99]),
+            toks(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 77]),
             toks(&[1, 2, 3]),
         );
-        // Best in a free slot: take that very slot.
+        // Best in a free slot: take that very slot. The 9 shared tokens
+        // are cut to whole row groups (8).
         let p = place(&prompt, &[(0, &a), (1, &b)], &[]).unwrap();
         assert_eq!(
             p,
             Placement {
                 slot: 1,
-                reuse: Some((1, 4))
+                reuse: Some((1, 8))
             }
         );
         // Best in a running sequence: copy into the coldest free slot.
@@ -283,13 +311,14 @@ mod tests {
             p,
             Placement {
                 slot: 2,
-                reuse: Some((1, 4))
+                reuse: Some((1, 8))
             }
         );
         // A free slot ties with a running one: no copy needed.
         let p = place(&prompt, &[(0, &b)], &[(1, &b)]).unwrap();
-        assert_eq!(p.reuse, Some((0, 4)));
-        // Nothing shared: the coldest slot, no reuse.
+        assert_eq!(p.reuse, Some((0, 8)));
+        // Nothing shared (or less than a row group): the coldest slot, no
+        // reuse.
         let short = toks(&[9]);
         let p = place(&toks(&[8, 8]), &[(0, &c), (3, &short)], &[]).unwrap();
         assert_eq!(
@@ -299,28 +328,36 @@ mod tests {
                 reuse: None
             }
         );
+        let p = place(&prompt, &[(0, &c), (3, &short)], &[]).unwrap();
+        assert_eq!(p.reuse, None);
         assert!(place(&prompt, &[], &[(1, &b)]).is_none());
 
         // A short shared prefix in front of another prompt's long cache:
         // copied into the empty slot, the long cache kept.
-        let long: Vec<LlamaToken> = toks(&[1, 2]).into_iter().chain(toks(&[7; 50])).collect();
+        let long: Vec<LlamaToken> = toks(&[1, 2, 3, 4])
+            .into_iter()
+            .chain(toks(&[7; 50]))
+            .collect();
         let p = place(&prompt, &[(0, &long), (1, &[])], &[]).unwrap();
         assert_eq!(
             p,
             Placement {
                 slot: 1,
-                reuse: Some((0, 2))
+                reuse: Some((0, 4))
             }
         );
     }
 
     #[test]
     fn at_least_one_prompt_token_is_computed() {
-        let prompt = toks(&[1, 2, 3]);
-        let p = place(&prompt, &[(0, &toks(&[1, 2, 3, 4]))], &[]).unwrap();
-        assert_eq!(p.reuse, Some((0, 2)));
+        let prompt = toks(&[1, 2, 3, 4, 5]);
+        let p = place(&prompt, &[(0, &toks(&[1, 2, 3, 4, 5, 6]))], &[]).unwrap();
+        assert_eq!(p.reuse, Some((0, 4)));
+        // All 4 cached, but the last must be computed: 3, less than a group.
         assert_eq!(
-            place(&toks(&[1]), &[(0, &toks(&[1]))], &[]).unwrap().reuse,
+            place(&toks(&[1, 2, 3, 4]), &[(0, &toks(&[1, 2, 3, 4]))], &[])
+                .unwrap()
+                .reuse,
             None
         );
     }

@@ -47,7 +47,8 @@ pub(super) fn run(
     // A step holds the prompt chunk and every sequence's next token with
     // its proposals.
     let per_sequence = 1 + config.spec.draft_max as u32;
-    let batch_capacity = config.step_tokens.max(1) + parallel * per_sequence;
+    let batch_capacity =
+        config.step_tokens.max(super::policy::ROW_GROUP as u32) + parallel * per_sequence;
     // One unified KV cache with room for every slot's full window.
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(config.ctx_size * parallel))
@@ -59,7 +60,9 @@ pub(super) fn run(
         // can be reused (Gemma 3's SWA would otherwise drop old cells).
         .with_swa_full(true)
         .with_n_threads(config.threads)
-        .with_n_threads_batch(config.threads);
+        .with_n_threads_batch(config.threads)
+        .with_type_k(config.kv_cache_type.llama())
+        .with_type_v(config.kv_cache_type.llama());
     let mut ctx = match model.new_context(&backend, params) {
         Ok(ctx) => ctx,
         Err(e) => {
@@ -74,8 +77,10 @@ pub(super) fn run(
         batch: LlamaBatch::new(batch_capacity as usize, 1),
         shared: &shared,
         window,
-        step_tokens: config.step_tokens.max(1) as usize,
-        step_tokens_decoding: config.step_tokens_decoding.max(1) as usize,
+        // Chunks that leave some prompt are whole row groups: a smaller
+        // budget would never move a long prompt.
+        step_tokens: (config.step_tokens as usize).max(super::policy::ROW_GROUP),
+        step_tokens_decoding: (config.step_tokens_decoding as usize).max(super::policy::ROW_GROUP),
         sample_threads: {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             (1 + cores.saturating_sub(config.threads.max(1) as usize)).min(parallel as usize)
@@ -278,7 +283,8 @@ impl Scheduler<'_> {
     /// Frees a sequence's slot, keeping the cells a decode wrote for prefix
     /// reuse, and records its outcome.
     pub(super) fn retire(&mut self, ctx: &mut LlamaContext<'_>, seq: Sequence, client_left: bool) {
-        self.slots.release(ctx, seq.slot(), seq.reusable());
+        let (keep, exact) = seq.kept();
+        self.slots.release(ctx, seq.slot(), keep, exact);
         let metrics = &self.shared.metrics;
         metrics
             .prefix_cache_tokens

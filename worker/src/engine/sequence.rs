@@ -18,7 +18,7 @@ use llama_cpp_2::vocab::LlamaVocab;
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::field::Empty;
 
-use super::policy::{SeqView, Work};
+use super::policy::{SeqView, Work, ROW_GROUP};
 use super::speculate::{propose, Adapt, SpecStep};
 use super::{Alternative, Event, Failure, FinishReason, Generation, Job, TokenLogprobs};
 use crate::detok::Utf8Carry;
@@ -41,50 +41,92 @@ pub(super) enum Delivery {
 /// successful decode, `staged` ones (the positions after) are in the batch
 /// being decoded. Only decoded cells may be reused; once a decode failed
 /// for the sequence, none are (what llama.cpp left in them is unknown).
+///
+/// Of the decoded cells, the leading `exact` ones hold what a cold prompt
+/// computes at those positions (issue 20's seed promise): prompt rows
+/// that ggml multiplied in a full row group, as every row of a prompt but
+/// its last `len % ROW_GROUP` is when the prompt is computed alone.
+/// Generated tokens' cells (one-row decodes) and a prompt's trailing rows
+/// are not, so only the exact prefix is offered for reuse.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Cells<T> {
     decoded: Vec<T>,
     staged: Vec<T>,
+    /// Per staged cell: its row in the step's batch and whether it is a
+    /// prompt row.
+    rows: Vec<(usize, bool)>,
+    exact: usize,
     broken: bool,
 }
 
 impl<T: Copy> Cells<T> {
     /// Cells that start with `reused`, whose cells an earlier decode wrote
-    /// (a kept prefix, or a copy of one).
+    /// exactly (a kept prefix, or a copy of one).
     pub fn starting_with(reused: &[T]) -> Self {
         Self {
             decoded: reused.to_vec(),
             staged: Vec::new(),
+            rows: Vec::new(),
+            exact: reused.len(),
             broken: false,
         }
     }
 
-    /// Puts `token` at the next position (in the batch being built) and
-    /// returns that position.
-    pub fn stage(&mut self, token: T) -> i32 {
+    /// Puts `token` at the next position, as row `row` of the batch being
+    /// built (`prompt`: a prompt row, not a generated token), and returns
+    /// that position.
+    pub fn stage(&mut self, token: T, row: usize, prompt: bool) -> i32 {
         self.staged.push(token);
+        self.rows.push((row, prompt));
         (self.decoded.len() + self.staged.len() - 1) as i32
     }
 
-    /// The batch decoded: its cells are written.
-    pub fn commit(&mut self) {
+    /// The batch of `batch_rows` rows decoded: its cells are written.
+    pub fn commit(&mut self, batch_rows: usize) {
+        let grouped = batch_rows - batch_rows % ROW_GROUP;
         if !self.broken {
+            // The exact prefix grows over the staged cells (in position
+            // order) up to the first one that is not exact.
+            let mut run = self.exact == self.decoded.len();
+            for &(row, prompt) in &self.rows {
+                run &= prompt && row < grouped;
+                self.exact += usize::from(run);
+            }
             self.decoded.append(&mut self.staged);
         }
+        self.rows.clear();
     }
 
     /// A decode failed for this sequence: nothing of it is reusable.
     pub fn break_all(&mut self) {
         self.broken = true;
         self.staged.clear();
+        self.rows.clear();
     }
 
-    /// Tokens whose cells may be copied or kept: positions `0..len`.
+    /// Tokens whose cells may be copied or kept (positions `0..len`): the
+    /// exact prefix.
     pub fn reusable(&self) -> &[T] {
         if self.broken {
             &[]
         } else {
-            &self.decoded
+            &self.decoded[..self.exact]
+        }
+    }
+
+    /// Every decoded token (the context speculation looks up).
+    pub fn decoded(&self) -> &[T] {
+        &self.decoded
+    }
+
+    /// Tokens whose cells stay in the cache when the sequence ends (every
+    /// decoded one, so that no hole opens behind a kept prefix, see
+    /// [`super::slots`]), and how many of them lead exactly.
+    pub fn kept(&self) -> (&[T], usize) {
+        if self.broken {
+            (&[], 0)
+        } else {
+            (&self.decoded, self.exact)
         }
     }
 
@@ -97,6 +139,7 @@ impl<T: Copy> Cells<T> {
     /// speculative tokens, whose cells the caller removes from the cache).
     pub fn truncate(&mut self, len: usize) {
         self.decoded.truncate(len);
+        self.exact = self.exact.min(len);
     }
 }
 
@@ -256,7 +299,7 @@ impl Sequence {
     /// The input's whole blocks' hashes, while its prefill is not done
     /// (the KV events' computing tier); empty after.
     pub fn computing_blocks(&self) -> &[u64] {
-        if self.reusable().len() < self.input.len() && !self.is_over() {
+        if self.cells.decoded().len() < self.input.len() && !self.is_over() {
             &self.job.blocks
         } else {
             &[]
@@ -284,9 +327,16 @@ impl Sequence {
     }
 
     /// Tokens whose KV cells at positions `0..len` a successful decode
-    /// wrote; empty once a decode failed for this sequence.
+    /// wrote exactly as a cold prompt would ([`Cells`]); empty once a
+    /// decode failed for this sequence.
     pub fn reusable(&self) -> &[LlamaToken] {
         self.cells.reusable()
+    }
+
+    /// Tokens whose cells stay in the cache when it ends, and how many of
+    /// them lead exactly ([`Cells::kept`]).
+    pub fn kept(&self) -> (&[LlamaToken], usize) {
+        self.cells.kept()
     }
 
     /// KV positions in use.
@@ -326,11 +376,11 @@ impl Sequence {
             Work::Decode => {
                 let token = self.next.take().expect("planned decode has a token");
                 self.drafts = self.proposal(token, spec, window);
-                let pos = self.cells.stage(token);
+                let pos = self.cells.stage(token, batch.n_tokens() as usize, false);
                 batch.add(token, pos, &[self.slot], true)?;
                 for k in 0..self.drafts.len() {
                     let draft = self.drafts[k];
-                    let pos = self.cells.stage(draft);
+                    let pos = self.cells.stage(draft, batch.n_tokens() as usize, false);
                     batch.add(draft, pos, &[self.slot], true)?;
                 }
                 Ok(1 + self.drafts.len())
@@ -338,7 +388,7 @@ impl Sequence {
             Work::Prefill { from, len } => {
                 for k in from..from + len {
                     let token = self.input[k];
-                    let pos = self.cells.stage(token);
+                    let pos = self.cells.stage(token, batch.n_tokens() as usize, true);
                     // Logits only for the input's last token: they start
                     // generation.
                     batch.add(token, pos, &[self.slot], k + 1 == self.input.len())?;
@@ -369,7 +419,7 @@ impl Sequence {
             return Vec::new();
         }
         propose(
-            self.cells.reusable(),
+            self.cells.decoded(),
             next,
             spec.ngram_min,
             spec.ngram_max,
@@ -407,9 +457,10 @@ impl Sequence {
         (self.proposed, self.kept)
     }
 
-    /// The step's decode succeeded: the staged cells are written.
-    pub fn decoded(&mut self) {
-        self.cells.commit();
+    /// The step's decode of `batch_rows` rows succeeded: the staged cells
+    /// are written.
+    pub fn decoded(&mut self, batch_rows: usize) {
+        self.cells.commit(batch_rows);
     }
 
     /// Moves queued events into the channel, as far as it has room.
@@ -582,24 +633,67 @@ mod tests {
         let mut cells = Cells::starting_with(&[1, 2]);
         assert_eq!(cells.reusable(), &[1, 2]);
         // Staged for a batch: positions 2 and 3, not yet reusable.
-        assert_eq!(cells.stage(3), 2);
-        assert_eq!(cells.stage(4), 3);
-        assert_eq!(cells.len(), 4);
+        assert_eq!(cells.stage(3, 0, true), 2);
+        assert_eq!(cells.stage(4, 1, true), 3);
+        cells.stage(5, 2, true);
+        cells.stage(6, 3, true);
+        assert_eq!(cells.len(), 6);
         assert_eq!(cells.reusable(), &[1, 2]);
         // The decode succeeded.
-        cells.commit();
-        assert_eq!(cells.reusable(), &[1, 2, 3, 4]);
+        cells.commit(4);
+        assert_eq!(cells.reusable(), &[1, 2, 3, 4, 5, 6]);
     }
 
     #[test]
     fn a_failed_decode_leaves_nothing_reusable() {
         let mut cells = Cells::starting_with(&[1, 2]);
-        cells.stage(3);
+        cells.stage(3, 0, true);
         cells.break_all();
         assert_eq!(cells.reusable(), &[] as &[i32]);
         // A later commit (of a batch that still held it) changes nothing.
-        cells.stage(4);
-        cells.commit();
+        cells.stage(4, 0, true);
+        cells.commit(4);
         assert_eq!(cells.reusable(), &[] as &[i32]);
+    }
+
+    #[test]
+    fn only_prompt_rows_of_full_row_groups_are_exact() {
+        // A 7-row prompt alone: rows 0..4 are one full group, 4..7 go
+        // through the one-row kernel.
+        let mut cells = Cells::starting_with(&[]);
+        for t in 0..7 {
+            cells.stage(t, t as usize, true);
+        }
+        cells.commit(7);
+        assert_eq!(cells.reusable(), &[0, 1, 2, 3]);
+        assert_eq!(cells.decoded(), &[0, 1, 2, 3, 4, 5, 6]);
+        // Generated tokens never are, even in a full group; nor is
+        // anything after a cell that is not.
+        cells.stage(7, 3, false);
+        cells.commit(4);
+        assert_eq!(cells.reusable(), &[0, 1, 2, 3]);
+        assert_eq!(cells.len(), 8);
+
+        // A prompt beside three decode rows: 8 prompt rows then 3 others
+        // make 11 rows, 8 of them grouped.
+        let mut cells = Cells::starting_with(&[]);
+        for t in 0..8 {
+            cells.stage(t, t as usize, true);
+        }
+        cells.commit(11);
+        assert_eq!(cells.reusable().len(), 8);
+        // The next chunk ends in the batch's ungrouped tail (rows 5 and 6
+        // of 7): the exact prefix stops there and does not resume.
+        for (row, t) in (3..7).zip(8..12) {
+            cells.stage(t, row, true);
+        }
+        cells.commit(7);
+        assert_eq!(cells.reusable().len(), 9);
+        cells.stage(12, 0, true);
+        cells.commit(4);
+        assert_eq!(cells.reusable().len(), 9);
+        // Rejected proposals cut the exact prefix too.
+        cells.truncate(5);
+        assert_eq!(cells.reusable().len(), 5);
     }
 }

@@ -25,6 +25,10 @@ pub(super) struct Slots {
     /// Per slot: the tokens whose KV cells (positions 0..len) a free slot
     /// still holds from its last sequence.
     cache: Vec<Vec<LlamaToken>>,
+    /// Per slot: how many of `cache` lead exactly (a cold prompt would
+    /// compute the same cells, see `sequence::Cells`): what is offered for
+    /// reuse.
+    exact: Vec<usize>,
     /// Free slots whose cache is not empty, least recently finished first.
     warm: Vec<i32>,
     /// Most tokens kept in `cache` over all free slots.
@@ -37,6 +41,7 @@ impl Slots {
         Self {
             free: (0..parallel as i32).rev().collect(),
             cache: vec![Vec::new(); parallel as usize],
+            exact: vec![0; parallel as usize],
             warm: Vec::new(),
             prefix_cache_tokens,
         }
@@ -58,11 +63,8 @@ impl Slots {
         running: &[(i32, &[LlamaToken])],
     ) -> (i32, usize) {
         let placement = {
-            let free: Vec<(i32, &[LlamaToken])> = self
-                .free
-                .iter()
-                .map(|&s| (s, self.cache[s as usize].as_slice()))
-                .collect();
+            let free: Vec<(i32, &[LlamaToken])> =
+                self.free.iter().map(|&s| (s, self.kept(s))).collect();
             policy::place(input, &free, running).expect("a free slot exists")
         };
         let slot = placement.slot;
@@ -76,6 +78,7 @@ impl Slots {
     fn prepare(&mut self, ctx: &mut LlamaContext<'_>, placement: Placement) -> usize {
         let slot = placement.slot;
         self.cache[slot as usize].clear();
+        self.exact[slot as usize] = 0;
         let reused = match placement.reuse {
             Some((from, len)) if from == slot => ctx
                 .kv_cache_seq_rm(slot, Some(len as u32), None)
@@ -101,9 +104,20 @@ impl Slots {
     }
 
     /// Frees `slot`. `keep` lists the tokens whose cells (positions
-    /// `0..len`) a successful decode wrote; they stay for prefix reuse,
-    /// within the budget, and every other cell of the slot is removed.
-    pub fn release(&mut self, ctx: &mut LlamaContext<'_>, slot: i32, keep: &[LlamaToken]) {
+    /// `0..len`) a successful decode wrote; they stay, within the budget,
+    /// and every other cell of the slot is removed. The first `exact` of
+    /// them are offered for prefix reuse; the rest stay too (generated
+    /// tokens, a prompt's last rows), so that no hole opens right behind a
+    /// kept prefix: llama.cpp puts new cells in the first free ones it
+    /// finds, and a later prompt reusing a prefix computes the same logits
+    /// as a cold one only when its new cells follow its reused ones.
+    pub fn release(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        slot: i32,
+        keep: &[LlamaToken],
+        exact: usize,
+    ) {
         // Cells past `keep` (staged for a batch that failed, or never
         // decoded) must not survive under the slot.
         let start = (!keep.is_empty()).then_some(keep.len() as u32);
@@ -113,6 +127,7 @@ impl Slots {
         let cache = &mut self.cache[slot as usize];
         cache.clear();
         cache.extend_from_slice(keep);
+        self.exact[slot as usize] = exact.min(keep.len());
         self.free.push(slot);
         if !keep.is_empty() {
             self.warm.push(slot);
@@ -133,16 +148,17 @@ impl Slots {
                 tracing::warn!(slot, error = %e, "could not free kept KV cells");
             }
             self.cache[slot as usize].truncate(keep);
+            self.exact[slot as usize] = self.exact[slot as usize].min(keep);
             if keep == 0 {
                 self.warm.retain(|&s| s != slot);
             }
         }
     }
 
-    /// The tokens whose cells free slot `slot` keeps (empty for a slot in
-    /// use).
+    /// The tokens whose cells free slot `slot` keeps and offers for reuse
+    /// (its exact prefix; empty for a slot in use).
     pub fn kept(&self, slot: i32) -> &[LlamaToken] {
-        &self.cache[slot as usize]
+        &self.cache[slot as usize][..self.exact[slot as usize]]
     }
 
     /// Distinct cells the free slots keep warm (a prefix kept by several

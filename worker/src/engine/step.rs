@@ -104,7 +104,7 @@ impl Scheduler<'_> {
             return Err(format!("llama.cpp decode failed: {e}"));
         }
         for &(i, _) in &plan {
-            self.active[i].decoded();
+            self.active[i].decoded(step_tokens as usize);
         }
 
         // Sample every sequence whose logits were computed, position by
