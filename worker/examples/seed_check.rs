@@ -134,7 +134,9 @@ async fn main() {
     let mut order = Vec::new();
     let mut x: u64 = 7;
     for _ in 0..rounds * prompts.len() {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         order.push((x >> 33) as usize % prompts.len());
     }
     let e = engine(&m).await;

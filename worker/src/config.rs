@@ -373,6 +373,7 @@ mod tests {
             ("--queue", "0"),
             ("--parallel", "0"),
             ("--prefill-chunk", "0"),
+            ("--prefill-chunk", "3"),
             ("--prefill-chunk-decoding", "0"),
             ("--advertise", "no-port"),
             ("--advertise", "http://h:1"),

@@ -151,7 +151,10 @@ pub struct Placement {
 /// Places `prompt` in one of the `free` slots (slot, cached tokens), reusing
 /// the longest prefix found there or in `running` (slot, known tokens). At
 /// least one prompt token is always left to compute (its logits start
-/// generation), and a reused prefix is whole row groups ([`ROW_GROUP`]). Without any reuse, the free slot with the least cached is
+/// generation). With `whole_groups` (a new prompt, whose reference is the
+/// same prompt computed cold), a reused prefix is whole row groups
+/// ([`ROW_GROUP`]); a resumed stream reuses what it can (its reference is
+/// the uninterrupted stream, whose cells the cache may hold as they were). Without any reuse, the free slot with the least cached is
 /// taken, to keep the rest warm. A free slot whose cache would lose more
 /// than the coldest slot holds (a short shared prefix, say a common first
 /// sentence, in front of another prompt's long one) is not overwritten: its
@@ -161,14 +164,16 @@ pub fn place(
     prompt: &[LlamaToken],
     free: &[(i32, &[LlamaToken])],
     running: &[(i32, &[LlamaToken])],
+    whole_groups: bool,
 ) -> Option<Placement> {
     let limit = prompt.len().saturating_sub(1);
+    let group = if whole_groups { ROW_GROUP } else { 1 };
     let best = |slots: &[(i32, &[LlamaToken])]| {
         slots
             .iter()
             .map(|(slot, tokens)| {
                 let len = common_prefix(prompt, tokens).min(limit);
-                (*slot, len - len % ROW_GROUP)
+                (*slot, len - len % group)
             })
             .filter(|(_, len)| *len > 0)
             .max_by_key(|(slot, len)| (*len, -slot))
@@ -297,7 +302,7 @@ mod tests {
         );
         // Best in a free slot: take that very slot. The 9 shared tokens
         // are cut to whole row groups (8).
-        let p = place(&prompt, &[(0, &a), (1, &b)], &[]).unwrap();
+        let p = place(&prompt, &[(0, &a), (1, &b)], &[], true).unwrap();
         assert_eq!(
             p,
             Placement {
@@ -306,7 +311,7 @@ mod tests {
             }
         );
         // Best in a running sequence: copy into the coldest free slot.
-        let p = place(&prompt, &[(0, &a), (2, &[])], &[(1, &b)]).unwrap();
+        let p = place(&prompt, &[(0, &a), (2, &[])], &[(1, &b)], true).unwrap();
         assert_eq!(
             p,
             Placement {
@@ -315,12 +320,12 @@ mod tests {
             }
         );
         // A free slot ties with a running one: no copy needed.
-        let p = place(&prompt, &[(0, &b)], &[(1, &b)]).unwrap();
+        let p = place(&prompt, &[(0, &b)], &[(1, &b)], true).unwrap();
         assert_eq!(p.reuse, Some((0, 8)));
         // Nothing shared (or less than a row group): the coldest slot, no
         // reuse.
         let short = toks(&[9]);
-        let p = place(&toks(&[8, 8]), &[(0, &c), (3, &short)], &[]).unwrap();
+        let p = place(&toks(&[8, 8]), &[(0, &c), (3, &short)], &[], true).unwrap();
         assert_eq!(
             p,
             Placement {
@@ -328,9 +333,9 @@ mod tests {
                 reuse: None
             }
         );
-        let p = place(&prompt, &[(0, &c), (3, &short)], &[]).unwrap();
+        let p = place(&prompt, &[(0, &c), (3, &short)], &[], true).unwrap();
         assert_eq!(p.reuse, None);
-        assert!(place(&prompt, &[], &[(1, &b)]).is_none());
+        assert!(place(&prompt, &[], &[(1, &b)], true).is_none());
 
         // A short shared prefix in front of another prompt's long cache:
         // copied into the empty slot, the long cache kept.
@@ -338,7 +343,7 @@ mod tests {
             .into_iter()
             .chain(toks(&[7; 50]))
             .collect();
-        let p = place(&prompt, &[(0, &long), (1, &[])], &[]).unwrap();
+        let p = place(&prompt, &[(0, &long), (1, &[])], &[], true).unwrap();
         assert_eq!(
             p,
             Placement {
@@ -351,13 +356,23 @@ mod tests {
     #[test]
     fn at_least_one_prompt_token_is_computed() {
         let prompt = toks(&[1, 2, 3, 4, 5]);
-        let p = place(&prompt, &[(0, &toks(&[1, 2, 3, 4, 5, 6]))], &[]).unwrap();
+        let p = place(&prompt, &[(0, &toks(&[1, 2, 3, 4, 5, 6]))], &[], true).unwrap();
         assert_eq!(p.reuse, Some((0, 4)));
+        // A resumed stream is not cut to whole groups.
+        let p = place(&prompt, &[(0, &toks(&[1, 2, 3, 4, 5, 6]))], &[], false).unwrap();
+        assert_eq!(p.reuse, Some((0, 4)));
+        let p = place(&toks(&[1, 2, 3]), &[(0, &toks(&[1, 2, 3, 4]))], &[], false).unwrap();
+        assert_eq!(p.reuse, Some((0, 2)));
         // All 4 cached, but the last must be computed: 3, less than a group.
         assert_eq!(
-            place(&toks(&[1, 2, 3, 4]), &[(0, &toks(&[1, 2, 3, 4]))], &[])
-                .unwrap()
-                .reuse,
+            place(
+                &toks(&[1, 2, 3, 4]),
+                &[(0, &toks(&[1, 2, 3, 4]))],
+                &[],
+                true
+            )
+            .unwrap()
+            .reuse,
             None
         );
     }

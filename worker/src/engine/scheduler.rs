@@ -215,15 +215,19 @@ impl Scheduler<'_> {
                 self.queue.push_front(job);
                 break;
             }
-            let (slot, reused) = {
+            let (slot, reused, exact) = {
                 // Only cells a decode wrote may be copied; a sequence whose
-                // decode failed offers none (see `Sequence::reusable`).
-                let running: Vec<(i32, &[LlamaToken])> = self
+                // decode failed offers none (see `Sequence::kept`).
+                let running: Vec<(i32, &[LlamaToken], usize)> = self
                     .active
                     .iter()
-                    .map(|s| (s.slot(), s.reusable()))
+                    .map(|s| {
+                        let (tokens, exact) = s.kept();
+                        (s.slot(), tokens, exact)
+                    })
                     .collect();
-                self.slots.take(ctx, &input, &running)
+                let resume = !job.generation.resume.is_empty();
+                self.slots.take(ctx, &input, &running, resume)
             };
             let metrics = &self.shared.metrics;
             metrics
@@ -238,7 +242,7 @@ impl Scheduler<'_> {
             // (its channel is empty while the job waits, so this fits).
             job.queue_span = tracing::Span::none();
             let _ = job.events.try_send(Event::Admitted);
-            let mut seq = Sequence::new(slot, job, reused, &self.model.vocab());
+            let mut seq = Sequence::new(slot, job, reused, exact, &self.model.vocab());
             if reused > 0 {
                 metrics.prefix_cache_hit_tokens.inc_by(reused as u64);
                 if let Some(span) = seq.prefill_span() {

@@ -61,13 +61,13 @@ pub(super) struct Cells<T> {
 
 impl<T: Copy> Cells<T> {
     /// Cells that start with `reused`, whose cells an earlier decode wrote
-    /// exactly (a kept prefix, or a copy of one).
-    pub fn starting_with(reused: &[T]) -> Self {
+    /// (a kept prefix, or a copy of one), the first `exact` of them exactly.
+    pub fn starting_with(reused: &[T], exact: usize) -> Self {
         Self {
             decoded: reused.to_vec(),
             staged: Vec::new(),
             rows: Vec::new(),
-            exact: reused.len(),
+            exact: exact.min(reused.len()),
             broken: false,
         }
     }
@@ -183,7 +183,9 @@ impl Sequence {
     /// A sequence in `slot`, whose first `reused` input tokens already have
     /// their cells there. Replays the resumed tokens (see
     /// [`Generation::resume`]) before anything is generated.
-    pub fn new(slot: i32, job: Job, reused: usize, vocab: &LlamaVocab<'_>) -> Self {
+    /// A sequence in `slot` whose first `reused` input tokens' cells are
+    /// there already, the first `exact` of them exactly ([`Cells`]).
+    pub fn new(slot: i32, job: Job, reused: usize, exact: usize, vocab: &LlamaVocab<'_>) -> Self {
         let g = &job.generation;
         let input: Vec<LlamaToken> = g.prompt.iter().chain(&g.resume).copied().collect();
         let prefill_span = tracing::info_span!(
@@ -198,7 +200,7 @@ impl Sequence {
             sampler: sampler(g),
             utf8: Utf8Carry::default(),
             stop: StopMatcher::new(g.stop.iter().cloned()),
-            cells: Cells::starting_with(&input[..reused]),
+            cells: Cells::starting_with(&input[..reused], exact),
             prefilled: reused,
             reused,
             input,
@@ -630,7 +632,7 @@ mod tests {
 
     #[test]
     fn only_decoded_cells_are_reusable() {
-        let mut cells = Cells::starting_with(&[1, 2]);
+        let mut cells = Cells::starting_with(&[1, 2], 2);
         assert_eq!(cells.reusable(), &[1, 2]);
         // Staged for a batch: positions 2 and 3, not yet reusable.
         assert_eq!(cells.stage(3, 0, true), 2);
@@ -646,7 +648,7 @@ mod tests {
 
     #[test]
     fn a_failed_decode_leaves_nothing_reusable() {
-        let mut cells = Cells::starting_with(&[1, 2]);
+        let mut cells = Cells::starting_with(&[1, 2], 2);
         cells.stage(3, 0, true);
         cells.break_all();
         assert_eq!(cells.reusable(), &[] as &[i32]);
@@ -660,7 +662,7 @@ mod tests {
     fn only_prompt_rows_of_full_row_groups_are_exact() {
         // A 7-row prompt alone: rows 0..4 are one full group, 4..7 go
         // through the one-row kernel.
-        let mut cells = Cells::starting_with(&[]);
+        let mut cells = Cells::starting_with(&[], 0);
         for t in 0..7 {
             cells.stage(t, t as usize, true);
         }
@@ -676,7 +678,7 @@ mod tests {
 
         // A prompt beside three decode rows: 8 prompt rows then 3 others
         // make 11 rows, 8 of them grouped.
-        let mut cells = Cells::starting_with(&[]);
+        let mut cells = Cells::starting_with(&[], 0);
         for t in 0..8 {
             cells.stage(t, t as usize, true);
         }

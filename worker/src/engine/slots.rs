@@ -54,23 +54,52 @@ impl Slots {
 
     /// Takes a free slot for `input` (there must be one), reusing the
     /// longest cached prefix among the free slots and `running` (slot,
-    /// decoded tokens). Returns the slot and how many input tokens' cells
-    /// it holds already.
+    /// tokens it offers, how many of them lead exactly). A new prompt
+    /// (`resume` false) reuses only exact cells, in whole row groups; a
+    /// resumed stream any kept cells ([`policy::place`]). Returns the slot,
+    /// how many input tokens' cells it holds already, and how many of those
+    /// are exact.
     pub fn take(
         &mut self,
         ctx: &mut LlamaContext<'_>,
         input: &[LlamaToken],
-        running: &[(i32, &[LlamaToken])],
-    ) -> (i32, usize) {
+        running: &[(i32, &[LlamaToken], usize)],
+        resume: bool,
+    ) -> (i32, usize, usize) {
         let placement = {
+            let offered = |s: i32| {
+                if resume {
+                    self.cache[s as usize].as_slice()
+                } else {
+                    self.kept(s)
+                }
+            };
             let free: Vec<(i32, &[LlamaToken])> =
-                self.free.iter().map(|&s| (s, self.kept(s))).collect();
-            policy::place(input, &free, running).expect("a free slot exists")
+                self.free.iter().map(|&s| (s, offered(s))).collect();
+            let running: Vec<(i32, &[LlamaToken])> = running
+                .iter()
+                .map(|&(s, tokens, exact)| (s, if resume { tokens } else { &tokens[..exact] }))
+                .collect();
+            policy::place(input, &free, &running, !resume).expect("a free slot exists")
         };
+        // How many of the reused cells are exact, read before `prepare`
+        // forgets the source slot's count.
+        let exact = placement.reuse.map_or(0, |(from, len)| {
+            let source = if self.free.contains(&from) {
+                self.exact[from as usize]
+            } else {
+                running
+                    .iter()
+                    .find(|r| r.0 == from)
+                    .map_or(0, |&(_, _, exact)| exact)
+            };
+            len.min(source)
+        });
         let slot = placement.slot;
         self.free.retain(|&s| s != slot);
         self.warm.retain(|&s| s != slot);
-        (slot, self.prepare(ctx, placement))
+        let reused = self.prepare(ctx, placement);
+        (slot, reused, exact.min(reused))
     }
 
     /// Makes `placement.slot` hold exactly the reused prefix; returns its
