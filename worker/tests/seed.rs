@@ -20,7 +20,7 @@ use nanoinfer_worker::engine::{Engine, EngineConfig, Event, Generation, KvCacheT
 use nanoinfer_worker::metrics::WorkerMetrics;
 use nanoinfer_worker::model::{self, Model};
 
-use common::fetched;
+use common::{fetched, generation};
 
 /// The model, loaded once: llama.cpp's backend starts once per process.
 fn test_model() -> &'static Model {
@@ -63,21 +63,13 @@ async fn engine(m: &Model) -> Engine {
 fn seeded(m: &Model, prompt: &str, max_tokens: u32) -> Generation {
     Generation {
         request_id: "seed".into(),
-        prompt: m.tokenize(prompt),
-        resume: Vec::new(),
-        max_tokens,
         temperature: 0.9,
-        top_p: 1.0,
         seed: 1234,
         controls: SamplingControls {
             logprobs: true,
             ..SamplingControls::default()
         },
-        logit_bias: Vec::new(),
-        grammar: None,
-        stop: Vec::new(),
-        deadline: None,
-        span: tracing::Span::none(),
+        ..generation(m, prompt, max_tokens)
     }
 }
 

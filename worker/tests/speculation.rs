@@ -20,9 +20,9 @@ use nanoinfer_worker::engine::{
     Engine, EngineConfig, Event, FinishReason, Generation, KvCacheType, SpecConfig,
 };
 use nanoinfer_worker::metrics::WorkerMetrics;
-use nanoinfer_worker::model::{self, Model};
+use nanoinfer_worker::model;
 
-use common::fetched;
+use common::{fetched, generation};
 
 fn test_model() -> PathBuf {
     fetched("NANOINFER_TEST_MODEL", "gemma3-270m")
@@ -36,24 +36,6 @@ along the northern river.";
 
 fn copy_prompt() -> String {
     format!("Passage:\n{PASSAGE}\n\nThe same passage, copied word for word:\n")
-}
-
-fn generation(m: &Model, prompt: &str, max_tokens: u32) -> Generation {
-    Generation {
-        request_id: "spec".into(),
-        prompt: m.tokenize(prompt),
-        resume: Vec::new(),
-        max_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        seed: 0,
-        controls: SamplingControls::default(),
-        logit_bias: Vec::new(),
-        grammar: None,
-        stop: Vec::new(),
-        deadline: None,
-        span: tracing::Span::none(),
-    }
 }
 
 /// What a generation gave: token ids (indices checked to run 0, 1, 2 …),

@@ -154,8 +154,9 @@ pub struct Placement {
 /// generation). With `whole_groups` (a new prompt, whose reference is the
 /// same prompt computed cold), a reused prefix is whole row groups
 /// ([`ROW_GROUP`]); a resumed stream reuses what it can (its reference is
-/// the uninterrupted stream, whose cells the cache may hold as they were). Without any reuse, the free slot with the least cached is
-/// taken, to keep the rest warm. A free slot whose cache would lose more
+/// the uninterrupted stream, whose cells the cache may hold as they were).
+/// Without any reuse, the free slot with the least cached is taken, to
+/// keep the rest warm. A free slot whose cache would lose more
 /// than the coldest slot holds (a short shared prefix, say a common first
 /// sentence, in front of another prompt's long one) is not overwritten: its
 /// shared prefix is copied into the coldest slot instead, so both stay

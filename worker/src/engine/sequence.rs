@@ -181,10 +181,9 @@ pub(super) struct Sequence {
 
 impl Sequence {
     /// A sequence in `slot`, whose first `reused` input tokens already have
-    /// their cells there. Replays the resumed tokens (see
-    /// [`Generation::resume`]) before anything is generated.
-    /// A sequence in `slot` whose first `reused` input tokens' cells are
-    /// there already, the first `exact` of them exactly ([`Cells`]).
+    /// their cells there, the first `exact` of them exactly ([`Cells`]).
+    /// Replays the resumed tokens (see [`Generation::resume`]) before
+    /// anything is generated.
     pub fn new(slot: i32, job: Job, reused: usize, exact: usize, vocab: &LlamaVocab<'_>) -> Self {
         let g = &job.generation;
         let input: Vec<LlamaToken> = g.prompt.iter().chain(&g.resume).copied().collect();
