@@ -7,6 +7,7 @@
 //! long prefix, prompts sharing nothing — and each answer is compared with
 //! its cold text, token ids and log-probabilities. With CONCURRENT=4 the
 //! sequence runs four at a time instead (requests beside other streams).
+//! `KV_CACHE_TYPE=f16` gives the engine llama.cpp's default KV cache.
 //!
 //! cargo run --release -p nanoinfer-worker --example seed_check -- MODEL [ROUNDS]
 
@@ -56,15 +57,9 @@ async fn engine(m: &Model) -> Engine {
         queue: 64,
         queue_timeout: Duration::from_secs(600),
         spec: SpecConfig::OFF,
-        kv_cache_type: std::env::var("KV_CACHE_TYPE")
-            .ok()
-            .map_or(KvCacheType::Q8_0, |t| {
-                if t == "f16" {
-                    KvCacheType::F16
-                } else {
-                    KvCacheType::Q8_0
-                }
-            }),
+        kv_cache_type: std::env::var("KV_CACHE_TYPE").map_or(KvCacheType::default(), |t| {
+            clap::ValueEnum::from_str(&t, false).expect("KV_CACHE_TYPE: q8_0 or f16")
+        }),
         failpoint: None,
     };
     Engine::start(

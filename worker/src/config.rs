@@ -85,7 +85,7 @@ pub struct Args {
     /// layout, which the seed promise needs) or f16 (llama.cpp's default:
     /// slightly faster prompts here, but a seeded request's text may then
     /// change with what the cache holds). docs/operations.md.
-    #[arg(long, env = "NANOINFER_KV_CACHE_TYPE", value_enum, default_value_t = crate::engine::KvCacheType::Q8_0)]
+    #[arg(long, env = "NANOINFER_KV_CACHE_TYPE", value_enum, default_value_t = crate::engine::KvCacheType::default())]
     pub kv_cache_type: crate::engine::KvCacheType,
     /// Draft-free speculation: most tokens a decoding request proposes per
     /// step from an earlier occurrence of its latest n-gram in its own
@@ -211,17 +211,22 @@ impl Args {
         if !(1..=64).contains(&self.parallel) {
             return Err(format!("--parallel must be 1..=64, got {}", self.parallel));
         }
-        // A chunk that does not end its prompt is whole row groups of 4
-        // (the seed promise), so a smaller one would never move.
-        if !(4..=8192).contains(&self.prefill_chunk) {
+        // A chunk that does not end its prompt is whole row groups (the
+        // seed promise), so a smaller one would never move.
+        let chunks = crate::engine::ROW_GROUP as u32..=8192;
+        if !chunks.contains(&self.prefill_chunk) {
             return Err(format!(
-                "--prefill-chunk must be 4..=8192, got {}",
+                "--prefill-chunk must be {}..={}, got {}",
+                chunks.start(),
+                chunks.end(),
                 self.prefill_chunk
             ));
         }
-        if !(4..=8192).contains(&self.prefill_chunk_decoding) {
+        if !chunks.contains(&self.prefill_chunk_decoding) {
             return Err(format!(
-                "--prefill-chunk-decoding must be 4..=8192, got {}",
+                "--prefill-chunk-decoding must be {}..={}, got {}",
+                chunks.start(),
+                chunks.end(),
                 self.prefill_chunk_decoding
             ));
         }

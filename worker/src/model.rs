@@ -79,9 +79,9 @@ pub const TILED_KERNEL_VAR: &str = "GGML_CPU_TILED_MM";
 /// from the kernel a smaller batch gets, so a prompt computed cold (in one
 /// large chunk) and the same prompt after a cached prefix (a few rows)
 /// would get different logits, and a seeded request different text
-/// (docs/operations.md, "Same seed, same text"). It costs about 12% of
-/// prompt speed with Gemma 3 270M here (docs/benchmarks.md). ggml reads the
-/// variable once, at its first matrix product.
+/// (docs/operations.md, "Same seed, same text"; its cost, with the 8-bit
+/// KV cache, is in docs/benchmarks.md). ggml reads the variable once, at
+/// its first matrix product.
 pub fn pin_kernels() {
     if std::env::var_os(TILED_KERNEL_VAR).is_none() {
         std::env::set_var(TILED_KERNEL_VAR, "0");

@@ -42,7 +42,7 @@ mod step;
 #[cfg(test)]
 mod tests;
 
-pub use policy::{plan_step, SeqView, Work};
+pub use policy::{plan_step, SeqView, Work, ROW_GROUP};
 pub use speculate::{propose, SpecConfig};
 
 use std::sync::atomic::{AtomicBool, Ordering};

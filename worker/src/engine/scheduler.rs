@@ -47,8 +47,7 @@ pub(super) fn run(
     // A step holds the prompt chunk and every sequence's next token with
     // its proposals.
     let per_sequence = 1 + config.spec.draft_max as u32;
-    let batch_capacity =
-        config.step_tokens.max(super::policy::ROW_GROUP as u32) + parallel * per_sequence;
+    let batch_capacity = config.step_tokens.max(super::ROW_GROUP as u32) + parallel * per_sequence;
     // One unified KV cache with room for every slot's full window.
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(config.ctx_size * parallel))
@@ -79,8 +78,8 @@ pub(super) fn run(
         window,
         // Chunks that leave some prompt are whole row groups: a smaller
         // budget would never move a long prompt.
-        step_tokens: (config.step_tokens as usize).max(super::policy::ROW_GROUP),
-        step_tokens_decoding: (config.step_tokens_decoding as usize).max(super::policy::ROW_GROUP),
+        step_tokens: (config.step_tokens as usize).max(super::ROW_GROUP),
+        step_tokens_decoding: (config.step_tokens_decoding as usize).max(super::ROW_GROUP),
         sample_threads: {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
             (1 + cores.saturating_sub(config.threads.max(1) as usize)).min(parallel as usize)
