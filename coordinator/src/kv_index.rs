@@ -4,7 +4,8 @@
 //!
 //! Per worker: the set of block hashes it holds, the set it is computing
 //! (prompts it accepted and has not prefilled yet: the `KV_TIER_COMPUTING`
-//! events), the worker process's instance id and the last event's sequence
+//! events), the set it keeps in host memory (`KV_TIER_RAM`: restored at a
+//! cost, not free), the worker process's instance id and the last event's sequence
 //! number. A stream starts with a
 //! snapshot, which replaces the set; each later event must be the next
 //! number of the same instance, else the set is **unsynced** (a gap, a
@@ -43,7 +44,16 @@ struct Held {
     seq: u64,
     blocks: HashSet<u64>,
     computing: HashSet<u64>,
+    ram: HashSet<u64>,
     synced: bool,
+}
+
+impl Held {
+    fn clear(&mut self) {
+        self.blocks.clear();
+        self.computing.clear();
+        self.ram.clear();
+    }
 }
 
 /// Every worker's held blocks.
@@ -69,8 +79,7 @@ impl KvIndex {
         let result = Self::apply_to(held, batch, self.max_blocks);
         if result.is_err() {
             held.synced = false;
-            held.blocks = HashSet::new();
-            held.computing = HashSet::new();
+            held.clear();
         }
         result
     }
@@ -79,8 +88,7 @@ impl KvIndex {
         if batch.snapshot {
             held.instance = batch.instance.clone();
             held.seq = batch.seq;
-            held.blocks.clear();
-            held.computing.clear();
+            held.clear();
             held.synced = true;
         } else if !held.synced {
             return Err(Resync::NoSnapshot);
@@ -105,10 +113,10 @@ impl KvIndex {
             let set = match KvTier::try_from(event.tier) {
                 Ok(KvTier::Kv | KvTier::Unspecified) => &mut held.blocks,
                 Ok(KvTier::Computing) => &mut held.computing,
+                Ok(KvTier::Ram) => &mut held.ram,
                 _ => {
                     if let Some(kv_event::Kind::Cleared(_)) = event.kind {
-                        held.blocks.clear();
-                        held.computing.clear();
+                        held.clear();
                     }
                     continue;
                 }
@@ -120,14 +128,11 @@ impl KvIndex {
                         set.remove(h);
                     }
                 }
-                Some(kv_event::Kind::Cleared(_)) => {
-                    held.blocks.clear();
-                    held.computing.clear();
-                }
+                Some(kv_event::Kind::Cleared(_)) => held.clear(),
                 None => {}
             }
         }
-        if held.blocks.len() > max || held.computing.len() > max {
+        if held.blocks.len() > max || held.computing.len() > max || held.ram.len() > max {
             return Err(Resync::TooLarge(max));
         }
         Ok(())
@@ -139,6 +144,7 @@ impl KvIndex {
             held.synced = false;
             held.blocks = HashSet::new();
             held.computing = HashSet::new();
+            held.ram = HashSet::new();
         }
     }
 
@@ -163,13 +169,14 @@ impl KvIndex {
     /// `matched`, and with it how many leading blocks `worker` holds or
     /// will hold once the prefills it accepted pass them (the computing
     /// tier), or that `also` counts (this coordinator's own requests not
-    /// reported yet): `(held, held or coming)`.
+    /// reported yet), and how many it could have by restoring from its RAM
+    /// tier too: `(held, held or coming, held or coming or in RAM)`.
     pub fn matched_with(
         &self,
         worker: &str,
         hashes: &[u64],
         also: impl Fn(&u64) -> bool,
-    ) -> Option<(usize, usize)> {
+    ) -> Option<(usize, usize, usize)> {
         let workers = self.workers.lock().expect("kv index lock");
         let held = workers.get(worker).filter(|h| h.synced)?;
         let now = hashes
@@ -180,7 +187,9 @@ impl KvIndex {
             .iter()
             .take_while(|h| held.blocks.contains(h) || held.computing.contains(h) || also(h))
             .count();
-        Some((now, coming))
+        // A RAM entry is a whole prefix: its blocks run from the first.
+        let in_ram = hashes.iter().take_while(|h| held.ram.contains(h)).count();
+        Some((now, coming, coming.max(in_ram)))
     }
 
     /// Blocks `worker` holds, or `None` while unsynced.
@@ -350,14 +359,14 @@ mod tests {
         assert_eq!(index.matched("w1", &[1, 2, 3, 4]), Some(1));
         assert_eq!(
             index.matched_with("w1", &[1, 2, 3, 4], |_| false),
-            Some((1, 3))
+            Some((1, 3, 3))
         );
         // What `also` counts extends the run (this coordinator's own sent
         // blocks), and a snapshot of the blocks themselves says nothing of
         // the computing tier.
         assert_eq!(
             index.matched_with("w1", &[1, 2, 3, 4], |h| *h == 4),
-            Some((1, 4))
+            Some((1, 4, 4))
         );
         assert_eq!(index.blocks("w1"), Some(vec![1]));
         // Prefilled: held, no longer computing. A tier this coordinator does
@@ -372,14 +381,17 @@ mod tests {
                     vec![
                         stored(3, &[2, 3]),
                         tier(removed(4, &[1, 2, 3]), KvTier::Computing),
-                        tier(stored(5, &[9]), KvTier::Ram),
+                        KvEvent {
+                            tier: 99,
+                            ..stored(5, &[9])
+                        },
                     ],
                 ),
             )
             .unwrap();
         assert_eq!(
             index.matched_with("w1", &[1, 2, 3, 9], |_| false),
-            Some((3, 3))
+            Some((3, 3, 3))
         );
         assert_eq!(index.computing("w1"), Some(0));
         // Cleared empties both tiers.
@@ -394,8 +406,60 @@ mod tests {
                 ),
             )
             .unwrap();
-        assert_eq!(index.matched_with("w1", &[1], |_| false), Some((0, 0)));
-        assert_eq!(index.matched_with("w1", &[5], |_| false), Some((0, 0)));
+        assert_eq!(index.matched_with("w1", &[1], |_| false), Some((0, 0, 0)));
+        assert_eq!(index.matched_with("w1", &[5], |_| false), Some((0, 0, 0)));
+    }
+
+    #[test]
+    fn the_ram_tier_counts_as_restorable_from_the_first_block() {
+        let index = KvIndex::new(100);
+        let ram = |seq, h: &[u64]| KvEvent {
+            tier: KvTier::Ram as i32,
+            ..stored(seq, h)
+        };
+        // Blocks 1–2 in the KV cache, a longer prefix 1–4 in RAM, and a
+        // prefix 7–8 in RAM only.
+        index
+            .apply(
+                "w1",
+                &batch(
+                    "a",
+                    true,
+                    2,
+                    vec![stored(2, &[1, 2]), ram(2, &[1, 2, 3, 4, 7, 8])],
+                ),
+            )
+            .unwrap();
+        assert_eq!(
+            index.matched_with("w1", &[1, 2, 3, 4, 5], |_| false),
+            Some((2, 2, 4))
+        );
+        assert_eq!(
+            index.matched_with("w1", &[7, 8, 9], |_| false),
+            Some((0, 0, 2))
+        );
+        // Evicted from RAM: gone; cleared: every tier empties.
+        index
+            .apply(
+                "w1",
+                &batch(
+                    "a",
+                    false,
+                    4,
+                    vec![
+                        KvEvent {
+                            tier: KvTier::Ram as i32,
+                            ..removed(3, &[7, 8])
+                        },
+                        event(4, kv_event::Kind::Cleared(true)),
+                    ],
+                ),
+            )
+            .unwrap();
+        assert_eq!(
+            index.matched_with("w1", &[1, 2], |_| false),
+            Some((0, 0, 0))
+        );
     }
 
     #[test]

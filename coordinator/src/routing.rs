@@ -69,6 +69,11 @@ use crate::metrics::WorkerLabel;
 /// Cache-aware costs this close to the lowest count as equal.
 pub const SCORE_TIE: f64 = 1e-6;
 
+/// What a block in a worker's RAM tier costs, as a fraction of computing
+/// it, until the worker reports its measured cost (`ram_restore_cost`):
+/// measured here at about 0.01 (a restore is a copy), so this is cautious.
+pub const DEFAULT_RAM_RESTORE_COST: f64 = 0.25;
+
 /// Prompt blocks a worker still has to prefill for requests this
 /// coordinator sent it, until their first token: added at the pick,
 /// removed on drop.
@@ -236,6 +241,9 @@ struct WorkerState {
     ejected: bool,
     /// Its last load report.
     reported: Option<Reported>,
+    /// What restoring a block from its RAM tier costs against computing
+    /// it, as it last reported (0: not reported).
+    ram_restore_cost: f32,
     /// Distinguishes this registration from a later one under the same id
     /// (a probe of an old one must not re-admit a new one).
     generation: u64,
@@ -393,16 +401,22 @@ async fn follow_kv_events(index: Arc<KvIndex>, metrics: KvMetrics, id: String, c
 }
 
 /// A cache-aware candidate's cost in prompt blocks (lower is better):
-/// the prompt's blocks it would prefill, the prefill already pending on it,
-/// and `weight` blocks per request in flight.
+/// the prompt's blocks it would prefill (those past `cached`; those it
+/// keeps in its RAM tier, up to `in_ram`, at `ram_cost` of a block each),
+/// the prefill already pending on it, and `weight` blocks per request in
+/// flight.
 pub fn cache_aware_cost(
     blocks: usize,
-    cached: usize,
+    (cached, in_ram, ram_cost): (usize, usize, f64),
     pending: usize,
     load: usize,
     weight: f64,
 ) -> f64 {
-    blocks.saturating_sub(cached) as f64 + pending as f64 + weight * load as f64
+    let restored = in_ram.min(blocks).saturating_sub(cached);
+    blocks.saturating_sub(cached.max(in_ram)) as f64
+        + restored as f64 * ram_cost
+        + pending as f64
+        + weight * load as f64
 }
 
 /// Index of the candidate with the fewest in flight; among ties, the one at
@@ -664,6 +678,7 @@ impl Router {
                     in_flight: self.metrics.in_flight.get_or_create_owned(&label),
                     ejected: false,
                     reported: None,
+                    ram_restore_cost: 0.0,
                     generation: self.generations.fetch_add(1, Ordering::Relaxed),
                     limit,
                     pending: Arc::default(),
@@ -811,7 +826,7 @@ impl Router {
         // with them those it is computing: for any coordinator's request
         // (its computing tier), or for one this coordinator sent that it
         // has not reported yet.
-        let found: Vec<Option<(usize, usize)>> = candidates
+        let found: Vec<Option<(usize, usize, usize)>> = candidates
             .iter()
             .map(|(id, w)| {
                 if blocks.is_empty() {
@@ -821,21 +836,33 @@ impl Router {
                 self.kv.matched_with(id, blocks, |h| sent.contains_key(h))
             })
             .collect();
-        let matched: Vec<Option<usize>> = found.iter().map(|f| f.map(|(_, total)| total)).collect();
+        let matched: Vec<Option<usize>> =
+            found.iter().map(|f| f.map(|(_, total, _)| total)).collect();
         let weight = self.upstream.cache_aware_load_weight;
         let costs: Vec<f64> = candidates
             .iter()
             .zip(counts)
             .zip(&found)
             .map(|(((_, w), &load), f)| {
-                let (held, total) = f.unwrap_or((0, 0));
+                let (held, total, in_ram) = f.unwrap_or((0, 0, 0));
                 // Pending prefill of the blocks this prompt shares is work
                 // it needs done anyway, not work ahead of it.
                 let pending = w
                     .pending
                     .load(Ordering::Relaxed)
                     .saturating_sub(total - held);
-                cache_aware_cost(blocks.len(), total, pending, load, weight)
+                let ram_cost = if w.ram_restore_cost > 0.0 {
+                    f64::from(w.ram_restore_cost)
+                } else {
+                    DEFAULT_RAM_RESTORE_COST
+                };
+                cache_aware_cost(
+                    blocks.len(),
+                    (total, in_ram, ram_cost),
+                    pending,
+                    load,
+                    weight,
+                )
             })
             .collect();
         let best = costs.iter().copied().fold(f64::INFINITY, f64::min);
@@ -902,6 +929,9 @@ impl Router {
             foreign: total.saturating_sub(own),
             at: std::time::Instant::now(),
         });
+        if load.ram_restore_cost.is_finite() && load.ram_restore_cost > 0.0 {
+            w.ram_restore_cost = load.ram_restore_cost.min(1.0);
+        }
     }
 
     /// Picks worker `id` if it is routable (the `n` completions of one
@@ -1102,6 +1132,7 @@ mod tests {
             queued: 2,
             slots: 4,
             kv_cache_usage: 0.5,
+            ..Default::default()
         };
         router.report("a", &report);
         router.report("zz", &report);
@@ -1165,12 +1196,19 @@ mod tests {
         // A 30-block prompt: all cached and idle costs nothing; not cached,
         // 30; each request in flight adds the weight; pending prefill adds
         // itself.
-        assert_eq!(cache_aware_cost(30, 30, 0, 0, 4.0), 0.0);
-        assert_eq!(cache_aware_cost(30, 0, 0, 0, 4.0), 30.0);
-        assert_eq!(cache_aware_cost(30, 30, 0, 7, 4.0), 28.0);
-        assert_eq!(cache_aware_cost(30, 30, 27, 0, 4.0), 27.0);
+        let cached = |n| (n, n, 0.25);
+        assert_eq!(cache_aware_cost(30, cached(30), 0, 0, 4.0), 0.0);
+        assert_eq!(cache_aware_cost(30, cached(0), 0, 0, 4.0), 30.0);
+        assert_eq!(cache_aware_cost(30, cached(30), 0, 7, 4.0), 28.0);
+        assert_eq!(cache_aware_cost(30, cached(30), 27, 0, 4.0), 27.0);
+        // 20 blocks in RAM past 10 in the KV cache, at a tenth of a block
+        // each: 2 blocks of work and the 0 left to compute; a RAM entry
+        // that does not reach past the KV cache's blocks changes nothing.
+        assert_eq!(cache_aware_cost(30, (10, 30, 0.1), 0, 0, 4.0), 2.0);
+        assert_eq!(cache_aware_cost(30, (10, 20, 0.5), 0, 0, 4.0), 15.0);
+        assert_eq!(cache_aware_cost(30, (10, 5, 0.5), 0, 0, 4.0), 20.0);
         // More cached than the prompt's blocks cannot go negative.
-        assert_eq!(cache_aware_cost(3, 5, 0, 0, 1.0), 0.0);
+        assert_eq!(cache_aware_cost(3, (5, 5, 0.25), 0, 0, 1.0), 0.0);
     }
 
     /// A snapshot batch saying `worker` holds `blocks`.

@@ -355,6 +355,7 @@ impl FakeWorker {
             queued,
             slots: 4,
             kv_cache_usage: 0.5,
+            ..Default::default()
         });
     }
 

@@ -53,6 +53,7 @@ async fn engine(m: &Model) -> Engine {
         step_tokens: 128,
         step_tokens_decoding: 32,
         prefix_cache_tokens: 2048,
+        prefix_cache_ram_bytes: 1 << 30,
         threads: 2,
         queue: 64,
         queue_timeout: Duration::from_secs(600),

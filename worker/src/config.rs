@@ -80,6 +80,13 @@ pub struct Args {
     /// keeps a conversation warm without letting idle slots fill the cache.
     #[arg(long, env = "NANOINFER_PREFIX_CACHE_TOKENS", default_value_t = 2048)]
     pub prefix_cache_tokens: u32,
+    /// Host memory for prefixes evicted from the KV cache (the RAM tier):
+    /// a prompt that starts with one gets its cells copied back instead of
+    /// computed again. Bytes, or with a K, M or G suffix (powers of 1024);
+    /// least recently used prefixes go first; 0 turns the tier off. Outside
+    /// the KV cache: the worker's memory grows by up to this much.
+    #[arg(long, env = "NANOINFER_PREFIX_CACHE_RAM_BYTES", default_value = "1G", value_parser = parse_bytes)]
+    pub prefix_cache_ram_bytes: u64,
     /// What the KV cache stores keys and values as: q8_0 (half of f16's
     /// memory, and one attention path for every batch shape and cache
     /// layout, which the seed promise needs) or f16 (llama.cpp's default:
@@ -172,6 +179,8 @@ pub struct WorkerConfig {
     pub prefill_chunk_decoding: u32,
     /// Tokens of finished sequences kept warm for prefix reuse.
     pub prefix_cache_tokens: u32,
+    /// Bytes of evicted prefixes kept in host memory.
+    pub prefix_cache_ram_bytes: u64,
     /// Draft-free speculation.
     pub spec: crate::engine::SpecConfig,
     /// What the KV cache stores.
@@ -316,6 +325,7 @@ impl Args {
             prefill_chunk: self.prefill_chunk,
             prefill_chunk_decoding: self.prefill_chunk_decoding.min(self.prefill_chunk),
             prefix_cache_tokens: self.prefix_cache_tokens,
+            prefix_cache_ram_bytes: self.prefix_cache_ram_bytes,
             spec,
             kv_cache_type: self.kv_cache_type,
             grace_period: Duration::from_secs(self.grace_period),
@@ -345,9 +355,55 @@ fn parse_failpoint(value: &str) -> Result<Failpoint, String> {
     }
 }
 
+/// Parses a byte count: a number, or one with a K, M or G suffix (powers
+/// of 1024; "KiB", "MiB", "GiB" too).
+fn parse_bytes(value: &str) -> Result<u64, String> {
+    let bad = || format!("expected bytes, as a number or with a K, M or G suffix, got {value:?}");
+    let v = value.trim();
+    let digits = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (number, unit) = v.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    number.checked_mul(scale).ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ram_tier_sizes_take_a_unit() {
+        assert_eq!(args(&[]).unwrap().prefix_cache_ram_bytes, 1 << 30);
+        for (value, bytes) in [
+            ("0", 0),
+            ("4096", 4096),
+            ("512M", 512 << 20),
+            ("2GiB", 2 << 30),
+            ("64k", 64 << 10),
+        ] {
+            let c = args(&["--prefix-cache-ram-bytes", value]).unwrap();
+            assert_eq!(c.prefix_cache_ram_bytes, bytes, "{value}");
+        }
+        for value in ["", "G", "1T", "x1", "1.5G", "99999999999G"] {
+            let err = Args::try_parse_from([
+                "nanoinfer-worker",
+                "--model",
+                "m.gguf",
+                "--prefix-cache-ram-bytes",
+                value,
+            ])
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("--prefix-cache-ram-bytes"), "{value}: {err}");
+        }
+    }
 
     fn args(extra: &[&str]) -> Result<WorkerConfig, String> {
         let mut argv = vec!["nanoinfer-worker", "--model", "m.gguf"];

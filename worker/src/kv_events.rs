@@ -13,7 +13,11 @@
 //! request sharing them would wait for rather than compute again. A
 //! coordinator counts those as held too, so a second coordinator sends a
 //! tenant's next request to the worker already computing its prefix
-//! instead of warming a second copy elsewhere.
+//! instead of warming a second copy elsewhere. And the *ram* tier: the
+//! whole blocks of every prefix the host-RAM tier keeps (evicted from the KV
+//! cache, restored on a hit at a cost the load report gives), so a
+//! coordinator weighs them below blocks held in the KV cache and above
+//! blocks held nowhere.
 //!
 //! The hub numbers the events (1, 2, 3, … per process, no gaps), keeps the
 //! set of held hashes, and fans batches out over a bounded broadcast
@@ -75,6 +79,8 @@ pub struct KvPublisher {
     counts: HashMap<u64, u32>,
     /// The computing tier as last published.
     computing: HashSet<u64>,
+    /// The ram tier as last published.
+    ram: HashSet<u64>,
     hub: Arc<KvHub>,
 }
 
@@ -85,6 +91,7 @@ impl KvPublisher {
             slots: (0..slots).map(|_| SlotBlocks::default()).collect(),
             counts: HashMap::new(),
             computing: HashSet::new(),
+            ram: HashSet::new(),
             hub,
         }
     }
@@ -105,22 +112,29 @@ impl KvPublisher {
         held: impl Fn(usize) -> &'a [T],
         computing: impl Iterator<Item = &'b [u64]>,
     ) {
+        self.sync_tiers(held, computing, std::iter::empty());
+    }
+
+    /// [`KvPublisher::sync_with`], with `ram` listing the block hashes of
+    /// each prefix the host-RAM tier keeps. Its changes come after the
+    /// held tier's, so a restored prefix is never in neither.
+    pub fn sync_tiers<'a, 'b, 'c, T: TokenId + 'a>(
+        &mut self,
+        held: impl Fn(usize) -> &'a [T],
+        computing: impl Iterator<Item = &'b [u64]>,
+        ram: impl Iterator<Item = &'c [u64]>,
+    ) {
         let mut changes = Vec::new();
         for slot in 0..self.slots.len() {
             let tokens = held(slot);
             self.sync_slot(slot, tokens, &mut changes);
         }
         let now: HashSet<u64> = computing.flatten().copied().collect();
-        changes.extend(
-            self.computing
-                .difference(&now)
-                .map(|&h| Change::Removed(KvTier::Computing, h)),
-        );
-        changes.extend(
-            now.difference(&self.computing)
-                .map(|&h| Change::Stored(KvTier::Computing, h)),
-        );
+        diff(&self.computing, &now, KvTier::Computing, &mut changes);
         self.computing = now;
+        let now: HashSet<u64> = ram.flatten().copied().collect();
+        diff(&self.ram, &now, KvTier::Ram, &mut changes);
+        self.ram = now;
         self.hub.publish(&changes);
     }
 
@@ -176,8 +190,16 @@ impl KvPublisher {
         }
         self.counts.clear();
         self.computing.clear();
+        self.ram.clear();
         self.hub.clear();
     }
+}
+
+/// Appends the changes that turn tier `tier`'s set `was` into `now`:
+/// removals first.
+fn diff(was: &HashSet<u64>, now: &HashSet<u64>, tier: KvTier, changes: &mut Vec<Change>) {
+    changes.extend(was.difference(now).map(|&h| Change::Removed(tier, h)));
+    changes.extend(now.difference(was).map(|&h| Change::Stored(tier, h)));
 }
 
 /// The held set, numbered events and their subscribers.
@@ -192,6 +214,7 @@ struct HubState {
     seq: u64,
     held: HashSet<u64>,
     computing: HashSet<u64>,
+    ram: HashSet<u64>,
 }
 
 /// The stream a subscriber reads.
@@ -207,6 +230,7 @@ impl KvHub {
                 seq: 0,
                 held: HashSet::new(),
                 computing: HashSet::new(),
+                ram: HashSet::new(),
             }),
             tx: broadcast::channel(BACKLOG).0,
         });
@@ -229,6 +253,11 @@ impl KvHub {
         self.state.lock().expect("kv hub lock").computing.len()
     }
 
+    /// Blocks in the ram tier now.
+    pub fn ram(&self) -> usize {
+        self.state.lock().expect("kv hub lock").ram.len()
+    }
+
     /// Numbers `changes` (consecutive changes of one kind and tier share an
     /// event), applies them and sends them as one batch.
     pub fn publish(&self, changes: &[Change]) {
@@ -245,6 +274,7 @@ impl KvHub {
             };
             let set = match tier {
                 KvTier::Computing => &mut state.computing,
+                KvTier::Ram => &mut state.ram,
                 _ => &mut state.held,
             };
             if stored {
@@ -284,6 +314,7 @@ impl KvHub {
         let mut state = self.state.lock().expect("kv hub lock");
         state.held.clear();
         state.computing.clear();
+        state.ram.clear();
         state.seq += 1;
         let event = KvEvent {
             seq: state.seq,
@@ -304,7 +335,7 @@ impl KvHub {
         }
     }
 
-    /// A snapshot of both tiers and a receiver positioned right after it.
+    /// A snapshot of every tier and a receiver positioned right after it.
     fn snapshot(&self) -> (KvEventBatch, broadcast::Receiver<Arc<KvEventBatch>>) {
         let state = self.state.lock().expect("kv hub lock");
         let rx = self.tx.subscribe();
@@ -322,6 +353,7 @@ impl KvHub {
         let events = vec![
             event(KvTier::Kv, &state.held),
             event(KvTier::Computing, &state.computing),
+            event(KvTier::Ram, &state.ram),
         ];
         (self.batch(true, state.seq, events), rx)
     }
@@ -366,6 +398,7 @@ mod tests {
         seq: u64,
         held: HashSet<u64>,
         computing: HashSet<u64>,
+        ram: HashSet<u64>,
     }
 
     impl Index {
@@ -373,6 +406,7 @@ mod tests {
             if b.snapshot {
                 self.held.clear();
                 self.computing.clear();
+                self.ram.clear();
                 self.seq = b.seq;
             }
             for e in &b.events {
@@ -382,6 +416,8 @@ mod tests {
                 }
                 let set = if e.tier == KvTier::Computing as i32 {
                     &mut self.computing
+                } else if e.tier == KvTier::Ram as i32 {
+                    &mut self.ram
                 } else {
                     &mut self.held
                 };
@@ -395,6 +431,7 @@ mod tests {
                     kv_event::Kind::Cleared(_) => {
                         self.held.clear();
                         self.computing.clear();
+                        self.ram.clear();
                     }
                 }
             }
@@ -489,6 +526,50 @@ mod tests {
         index.apply(&stream.next().await.unwrap().unwrap());
         assert!(index.held.is_empty() && index.computing.is_empty());
         assert_eq!((hub.held(), hub.computing()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn an_evicted_prefix_moves_to_the_ram_tier_and_back() {
+        let hub = KvHub::new();
+        let mut stream = hub.subscribe();
+        let mut index = Index::default();
+        index.apply(&stream.next().await.unwrap().unwrap());
+        let mut publisher = KvPublisher::new(1, hub.clone());
+        let prompt = tokens(4, 40); // two whole blocks
+        let blocks = block_hashes(&prompt);
+        publisher.sync_with(|_| &prompt[..], std::iter::empty());
+        index.apply(&stream.next().await.unwrap().unwrap());
+        // Evicted to RAM: out of the KV tier and into the ram tier in one
+        // batch.
+        publisher.sync_tiers(
+            |_| &[] as &[i32],
+            std::iter::empty(),
+            [&blocks[..]].into_iter(),
+        );
+        let batch = stream.next().await.unwrap().unwrap();
+        assert_eq!(batch.events.len(), 2);
+        index.apply(&batch);
+        assert!(index.held.is_empty());
+        assert_eq!(index.ram, blocks.iter().copied().collect());
+        assert_eq!((hub.held(), hub.ram()), (0, 2));
+        // A late subscriber's snapshot names the ram tier apart.
+        let mut late = hub.subscribe();
+        let mut other = Index::default();
+        other.apply(&late.next().await.unwrap().unwrap());
+        assert_eq!((&other.held, &other.ram), (&index.held, &index.ram));
+        // Restored (and still kept in RAM): in both tiers.
+        publisher.sync_tiers(
+            |_| &prompt[..],
+            std::iter::empty(),
+            [&blocks[..]].into_iter(),
+        );
+        index.apply(&stream.next().await.unwrap().unwrap());
+        assert_eq!(index.held, index.ram);
+        // Cleared empties every tier.
+        publisher.clear();
+        index.apply(&stream.next().await.unwrap().unwrap());
+        assert!(index.held.is_empty() && index.ram.is_empty());
+        assert_eq!(hub.ram(), 0);
     }
 
     #[tokio::test]

@@ -159,6 +159,7 @@ pub async fn run(
             step_tokens: config.prefill_chunk,
             step_tokens_decoding: config.prefill_chunk_decoding,
             prefix_cache_tokens: config.prefix_cache_tokens,
+            prefix_cache_ram_bytes: config.prefix_cache_ram_bytes,
             threads: config.threads as i32,
             queue: config.queue,
             queue_timeout: config.queue_timeout,

@@ -74,6 +74,23 @@ pub struct WorkerMetrics {
     pub step_tokens: Histogram,
     /// Tokens of finished requests kept in the KV cache for prefix reuse.
     pub prefix_cache_tokens: Gauge,
+    /// Admissions whose prefix was restored from the host-RAM tier.
+    pub prefix_ram_hits: Counter,
+    /// Admissions (with the RAM tier on) that found nothing in it longer
+    /// than what the KV cache offered.
+    pub prefix_ram_misses: Counter,
+    /// Prompt tokens restored from the RAM tier instead of recomputed.
+    pub prefix_ram_restored_tokens: Counter,
+    /// Prefixes saved into the RAM tier.
+    pub prefix_ram_saves: Counter,
+    /// Prefixes dropped from the RAM tier for room.
+    pub prefix_ram_evictions: Counter,
+    /// Bytes of KV state the RAM tier keeps.
+    pub prefix_ram_bytes: Gauge,
+    /// Prefixes the RAM tier keeps.
+    pub prefix_ram_entries: Gauge,
+    /// Time to restore one prefix from the RAM tier.
+    pub prefix_ram_restore_time: Histogram,
     /// Share of the KV cache (context window) in use, 0..=1.
     pub kv_cache_usage: Gauge<f64, AtomicU64>,
     /// Seconds it took to load the model.
@@ -111,6 +128,14 @@ impl Default for WorkerMetrics {
             step_duration: histogram(TOKEN_BUCKETS),
             step_tokens: histogram(STEP_TOKEN_BUCKETS),
             prefix_cache_tokens: Gauge::default(),
+            prefix_ram_hits: Counter::default(),
+            prefix_ram_misses: Counter::default(),
+            prefix_ram_restored_tokens: Counter::default(),
+            prefix_ram_saves: Counter::default(),
+            prefix_ram_evictions: Counter::default(),
+            prefix_ram_bytes: Gauge::default(),
+            prefix_ram_entries: Gauge::default(),
+            prefix_ram_restore_time: histogram(TOKEN_BUCKETS),
             kv_cache_usage: Gauge::default(),
             model_load_seconds: Gauge::default(),
             capacity_slots: Gauge::default(),
@@ -215,6 +240,46 @@ impl WorkerMetrics {
             "prefix_cache_tokens",
             "Tokens of finished requests kept in the KV cache for prefix reuse",
             self.prefix_cache_tokens.clone(),
+        );
+        r.register(
+            "prefix_ram_hits",
+            "Admissions whose prompt prefix was restored from the host-RAM tier",
+            self.prefix_ram_hits.clone(),
+        );
+        r.register(
+            "prefix_ram_misses",
+            "Admissions that found no longer prefix in the host-RAM tier than in the KV cache",
+            self.prefix_ram_misses.clone(),
+        );
+        r.register(
+            "prefix_ram_restored_tokens",
+            "Prompt tokens restored from the host-RAM tier instead of recomputed",
+            self.prefix_ram_restored_tokens.clone(),
+        );
+        r.register(
+            "prefix_ram_saves",
+            "Prefixes saved into the host-RAM tier when evicted from the KV cache",
+            self.prefix_ram_saves.clone(),
+        );
+        r.register(
+            "prefix_ram_evictions",
+            "Prefixes dropped from the host-RAM tier for room",
+            self.prefix_ram_evictions.clone(),
+        );
+        r.register(
+            "prefix_ram_bytes",
+            "Bytes of KV state the host-RAM tier keeps",
+            self.prefix_ram_bytes.clone(),
+        );
+        r.register(
+            "prefix_ram_entries",
+            "Prefixes the host-RAM tier keeps",
+            self.prefix_ram_entries.clone(),
+        );
+        r.register(
+            "prefix_ram_restore_seconds",
+            "Time to restore one prefix from the host-RAM tier",
+            self.prefix_ram_restore_time.clone(),
         );
         r.register(
             "request_queue_time_seconds",

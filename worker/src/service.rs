@@ -328,6 +328,7 @@ fn load_report(engine: &Engine) -> pb::WorkerLoad {
         queued: load.queued,
         slots: engine.slots(),
         kv_cache_usage: engine.kv_cache_usage() as f32,
+        ram_restore_cost: engine.ram_restore_cost(),
     }
 }
 

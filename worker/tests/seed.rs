@@ -6,7 +6,7 @@
 //! (the report: two stories, alternating), at every prompt length
 //! modulo ggml's 4-row matrix groups, across chunked prefill, when its
 //! prefix was left by a different request, and on a conversation's second
-//! turn. (What the promise does not cover — a request beside other
+//! turn, and when its prefix comes back from the host-RAM tier. (What the promise does not cover — a request beside other
 //! streams, and a KV cache fragmented so that llama.cpp puts new cells
 //! before reused ones — is in docs/operations.md.)
 
@@ -38,6 +38,7 @@ fn config() -> EngineConfig {
         step_tokens: 128,
         step_tokens_decoding: 32,
         prefix_cache_tokens: 2048,
+        prefix_cache_ram_bytes: 0,
         threads: 2,
         queue: 8,
         queue_timeout: Duration::from_secs(60),
@@ -200,4 +201,59 @@ async fn a_prefix_left_by_another_request_gives_the_same_text_as_a_cold_one() {
     let fresh = engine(m).await;
     let cold_turn = run(&fresh, seeded(m, &turn, 16)).await;
     same("second turn", &cold_turn, &warm_turn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefix_restored_from_ram_gives_the_same_text_as_a_recomputed_one() {
+    let m = test_model();
+    let system = format!("Answer questions about this passage.\n\n{PASSAGE}\n\n");
+    let asked = format!("{system}Q: Who arrives by railway?\nA:");
+    let other = format!("{system}Q: When does the market open?\nA:");
+
+    // Cold: fresh engines compute the whole prompts.
+    let cold_engine = engine(m).await;
+    let cold_asked = run(&cold_engine, seeded(m, &asked, 24)).await;
+    drop(cold_engine);
+    let cold_engine = engine(m).await;
+    let cold_other = run(&cold_engine, seeded(m, &other, 24)).await;
+    drop(cold_engine);
+
+    // One slot and a RAM tier: each prompt that shares nothing with the
+    // slot's evicts its prefix into host memory.
+    let metrics = Arc::new(WorkerMetrics::default());
+    let e = Engine::start(
+        m.backend.clone(),
+        m.model.clone(),
+        EngineConfig {
+            parallel: 1,
+            prefix_cache_ram_bytes: 64 << 20,
+            ..config()
+        },
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    run(&e, seeded(m, &other, 24)).await;
+    // A prompt sharing nothing takes the slot: `other`'s prefix goes to RAM.
+    run(&e, seeded(m, "The capital of France is", 8)).await;
+    assert_eq!(
+        metrics.prefix_ram_saves.get(),
+        1,
+        "the evicted prefix was saved"
+    );
+    assert!(metrics.prefix_ram_bytes.get() > 0);
+    // The shared passage comes back from RAM, not from a computation.
+    let warm_asked = run(&e, seeded(m, &asked, 24)).await;
+    assert_eq!(metrics.prefix_ram_hits.get(), 1, "the prefix was restored");
+    let restored = metrics.prefix_ram_restored_tokens.get();
+    assert!(
+        restored as usize >= m.tokenize(&system).len() - 4,
+        "the whole passage was restored ({restored} tokens)"
+    );
+    same("passage restored from RAM", &cold_asked, &warm_asked);
+    // `other` whole (but its last row group) is in RAM, longer than what
+    // the slot shares with it now: restored again, and the same text.
+    let warm_other = run(&e, seeded(m, &other, 24)).await;
+    assert_eq!(metrics.prefix_ram_hits.get(), 2);
+    same("whole prompt restored from RAM", &cold_other, &warm_other);
 }

@@ -96,6 +96,7 @@ fn config(spec: SpecConfig) -> EngineConfig {
         // No prefix reuse: each request computes its prompt the same way
         // on both engines.
         prefix_cache_tokens: 0,
+        prefix_cache_ram_bytes: 0,
         threads: 2,
         queue: 8,
         queue_timeout: Duration::from_secs(60),

@@ -26,6 +26,7 @@
 //! - [`policy`]: pure step planning and placement rules;
 //! - [`slots`]: the KV slot table and prefix cache (every cell copy or
 //!   removal);
+//! - [`ram_tier`]: evicted prefixes kept in host memory, restored on a hit;
 //! - [`step`]: one step: build the batch, decode, sample;
 //! - [`sequence`]: one sequence's sampling, stop matching, KV cells and
 //!   outbox;
@@ -34,6 +35,7 @@
 
 mod outcome;
 mod policy;
+mod ram_tier;
 mod scheduler;
 mod sequence;
 mod slots;
@@ -45,7 +47,7 @@ mod tests;
 pub use policy::{plan_step, SeqView, Work, ROW_GROUP};
 pub use speculate::{propose, SpecConfig};
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -250,6 +252,9 @@ pub struct EngineConfig {
     pub step_tokens_decoding: u32,
     /// Tokens of finished sequences kept in the KV cache for prefix reuse.
     pub prefix_cache_tokens: u32,
+    /// Bytes of evicted prefixes kept in host memory (the RAM tier; 0:
+    /// none).
+    pub prefix_cache_ram_bytes: u64,
     /// CPU threads for llama.cpp.
     pub threads: i32,
     /// Requests that may wait for the engine.
@@ -302,6 +307,9 @@ struct Shared {
     died: watch::Sender<Option<String>>,
     /// What the KV cache holds, for `KvEvents` subscribers.
     kv: Arc<crate::kv_events::KvHub>,
+    /// What restoring a prefix from the RAM tier costs per token, as a
+    /// fraction of computing it (f32 bits; 0 until measured).
+    ram_restore_cost: AtomicU32,
 }
 
 struct Job {
@@ -353,6 +361,7 @@ impl Engine {
             cancel: AtomicBool::new(false),
             died: watch::channel(None).0,
             kv: crate::kv_events::KvHub::new(),
+            ram_restore_cost: AtomicU32::new(0),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_shared = shared.clone();
@@ -462,6 +471,13 @@ impl Engine {
     /// Fraction of the KV cache's cells in use (the metric's value).
     pub fn kv_cache_usage(&self) -> f64 {
         self.shared.metrics.kv_cache_usage.get()
+    }
+
+    /// What restoring a prefix from the RAM tier costs per token, as a
+    /// fraction of computing it: measured over the recent restores and
+    /// prompt steps; 0 until both were seen.
+    pub fn ram_restore_cost(&self) -> f32 {
+        f32::from_bits(self.shared.ram_restore_cost.load(Ordering::Relaxed))
     }
 
     /// Refuses new work from now on.

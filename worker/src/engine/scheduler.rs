@@ -88,7 +88,13 @@ pub(super) fn run(
         spec: config.spec,
         active: Vec::new(),
         queue: VecDeque::new(),
-        slots: Slots::new(parallel, config.prefix_cache_tokens as usize),
+        slots: Slots::new(
+            parallel,
+            config.prefix_cache_tokens as usize,
+            config.prefix_cache_ram_bytes as usize,
+            shared.metrics.clone(),
+        ),
+        prefill_seconds_per_token: None,
         kv: crate::kv_events::KvPublisher::new(parallel as usize, shared.kv.clone()),
         queue_timeout: config.queue_timeout,
         panic_after_tokens: config.failpoint.map(|f| match f {
@@ -108,6 +114,7 @@ pub(super) fn run(
         }
         engine.step(&mut ctx)?;
         engine.publish_kv();
+        engine.publish_restore_cost();
     }
     tracing::debug!("engine thread exiting");
     Ok(())
@@ -144,6 +151,9 @@ pub(super) struct Scheduler<'m> {
     pub(super) panic_after_tokens: Option<u64>,
     /// Tokens generated since the engine started.
     pub(super) tokens_generated: u64,
+    /// Seconds per token of the recent prompt-heavy steps (see
+    /// `step::PROMPT_STEP_TOKENS`), smoothed; `None` before the first.
+    pub(super) prefill_seconds_per_token: Option<f64>,
 }
 
 impl Scheduler<'_> {
@@ -263,8 +273,9 @@ impl Scheduler<'_> {
     /// Publishes the blocks every slot could lend a new prompt now: a
     /// running sequence's decoded cells, a free slot's kept prefix (what
     /// [`Slots::take`] places against).
-    /// With them, the computing tier: the blocks of every queued prompt and
-    /// every prompt still in prefill.
+    /// With them, the computing tier (the blocks of every queued prompt and
+    /// every prompt still in prefill) and the ram tier (the blocks of every
+    /// prefix kept in host memory).
     fn publish_kv(&mut self) {
         let (active, slots) = (&self.active, &self.slots);
         let computing = self
@@ -272,7 +283,7 @@ impl Scheduler<'_> {
             .iter()
             .map(|j| j.blocks.as_slice())
             .chain(active.iter().map(Sequence::computing_blocks));
-        self.kv.sync_with(
+        self.kv.sync_tiers(
             |slot| {
                 active
                     .iter()
@@ -280,7 +291,23 @@ impl Scheduler<'_> {
                     .map_or_else(|| slots.kept(slot as i32), |s| s.reusable())
             },
             computing,
+            slots.ram_blocks(),
         );
+    }
+
+    /// Publishes what a restore from the RAM tier costs per token against
+    /// computing one, once both were measured (the load report's
+    /// `ram_restore_cost`).
+    fn publish_restore_cost(&self) {
+        if let (Some(restore), Some(prefill)) = (
+            self.slots.restore_seconds_per_token(),
+            self.prefill_seconds_per_token,
+        ) {
+            let cost = (restore / prefill) as f32;
+            self.shared
+                .ram_restore_cost
+                .store(cost.to_bits(), Ordering::Relaxed);
+        }
     }
 
     /// Frees a sequence's slot, keeping the cells a decode wrote for prefix

@@ -13,11 +13,26 @@
 //! kept (a prefix several slots keep counts once: a reused prefix's cells
 //! are shared, not copied, in the unified cache), the most recently
 //! finished first ([`policy::trim_warm`]).
+//!
+//! Below the KV cache sits the host-RAM tier ([`RamTier`]): a free slot's
+//! exact prefix that is about to be lost (the slot is taken for another
+//! prompt, or the budget cuts it) is saved there as llama.cpp's serialized
+//! sequence state, and a prompt that finds a longer prefix there than in
+//! the KV cache gets it restored into its slot instead of computing it.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::{LlamaStateSeqFlags, SeqState};
 
 use super::policy::{self, Placement};
+use super::ram_tier::RamTier;
+use crate::metrics::WorkerMetrics;
+
+/// Weight of the newest restore in the restore-cost average.
+const COST_SMOOTHING: f64 = 0.2;
 
 pub(super) struct Slots {
     /// Free slots.
@@ -33,17 +48,32 @@ pub(super) struct Slots {
     warm: Vec<i32>,
     /// Most tokens kept in `cache` over all free slots.
     prefix_cache_tokens: usize,
+    /// Exact prefixes evicted from the KV cache, kept in host memory.
+    ram: RamTier<LlamaToken, SeqState>,
+    /// Seconds per token a restore from `ram` took, smoothed (`None`
+    /// before the first).
+    restore_seconds_per_token: Option<f64>,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Slots {
-    /// `parallel` empty slots.
-    pub fn new(parallel: u32, prefix_cache_tokens: usize) -> Self {
+    /// `parallel` empty slots, keeping at most `prefix_cache_tokens` warm
+    /// in the KV cache and `ram_bytes` of evicted prefixes in host memory.
+    pub fn new(
+        parallel: u32,
+        prefix_cache_tokens: usize,
+        ram_bytes: usize,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Self {
         Self {
             free: (0..parallel as i32).rev().collect(),
             cache: vec![Vec::new(); parallel as usize],
             exact: vec![0; parallel as usize],
             warm: Vec::new(),
             prefix_cache_tokens,
+            ram: RamTier::new(ram_bytes),
+            restore_seconds_per_token: None,
+            metrics,
         }
     }
 
@@ -82,6 +112,15 @@ impl Slots {
                 .collect();
             policy::place(input, &free, &running, !resume).expect("a free slot exists")
         };
+        if self.ram.enabled() {
+            let in_kv = placement.reuse.map_or(0, |(_, len)| len);
+            match self.ram.best(input, !resume) {
+                Some((entry, len)) if len > in_kv => return self.restore(ctx, entry, len),
+                _ => {
+                    self.metrics.prefix_ram_misses.inc();
+                }
+            }
+        }
         // How many of the reused cells are exact, read before `prepare`
         // forgets the source slot's count.
         let exact = placement.reuse.map_or(0, |(from, len)| {
@@ -102,10 +141,141 @@ impl Slots {
         (slot, reused, exact.min(reused))
     }
 
+    /// Takes the coldest free slot (the one [`policy::place`] gives a
+    /// prompt that reuses nothing) and restores the first `len` tokens of
+    /// RAM entry `entry` into it. Returns what [`Slots::take`] does (nothing
+    /// reused if the restore failed: the prompt is computed).
+    fn restore(
+        &mut self,
+        ctx: &mut LlamaContext<'_>,
+        entry: usize,
+        len: usize,
+    ) -> (i32, usize, usize) {
+        let slot = self
+            .free
+            .iter()
+            .map(|&s| (s, self.cache[s as usize].len()))
+            .min_by_key(|&(s, n)| (n, s))
+            .map(|(s, _)| s)
+            .expect("a free slot exists");
+        self.free.retain(|&s| s != slot);
+        self.warm.retain(|&s| s != slot);
+        self.evict(ctx, slot);
+        let started = Instant::now();
+        let state = self.ram.get(entry);
+        let restored = ctx
+            .state_seq_set(state, slot)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                ctx.kv_cache_seq_rm(slot, Some(len as u32), None)
+                    .map_err(|e| e.to_string())
+            });
+        let metrics = &self.metrics;
+        match restored {
+            Ok(()) => {
+                let seconds = started.elapsed().as_secs_f64();
+                metrics.prefix_ram_hits.inc();
+                metrics.prefix_ram_restored_tokens.inc_by(len as u64);
+                metrics.prefix_ram_restore_time.observe(seconds);
+                let per_token = seconds / len as f64;
+                self.restore_seconds_per_token = Some(match self.restore_seconds_per_token {
+                    Some(avg) => avg + COST_SMOOTHING * (per_token - avg),
+                    None => per_token,
+                });
+                tracing::debug!(
+                    slot,
+                    tokens = len,
+                    seconds,
+                    "prefix restored from the RAM tier"
+                );
+                (slot, len, len)
+            }
+            Err(e) => {
+                tracing::warn!(slot, error = %e, "cannot restore a prefix from the RAM tier; recomputing");
+                metrics.prefix_ram_misses.inc();
+                if let Err(e) = ctx.kv_cache_seq_rm(slot, None, None) {
+                    tracing::warn!(slot, error = %e, "could not clear KV cells");
+                }
+                self.ram.remove(entry);
+                self.ram_gauges();
+                (slot, 0, 0)
+            }
+        }
+    }
+
+    /// Empties taken slot `slot`, saving its exact prefix to the RAM tier
+    /// first when that is worth it.
+    fn evict(&mut self, ctx: &mut LlamaContext<'_>, slot: i32) {
+        self.save(ctx, slot);
+        self.cache[slot as usize].clear();
+        self.exact[slot as usize] = 0;
+        if let Err(e) = ctx.kv_cache_seq_rm(slot, None, None) {
+            tracing::warn!(slot, error = %e, "could not clear KV cells");
+        }
+    }
+
+    /// Saves slot `slot`'s exact prefix, whose cells are about to go, to
+    /// the RAM tier, unless it is too short, kept there already, or kept by
+    /// another free slot. Its cells past the exact prefix are removed first
+    /// (they are about to go too): the saved state is that prefix's.
+    fn save(&mut self, ctx: &mut LlamaContext<'_>, slot: i32) {
+        let exact = self.exact[slot as usize];
+        let tokens = &self.cache[slot as usize][..exact];
+        let elsewhere = self
+            .free
+            .iter()
+            .any(|&s| s != slot && self.kept(s).starts_with(tokens));
+        if elsewhere || !self.ram.wants(tokens) {
+            return;
+        }
+        if let Err(e) = ctx.kv_cache_seq_rm(slot, Some(exact as u32), None) {
+            tracing::warn!(slot, error = %e, "could not free KV cells");
+            return;
+        }
+        self.cache[slot as usize].truncate(exact);
+        let tokens = self.cache[slot as usize].clone();
+        match ctx.state_seq_get(slot, LlamaStateSeqFlags::empty()) {
+            Ok(state) => {
+                let ids: Vec<i32> = tokens.iter().map(|t| t.0).collect();
+                let blocks = nanoinfer_proto::kv::block_hashes(&ids);
+                let bytes = state.byte_len();
+                let done = self.ram.insert(tokens, blocks, state, bytes);
+                if done.kept {
+                    self.metrics.prefix_ram_saves.inc();
+                }
+                self.metrics
+                    .prefix_ram_evictions
+                    .inc_by(done.evicted as u64);
+                self.ram_gauges();
+            }
+            Err(e) => tracing::warn!(slot, error = %e, "cannot save a prefix to the RAM tier"),
+        }
+    }
+
+    fn ram_gauges(&self) {
+        self.metrics.prefix_ram_bytes.set(self.ram.bytes() as i64);
+        self.metrics.prefix_ram_entries.set(self.ram.len() as i64);
+    }
+
+    /// Seconds per token a restore from the RAM tier takes, smoothed over
+    /// the recent ones (`None` before the first).
+    pub fn restore_seconds_per_token(&self) -> Option<f64> {
+        self.restore_seconds_per_token
+    }
+
+    /// The block hashes of every prefix the RAM tier keeps.
+    pub fn ram_blocks(&self) -> impl Iterator<Item = &[u64]> {
+        self.ram.blocks()
+    }
+
     /// Makes `placement.slot` hold exactly the reused prefix; returns its
     /// length (0 when nothing could be reused).
     fn prepare(&mut self, ctx: &mut LlamaContext<'_>, placement: Placement) -> usize {
         let slot = placement.slot;
+        if placement.reuse.is_none_or(|(from, _)| from != slot) {
+            // The slot's own cells go: keep its prefix in RAM.
+            self.save(ctx, slot);
+        }
         self.cache[slot as usize].clear();
         self.exact[slot as usize] = 0;
         let reused = match placement.reuse {
@@ -172,6 +342,9 @@ impl Slots {
             .map(|&s| (s, self.cache[s as usize].as_slice()))
             .collect();
         for (slot, keep) in policy::trim_warm(&warm, self.prefix_cache_tokens) {
+            if keep < self.exact[slot as usize] {
+                self.save(ctx, slot);
+            }
             let start = (keep > 0).then_some(keep as u32);
             if let Err(e) = ctx.kv_cache_seq_rm(slot, start, None) {
                 tracing::warn!(slot, error = %e, "could not free kept KV cells");

@@ -22,6 +22,10 @@ use super::speculate::SpecStep;
 use super::{Failure, FinishReason};
 use crate::sampler::{sample_chains, Chain, Pick};
 
+/// Steps of at least this many tokens are taken as prompt steps when
+/// measuring what a prompt token costs (decode rows are few beside them).
+pub(super) const PROMPT_STEP_TOKENS: usize = 64;
+
 impl Scheduler<'_> {
     /// One step of the batch. `Err` means the engine must stop (its
     /// sequences have been failed).
@@ -149,6 +153,15 @@ impl Scheduler<'_> {
         let metrics = &shared.metrics;
         let step_seconds = step_started.elapsed().as_secs_f64();
         metrics.step_duration.observe(step_seconds);
+        if step_tokens as usize >= PROMPT_STEP_TOKENS {
+            // Mostly prompt rows: what computing a prompt token costs, the
+            // yardstick of a restore from the RAM tier.
+            let per_token = step_seconds / f64::from(step_tokens);
+            self.prefill_seconds_per_token = Some(match self.prefill_seconds_per_token {
+                Some(avg) => avg + 0.2 * (per_token - avg),
+                None => per_token,
+            });
+        }
         metrics.step_tokens.observe(f64::from(step_tokens));
         for (i, chain) in picks {
             let seq = &mut self.active[i];

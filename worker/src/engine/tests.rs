@@ -81,6 +81,7 @@ async fn controls_and_logprobs_reach_the_events() {
         step_tokens: 256,
         step_tokens_decoding: 32,
         prefix_cache_tokens: 0,
+        prefix_cache_ram_bytes: 0,
         threads: 2,
         queue: 8,
         queue_timeout: Duration::from_secs(60),
