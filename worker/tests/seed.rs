@@ -209,13 +209,11 @@ async fn a_prefix_restored_from_ram_gives_the_same_text_as_a_recomputed_one() {
     let system = format!("Answer questions about this passage.\n\n{PASSAGE}\n\n");
     let asked = format!("{system}Q: Who arrives by railway?\nA:");
     let other = format!("{system}Q: When does the market open?\nA:");
+    let unrelated = "The capital of France is";
 
-    // Cold: fresh engines compute the whole prompts.
+    // Cold: a fresh engine computes the whole prompt.
     let cold_engine = engine(m).await;
-    let cold_asked = run(&cold_engine, seeded(m, &asked, 24)).await;
-    drop(cold_engine);
-    let cold_engine = engine(m).await;
-    let cold_other = run(&cold_engine, seeded(m, &other, 24)).await;
+    let cold = run(&cold_engine, seeded(m, &asked, 24)).await;
     drop(cold_engine);
 
     // One slot and a RAM tier: each prompt that shares nothing with the
@@ -234,26 +232,29 @@ async fn a_prefix_restored_from_ram_gives_the_same_text_as_a_recomputed_one() {
     .await
     .unwrap();
     run(&e, seeded(m, &other, 24)).await;
-    // A prompt sharing nothing takes the slot: `other`'s prefix goes to RAM.
-    run(&e, seeded(m, "The capital of France is", 8)).await;
-    assert_eq!(
-        metrics.prefix_ram_saves.get(),
-        1,
-        "the evicted prefix was saved"
-    );
+    run(&e, seeded(m, unrelated, 8)).await;
+    assert_eq!(metrics.prefix_ram_saves.get(), 1, "the evicted prefix was saved");
     assert!(metrics.prefix_ram_bytes.get() > 0);
     // The shared passage comes back from RAM, not from a computation.
-    let warm_asked = run(&e, seeded(m, &asked, 24)).await;
+    let warm = run(&e, seeded(m, &asked, 24)).await;
     assert_eq!(metrics.prefix_ram_hits.get(), 1, "the prefix was restored");
-    let restored = metrics.prefix_ram_restored_tokens.get();
+    let restored = metrics.prefix_ram_restored_tokens.get() as usize;
     assert!(
-        restored as usize >= m.tokenize(&system).len() - 4,
+        restored >= m.tokenize(&system).len() - 4,
         "the whole passage was restored ({restored} tokens)"
     );
-    same("passage restored from RAM", &cold_asked, &warm_asked);
-    // `other` whole (but its last row group) is in RAM, longer than what
-    // the slot shares with it now: restored again, and the same text.
-    let warm_other = run(&e, seeded(m, &other, 24)).await;
+    same("passage restored from RAM", &cold, &warm);
+    // Evicted again, then asked again: the whole prompt but its last row
+    // group comes back (one entry per prefix: it replaced `other`'s).
+    run(&e, seeded(m, unrelated, 8)).await;
+    assert_eq!(metrics.prefix_ram_saves.get(), 2);
+    assert_eq!(metrics.prefix_ram_entries.get(), 1);
+    let again = run(&e, seeded(m, &asked, 24)).await;
     assert_eq!(metrics.prefix_ram_hits.get(), 2);
-    same("whole prompt restored from RAM", &cold_other, &warm_other);
+    let whole = metrics.prefix_ram_restored_tokens.get() as usize - restored;
+    assert!(
+        whole >= m.tokenize(&asked).len() - 4,
+        "the whole prompt was restored ({whole} tokens)"
+    );
+    same("whole prompt restored from RAM", &cold, &again);
 }

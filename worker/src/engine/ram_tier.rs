@@ -118,9 +118,11 @@ impl<T: PartialEq + Clone, S> RamTier<T, S> {
     }
 
     /// Keeps `tokens`' state (`bytes` long; `blocks` their block hashes).
-    /// Entries that are a prefix of `tokens` go (the new one holds their
-    /// cells), then the least recently used until it fits. A state larger
-    /// than the whole budget is not kept.
+    /// Entries the new one holds all but fewer than [`MIN_TOKENS`] of go
+    /// (a tenant's prefix saved again with another question after it is
+    /// one entry, not two), then the least recently used until it fits. A
+    /// state larger than the whole budget is not kept. Entry indices from
+    /// [`RamTier::best`] are stale afterwards.
     pub fn insert(&mut self, tokens: Vec<T>, blocks: Vec<u64>, state: S, bytes: usize) -> Inserted {
         if bytes > self.budget {
             return Inserted {
@@ -130,7 +132,7 @@ impl<T: PartialEq + Clone, S> RamTier<T, S> {
         }
         let mut freed = 0;
         self.entries.retain(|e| {
-            let covered = e.tokens.len() <= tokens.len() && tokens[..e.tokens.len()] == *e.tokens;
+            let covered = e.tokens.len() - common_prefix(&e.tokens, &tokens) < MIN_TOKENS;
             if covered {
                 freed += e.bytes;
             }
@@ -239,6 +241,17 @@ mod tests {
         assert!(tier.wants(&tokens(0, 60)));
         tier.insert(tokens(0, 60), vec![], 1, 15);
         assert_eq!((tier.len(), tier.bytes()), (1, 15));
+        // The same 50-token prefix with another tail: one entry, the newer.
+        let mut again = tokens(0, 50);
+        again.extend([-1, -2, -3]);
+        tier.insert(again.clone(), vec![], 2, 15);
+        assert_eq!(tier.len(), 1);
+        assert_eq!(tier.best(&again, false), Some((0, 52)));
+        // A tail of 32 tokens or more is worth its own entry.
+        let mut other = tokens(0, 20);
+        other.extend(tokens(1000, 40));
+        tier.insert(other, vec![], 3, 15);
+        assert_eq!(tier.len(), 2);
         // Off: wants nothing.
         let off: RamTier<i32, u8> = RamTier::new(0);
         assert!(!off.wants(&tokens(0, 100)));

@@ -28,7 +28,7 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::{LlamaStateSeqFlags, SeqState};
 
 use super::policy::{self, Placement};
-use super::ram_tier::RamTier;
+use super::ram_tier::{self, RamTier};
 use crate::metrics::WorkerMetrics;
 
 /// Weight of the newest restore in the restore-cost average.
@@ -115,7 +115,7 @@ impl Slots {
         if self.ram.enabled() {
             let in_kv = placement.reuse.map_or(0, |(_, len)| len);
             match self.ram.best(input, !resume) {
-                Some((entry, len)) if len > in_kv => return self.restore(ctx, entry, len),
+                Some((_, len)) if len > in_kv => return self.restore(ctx, input, resume),
                 _ => {
                     self.metrics.prefix_ram_misses.inc();
                 }
@@ -142,14 +142,15 @@ impl Slots {
     }
 
     /// Takes the coldest free slot (the one [`policy::place`] gives a
-    /// prompt that reuses nothing) and restores the first `len` tokens of
-    /// RAM entry `entry` into it. Returns what [`Slots::take`] does (nothing
-    /// reused if the restore failed: the prompt is computed).
+    /// prompt that reuses nothing), saves what it kept, and restores the
+    /// RAM entry sharing the longest prefix with `input` into it, cut to
+    /// that prefix. Returns what [`Slots::take`] does (nothing reused if
+    /// the restore failed: the prompt is computed).
     fn restore(
         &mut self,
         ctx: &mut LlamaContext<'_>,
-        entry: usize,
-        len: usize,
+        input: &[LlamaToken],
+        resume: bool,
     ) -> (i32, usize, usize) {
         let slot = self
             .free
@@ -161,6 +162,12 @@ impl Slots {
         self.free.retain(|&s| s != slot);
         self.warm.retain(|&s| s != slot);
         self.evict(ctx, slot);
+        // Looked up again: saving the slot's prefix may have replaced
+        // entries (and the slot's own prefix may now be the best one).
+        let Some((entry, len)) = self.ram.best(input, !resume) else {
+            self.metrics.prefix_ram_misses.inc();
+            return (slot, 0, 0);
+        };
         let started = Instant::now();
         let state = self.ram.get(entry);
         let restored = ctx
@@ -272,8 +279,13 @@ impl Slots {
     /// length (0 when nothing could be reused).
     fn prepare(&mut self, ctx: &mut LlamaContext<'_>, placement: Placement) -> usize {
         let slot = placement.slot;
-        if placement.reuse.is_none_or(|(from, _)| from != slot) {
-            // The slot's own cells go: keep its prefix in RAM.
+        let kept_in_place = match placement.reuse {
+            Some((from, len)) if from == slot => len,
+            _ => 0,
+        };
+        if self.exact[slot as usize].saturating_sub(kept_in_place) >= ram_tier::MIN_TOKENS {
+            // The slot's own exact cells go, all or a good part of them
+            // (a new tenant sharing a few tokens): keep its prefix in RAM.
             self.save(ctx, slot);
         }
         self.cache[slot as usize].clear();
@@ -342,7 +354,7 @@ impl Slots {
             .map(|&s| (s, self.cache[s as usize].as_slice()))
             .collect();
         for (slot, keep) in policy::trim_warm(&warm, self.prefix_cache_tokens) {
-            if keep < self.exact[slot as usize] {
+            if self.exact[slot as usize].saturating_sub(keep) >= ram_tier::MIN_TOKENS {
                 self.save(ctx, slot);
             }
             let start = (keep > 0).then_some(keep as u32);
