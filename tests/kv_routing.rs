@@ -323,10 +323,27 @@ async fn the_index_follows_the_workers_cache_through_eviction() {
         third.iter().all(|h| !held.contains(h)),
         "tenant 2 was evicted"
     );
+    // Evicted from the KV cache into the worker's RAM tier (on by
+    // default), in the live index and the snapshot alike: restorable, not
+    // held.
+    for i in 0..prompts.len() {
+        let blocks = block_hashes(&tokens_of(i).await);
+        let live = index.matched_with("w1", &blocks, |_| false);
+        assert_eq!(live, fresh.matched_with("w1", &blocks, |_| false), "tenant {i}");
+        assert_eq!(live.unwrap().2, blocks.len(), "tenant {i} is in RAM");
+    }
+    assert_eq!(
+        index.matched_with("w1", &third, |_| false),
+        Some((0, 0, third.len()))
+    );
     // The repeats of tenants 0 and 1 came after they were evicted: the
-    // worker computed them again (at most a few tokens of "Tenant " are
-    // shared with the other tenants: no whole block).
-    assert!(cached[4..].iter().all(|&c| c < 16), "{cached:?}");
+    // worker restored their prompts from RAM (all but the last row group;
+    // at most a few tokens of "Tenant " are shared with the other tenants,
+    // no whole block, so the KV cache alone would have given less than 16).
+    for (i, &c) in cached[4..].iter().enumerate() {
+        let len = tokens_of(i).await.len() as u32;
+        assert!(c >= 16 && c + 4 >= len, "{cached:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -354,7 +354,8 @@ impl Slots {
             .map(|&s| (s, self.cache[s as usize].as_slice()))
             .collect();
         for (slot, keep) in policy::trim_warm(&warm, self.prefix_cache_tokens) {
-            if self.exact[slot as usize].saturating_sub(keep) >= ram_tier::MIN_TOKENS {
+            if keep < self.exact[slot as usize] {
+                // Saved whole at its first cut (later cuts find it kept).
                 self.save(ctx, slot);
             }
             let start = (keep > 0).then_some(keep as u32);
