@@ -412,6 +412,51 @@ async fn two_coordinators_send_a_tenant_to_the_worker_holding_its_prefix() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_whose_prefix_went_to_ram_is_sent_back_to_that_worker() {
+    let etcd = Etcd::start().await;
+    // No prefix kept in the KV cache: every finished prompt goes to the
+    // worker's RAM tier at once, so only the `ram` tier tells the
+    // coordinator where a tenant's prefix is.
+    let mut workers = Vec::new();
+    for id in ["w1", "w2"] {
+        let args = ["--parallel", "1", "--prefix-cache-tokens", "0"];
+        workers.push(start_worker(&etcd, id, &args).await);
+    }
+    let (mut coordinator, addr) = start_coordinator(&etcd, &["--routing", "cache-aware"]).await;
+    common::wait_routable(&addr, 2).await;
+    cached_via(&addr, "warm up").await;
+    coordinator
+        .wait_for_line("vocabulary loaded", Duration::from_secs(30))
+        .await;
+    let prompt = |tenant: usize, round: usize| {
+        format!(
+            "Tenant {tenant}: {} Question {round}:",
+            "You answer questions about invoices, refunds and shipping. ".repeat(8)
+        )
+    };
+    for tenant in 0..4 {
+        let (cached, _) = cached_via(&addr, &prompt(tenant, 0)).await;
+        assert!(cached < 16, "tenant {tenant}'s first request is cold");
+    }
+    // The coordinator breaks ties in turn (sorted workers, a counter): one
+    // request more puts the repeats out of step with the first round, so
+    // that without the ram tier every repeat would go to the other worker.
+    cached_via(&addr, "out of step").await;
+    // Each repeat goes where the tenant's prefix sits in RAM and is
+    // restored there, all but the question.
+    for round in 1..3 {
+        for tenant in 0..4 {
+            let (cached, prompt_tokens) = cached_via(&addr, &prompt(tenant, round)).await;
+            assert!(
+                cached + 24 >= prompt_tokens,
+                "tenant {tenant}, round {round}: {cached} of {prompt_tokens} prompt tokens reused"
+            );
+        }
+    }
+    drop(workers);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefix_in_prefill_draws_the_other_coordinators_request() {
     let etcd = Etcd::start().await;
     let mut workers = Vec::new();
