@@ -329,7 +329,11 @@ async fn the_index_follows_the_workers_cache_through_eviction() {
     for i in 0..prompts.len() {
         let blocks = block_hashes(&tokens_of(i).await);
         let live = index.matched_with("w1", &blocks, |_| false);
-        assert_eq!(live, fresh.matched_with("w1", &blocks, |_| false), "tenant {i}");
+        assert_eq!(
+            live,
+            fresh.matched_with("w1", &blocks, |_| false),
+            "tenant {i}"
+        );
         assert_eq!(live.unwrap().2, blocks.len(), "tenant {i} is in RAM");
     }
     assert_eq!(

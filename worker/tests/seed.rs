@@ -233,7 +233,11 @@ async fn a_prefix_restored_from_ram_gives_the_same_text_as_a_recomputed_one() {
     .unwrap();
     run(&e, seeded(m, &other, 24)).await;
     run(&e, seeded(m, unrelated, 8)).await;
-    assert_eq!(metrics.prefix_ram_saves.get(), 1, "the evicted prefix was saved");
+    assert_eq!(
+        metrics.prefix_ram_saves.get(),
+        1,
+        "the evicted prefix was saved"
+    );
     assert!(metrics.prefix_ram_bytes.get() > 0);
     // The shared passage comes back from RAM, not from a computation.
     let warm = run(&e, seeded(m, &asked, 24)).await;
