@@ -58,6 +58,7 @@ async fn engine(m: &Model) -> Engine {
         queue: 64,
         queue_timeout: Duration::from_secs(600),
         spec: SpecConfig::OFF,
+        draft: None,
         kv_cache_type: std::env::var("KV_CACHE_TYPE").map_or(KvCacheType::default(), |t| {
             clap::ValueEnum::from_str(&t, false).expect("KV_CACHE_TYPE: q8_0 or f16")
         }),

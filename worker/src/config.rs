@@ -102,6 +102,14 @@ pub struct Args {
     /// at one stream but cost 6-9% on sampled prose (docs/benchmarks.md).
     #[arg(long, env = "NANOINFER_DRAFT_MAX", default_value_t = 0)]
     pub draft_max: u32,
+    /// A small model with the served model's vocabulary (checked at
+    /// start) that proposes up to --draft-max tokens when a request's own
+    /// context offers nothing to copy; its guesses are verified like
+    /// prompt-lookup proposals, so the output is the served model's. Needs
+    /// --draft-max above 0. Its KV cache takes --ctx-size x --parallel
+    /// cells of its own.
+    #[arg(long, env = "NANOINFER_DRAFT_MODEL")]
+    pub draft_model: Option<PathBuf>,
     /// Shortest n-gram looked up for a proposal (1 to --spec-ngram-max).
     #[arg(long, env = "NANOINFER_SPEC_NGRAM_MIN", default_value_t = 2)]
     pub spec_ngram_min: u32,
@@ -183,6 +191,8 @@ pub struct WorkerConfig {
     pub prefix_cache_ram_bytes: u64,
     /// Draft-free speculation.
     pub spec: crate::engine::SpecConfig,
+    /// The draft model's file.
+    pub draft_model: Option<PathBuf>,
     /// What the KV cache stores.
     pub kv_cache_type: crate::engine::KvCacheType,
     /// Drain time on shutdown.
@@ -285,6 +295,12 @@ impl Args {
         if self.draft_max > 64 {
             return Err(format!("--draft-max: {} is above 64", self.draft_max));
         }
+        if self.draft_model.is_some() && self.draft_max == 0 {
+            return Err(
+                "--draft-model: needs --draft-max above 0 (the most tokens it may propose per step)"
+                    .into(),
+            );
+        }
         if self.spec_ngram_min == 0 || self.spec_ngram_min > self.spec_ngram_max {
             return Err(format!(
                 "--spec-ngram-min: must be 1 to --spec-ngram-max ({}), got {}",
@@ -327,6 +343,7 @@ impl Args {
             prefix_cache_tokens: self.prefix_cache_tokens,
             prefix_cache_ram_bytes: self.prefix_cache_ram_bytes,
             spec,
+            draft_model: self.draft_model.clone(),
             kv_cache_type: self.kv_cache_type,
             grace_period: Duration::from_secs(self.grace_period),
             queue_timeout: Duration::from_secs(self.queue_timeout),
@@ -443,6 +460,7 @@ mod tests {
             ("--advertise", "h:99999"),
             ("--queue-timeout", "0"),
             ("--failpoint", "explode"),
+            ("--draft-model", "d.gguf"),
             ("--failpoint", "engine-panic-after-tokens=x"),
             ("--id", "a/b"),
             ("--id", "node-1:50061"),

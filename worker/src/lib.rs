@@ -140,6 +140,18 @@ pub async fn run(
         .await
         .map_err(|e| RunError::Model(e.to_string()))?
         .map_err(RunError::Model)?;
+    let draft = match config.draft_model.clone() {
+        Some(path) => {
+            let (backend, main) = (model.backend.clone(), model.model.clone());
+            let draft =
+                tokio::task::spawn_blocking(move || model::load_draft(&backend, &path, &main))
+                    .await
+                    .map_err(|e| RunError::Model(e.to_string()))?
+                    .map_err(RunError::Model)?;
+            Some(engine::DraftModel(Arc::new(draft)))
+        }
+        None => None,
+    };
     metrics.model_load_seconds.set(model.load_seconds);
     metrics
         .model_info
@@ -164,6 +176,7 @@ pub async fn run(
             queue: config.queue,
             queue_timeout: config.queue_timeout,
             spec: config.spec,
+            draft,
             kv_cache_type: config.kv_cache_type,
             failpoint: config.failpoint,
         },

@@ -143,6 +143,47 @@ pub fn load(
     })
 }
 
+/// Loads the draft model at `path` (`--draft-model`) on `backend`, the
+/// served model's (llama.cpp's backend starts once per process), and checks
+/// that it has `main`'s vocabulary: the same number of tokens, each with
+/// the same text, or its proposals would name other tokens. Errors name
+/// the flag.
+pub fn load_draft(
+    backend: &LlamaBackend,
+    path: &Path,
+    main: &LlamaModel,
+) -> Result<LlamaModel, String> {
+    check_file(path).map_err(|e| format!("--draft-model: {e}"))?;
+    let draft = LlamaModel::load_from_file(backend, path, &LlamaModelParams::default())
+        .map_err(|e| format!("--draft-model: cannot load {}: {e}", path.display()))?;
+    same_vocabulary(main, &draft).map_err(|e| format!("--draft-model {}: {e}", path.display()))?;
+    tracing::info!(draft_model = %path.display(), params = draft.n_params(), "draft model loaded");
+    Ok(draft)
+}
+
+/// Whether `draft` names every token as `main` does.
+fn same_vocabulary(main: &LlamaModel, draft: &LlamaModel) -> Result<(), String> {
+    if main.n_vocab() != draft.n_vocab() {
+        return Err(format!(
+            "its vocabulary has {} tokens, the served model's {}",
+            draft.n_vocab(),
+            main.n_vocab()
+        ));
+    }
+    let (a, b) = (main.vocab(), draft.vocab());
+    for id in 0..main.n_vocab() {
+        let token = LlamaToken(id);
+        if a.token_to_piece(token, true, None) != b.token_to_piece(token, true, None) {
+            return Err(format!(
+                "token {id} is {:?} there and {:?} in the served model: not the same vocabulary",
+                String::from_utf8_lossy(&b.token_to_piece(token, true, None)),
+                String::from_utf8_lossy(&a.token_to_piece(token, true, None))
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The GGUF's `general.name` when it is a usable name, else the file name
 /// without its `.gguf` extension.
 pub fn default_model_name(general_name: Option<String>, path: &Path) -> String {

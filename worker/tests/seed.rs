@@ -43,6 +43,7 @@ fn config() -> EngineConfig {
         queue: 8,
         queue_timeout: Duration::from_secs(60),
         spec: SpecConfig::OFF,
+        draft: None,
         kv_cache_type: KvCacheType::default(),
         failpoint: None,
     }

@@ -101,6 +101,7 @@ fn config(spec: SpecConfig) -> EngineConfig {
         queue: 8,
         queue_timeout: Duration::from_secs(60),
         spec,
+        draft: None,
         kv_cache_type: KvCacheType::default(),
         failpoint: None,
     }

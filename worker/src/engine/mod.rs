@@ -31,8 +31,10 @@
 //! - [`sequence`]: one sequence's sampling, stop matching, KV cells and
 //!   outbox;
 //! - [`speculate`]: draft-free speculation (prompt lookup) and its back-off;
+//! - [`draft`]: proposals from a draft model (`--draft-model`);
 //! - [`outcome`]: spans, logs and metrics when a request leaves.
 
+mod draft;
 mod outcome;
 mod policy;
 mod ram_tier;
@@ -262,12 +264,28 @@ pub struct EngineConfig {
     /// How long a request may wait in the queue before it fails with
     /// [`Failure::QueueTimeout`] (so the coordinator tries elsewhere).
     pub queue_timeout: Duration,
-    /// Draft-free speculation ([`SpecConfig::OFF`]: none).
+    /// Speculation ([`SpecConfig::OFF`]: none).
     pub spec: SpecConfig,
+    /// A draft model with the served model's vocabulary, proposing when a
+    /// sequence's own context offers nothing to copy (needs `spec` on).
+    pub draft: Option<DraftModel>,
     /// What the KV cache stores keys and values as.
     pub kv_cache_type: KvCacheType,
     /// Test-only fault injection.
     pub failpoint: Option<Failpoint>,
+}
+
+/// A loaded draft model (`--draft-model`), checked to share the served
+/// model's vocabulary ([`crate::model::load_draft`]).
+#[derive(Clone)]
+pub struct DraftModel(pub Arc<LlamaModel>);
+
+impl std::fmt::Debug for DraftModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DraftModel")
+            .field("params", &self.0.n_params())
+            .finish()
+    }
 }
 
 /// What the KV cache stores keys and values as (`--kv-cache-type`).

@@ -70,6 +70,24 @@ pub(super) fn run(
         }
     };
     let window = config.ctx_size.min(ctx.n_ctx() / parallel);
+    let draft_model = config.draft.clone();
+    let drafter = match &draft_model {
+        Some(draft) => match super::draft::Drafter::new(
+            &backend,
+            &draft.0,
+            parallel,
+            window,
+            config.threads,
+            config.kv_cache_type,
+        ) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                let _ = ready.send(Err(EngineError::Context(e)));
+                return Ok(());
+            }
+        },
+        None => None,
+    };
     let _ = ready.send(Ok(window));
     let mut engine = Scheduler {
         model: &model,
@@ -86,6 +104,7 @@ pub(super) fn run(
         },
         kv_total: ctx.n_ctx(),
         spec: config.spec,
+        drafter,
         active: Vec::new(),
         queue: VecDeque::new(),
         slots: Slots::new(
@@ -136,8 +155,10 @@ pub(super) struct Scheduler<'m> {
     /// took 4.2 ms to sample either way.)
     pub(super) sample_threads: usize,
     pub(super) kv_total: u32,
-    /// Draft-free speculation settings.
+    /// Speculation settings.
     pub(super) spec: super::SpecConfig,
+    /// Proposals from a draft model, when the worker has one.
+    pub(super) drafter: Option<super::draft::Drafter<'m>>,
     /// Running sequences, oldest first.
     pub(super) active: Vec<Sequence>,
     /// Requests waiting for a slot, oldest first. The `waiting` gauge counts

@@ -362,21 +362,15 @@ impl Sequence {
     }
 
     /// Adds this sequence's `work` to `batch`. Returns how many positions
-    /// get logits (the last ones it added): 0, 1, or with speculation
-    /// (`spec`: the settings and this step's threshold) 1 plus the tokens
-    /// proposed after the next one. `window` is the per-sequence context
-    /// window.
-    pub fn stage(
-        &mut self,
-        work: Work,
-        batch: &mut LlamaBatch,
-        spec: &SpecStep,
-        window: u32,
-    ) -> Result<usize, BatchAddError> {
+    /// get logits (the last ones it added): 0, 1, or with speculation 1
+    /// plus the tokens proposed after the next one
+    /// ([`Sequence::plan_proposal`] decided them before).
+    pub fn stage(&mut self, work: Work, batch: &mut LlamaBatch) -> Result<usize, BatchAddError> {
         match work {
             Work::Decode => {
+                // This step's proposals were set before (`plan_proposal`,
+                // `set_drafts`).
                 let token = self.next.take().expect("planned decode has a token");
-                self.drafts = self.proposal(token, spec, window);
                 let pos = self.cells.stage(token, batch.n_tokens() as usize, false);
                 batch.add(token, pos, &[self.slot], true)?;
                 for k in 0..self.drafts.len() {
@@ -400,13 +394,21 @@ impl Sequence {
         }
     }
 
-    /// What to propose after `next` this step: none when speculation is
-    /// off or backing off, and never past what the request may still
-    /// generate or the window.
-    fn proposal(&mut self, next: LlamaToken, step: &SpecStep, window: u32) -> Vec<LlamaToken> {
+    /// Decides what this step proposes after the next token, before the
+    /// sequence is staged: the tokens that followed the latest n-gram's
+    /// earlier occurrence (kept as the step's proposals), or, when the
+    /// context offers nothing to copy, how many tokens a draft model may
+    /// propose instead ([`Sequence::set_drafts`]; 0: none). Nothing when
+    /// speculation is off or backing off, and never past what the request
+    /// may still generate or the window.
+    pub fn plan_proposal(&mut self, step: &SpecStep, window: u32) -> usize {
+        self.drafts.clear();
         let spec = &step.config;
+        let Some(next) = self.next else {
+            return 0;
+        };
         if !spec.enabled() {
-            return Vec::new();
+            return 0;
         }
         let g = &self.job.generation;
         // `next` is generated token `generated - 1`; the picks after it are
@@ -417,15 +419,34 @@ impl Sequence {
         let max = spec.draft_max.min(picks_left.saturating_sub(1)).min(room);
         let max = self.adapt.allowed(max, step.threshold);
         if max == 0 {
-            return Vec::new();
+            return 0;
         }
-        propose(
+        self.drafts = propose(
             self.cells.decoded(),
             next,
             spec.ngram_min,
             spec.ngram_max,
             max,
-        )
+        );
+        if self.drafts.is_empty() {
+            max
+        } else {
+            0
+        }
+    }
+
+    /// A draft model's proposals for this step (at most what
+    /// [`Sequence::plan_proposal`] allowed).
+    pub fn set_drafts(&mut self, drafts: Vec<LlamaToken>) {
+        self.drafts = drafts;
+    }
+
+    /// What a draft model continues: every token with a cell, then the
+    /// token this step decodes.
+    pub fn draft_context(&self) -> Vec<LlamaToken> {
+        let mut context = self.cells.decoded().to_vec();
+        context.extend(self.next);
+        context
     }
 
     /// The tokens proposed this step (staged after the next token).

@@ -15,6 +15,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
+use super::draft::Want;
 use super::policy::{plan_step, Work};
 use super::scheduler::Scheduler;
 use super::sequence::Delivery;
@@ -74,10 +75,11 @@ impl Scheduler<'_> {
             config: self.spec,
             threshold: self.spec.threshold(decoding),
         };
+        self.propose(&plan, &spec);
         let mut sample_at: Vec<(usize, i32, usize)> = Vec::new();
         for &(i, work) in &plan {
             let seq = &mut self.active[i];
-            match seq.stage(work, &mut self.batch, &spec, self.window) {
+            match seq.stage(work, &mut self.batch) {
                 Ok(0) => {}
                 Ok(rows) => sample_at.push((i, self.batch.n_tokens() - rows as i32, rows)),
                 Err(e) => {
@@ -219,6 +221,44 @@ impl Scheduler<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Decides every decoding sequence's proposals for this step: its own
+    /// context's (prompt lookup), else, with a draft model, the draft's
+    /// guesses, drafted for all such sequences together.
+    fn propose(&mut self, plan: &[(usize, Work)], spec: &SpecStep) {
+        let mut wants: Vec<(usize, usize)> = Vec::new();
+        for &(i, work) in plan {
+            if work == Work::Decode {
+                let room = self.active[i].plan_proposal(spec, self.window);
+                if room > 0 {
+                    wants.push((i, room));
+                }
+            }
+        }
+        let Some(drafter) = self.drafter.as_mut() else {
+            return;
+        };
+        if wants.is_empty() {
+            return;
+        }
+        let contexts: Vec<Vec<LlamaToken>> = wants
+            .iter()
+            .map(|&(i, _)| self.active[i].draft_context())
+            .collect();
+        let asks: Vec<Want<'_>> = wants
+            .iter()
+            .zip(&contexts)
+            .map(|(&(i, max), context)| Want {
+                slot: self.active[i].slot(),
+                context,
+                max,
+            })
+            .collect();
+        let drafts = drafter.propose(&asks);
+        for (&(i, _), drafts) in wants.iter().zip(drafts) {
+            self.active[i].set_drafts(drafts);
+        }
     }
 
     /// Keeps `kept` of sequence `i`'s proposals and removes the rest's KV

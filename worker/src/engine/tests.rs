@@ -86,6 +86,7 @@ async fn controls_and_logprobs_reach_the_events() {
         queue: 8,
         queue_timeout: Duration::from_secs(60),
         spec: SpecConfig::OFF,
+        draft: None,
         kv_cache_type: KvCacheType::default(),
         failpoint: None,
     };
