@@ -690,6 +690,8 @@ fn every_script_answers_help_without_side_effects() {
         "scripts/load-test",
         "scripts/bench-router",
         "scripts/bench-routing",
+        "scripts/bench-ram-tier",
+        "scripts/bench-spec",
         "scripts/bench-tls",
         "scripts/build-base-image",
         "scripts/build-image",
