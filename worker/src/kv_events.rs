@@ -112,17 +112,18 @@ impl KvPublisher {
         held: impl Fn(usize) -> &'a [T],
         computing: impl Iterator<Item = &'b [u64]>,
     ) {
-        self.sync_tiers(held, computing, std::iter::empty());
+        self.sync_tiers(held, computing, None::<std::iter::Empty<&[u64]>>);
     }
 
     /// [`KvPublisher::sync_with`], with `ram` listing the block hashes of
-    /// each prefix the host-RAM tier keeps. Its changes come after the
-    /// held tier's, so a restored prefix is never in neither.
+    /// each prefix the host-RAM tier keeps (`None`: unchanged since the
+    /// last call). Its changes come after the held tier's, so a restored
+    /// prefix is never in neither.
     pub fn sync_tiers<'a, 'b, 'c, T: TokenId + 'a>(
         &mut self,
         held: impl Fn(usize) -> &'a [T],
         computing: impl Iterator<Item = &'b [u64]>,
-        ram: impl Iterator<Item = &'c [u64]>,
+        ram: Option<impl Iterator<Item = &'c [u64]>>,
     ) {
         let mut changes = Vec::new();
         for slot in 0..self.slots.len() {
@@ -132,9 +133,11 @@ impl KvPublisher {
         let now: HashSet<u64> = computing.flatten().copied().collect();
         diff(&self.computing, &now, KvTier::Computing, &mut changes);
         self.computing = now;
-        let now: HashSet<u64> = ram.flatten().copied().collect();
-        diff(&self.ram, &now, KvTier::Ram, &mut changes);
-        self.ram = now;
+        if let Some(ram) = ram {
+            let now: HashSet<u64> = ram.flatten().copied().collect();
+            diff(&self.ram, &now, KvTier::Ram, &mut changes);
+            self.ram = now;
+        }
         self.hub.publish(&changes);
     }
 
@@ -544,7 +547,7 @@ mod tests {
         publisher.sync_tiers(
             |_| &[] as &[i32],
             std::iter::empty(),
-            [&blocks[..]].into_iter(),
+            Some([&blocks[..]].into_iter()),
         );
         let batch = stream.next().await.unwrap().unwrap();
         assert_eq!(batch.events.len(), 2);
@@ -561,7 +564,7 @@ mod tests {
         publisher.sync_tiers(
             |_| &prompt[..],
             std::iter::empty(),
-            [&blocks[..]].into_iter(),
+            None::<std::iter::Empty<&[u64]>>,
         );
         index.apply(&stream.next().await.unwrap().unwrap());
         assert_eq!(index.held, index.ram);

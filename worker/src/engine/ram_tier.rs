@@ -37,6 +37,8 @@ pub struct RamTier<T, S> {
     budget: usize,
     bytes: usize,
     clock: u64,
+    /// Bumped whenever the set of entries changes.
+    version: u64,
 }
 
 /// What [`RamTier::insert`] did.
@@ -56,6 +58,7 @@ impl<T: PartialEq + Clone, S> RamTier<T, S> {
             budget,
             bytes: 0,
             clock: 0,
+            version: 0,
         }
     }
 
@@ -115,6 +118,13 @@ impl<T: PartialEq + Clone, S> RamTier<T, S> {
     pub fn remove(&mut self, index: usize) {
         let entry = self.entries.swap_remove(index);
         self.bytes -= entry.bytes;
+        self.version += 1;
+    }
+
+    /// Changes whenever an entry is added or dropped (so the KV events'
+    /// `ram` tier is recomputed only then).
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Keeps `tokens`' state (`bytes` long; `blocks` their block hashes).
@@ -160,6 +170,7 @@ impl<T: PartialEq + Clone, S> RamTier<T, S> {
             used: self.clock,
         });
         self.bytes += bytes;
+        self.version += 1;
         Inserted {
             kept: true,
             evicted,

@@ -115,6 +115,7 @@ pub(super) fn run(
         ),
         prefill_seconds_per_token: None,
         kv: crate::kv_events::KvPublisher::new(parallel as usize, shared.kv.clone()),
+        ram_version: None,
         queue_timeout: config.queue_timeout,
         panic_after_tokens: config.failpoint.map(|f| match f {
             Failpoint::EnginePanicAfterTokens(n) => n,
@@ -167,6 +168,8 @@ pub(super) struct Scheduler<'m> {
     slots: Slots,
     /// Publishes what the slots hold as KV events.
     kv: crate::kv_events::KvPublisher,
+    /// The RAM tier's version last published.
+    ram_version: Option<u64>,
     queue_timeout: Duration,
     /// Test-only failpoint: panic once this many tokens were generated.
     pub(super) panic_after_tokens: Option<u64>,
@@ -312,7 +315,13 @@ impl Scheduler<'_> {
                     .map_or_else(|| slots.kept(slot as i32), |s| s.reusable())
             },
             computing,
-            slots.ram_blocks(),
+            {
+                // Recomputed only when the tier changed.
+                let (version, blocks) = slots.ram_blocks();
+                let changed = self.ram_version != Some(version);
+                self.ram_version = Some(version);
+                changed.then_some(blocks)
+            },
         );
     }
 

@@ -270,9 +270,10 @@ impl Slots {
         self.restore_seconds_per_token
     }
 
-    /// The block hashes of every prefix the RAM tier keeps.
-    pub fn ram_blocks(&self) -> impl Iterator<Item = &[u64]> {
-        self.ram.blocks()
+    /// The block hashes of every prefix the RAM tier keeps, and a number
+    /// that changes whenever they do.
+    pub fn ram_blocks(&self) -> (u64, impl Iterator<Item = &[u64]>) {
+        (self.ram.version(), self.ram.blocks())
     }
 
     /// Makes `placement.slot` hold exactly the reused prefix; returns its
