@@ -6,9 +6,12 @@
 //! (`KvEvents`) into the [`KvIndex`]; a request's prompt is tokenized with
 //! the workers' own vocabulary ([`crate::vocab`]) and cut into the same
 //! block hashes. Each candidate costs the prefill work the request would
-//! wait for there, in blocks: `(blocks − cached) + pending + w · load`.
-//! `blocks` is the prompt's whole blocks; `cached` its leading blocks the
-//! worker holds (in the index), or is computing: for a prompt it accepted
+//! wait for there, in blocks: `(blocks − max(cached, in_ram)) + c ·
+//! (in_ram − cached)⁺ + pending + w · load`. `blocks` is the prompt's
+//! whole blocks; `in_ram` its leading blocks the worker keeps in its
+//! host-RAM tier, restored at `c` of a block each (the worker's measured
+//! `ram_restore_cost`, else [`DEFAULT_RAM_RESTORE_COST`]); `cached` its
+//! leading blocks the worker holds (in the index), or is computing: for a prompt it accepted
 //! (the index's computing tier, whichever coordinator sent it), or for a
 //! request this coordinator sent it that has not ended ([`SentBlocks`],
 //! which covers the moment before the worker's events say so); `pending` the
