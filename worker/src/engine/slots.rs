@@ -31,8 +31,14 @@ use super::policy::{self, Placement};
 use super::ram_tier::{self, RamTier};
 use crate::metrics::WorkerMetrics;
 
-/// Weight of the newest restore in the restore-cost average.
+/// Weight of the newest sample in the cost averages (restore time here,
+/// prompt time per token in `step`).
 const COST_SMOOTHING: f64 = 0.2;
+
+/// `avg` (`None` before the first sample) moved towards `sample`.
+pub(super) fn smoothed(avg: Option<f64>, sample: f64) -> f64 {
+    avg.map_or(sample, |avg| avg + COST_SMOOTHING * (sample - avg))
+}
 
 pub(super) struct Slots {
     /// Free slots.
@@ -185,10 +191,8 @@ impl Slots {
                 metrics.prefix_ram_restored_tokens.inc_by(len as u64);
                 metrics.prefix_ram_restore_time.observe(seconds);
                 let per_token = seconds / len as f64;
-                self.restore_seconds_per_token = Some(match self.restore_seconds_per_token {
-                    Some(avg) => avg + COST_SMOOTHING * (per_token - avg),
-                    None => per_token,
-                });
+                self.restore_seconds_per_token =
+                    Some(smoothed(self.restore_seconds_per_token, per_token));
                 tracing::debug!(
                     slot,
                     tokens = len,

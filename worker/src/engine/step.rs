@@ -159,10 +159,10 @@ impl Scheduler<'_> {
             // Mostly prompt rows: what computing a prompt token costs, the
             // yardstick of a restore from the RAM tier.
             let per_token = step_seconds / f64::from(step_tokens);
-            self.prefill_seconds_per_token = Some(match self.prefill_seconds_per_token {
-                Some(avg) => avg + 0.2 * (per_token - avg),
-                None => per_token,
-            });
+            self.prefill_seconds_per_token = Some(super::slots::smoothed(
+                self.prefill_seconds_per_token,
+                per_token,
+            ));
         }
         metrics.step_tokens.observe(f64::from(step_tokens));
         for (i, chain) in picks {
