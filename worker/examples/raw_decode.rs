@@ -15,6 +15,11 @@
 //! as the worker turns it off (both for the seed promise,
 //! docs/operations.md).
 //!
+//! With `VERIFY_ROWS=1,2,9,49` it also times a step as speculation
+//! verifies proposals: after a PP-token prompt, one batch of that many
+//! positions of one sequence, logits at every position (the cost that
+//! `--spec-step-ratio` models), then removes them again.
+//!
 //! cargo run --release -p nanoinfer-worker --example raw_decode -- MODEL [THREADS] [PP] [TG] [REPS] [PARALLEL]
 
 use std::num::NonZeroU32;
@@ -123,6 +128,37 @@ fn main() {
             pp_rates.push(pp_rate);
             tg_rates.push(tg_rate);
             batched_rates.extend(batched_rate);
+        }
+    }
+    let verify_rows: Vec<usize> = std::env::var("VERIFY_ROWS")
+        .map(|v| {
+            v.split(',')
+                .map(|x| x.trim().parse().expect("VERIFY_ROWS: numbers"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !verify_rows.is_empty() {
+        ctx.clear_kv_cache();
+        batch.clear();
+        for i in 0..pp {
+            batch.add(token, i as i32, &[0], i == pp - 1).unwrap();
+        }
+        ctx.decode(&mut batch).unwrap();
+        for &rows in &verify_rows {
+            let mut times = Vec::new();
+            for _ in 0..=reps {
+                batch.clear();
+                for r in 0..rows {
+                    batch.add(token, (pp + r) as i32, &[0], true).unwrap();
+                }
+                let t = Instant::now();
+                ctx.decode(&mut batch).unwrap();
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+                ctx.clear_kv_cache_seq(Some(0), Some(pp as u32), None)
+                    .unwrap();
+            }
+            let (m, s) = mean_sd(&times[1..]);
+            println!("verify step, {rows} rows after pp{pp}: {m:.2} ± {s:.2} ms");
         }
     }
     let (pm, ps) = mean_sd(&pp_rates);

@@ -97,10 +97,12 @@ pub struct Args {
     /// Draft-free speculation: most tokens a decoding request proposes per
     /// step from an earlier occurrence of its latest n-gram in its own
     /// prompt or output (prompt lookup), verified in the same batch; each
-    /// kept token is the sampler's own pick at its position. 0 (the
-    /// default) turns it off; 48 made copy-heavy decoding 2.6x faster here
-    /// at one stream but cost 6-9% on sampled prose (docs/benchmarks.md).
-    #[arg(long, env = "NANOINFER_DRAFT_MAX", default_value_t = 0)]
+    /// kept token is the sampler's own pick at its position. Proposals are
+    /// sized by a step's cost measured at start, so they are made only
+    /// where they are likely to pay. 31 (the default, a 32-row step) made
+    /// copy-heavy decoding 2.4x faster here; 0 turns it off
+    /// (docs/benchmarks.md).
+    #[arg(long, env = "NANOINFER_DRAFT_MAX", default_value_t = 31)]
     pub draft_max: u32,
     /// A small model with the served model's vocabulary (checked at
     /// start) that proposes up to --draft-max tokens when a request's own
@@ -110,19 +112,20 @@ pub struct Args {
     /// cells of its own.
     #[arg(long, env = "NANOINFER_DRAFT_MODEL")]
     pub draft_model: Option<PathBuf>,
-    /// Shortest n-gram looked up for a proposal (1 to --spec-ngram-max).
-    #[arg(long, env = "NANOINFER_SPEC_NGRAM_MIN", default_value_t = 2)]
+    /// Shortest n-gram match that proposes (1 to --spec-ngram-max): on text
+    /// with little to copy, what followed a short match is rarely what
+    /// comes next.
+    #[arg(long, env = "NANOINFER_SPEC_NGRAM_MIN", default_value_t = 4)]
     pub spec_ngram_min: u32,
     /// Longest n-gram looked up for a proposal (the longest match wins).
-    #[arg(long, env = "NANOINFER_SPEC_NGRAM_MAX", default_value_t = 4)]
+    #[arg(long, env = "NANOINFER_SPEC_NGRAM_MAX", default_value_t = 12)]
     pub spec_ngram_max: u32,
-    /// What a decode step costs before its first position, in positions
-    /// (a step of N positions takes about RATIO + N position-times): the
-    /// proposals' break-even. About 1 for Gemma 3 270M on a CPU (its large
-    /// output layer makes each position dear); larger for bigger models,
-    /// whose weights dominate a step, which makes proposals pay sooner.
-    #[arg(long, env = "NANOINFER_SPEC_STEP_RATIO", default_value_t = 1.0)]
-    pub spec_step_ratio: f64,
+    /// A fixed model of a decode step's cost instead of measuring it at
+    /// start: a step of N positions costs RATIO + N position-times. Unset
+    /// (the default), the worker times steps of 1 to --draft-max + 1 rows
+    /// when it starts (a second or two) and sizes proposals by that.
+    #[arg(long, env = "NANOINFER_SPEC_STEP_RATIO")]
+    pub spec_step_ratio: Option<f64>,
     /// Requests that may wait for the engine; beyond it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "NANOINFER_QUEUE", default_value_t = 16)]
     pub queue: u32,
@@ -313,11 +316,10 @@ impl Args {
                 self.spec_ngram_max
             ));
         }
-        if !(0.0..=1024.0).contains(&self.spec_step_ratio) {
-            return Err(format!(
-                "--spec-step-ratio: must be 0 to 1024, got {}",
-                self.spec_step_ratio
-            ));
+        if let Some(ratio) = self.spec_step_ratio {
+            if !(0.0..=1024.0).contains(&ratio) {
+                return Err(format!("--spec-step-ratio: must be 0 to 1024, got {ratio}"));
+            }
         }
         let spec = crate::engine::SpecConfig {
             draft_max: self.draft_max as usize,

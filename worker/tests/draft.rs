@@ -121,7 +121,7 @@ async fn a_model_drafting_for_itself_keeps_the_output_token_for_token() {
         draft_max: 4,
         ngram_min: 2,
         ngram_max: 4,
-        step_ratio: 1.0,
+        step_ratio: None,
     };
     let metrics = Arc::new(WorkerMetrics::default());
     let drafted = start(config(spec, Some(draft)), metrics.clone())

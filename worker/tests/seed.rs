@@ -263,3 +263,48 @@ async fn a_prefix_restored_from_ram_gives_the_same_text_as_a_recomputed_one() {
     );
     same("whole prompt restored from RAM", &cold, &again);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_speculation_on_a_seeded_request_alone_gives_the_same_text_cold_and_cached() {
+    // A request alone in its steps sizes its proposals by its own context
+    // and the worker's step costs (measured once, at start), so a cached
+    // prefix changes neither its proposals nor its verify steps' shapes.
+    let m = test_model();
+    let metrics = Arc::new(WorkerMetrics::default());
+    let e = Engine::start(
+        m.backend.clone(),
+        m.model.clone(),
+        EngineConfig {
+            spec: SpecConfig {
+                draft_max: 31,
+                ngram_min: 4,
+                ngram_max: 12,
+                step_ratio: None,
+            },
+            ..config()
+        },
+        metrics.clone(),
+    )
+    .await
+    .unwrap();
+    // A passage to copy from (proposals), sampled at 0.5 with a seed.
+    let prompt = format!("{PASSAGE}\n\nThe same passage, copied word for word:\n");
+    let copy = |m| Generation {
+        temperature: 0.5,
+        ..seeded(m, &prompt, 48)
+    };
+    run(&e, seeded(m, "The capital of France is", 16)).await;
+    let cold = run(&e, copy(m)).await;
+    println!("copy: {:?}", cold.text);
+    let proposed = metrics.spec_proposed_tokens.get();
+    let kept = metrics.spec_accepted_tokens.get();
+    assert!(
+        proposed > 0 && kept > 0,
+        "tokens were proposed and kept ({kept} of {proposed})"
+    );
+    for k in 1..=2 {
+        let again = run(&e, copy(m)).await;
+        same(&format!("copy with speculation, send {k}"), &cold, &again);
+    }
+    assert!(metrics.spec_proposed_tokens.get() > proposed);
+}

@@ -123,7 +123,7 @@ async fn speculation_keeps_every_output_token_for_token() {
         draft_max: 8,
         ngram_min: 2,
         ngram_max: 4,
-        step_ratio: 1.0,
+        step_ratio: None,
     };
     let on = Engine::start(
         m.backend.clone(),

@@ -30,10 +30,14 @@
 //! - [`step`]: one step: build the batch, decode, sample;
 //! - [`sequence`]: one sequence's sampling, stop matching, KV cells and
 //!   outbox;
-//! - [`speculate`]: draft-free speculation (prompt lookup) and its back-off;
+//! - [`speculate`]: draft-free speculation (prompt lookup), proposal
+//!   lengths and back-off;
+//! - [`calibrate`]: measures a step's cost by rows at start (for
+//!   speculation);
 //! - [`draft`]: proposals from a draft model (`--draft-model`);
 //! - [`outcome`]: spans, logs and metrics when a request leaves.
 
+mod calibrate;
 mod draft;
 mod outcome;
 mod policy;
@@ -47,7 +51,7 @@ mod step;
 mod tests;
 
 pub use policy::{plan_step, SeqView, Work, ROW_GROUP};
-pub use speculate::{propose, SpecConfig};
+pub use speculate::{propose, SpecConfig, StepCost};
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc as std_mpsc;

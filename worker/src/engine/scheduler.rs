@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tokio::sync::oneshot;
 use super::policy::common_prefix;
 use super::sequence::Sequence;
 use super::slots::Slots;
+use super::speculate::StepCost;
 use super::Shared;
 use super::{outcome, EngineConfig, EngineError, Event, Failpoint, Failure, FinishReason, Job};
 
@@ -88,10 +90,23 @@ pub(super) fn run(
         },
         None => None,
     };
+    let mut batch = LlamaBatch::new(batch_capacity as usize, 1);
+    let max_rows = per_sequence as usize;
+    let step_cost = match config.spec.step_ratio {
+        _ if !config.spec.enabled() => StepCost::linear(1.0, max_rows),
+        Some(ratio) => StepCost::linear(ratio, max_rows),
+        None => match super::calibrate::step_cost(&mut ctx, &model, &mut batch, max_rows) {
+            Ok(cost) => cost,
+            Err(e) => {
+                let _ = ready.send(Err(EngineError::Context(e)));
+                return Ok(());
+            }
+        },
+    };
     let _ = ready.send(Ok(window));
     let mut engine = Scheduler {
         model: &model,
-        batch: LlamaBatch::new(batch_capacity as usize, 1),
+        batch,
         shared: &shared,
         window,
         // Chunks that leave some prompt are whole row groups: a smaller
@@ -104,6 +119,7 @@ pub(super) fn run(
         },
         kv_total: ctx.n_ctx(),
         spec: config.spec,
+        step_cost: Rc::new(step_cost),
         drafter,
         active: Vec::new(),
         queue: VecDeque::new(),
@@ -158,6 +174,8 @@ pub(super) struct Scheduler<'m> {
     pub(super) kv_total: u32,
     /// Speculation settings.
     pub(super) spec: super::SpecConfig,
+    /// What a step costs by rows (measured at start, or `--spec-step-ratio`).
+    pub(super) step_cost: Rc<StepCost>,
     /// Proposals from a draft model, when the worker has one.
     pub(super) drafter: Option<super::draft::Drafter<'m>>,
     /// Running sequences, oldest first.

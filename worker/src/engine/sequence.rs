@@ -396,18 +396,19 @@ impl Sequence {
 
     /// Decides what this step proposes after the next token, before the
     /// sequence is staged: the tokens that followed the latest n-gram's
-    /// earlier occurrence (kept as the step's proposals), or, when the
+    /// earlier occurrence, as many as pay in this step ([`Adapt::choose`];
+    /// kept as the step's proposals), or, when the
     /// context offers nothing to copy, how many tokens a draft model may
     /// propose instead ([`Sequence::set_drafts`]; 0: none). Nothing when
     /// speculation is off or backing off, and never past what the request
     /// may still generate or the window.
-    pub fn plan_proposal(&mut self, step: &SpecStep, window: u32) -> usize {
+    pub fn plan_proposal(&mut self, step: &mut SpecStep<'_>, window: u32) -> usize {
         self.drafts.clear();
         let spec = &step.config;
         let Some(next) = self.next else {
             return 0;
         };
-        if !spec.enabled() {
+        if !spec.enabled() || self.adapt.waiting() {
             return 0;
         }
         let g = &self.job.generation;
@@ -417,22 +418,28 @@ impl Sequence {
         let next_pos = self.cells.len();
         let room = (window as usize).saturating_sub(next_pos + 1);
         let max = spec.draft_max.min(picks_left.saturating_sub(1)).min(room);
-        let max = self.adapt.allowed(max, step.threshold);
         if max == 0 {
             return 0;
         }
-        self.drafts = propose(
+        let mut drafts = propose(
             self.cells.decoded(),
             next,
             spec.ngram_min,
             spec.ngram_max,
             max,
         );
-        if self.drafts.is_empty() {
-            max
-        } else {
-            0
+        if drafts.is_empty() {
+            // Nothing to copy: a draft model may propose.
+            return if step.drafter {
+                self.adapt.choose(max, step)
+            } else {
+                0
+            };
         }
+        let k = self.adapt.choose(drafts.len(), step);
+        drafts.truncate(k);
+        self.drafts = drafts;
+        0
     }
 
     /// A draft model's proposals for this step (at most what

@@ -71,11 +71,22 @@ impl Scheduler<'_> {
         // Build the batch; remember which batch rows hold whose logits.
         self.batch.clear();
         let decoding = plan.iter().filter(|(_, w)| *w == Work::Decode).count();
-        let spec = SpecStep {
+        let prompt_rows: usize = plan
+            .iter()
+            .map(|(_, w)| match w {
+                Work::Decode => 0,
+                Work::Prefill { len, .. } => *len,
+            })
+            .sum();
+        let step_cost = std::rc::Rc::clone(&self.step_cost);
+        let mut spec = SpecStep {
             config: self.spec,
-            threshold: self.spec.threshold(decoding),
+            cost: &step_cost,
+            rows: decoding + prompt_rows,
+            tokens: decoding as f64,
+            drafter: self.drafter.is_some(),
         };
-        self.propose(&plan, &spec);
+        self.propose(&plan, &mut spec);
         let mut sample_at: Vec<(usize, i32, usize)> = Vec::new();
         for &(i, work) in &plan {
             let seq = &mut self.active[i];
@@ -226,7 +237,7 @@ impl Scheduler<'_> {
     /// Decides every decoding sequence's proposals for this step: its own
     /// context's (prompt lookup), else, with a draft model, the draft's
     /// guesses, drafted for all such sequences together.
-    fn propose(&mut self, plan: &[(usize, Work)], spec: &SpecStep) {
+    fn propose(&mut self, plan: &[(usize, Work)], spec: &mut SpecStep<'_>) {
         let mut wants: Vec<(usize, usize)> = Vec::new();
         for &(i, work) in plan {
             if work == Work::Decode {
