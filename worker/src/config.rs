@@ -462,7 +462,7 @@ mod tests {
             ("--advertise", "h:99999"),
             ("--queue-timeout", "0"),
             ("--failpoint", "explode"),
-            ("--draft-model", "d.gguf"),
+            ("--draft-max", "65"),
             ("--failpoint", "engine-panic-after-tokens=x"),
             ("--id", "a/b"),
             ("--id", "node-1:50061"),
@@ -476,6 +476,9 @@ mod tests {
             let err = args(&[flag, value]).unwrap_err();
             assert!(err.contains(flag), "{flag} {value}: {err}");
         }
+        // A draft model with speculation turned off.
+        let err = args(&["--draft-model", "d.gguf", "--draft-max", "0"]).unwrap_err();
+        assert!(err.contains("--draft-model"), "{err}");
         assert_eq!(
             args(&["--advertise", "worker-0.workers:50061"])
                 .unwrap()
