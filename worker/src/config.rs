@@ -99,10 +99,10 @@ pub struct Args {
     /// prompt or output (prompt lookup), verified in the same batch; each
     /// kept token is the sampler's own pick at its position. Proposals are
     /// sized by a step's cost measured at start, so they are made only
-    /// where they are likely to pay. 31 (the default, a 32-row step) made
-    /// copy-heavy decoding 2.4x faster here; 0 turns it off
+    /// where they are likely to pay. 47 (the default, a 48-row step) made
+    /// copy-heavy decoding 2.1-2.3x faster here; 0 turns it off
     /// (docs/benchmarks.md).
-    #[arg(long, env = "NANOINFER_DRAFT_MAX", default_value_t = 31)]
+    #[arg(long, env = "NANOINFER_DRAFT_MAX", default_value_t = 47)]
     pub draft_max: u32,
     /// A small model with the served model's vocabulary (checked at
     /// start) that proposes up to --draft-max tokens when a request's own
