@@ -42,22 +42,23 @@ pub(super) fn step_cost(
     fill(batch, 0, CONTEXT, false)?;
     ctx.decode(batch)
         .map_err(|e| format!("calibration prompt: {e}"))?;
-    let mut points = Vec::with_capacity(rows.len());
-    // The first round warms caches and buffers and is not kept.
-    for round in 0..=REPEATS {
-        for (i, &n) in rows.iter().enumerate() {
-            fill(batch, CONTEXT, n, true)?;
-            let t = Instant::now();
-            ctx.decode(batch)
-                .map_err(|e| format!("calibration step of {n} rows: {e}"))?;
-            let seconds = t.elapsed().as_secs_f64();
-            ctx.clear_kv_cache_seq(Some(0), Some(CONTEXT as u32), None)
-                .map_err(|e| format!("calibration: {e}"))?;
-            if round == 1 {
-                points.push((n, seconds));
-            } else if round > 1 {
-                points[i].1 = points[i].1.min(seconds);
-            }
+    let mut step = |n: usize| {
+        fill(batch, CONTEXT, n, true)?;
+        let t = Instant::now();
+        ctx.decode(batch)
+            .map_err(|e| format!("calibration step of {n} rows: {e}"))?;
+        let seconds = t.elapsed().as_secs_f64();
+        ctx.clear_kv_cache_seq(Some(0), Some(CONTEXT as u32), None)
+            .map_err(|e| format!("calibration: {e}"))?;
+        Ok::<f64, String>(seconds)
+    };
+    // One untimed step of the most rows first: it grows llama.cpp's output
+    // buffers and warms the caches that every smaller step then uses.
+    step(*rows.last().expect("at least one row count"))?;
+    let mut points: Vec<(usize, f64)> = rows.iter().map(|&n| (n, f64::INFINITY)).collect();
+    for _ in 0..REPEATS {
+        for point in &mut points {
+            point.1 = point.1.min(step(point.0)?);
         }
     }
     ctx.clear_kv_cache();
