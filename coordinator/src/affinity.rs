@@ -30,7 +30,7 @@ pub enum Routing {
     /// Any routable worker, at random (a baseline for benchmarks).
     Random,
     /// The worker holding the longest prefix of the prompt, within the load
-    /// gap; least-loaded otherwise.
+    /// gap; otherwise the lighter of two random workers.
     PrefixAffinity,
 }
 
@@ -139,10 +139,10 @@ impl PrefixTable {
 pub enum Choice {
     /// The worker with the longest match, within the load gap.
     Hit(usize),
-    /// No worker within the gap holds any of the prefix: least-loaded.
+    /// No worker within the gap holds any of the prefix: the fallback.
     Miss(usize),
-    /// A worker holds the prefix but is busier than the gap allows:
-    /// least-loaded.
+    /// A worker holds the prefix but is busier than the gap allows: the
+    /// fallback.
     Overloaded(usize),
 }
 
@@ -166,21 +166,21 @@ impl Choice {
 
 /// Among candidates `(in_flight, matched blocks)`, the one with the longest
 /// match whose load is within `max_gap` of the least loaded (ties: fewer in
-/// flight, then `least_loaded`'s pick); `least_loaded` (the index
-/// least-loaded routing would pick) when none matches.
-pub fn choose(candidates: &[(usize, usize)], max_gap: usize, least_loaded: usize) -> Choice {
+/// flight, then `fallback`); `fallback` (the index the router picks without
+/// affinity: the lighter of two random workers) when none matches.
+pub fn choose(candidates: &[(usize, usize)], max_gap: usize, fallback: usize) -> Choice {
     let Some(min) = candidates.iter().map(|c| c.0).min() else {
-        return Choice::Miss(least_loaded);
+        return Choice::Miss(fallback);
     };
     let best = candidates
         .iter()
         .enumerate()
         .filter(|(_, c)| c.1 > 0 && c.0 <= min + max_gap)
-        .max_by_key(|(i, c)| (c.1, std::cmp::Reverse(c.0), *i == least_loaded));
+        .max_by_key(|(i, c)| (c.1, std::cmp::Reverse(c.0), *i == fallback));
     match best {
         Some((i, _)) => Choice::Hit(i),
-        None if candidates.iter().any(|c| c.1 > 0) => Choice::Overloaded(least_loaded),
-        None => Choice::Miss(least_loaded),
+        None if candidates.iter().any(|c| c.1 > 0) => Choice::Overloaded(fallback),
+        None => Choice::Miss(fallback),
     }
 }
 
@@ -243,7 +243,7 @@ mod tests {
         assert_eq!(choose(&[(1, 3), (1, 5)], 2, 0), Choice::Hit(1));
         // Equal matches: the less loaded.
         assert_eq!(choose(&[(2, 5), (1, 5)], 2, 0), Choice::Hit(1));
-        // Over the gap: least-loaded instead.
+        // Over the gap: the fallback instead.
         assert_eq!(choose(&[(0, 0), (3, 5)], 2, 0), Choice::Overloaded(0));
         // A shorter match within the gap beats a longer one beyond it.
         assert_eq!(choose(&[(0, 0), (3, 9), (2, 4)], 2, 0), Choice::Hit(2));

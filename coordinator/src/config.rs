@@ -55,7 +55,8 @@ pub struct Args {
     /// workers. `prefix-affinity`: the
     /// worker this coordinator sent the longest shared prompt text to,
     /// unless it has more than --affinity-max-load-gap requests more in
-    /// flight than the least loaded. `least-loaded`: fewest requests in
+    /// flight than the least loaded (then, as when no worker holds the
+    /// prefix, the lighter of two random workers). `least-loaded`: fewest requests in
     /// flight. `random`: any routable worker (a baseline for benchmarks).
     /// Load counts this coordinator's requests plus the others' from the
     /// workers' load reports.

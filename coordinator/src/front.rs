@@ -21,29 +21,10 @@ use tracing::Instrument;
 use crate::auth::ApiKeys;
 use crate::config::UpstreamConfig;
 use crate::error::CoordinatorError;
-use crate::metrics::{CoordinatorMetrics, ReasonLabel, RequestRecorder};
+use crate::metrics::{Api, CoordinatorMetrics, ReasonLabel, RequestRecorder};
 use crate::relay::{self, Abort, Affinity, Item, Relay, RELAY_BUFFER};
 use crate::routing::{Picked, Router};
 use crate::validate::Limits;
-
-/// Which public API a request came through (the `api` metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
-    /// `nanoinfer.InferService/Infer`.
-    Grpc,
-    /// `/v1/chat/completions`, `/v1/completions`.
-    Http,
-}
-
-impl Api {
-    /// The metric label.
-    pub fn label(self) -> &'static str {
-        match self {
-            Api::Grpc => "grpc",
-            Api::Http => "http",
-        }
-    }
-}
 
 /// A started request: its id and the messages of every completion, in the
 /// order they were produced (each carries its `choice`). The channel ends

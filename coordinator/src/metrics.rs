@@ -15,7 +15,79 @@ use tonic::Code;
 
 use nanoinfer_telemetry::http::{histogram, LATENCY_BUCKETS, TOKEN_BUCKETS};
 
-pub use crate::routing::RouterMetrics;
+use crate::admission::AdmissionMetrics;
+
+/// Which public API a request came through (the `api` metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `nanoinfer.InferService/Infer`.
+    Grpc,
+    /// `/v1/chat/completions`, `/v1/completions`.
+    Http,
+}
+
+impl Api {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Api::Grpc => "grpc",
+            Api::Http => "http",
+        }
+    }
+}
+
+/// How a prefix-affinity pick went.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AffinityLabel {
+    /// `hit`, `miss` or `overloaded`.
+    pub outcome: &'static str,
+}
+
+/// Why a cache-aware pick went where it did.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    /// `cache` (a worker holding part of the prompt won), `load` (no
+    /// candidate holds any of it: by load), `no_index` (no vocabulary yet,
+    /// or no candidate's index is in sync).
+    pub reason: &'static str,
+}
+
+/// Cache-aware routing's metrics.
+#[derive(Clone, Default)]
+pub struct KvMetrics {
+    /// Picks by reason.
+    pub decisions: Family<DecisionLabel, Counter>,
+    /// KV events applied to the index.
+    pub events: Counter,
+    /// Snapshots received (first subscriptions and resyncs).
+    pub snapshots: Counter,
+    /// Streams that had to resync (gap, restart, bound) or broke.
+    pub resyncs: Family<WorkerLabel, Counter>,
+    /// Blocks indexed per worker (-1 while unsynced).
+    pub blocks: Family<WorkerLabel, Gauge>,
+    /// Finished requests whose worker reused exactly the predicted blocks
+    /// (`agree`), more (`more`) or fewer (`fewer`).
+    pub predictions: Family<DecisionLabel, Counter>,
+}
+
+/// The router's metrics (registered by [`crate::metrics`]).
+#[derive(Clone, Default)]
+pub struct RouterMetrics {
+    /// Cache-aware routing's.
+    pub kv: KvMetrics,
+    /// Prefix-affinity picks by outcome.
+    pub affinity: Family<AffinityLabel, Counter>,
+    /// Requests in flight per worker.
+    pub in_flight: Family<WorkerLabel, Gauge>,
+    /// Ejections per worker.
+    pub ejections: Family<WorkerLabel, Counter>,
+    /// Re-admissions per worker.
+    pub readmissions: Family<WorkerLabel, Counter>,
+    /// Workers that can take requests now.
+    pub routable: Gauge,
+    /// The admission queue's.
+    pub admission: AdmissionMetrics,
+}
 
 /// Outcome of a request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -334,7 +406,7 @@ pub use nanoinfer_proto::code_name;
 /// left) before [`finished`](Self::finished) or [`failed`](Self::failed).
 pub struct RequestRecorder {
     metrics: Arc<CoordinatorMetrics>,
-    api: crate::front::Api,
+    api: Api,
     model_name: String,
     started: Instant,
     last_token: Option<Instant>,
@@ -343,7 +415,7 @@ pub struct RequestRecorder {
 
 impl RequestRecorder {
     /// Starts recording a request that arrived now.
-    pub fn start(metrics: Arc<CoordinatorMetrics>, api: crate::front::Api) -> Self {
+    pub fn start(metrics: Arc<CoordinatorMetrics>, api: Api) -> Self {
         metrics.running.inc();
         Self {
             metrics,
@@ -459,7 +531,7 @@ mod tests {
     fn each_request_has_one_outcome_and_leaves_the_running_gauge() {
         let m = Arc::new(CoordinatorMetrics::default());
         {
-            let mut r = RequestRecorder::start(m.clone(), crate::front::Api::Grpc);
+            let mut r = RequestRecorder::start(m.clone(), Api::Grpc);
             assert_eq!(m.running.get(), 1);
             r.upstream_opened();
             assert!(r.token().is_some());
@@ -473,14 +545,14 @@ mod tests {
         assert_eq!(m.inter_token_latency.count(), 1);
         assert_eq!(m.e2e_latency.count(), 1);
 
-        drop(RequestRecorder::start(m.clone(), crate::front::Api::Grpc));
+        drop(RequestRecorder::start(m.clone(), Api::Grpc));
         assert_eq!(
             count(&m, "CANCELLED", ""),
             1,
             "a dropped request was cancelled"
         );
 
-        let mut r = RequestRecorder::start(m.clone(), crate::front::Api::Grpc);
+        let mut r = RequestRecorder::start(m.clone(), Api::Grpc);
         r.failed(Code::InvalidArgument);
         drop(r);
         assert_eq!(count(&m, "INVALID_ARGUMENT", ""), 1);

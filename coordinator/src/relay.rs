@@ -96,7 +96,7 @@ pub struct Relay {
     /// Which of the request's `n` completions this relay produces.
     pub choice: u32,
     /// The prompt's prefix blocks, for prefix-affinity routing (empty
-    /// under least-loaded).
+    /// under the other policies).
     pub prefix: Arc<[u64]>,
     /// With `n` > 1: one worker runs every completion, so it copies the
     /// prompt's KV cells between them instead of computing them again.

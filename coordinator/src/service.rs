@@ -15,7 +15,8 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::error::REQUEST_ID_HEADER;
-use crate::front::{Api, Front};
+use crate::front::Front;
+use crate::metrics::Api;
 
 /// The public gRPC service.
 pub struct InferServiceImpl {

@@ -14,6 +14,12 @@
 //! - [`deadline`]: the standard `grpc-timeout` header, read and written.
 //! - [`limits`]: the request limits both processes apply, with one set of
 //!   messages.
+//! - [`kv`]: KV-cache blocks and their chained hashes, as workers publish
+//!   them and coordinators match them.
+//! - [`schema`]: the JSON a structured-output constraint produces, one rule
+//!   for both processes.
+//! - [`windows`]: the HTTP/2 flow-control windows of the cluster's gRPC
+//!   connections.
 //! - [`tls`]: TLS servers with certificate reload, client configurations,
 //!   and the cluster's mutual-TLS naming contract.
 //!

@@ -6,6 +6,15 @@
 //!
 //! A coordinator has no model file: it loads the vocabulary-only GGUF a
 //! worker serves ([`gguf`]) with [`load_vocab`].
+//!
+//! # Layout
+//! - [`gguf`]: vocabulary-only GGUF files (a model's header and tokenizer
+//!   metadata without its tensors), written by workers, read by
+//!   coordinators.
+//! - [`template`]: the model's own chat template, rendered as Hugging Face's
+//!   `apply_chat_template` renders it.
+//! - [`wire`]: chat messages on the wire, to and from what the template
+//!   code takes.
 
 pub mod gguf;
 pub mod template;

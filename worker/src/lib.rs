@@ -11,6 +11,8 @@
 //! - [`grammar`]: structured outputs (a JSON Schema the sampler's picks
 //!   are constrained to).
 //! - [`stop`], [`detok`]: stop-sequence matching and UTF-8-safe detokenizing.
+//! - [`kv_events`]: what the KV cache holds, published as events for the
+//!   coordinators' cache-aware routing.
 //! - [`service`]: the gRPC service; [`error`]: the status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
 //! - [`run`]: serve, register in etcd (retrying while etcd is down), and

@@ -52,7 +52,8 @@ use tonic::{Code, Status};
 use crate::error::{
     INVALID_FIELD_HEADER, REQUEST_ID_HEADER, RETRY_AFTER_HEADER, RETRY_AFTER_SECONDS,
 };
-use crate::front::{Api, Call, Front};
+use crate::front::{Call, Front};
+use crate::metrics::Api;
 use crate::service::health_status;
 
 /// Largest request body accepted (a prompt at the default byte limit, in

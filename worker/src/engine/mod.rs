@@ -22,12 +22,12 @@
 //! # Layout
 //! - this module: the public handle, requests, events, errors;
 //! - [`scheduler`]: the engine thread's loop: the queue, admission and
-//!   retirement;
+//!   retirement, and (its `step`) one step: build the batch, decode,
+//!   sample;
 //! - [`policy`]: pure step planning and placement rules;
 //! - [`slots`]: the KV slot table and prefix cache (every cell copy or
 //!   removal);
 //! - [`ram_tier`]: evicted prefixes kept in host memory, restored on a hit;
-//! - [`step`]: one step: build the batch, decode, sample;
 //! - [`sequence`]: one sequence's sampling, stop matching, KV cells and
 //!   outbox;
 //! - [`speculate`]: draft-free speculation (prompt lookup), proposal
@@ -46,7 +46,6 @@ mod scheduler;
 mod sequence;
 mod slots;
 mod speculate;
-mod step;
 #[cfg(test)]
 mod tests;
 

@@ -4,10 +4,12 @@
 //! Each turn: move submitted jobs into the engine's own queue, drop the
 //! queued requests that are dead (client gone, deadline passed, waited past
 //! the queue timeout), admit waiting requests into free slots ([`Slots`]),
-//! then run one step ([`super::step`]). Finished sequences leave between
+//! then run one step ([`step`]). Finished sequences leave between
 //! steps ([`Scheduler::retire`]). With nothing running the thread blocks on
 //! the channel for at most [`IDLE_POLL`], so queue deadlines are still
 //! checked while it is idle.
+
+mod step;
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -157,29 +159,29 @@ pub(super) fn run(
 }
 
 pub(super) struct Scheduler<'m> {
-    pub(super) model: &'m LlamaModel,
-    pub(super) batch: LlamaBatch<'static>,
-    pub(super) shared: &'m Shared,
+    model: &'m LlamaModel,
+    batch: LlamaBatch<'static>,
+    shared: &'m Shared,
     /// Per-sequence context window.
-    pub(super) window: u32,
+    window: u32,
     /// Prompt tokens per step.
-    pub(super) step_tokens: usize,
+    step_tokens: usize,
     /// Prompt tokens per step while some sequence decodes.
-    pub(super) step_tokens_decoding: usize,
+    step_tokens_decoding: usize,
     /// Threads to sample a step's sequences on: 1 plus the cores llama.cpp's
     /// threads leave free. (On a machine where they take every core, a
     /// sampling thread only competes with them: measured here, 8 sequences
     /// took 4.2 ms to sample either way.)
-    pub(super) sample_threads: usize,
-    pub(super) kv_total: u32,
+    sample_threads: usize,
+    kv_total: u32,
     /// Speculation settings.
-    pub(super) spec: super::SpecConfig,
+    spec: super::SpecConfig,
     /// What a step costs by rows (measured at start, or `--spec-step-ratio`).
-    pub(super) step_cost: Rc<StepCost>,
+    step_cost: Rc<StepCost>,
     /// Proposals from a draft model, when the worker has one.
-    pub(super) drafter: Option<super::draft::Drafter<'m>>,
+    drafter: Option<super::draft::Drafter<'m>>,
     /// Running sequences, oldest first.
-    pub(super) active: Vec<Sequence>,
+    active: Vec<Sequence>,
     /// Requests waiting for a slot, oldest first. The `waiting` gauge counts
     /// them together with those still in the channel.
     queue: VecDeque<Job>,
@@ -190,12 +192,12 @@ pub(super) struct Scheduler<'m> {
     ram_version: Option<u64>,
     queue_timeout: Duration,
     /// Test-only failpoint: panic once this many tokens were generated.
-    pub(super) panic_after_tokens: Option<u64>,
+    panic_after_tokens: Option<u64>,
     /// Tokens generated since the engine started.
-    pub(super) tokens_generated: u64,
+    tokens_generated: u64,
     /// Seconds per token of the recent prompt-heavy steps (see
-    /// `step::PROMPT_STEP_TOKENS`), smoothed; `None` before the first.
-    pub(super) prefill_seconds_per_token: Option<f64>,
+    /// [`step::PROMPT_STEP_TOKENS`]), smoothed; `None` before the first.
+    prefill_seconds_per_token: Option<f64>,
 }
 
 impl Scheduler<'_> {
@@ -360,7 +362,7 @@ impl Scheduler<'_> {
 
     /// Frees a sequence's slot, keeping the cells a decode wrote for prefix
     /// reuse, and records its outcome.
-    pub(super) fn retire(&mut self, ctx: &mut LlamaContext<'_>, seq: Sequence, client_left: bool) {
+    fn retire(&mut self, ctx: &mut LlamaContext<'_>, seq: Sequence, client_left: bool) {
         let (keep, exact) = seq.kept();
         self.slots.release(ctx, seq.slot(), keep, exact);
         let metrics = &self.shared.metrics;

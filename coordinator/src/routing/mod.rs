@@ -2,32 +2,6 @@
 //! prefix affinity ([`crate::affinity`]), the fewest requests in flight, or
 //! at random.
 //!
-//! **Cache-aware**: every worker streams what its KV cache holds
-//! (`KvEvents`) into the [`KvIndex`]; a request's prompt is tokenized with
-//! the workers' own vocabulary ([`crate::vocab`]) and cut into the same
-//! block hashes. Each candidate costs the prefill work the request would
-//! wait for there, in blocks: `(blocks − max(cached, in_ram)) + c ·
-//! (in_ram − cached)⁺ + pending + w · load`. `blocks` is the prompt's
-//! whole blocks; `in_ram` its leading blocks the worker keeps in its
-//! host-RAM tier, restored at `c` of a block each (the worker's measured
-//! `ram_restore_cost`, else [`DEFAULT_RAM_RESTORE_COST`]); `cached` its
-//! leading blocks the worker holds (in the index), or is computing: for a prompt it accepted
-//! (the index's computing tier, whichever coordinator sent it), or for a
-//! request this coordinator sent it that has not ended ([`SentBlocks`],
-//! which covers the moment before the worker's events say so); `pending` the
-//! prompt blocks this coordinator's requests there have yet to prefill
-//! (until their first token), less those this prompt shares with them;
-//! `load` the worker's requests in flight (this coordinator's and, from its
-//! load reports, the others'); `w` `--cache-aware-load-weight`, what one
-//! request in flight counts as, in blocks. The lowest cost wins; among
-//! costs within [`SCORE_TIE`] of it, the lighter of two random workers.
-//! Workers without room are costed too: when one of them wins and a
-//! request of this coordinator's runs there, the request waits for room
-//! rather than prefilling its prompt again elsewhere. A worker whose event
-//! stream is down or resyncing counts as holding nothing (never by stale
-//! data), and so does every worker while the prompt's model has no
-//! vocabulary loaded yet.
-//!
 //! The [`Router`] owns the one table of workers (channel, in-flight count,
 //! ejection state, capacity). Only [`Router::sync`], fed by the discovery
 //! watch, adds or removes workers, so no request can delete another's count
@@ -42,12 +16,17 @@
 //! the coordinator's admission queue, where retries and resumes go first
 //! and API keys take turns, rather than in a worker's FIFO.
 //!
-//! **Passive ejection**: a worker whose call fails at the transport level
-//! (connection refused or reset, an unanswered HTTP/2 ping, a stream cut
-//! short, no first token in time) is taken out of routing at once by
-//! [`Router::eject`]. A probe task then asks its `grpc.health.v1` with
-//! jittered exponential backoff and re-admits it when it answers SERVING.
-//! A worker that leaves etcd is forgotten, probe and all.
+//! # Layout
+//! - this module: the worker table ([`Router`], fed by discovery), the
+//!   guards a pick holds, room, and the KV event streams it follows;
+//! - [`policy`]: the routing policies, cache-aware cost and the picks;
+//! - [`health`]: passive ejection and re-admission probes.
+
+mod health;
+mod policy;
+
+pub use health::{jitter, probe_delay};
+pub use policy::{cache_aware_cost, choose, two_choices, DEFAULT_RAM_RESTORE_COST, SCORE_TIE};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -55,27 +34,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nanoinfer_registry::WorkerSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
-use tonic_health::pb::health_check_response::ServingStatus;
-use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
-use crate::admission::{Admission, AdmissionMetrics};
+use crate::admission::Admission;
 use crate::config::UpstreamConfig;
 use crate::kv_index::KvIndex;
-use crate::metrics::WorkerLabel;
-
-/// Cache-aware costs this close to the lowest count as equal.
-pub const SCORE_TIE: f64 = 1e-6;
-
-/// What a block in a worker's RAM tier costs, as a fraction of computing
-/// it, until the worker reports its measured cost (`ram_restore_cost`):
-/// measured here at about 0.01 (a restore is a copy), so this is cautious.
-pub const DEFAULT_RAM_RESTORE_COST: f64 = 0.25;
+use crate::metrics::{KvMetrics, RouterMetrics, WorkerLabel};
 
 /// Prompt blocks a worker still has to prefill for requests this
 /// coordinator sent it, until their first token: added at the pick,
@@ -175,59 +141,6 @@ pub struct Picked {
     /// Cache-aware routing: the prompt's blocks among those sent to the
     /// worker; drop it when the attempt ends.
     pub sent: Option<Sent>,
-}
-
-/// How a prefix-affinity pick went.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub struct AffinityLabel {
-    /// `hit`, `miss` or `overloaded`.
-    pub outcome: &'static str,
-}
-
-/// Why a cache-aware pick went where it did.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub struct DecisionLabel {
-    /// `cache` (a worker holding part of the prompt won), `load` (no
-    /// candidate holds any of it: by load), `no_index` (no vocabulary yet,
-    /// or no candidate's index is in sync).
-    pub reason: &'static str,
-}
-
-/// Cache-aware routing's metrics.
-#[derive(Clone, Default)]
-pub struct KvMetrics {
-    /// Picks by reason.
-    pub decisions: Family<DecisionLabel, Counter>,
-    /// KV events applied to the index.
-    pub events: Counter,
-    /// Snapshots received (first subscriptions and resyncs).
-    pub snapshots: Counter,
-    /// Streams that had to resync (gap, restart, bound) or broke.
-    pub resyncs: Family<WorkerLabel, Counter>,
-    /// Blocks indexed per worker (-1 while unsynced).
-    pub blocks: Family<WorkerLabel, Gauge>,
-    /// Finished requests whose worker reused exactly the predicted blocks
-    /// (`agree`), more (`more`) or fewer (`fewer`).
-    pub predictions: Family<DecisionLabel, Counter>,
-}
-
-/// The router's metrics (registered by [`crate::metrics`]).
-#[derive(Clone, Default)]
-pub struct RouterMetrics {
-    /// Cache-aware routing's.
-    pub kv: KvMetrics,
-    /// Prefix-affinity picks by outcome.
-    pub affinity: Family<AffinityLabel, Counter>,
-    /// Requests in flight per worker.
-    pub in_flight: Family<WorkerLabel, Gauge>,
-    /// Ejections per worker.
-    pub ejections: Family<WorkerLabel, Counter>,
-    /// Re-admissions per worker.
-    pub readmissions: Family<WorkerLabel, Counter>,
-    /// Workers that can take requests now.
-    pub routable: Gauge,
-    /// The admission queue's.
-    pub admission: AdmissionMetrics,
 }
 
 struct WorkerState {
@@ -403,66 +316,10 @@ async fn follow_kv_events(index: Arc<KvIndex>, metrics: KvMetrics, id: String, c
     }
 }
 
-/// A cache-aware candidate's cost in prompt blocks (lower is better):
-/// the prompt's blocks it would prefill (those past `cached`; those it
-/// keeps in its RAM tier, up to `in_ram`, at `ram_cost` of a block each),
-/// the prefill already pending on it, and `weight` blocks per request in
-/// flight.
-pub fn cache_aware_cost(
-    blocks: usize,
-    (cached, in_ram, ram_cost): (usize, usize, f64),
-    pending: usize,
-    load: usize,
-    weight: f64,
-) -> f64 {
-    let restored = in_ram.min(blocks).saturating_sub(cached);
-    blocks.saturating_sub(cached.max(in_ram)) as f64
-        + restored as f64 * ram_cost
-        + pending as f64
-        + weight * load as f64
-}
-
-/// Index of the candidate with the fewest in flight; among ties, the one at
-/// `rotation` modulo the number of ties.
-pub fn choose(in_flight: &[usize], rotation: usize) -> Option<usize> {
-    let min = *in_flight.iter().min()?;
-    let ties: Vec<usize> = (0..in_flight.len())
-        .filter(|&i| in_flight[i] == min)
-        .collect();
-    Some(ties[rotation % ties.len()])
-}
-
-/// Power of two choices: of two distinct candidates drawn from `random`, the
-/// one with the lower load (the first drawn on a tie). With two candidates
-/// or fewer that is simply [`choose`] with `rotation`.
-pub fn two_choices(loads: &[usize], random: u64, rotation: usize) -> Option<usize> {
-    let n = loads.len() as u64;
-    if n <= 2 {
-        return choose(loads, rotation);
-    }
-    let i = (random % n) as usize;
-    let j = (i + 1 + ((random >> 32) % (n - 1)) as usize) % n as usize;
-    Some(if loads[j] < loads[i] { j } else { i })
-}
-
 /// Requests a worker with `slots` and a queue of `queue` may hold before it
 /// has no room: its slots plus `depth` of its queue.
 pub fn worker_limit(slots: u32, queue: u32, depth: usize) -> usize {
     (slots as usize).max(1) + depth.min(queue as usize)
-}
-
-/// A random factor in [0, 1), to spread retries and probes apart.
-pub fn jitter() -> f64 {
-    f64::from(uuid::Uuid::new_v4().as_u128() as u16) / 65536.0
-}
-
-/// The probe delay after `failures` failed probes: 200 ms doubling to 5 s,
-/// with ±25% jitter from `jitter` (in [0, 1)) so probes of many ejected
-/// workers do not fall into step.
-pub fn probe_delay(failures: u32, jitter: f64) -> Duration {
-    let base = 200.0 * 2f64.powi(failures.min(5) as i32);
-    let ms = base.min(5000.0) * (0.75 + 0.5 * jitter);
-    Duration::from_millis(ms as u64)
 }
 
 impl Router {
@@ -717,210 +574,6 @@ impl Router {
         self.upstream.routing
     }
 
-    /// Picks a routable worker whatever its load (one-shot calls such as
-    /// tokenize), skipping ids in `exclude`; with `model`, only among
-    /// workers serving it.
-    pub fn pick(&self, exclude: &[String], model: Option<&str>, prefix: &[u64]) -> Option<Picked> {
-        match self.choose_worker(exclude, model, prefix, false) {
-            Pick::Worker(p) => Some(p),
-            Pick::Busy | Pick::None => None,
-        }
-    }
-
-    /// Picks a routable worker with room, skipping ids in `exclude`; with
-    /// `model`, only among workers serving it. With prefix affinity and
-    /// `prefix` (the prompt's [`crate::affinity::prefix_blocks`]), the
-    /// worker that holds the longest part of it, within the load gap.
-    pub fn pick_with_room(&self, exclude: &[String], model: Option<&str>, prefix: &[u64]) -> Pick {
-        self.choose_worker(exclude, model, prefix, true)
-    }
-
-    fn choose_worker(
-        &self,
-        exclude: &[String],
-        model: Option<&str>,
-        prefix: &[u64],
-        need_room: bool,
-    ) -> Pick {
-        let workers = self.workers.lock().expect("router lock");
-        let mut candidates: Vec<(&String, &WorkerState)> = workers
-            .iter()
-            .filter(|(id, w)| {
-                !w.ejected && !exclude.contains(id) && model.is_none_or(|m| w.model_name == m)
-            })
-            .collect();
-        if candidates.is_empty() {
-            return Pick::None;
-        }
-        let now = std::time::Instant::now();
-        // A stable order, so rotation among ties is fair.
-        candidates.sort_by(|a, b| a.0.cmp(b.0));
-        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
-        if self.upstream.routing == crate::affinity::Routing::CacheAware {
-            // Costed with or without room: a full worker holding the
-            // prompt may be worth waiting for.
-            let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
-            return self.cache_aware(&candidates, &counts, prefix, rotation, need_room);
-        }
-        if need_room {
-            candidates.retain(|(_, w)| w.load(now) < w.limit);
-            if candidates.is_empty() {
-                return Pick::Busy;
-            }
-        }
-        let counts: Vec<usize> = candidates.iter().map(|(_, w)| w.load(now)).collect();
-        if self.upstream.routing == crate::affinity::Routing::Random {
-            let i = (uuid::Uuid::new_v4().as_u128() % candidates.len() as u128) as usize;
-            let (id, w) = candidates[i];
-            return Pick::Worker(w.picked(id, &self.admission));
-        }
-        let mut index = if self.wants_prefix() {
-            // Where affinity has no preference: the lighter of two random
-            // workers, so that coordinators routing by the same slightly
-            // old reports do not all pile onto the one least loaded.
-            two_choices(&counts, uuid::Uuid::new_v4().as_u128() as u64, rotation)
-        } else {
-            choose(&counts, rotation)
-        }
-        .expect("candidates is not empty");
-        if self.wants_prefix() && !prefix.is_empty() {
-            let mut table = self.prefixes.lock().expect("prefix lock");
-            let scored: Vec<(usize, usize)> = candidates
-                .iter()
-                .zip(&counts)
-                .map(|((id, _), n)| (*n, table.matched(id, prefix)))
-                .collect();
-            let choice =
-                crate::affinity::choose(&scored, self.upstream.affinity_max_load_gap, index);
-            index = choice.index();
-            table.record(candidates[index].0, prefix);
-            self.metrics
-                .affinity
-                .get_or_create(&AffinityLabel {
-                    outcome: choice.label(),
-                })
-                .inc();
-        }
-        let (id, w) = candidates[index];
-        Pick::Worker(w.picked(id, &self.admission))
-    }
-
-    /// Counts one finished request's prediction outcome (`agree`, `more`,
-    /// `fewer`).
-    pub fn kv_prediction(&self, reason: &'static str) {
-        self.metrics
-            .kv
-            .predictions
-            .get_or_create(&DecisionLabel { reason })
-            .inc();
-    }
-
-    /// Cache-aware choice among `candidates` (loads `counts`) for a prompt
-    /// whose whole blocks hash to `blocks` (empty: not known).
-    fn cache_aware(
-        &self,
-        candidates: &[(&String, &WorkerState)],
-        counts: &[usize],
-        blocks: &[u64],
-        rotation: usize,
-        need_room: bool,
-    ) -> Pick {
-        // Per candidate: the leading blocks it holds (in the index), and
-        // with them those it is computing: for any coordinator's request
-        // (its computing tier), or for one this coordinator sent that it
-        // has not reported yet.
-        let found: Vec<Option<(usize, usize, usize)>> = candidates
-            .iter()
-            .map(|(id, w)| {
-                if blocks.is_empty() {
-                    return None;
-                }
-                let sent = w.sent.lock().expect("sent blocks lock");
-                self.kv.matched_with(id, blocks, |h| sent.contains_key(h))
-            })
-            .collect();
-        let matched: Vec<Option<usize>> =
-            found.iter().map(|f| f.map(|(_, total, _)| total)).collect();
-        let weight = self.upstream.cache_aware_load_weight;
-        let costs: Vec<f64> = candidates
-            .iter()
-            .zip(counts)
-            .zip(&found)
-            .map(|(((_, w), &load), f)| {
-                let (held, total, in_ram) = f.unwrap_or((0, 0, 0));
-                // Pending prefill of the blocks this prompt shares is work
-                // it needs done anyway, not work ahead of it.
-                let pending = w
-                    .pending
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(total - held);
-                let ram_cost = if w.ram_restore_cost > 0.0 {
-                    f64::from(w.ram_restore_cost)
-                } else {
-                    DEFAULT_RAM_RESTORE_COST
-                };
-                cache_aware_cost(
-                    blocks.len(),
-                    (total, in_ram, ram_cost),
-                    pending,
-                    load,
-                    weight,
-                )
-            })
-            .collect();
-        let best = costs.iter().copied().fold(f64::INFINITY, f64::min);
-        let tied: Vec<usize> = (0..candidates.len())
-            .filter(|&i| costs[i] <= best + SCORE_TIE)
-            .collect();
-        let tied_loads: Vec<usize> = tied.iter().map(|&i| counts[i]).collect();
-        let mut index =
-            tied[two_choices(&tied_loads, uuid::Uuid::new_v4().as_u128() as u64, rotation)
-                .expect("a best score")];
-        let full = |i: usize| counts[i] >= candidates[i].1.limit;
-        if need_room && full(index) {
-            // The cheapest worker is full. Wait for its room when a request
-            // of this coordinator's runs there (its end wakes the wait);
-            // otherwise (full by other coordinators' requests) nothing here
-            // would wake it: take the cheapest worker with room.
-            if candidates[index].1.in_flight.get() > 0 {
-                return Pick::Busy;
-            }
-            match (0..candidates.len())
-                .filter(|&i| !full(i))
-                .min_by(|&a, &b| costs[a].total_cmp(&costs[b]))
-            {
-                Some(i) => index = i,
-                None => return Pick::Busy,
-            }
-        }
-        let reason = if matched[index].is_some_and(|m| m > 0) {
-            "cache"
-        } else if matched.iter().any(Option::is_some) {
-            "load"
-        } else {
-            "no_index"
-        };
-        if need_room {
-            // A generation's pick (a one-shot call such as Tokenize has no
-            // prompt blocks and is not a routing decision worth counting).
-            self.metrics
-                .kv
-                .decisions
-                .get_or_create(&DecisionLabel { reason })
-                .inc();
-        }
-        let (id, w) = candidates[index];
-        tracing::debug!(worker = %id, reason, blocks = blocks.len(), ?matched, ?counts, ?costs,
-            "cache-aware pick");
-        let mut picked = w.picked(id, &self.admission);
-        picked.predicted_blocks = matched[index];
-        let prefill = blocks.len() - matched[index].unwrap_or(0).min(blocks.len());
-        w.pending.fetch_add(prefill, Ordering::Relaxed);
-        picked.prefill = Some(PendingPrefill(w.pending.clone(), prefill));
-        picked.sent = Some(Sent::new(&w.sent, blocks));
-        Pick::Worker(picked)
-    }
-
     /// Books worker `id`'s load report, sent in the final message of a
     /// request of this coordinator's that is still counted in flight.
     pub fn report(&self, id: &str, load: &nanoinfer_proto::worker::WorkerLoad) {
@@ -944,75 +597,6 @@ impl Router {
         let workers = self.workers.lock().expect("router lock");
         let w = workers.get(id).filter(|w| !w.ejected)?;
         Some(w.picked(id, &self.admission))
-    }
-
-    /// Takes `id` out of routing after a transport failure and starts
-    /// probing it. A worker already ejected (or unknown) is left alone.
-    pub fn eject(self: &Arc<Self>, id: &str, reason: &str) {
-        let (channel, generation) = {
-            let mut workers = self.workers.lock().expect("router lock");
-            let Some(w) = workers.get_mut(id) else { return };
-            if w.ejected {
-                return;
-            }
-            w.ejected = true;
-            let probe = (w.channels[0].clone(), w.generation);
-            self.publish(&workers);
-            probe
-        };
-        tracing::warn!(worker = %id, reason = %reason.escape_debug(),
-            "worker ejected from routing; probing it");
-        self.metrics
-            .ejections
-            .get_or_create(&WorkerLabel { worker: id.into() })
-            .inc();
-        tokio::spawn(self.clone().probe(id.to_string(), channel, generation));
-    }
-
-    /// Asks the worker's health service until it is SERVING (re-admitted)
-    /// or it is gone from the table.
-    async fn probe(self: Arc<Self>, id: String, channel: Channel, generation: u64) {
-        let mut failures = 0u32;
-        loop {
-            tokio::time::sleep(probe_delay(failures, jitter())).await;
-            let still_ours = {
-                let workers = self.workers.lock().expect("router lock");
-                workers
-                    .get(&id)
-                    .is_some_and(|w| w.generation == generation && w.ejected)
-            };
-            if !still_ours {
-                return;
-            }
-            let mut health = HealthClient::new(channel.clone());
-            let answer = tokio::time::timeout(
-                Duration::from_secs(1),
-                health.check(HealthCheckRequest {
-                    service: String::new(),
-                }),
-            )
-            .await;
-            let serving =
-                matches!(&answer, Ok(Ok(r)) if r.get_ref().status() == ServingStatus::Serving);
-            if serving {
-                let mut workers = self.workers.lock().expect("router lock");
-                if let Some(w) = workers.get_mut(&id).filter(|w| w.generation == generation) {
-                    w.ejected = false;
-                    let room = w.limit;
-                    self.publish(&workers);
-                    drop(workers);
-                    self.admission.release_many(room);
-                    tracing::info!(worker = %id, probes = failures + 1, "worker re-admitted to routing");
-                    self.metrics
-                        .readmissions
-                        .get_or_create(&WorkerLabel { worker: id.clone() })
-                        .inc();
-                }
-                return;
-            }
-            failures += 1;
-            tracing::debug!(worker = %id, failures, "probe failed; worker stays ejected");
-        }
     }
 
     /// The model names known workers serve, and those served before whose
@@ -1094,36 +678,6 @@ mod tests {
         ))
     }
 
-    #[test]
-    fn choose_prefers_least_loaded_and_rotates_ties() {
-        assert_eq!(choose(&[], 0), None);
-        assert_eq!(choose(&[3, 1, 2], 5), Some(1));
-        assert_eq!(choose(&[0, 0], 0), Some(0));
-        assert_eq!(choose(&[0, 0], 1), Some(1));
-        assert_eq!(choose(&[2, 0, 0], 1), Some(2));
-    }
-
-    #[test]
-    fn two_choices_takes_the_lighter_of_two_distinct_draws() {
-        assert_eq!(two_choices(&[], 7, 0), None);
-        assert_eq!(two_choices(&[5], 7, 0), Some(0));
-        // Two candidates: the least loaded whatever the draw, ties in turn.
-        assert_eq!(two_choices(&[3, 1], 0, 0), Some(1));
-        assert_eq!(two_choices(&[1, 1], 0, 1), Some(1));
-        // Draws 0 and 0+1+(1 % 3) = 2: the lighter of those two, never the
-        // lightest overall (index 1) it did not draw.
-        let loads = [4, 0, 2, 9];
-        assert_eq!(two_choices(&loads, 1 << 32, 0), Some(2));
-        // Every draw is two distinct candidates: over all draws each one
-        // is chosen sometimes except the heaviest, which loses every pair.
-        let mut chosen = [0; 4];
-        for r in 0..64u64 {
-            chosen[two_choices(&loads, r | (r << 32), 0).unwrap()] += 1;
-        }
-        assert_eq!(chosen[3], 0, "{chosen:?}");
-        assert!(chosen[1] > chosen[2] && chosen[2] > chosen[0], "{chosen:?}");
-    }
-
     #[tokio::test]
     async fn a_load_report_adds_other_coordinators_requests_until_it_ages() {
         let router = router();
@@ -1192,26 +746,6 @@ mod tests {
             router.pick_with_room(&[], None, &[]),
             Pick::Worker(_)
         ));
-    }
-
-    #[test]
-    fn the_cache_aware_cost_weighs_prefill_against_load() {
-        // A 30-block prompt: all cached and idle costs nothing; not cached,
-        // 30; each request in flight adds the weight; pending prefill adds
-        // itself.
-        let cached = |n| (n, n, 0.25);
-        assert_eq!(cache_aware_cost(30, cached(30), 0, 0, 4.0), 0.0);
-        assert_eq!(cache_aware_cost(30, cached(0), 0, 0, 4.0), 30.0);
-        assert_eq!(cache_aware_cost(30, cached(30), 0, 7, 4.0), 28.0);
-        assert_eq!(cache_aware_cost(30, cached(30), 27, 0, 4.0), 27.0);
-        // 20 blocks in RAM past 10 in the KV cache, at a tenth of a block
-        // each: 2 blocks of work and the 0 left to compute; a RAM entry
-        // that does not reach past the KV cache's blocks changes nothing.
-        assert_eq!(cache_aware_cost(30, (10, 30, 0.1), 0, 0, 4.0), 2.0);
-        assert_eq!(cache_aware_cost(30, (10, 20, 0.5), 0, 0, 4.0), 15.0);
-        assert_eq!(cache_aware_cost(30, (10, 5, 0.5), 0, 0, 4.0), 20.0);
-        // More cached than the prompt's blocks cannot go negative.
-        assert_eq!(cache_aware_cost(3, (5, 5, 0.25), 0, 0, 1.0), 0.0);
     }
 
     /// A snapshot batch saying `worker` holds `blocks`.
@@ -1296,15 +830,6 @@ mod tests {
         );
         drop(again);
         assert!(router.in_flight().values().all(|&n| n == 0));
-    }
-
-    #[test]
-    fn probe_backoff_grows_to_a_cap_with_jitter() {
-        assert_eq!(probe_delay(0, 0.5), Duration::from_millis(200));
-        assert_eq!(probe_delay(1, 0.5), Duration::from_millis(400));
-        assert_eq!(probe_delay(10, 0.5), Duration::from_millis(5000));
-        assert_eq!(probe_delay(0, 0.0), Duration::from_millis(150));
-        assert!(probe_delay(30, 0.999) <= Duration::from_millis(6250));
     }
 
     #[tokio::test]
