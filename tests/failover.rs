@@ -1,14 +1,18 @@
-//! Every coordinator failure path, fast: a real etcd, the real coordinator
-//! binary, and programmable in-process fake workers
-//! (`tests/common/fake_worker.rs`) that die, hang, refuse or start slowly on
-//! command. The real-process versions of these faults are in
-//! `tests/chaos.rs`.
+//! Every coordinator failure path, fast: the coordinator in this test's
+//! process (`tests/common/in_process.rs`: `run_with` on loopback ports, the
+//! worker set handed over by the test) and programmable fake workers
+//! (`tests/common/fake_worker.rs`, each on a runtime of its own) that die,
+//! hang, refuse or start slowly on command. What needs etcd (malformed
+//! records, etcd coming up late) or the process's log (escaped ids) runs
+//! the real coordinator binary on a real etcd. The real-process versions
+//! of these faults are in `tests/chaos.rs`.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::fake_worker::{fake_text, FakeWorker, Fault};
+use common::in_process::InProcess;
 use common::*;
 use nanoinfer_proto::nanoinfer::{infer_service_client::InferServiceClient, InferRequest};
 use tonic::transport::Channel;
@@ -31,13 +35,25 @@ async fn small_window_client(addr: &str) -> InferServiceClient<Channel> {
     InferServiceClient::new(channel)
 }
 
-/// A coordinator with short timeouts for the fakes.
-async fn coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
+/// Short timeouts for the fakes (`--first-token-timeout 2` unless `extra`
+/// sets it).
+fn with_defaults<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = extra.to_vec();
     if !args.contains(&"--first-token-timeout") {
         args.extend(["--first-token-timeout", "2"]);
     }
-    start_coordinator(etcd, &args).await
+    args
+}
+
+/// The coordinator binary on a real etcd, with short timeouts.
+async fn coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
+    start_coordinator(etcd, &with_defaults(extra)).await
+}
+
+/// The coordinator in this process, routing over `workers` (no etcd), with
+/// short timeouts.
+async fn in_process(extra: &[&str], workers: &[&FakeWorker]) -> InProcess {
+    InProcess::start(&with_defaults(extra), workers).await
 }
 
 fn request(id: &str, max_tokens: u32) -> InferRequest {
@@ -95,12 +111,12 @@ async fn a_malformed_record_never_poisons_routing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_dying_mid_stream_is_resumed_elsewhere_and_ejected() {
-    let etcd = Etcd::start().await;
-    let a = FakeWorker::start(&etcd.endpoint, "a", 30).await;
-    let b = FakeWorker::start(&etcd.endpoint, "b", 30).await;
+    let a = FakeWorker::start_unregistered("a").await;
+    let b = FakeWorker::start_unregistered("b").await;
     a.set_fault(Fault::DieAfter(7));
     b.set_fault(Fault::DieAfter(7));
-    let (mut coordinator, addr) = coordinator(&etcd, &[]).await;
+    let coordinator = in_process(&[], &[&a, &b]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 2).await;
     let mut c = client(&addr).await;
     // Whoever takes it dies after 7 tokens; the other resumes it.
@@ -118,7 +134,7 @@ async fn a_worker_dying_mid_stream_is_resumed_elsewhere_and_ejected() {
     assert_eq!(resumed.max_tokens, 20);
     // The dead worker is out of routing at once (its lease lives 30 s):
     // the next requests go straight to the live one.
-    let m = scrape_addr(&mut coordinator).await;
+    let m = coordinator.scrape().await;
     assert_eq!(m["nanoinfer_coordinator_resumes_total"], 1.0);
     assert_eq!(
         m[&format!(
@@ -134,7 +150,7 @@ async fn a_worker_dying_mid_stream_is_resumed_elsewhere_and_ejected() {
             .unwrap();
     }
     assert_eq!(second.calls().len(), before + 5);
-    let m = scrape_addr(&mut coordinator).await;
+    let m = coordinator.scrape().await;
     assert_eq!(
         m["nanoinfer_coordinator_retries_total"], 0.0,
         "no request tried the dead worker"
@@ -144,13 +160,13 @@ async fn a_worker_dying_mid_stream_is_resumed_elsewhere_and_ejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_before_the_first_token_are_retried_on_another_worker() {
-    let etcd = Etcd::start().await;
-    let dying = FakeWorker::start(&etcd.endpoint, "a", 30).await;
-    let busy = FakeWorker::start(&etcd.endpoint, "b", 30).await;
-    let good = FakeWorker::start(&etcd.endpoint, "c", 30).await;
+    let dying = FakeWorker::start_unregistered("a").await;
+    let busy = FakeWorker::start_unregistered("b").await;
+    let good = FakeWorker::start_unregistered("c").await;
     dying.set_fault(Fault::DieAfter(0));
     busy.set_fault(Fault::Exhausted);
-    let (mut coordinator, addr) = coordinator(&etcd, &[]).await;
+    let coordinator = in_process(&[], &[&dying, &busy, &good]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 3).await;
     let mut c = client(&addr).await;
     for i in 0..6 {
@@ -163,7 +179,7 @@ async fn failures_before_the_first_token_are_retried_on_another_worker() {
         good.calls().iter().all(|c| c.resume_token_ids.is_empty()),
         "nothing was delivered, so nothing is resumed"
     );
-    let m = scrape_addr(&mut coordinator).await;
+    let m = coordinator.scrape().await;
     // The dead worker's requests are retries; a full worker's answer only
     // sends the request back to wait for room (no attempt used).
     assert!(m["nanoinfer_coordinator_retries_total"] >= 1.0, "{m:?}");
@@ -171,14 +187,14 @@ async fn failures_before_the_first_token_are_retried_on_another_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_worker_full_is_resource_exhausted_naming_each_one() {
-    let etcd = Etcd::start().await;
-    let a = FakeWorker::start(&etcd.endpoint, "a", 30).await;
-    let b = FakeWorker::start(&etcd.endpoint, "b", 30).await;
+    let a = FakeWorker::start_unregistered("a").await;
+    let b = FakeWorker::start_unregistered("b").await;
     a.set_fault(Fault::Exhausted);
     b.set_fault(Fault::Exhausted);
     // Full workers hold the request in the admission queue until its
     // timeout, then it is refused, before any output, with a retry hint.
-    let (_coordinator, addr) = coordinator(&etcd, &["--admission-timeout", "2"]).await;
+    let coordinator = in_process(&["--admission-timeout", "2"], &[&a, &b]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 2).await;
     let mut c = client(&addr).await;
     let err = collect(&mut c, request("full", 4)).await.unwrap_err();
@@ -205,12 +221,12 @@ async fn every_worker_full_is_resource_exhausted_naming_each_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_worker_loses_the_request_after_the_first_token_timeout() {
-    let etcd = Etcd::start().await;
-    let hung = FakeWorker::start(&etcd.endpoint, "a", 30).await;
-    let good = FakeWorker::start(&etcd.endpoint, "b", 30).await;
+    let hung = FakeWorker::start_unregistered("a").await;
+    let good = FakeWorker::start_unregistered("b").await;
     hung.set_fault(Fault::Hang);
     good.set_fault(Fault::SlowStart(Duration::from_millis(300)));
-    let (_coordinator, addr) = coordinator(&etcd, &["--first-token-timeout", "1"]).await;
+    let coordinator = in_process(&["--first-token-timeout", "1"], &[&hung, &good]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 2).await;
     let mut c = client(&addr).await;
     for i in 0..3 {
@@ -231,10 +247,10 @@ async fn time_in_a_workers_queue_is_not_silence() {
     // One busy worker that holds each request in its queue 3 s before
     // admitting it: three times --first-token-timeout. The clock starts at
     // admission, so nothing fails, moves or ejects the worker.
-    let etcd = Etcd::start().await;
-    let busy = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let busy = FakeWorker::start_unregistered("a").await;
     busy.set_fault(Fault::Queued(Duration::from_secs(3)));
-    let (mut coordinator, addr) = coordinator(&etcd, &["--first-token-timeout", "1"]).await;
+    let coordinator = in_process(&["--first-token-timeout", "1"], &[&busy]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 1).await;
     let mut tasks = Vec::new();
     for i in 0..4 {
@@ -252,7 +268,7 @@ async fn time_in_a_workers_queue_is_not_silence() {
         4,
         "each request went to the worker once"
     );
-    let m = scrape_addr(&mut coordinator).await;
+    let m = coordinator.scrape().await;
     assert_eq!(
         m.get("nanoinfer_coordinator_retries_total"),
         Some(&0.0),
@@ -270,10 +286,10 @@ async fn time_in_a_workers_queue_is_not_silence() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clients_deadline_travels_to_the_worker_and_ends_the_stream() {
-    let etcd = Etcd::start().await;
-    let slow = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let slow = FakeWorker::start_unregistered("a").await;
     slow.set_fault(Fault::SlowStart(Duration::from_secs(30)));
-    let (_coordinator, addr) = coordinator(&etcd, &["--first-token-timeout", "60"]).await;
+    let coordinator = in_process(&["--first-token-timeout", "60"], &[&slow]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 1).await;
     let mut c = client(&addr).await;
     let mut req = tonic::Request::new(request("deadline", 4));
@@ -309,9 +325,9 @@ async fn the_clients_deadline_travels_to_the_worker_and_ends_the_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_cancelled_and_frees_its_worker() {
-    let etcd = Etcd::start().await;
-    let w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
-    let (mut coordinator, addr) = coordinator(&etcd, &["--stalled-stream-timeout", "1"]).await;
+    let w = FakeWorker::start_unregistered("a").await;
+    let coordinator = in_process(&["--stalled-stream-timeout", "1"], &[&w]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 1).await;
     // A client with a tiny HTTP/2 window that reads one message, then stops.
     let mut c = small_window_client(&addr).await;
@@ -327,7 +343,7 @@ async fn a_client_that_stops_reading_is_cancelled_and_frees_its_worker() {
         || async { w.abandoned() == 1 },
     )
     .await;
-    let m = scrape_addr(&mut coordinator).await;
+    let m = coordinator.scrape().await;
     assert_eq!(m["nanoinfer_coordinator_stalled_streams_total"], 1.0);
     assert_eq!(
         m["nanoinfer_coordinator_worker_requests_in_flight{worker=\"a\"}"],
@@ -338,10 +354,10 @@ async fn a_client_that_stops_reading_is_cancelled_and_frees_its_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_worker_left_to_resume_on_is_unavailable_with_the_count() {
-    let etcd = Etcd::start().await;
-    let a = FakeWorker::start(&etcd.endpoint, "a", 30).await;
+    let a = FakeWorker::start_unregistered("a").await;
     a.set_fault(Fault::DieAfter(3));
-    let (_coordinator, addr) = coordinator(&etcd, &[]).await;
+    let coordinator = in_process(&[], &[&a]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 1).await;
     let mut c = client(&addr).await;
     let mut stream = c.infer(request("orphan", 10)).await.unwrap().into_inner();
@@ -439,9 +455,9 @@ async fn bad_bytes_and_bad_ids_are_invalid_argument() {
 /// same worker. The upstream windows bound what one stalled stream buffers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_clients_do_not_break_other_streams_on_their_worker() {
-    let etcd = Etcd::start().await;
-    let w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
-    let (mut coordinator, addr) = coordinator(&etcd, &["--stalled-stream-timeout", "60"]).await;
+    let w = FakeWorker::start_unregistered("a").await;
+    let coordinator = in_process(&["--stalled-stream-timeout", "60"], &[&w]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 1).await;
     let mut stalled = Vec::new();
     for i in 0..16 {
@@ -459,13 +475,13 @@ async fn stalled_clients_do_not_break_other_streams_on_their_worker() {
     let mut c = client(&addr).await;
     let msgs = collect(&mut c, request("reader", 1_500)).await.unwrap();
     assert_unbroken(&msgs, 1_500);
-    let m = scrape_addr(&mut coordinator).await;
+    let m = coordinator.scrape().await;
     let errors: f64 = m
         .iter()
         .filter(|(k, _)| k.starts_with("nanoinfer_coordinator_worker_errors_total"))
         .map(|(_, v)| v)
         .sum();
-    assert_eq!(errors, 0.0, "{}", coordinator.log());
+    assert_eq!(errors, 0.0, "{m:?}");
     assert_eq!(w.abandoned(), 0);
     drop(stalled);
     eventually(

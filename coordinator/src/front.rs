@@ -3,7 +3,7 @@
 //! validation, the deadline, and one [`relay`](crate::relay) task per
 //! completion (`n`), all feeding one bounded channel. The API in front only
 //! translates its wire format to an [`InferRequest`] and the stream of
-//! [`InferResponse`]s back.
+//! [`InferResponse`](nanoinfer_proto::nanoinfer::InferResponse)s back.
 
 use std::sync::Arc;
 
@@ -24,7 +24,7 @@ use crate::error::CoordinatorError;
 use crate::metrics::{Api, CoordinatorMetrics, ReasonLabel, RequestRecorder};
 use crate::relay::{self, Abort, Affinity, Item, Relay, RELAY_BUFFER};
 use crate::routing::{Picked, Router};
-use crate::validate::Limits;
+use crate::validate::{InferParams, Limits};
 
 /// A started request: its id and the messages of every completion, in the
 /// order they were produced (each carries its `choice`). The channel ends
@@ -176,107 +176,24 @@ impl Front {
         metadata: &MetadataMap,
     ) -> Result<Call, Status> {
         self.authorize(metadata)?;
-        let operation = if request.messages.is_empty() {
-            "text_completion"
-        } else {
-            "chat"
-        };
-        // The request's span: a child of the client's `traceparent` when it
-        // sent one, carrying the GenAI semantic-convention attributes.
-        let span = tracing::info_span!(
-            parent: None,
-            "Infer",
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = "nanoinfer.InferService",
-            rpc.method = "Infer",
-            nanoinfer.api = api.label(),
-            gen_ai.operation.name = operation,
-            request_id = Empty,
-            trace_id = Empty,
-            worker = Empty,
-            gen_ai.request.model = Empty,
-            gen_ai.request.max_tokens = Empty,
-            gen_ai.request.temperature = Empty,
-            gen_ai.request.top_p = Empty,
-            gen_ai.request.seed = Empty,
-            gen_ai.request.choice.count = Empty,
-            gen_ai.usage.input_tokens = Empty,
-            gen_ai.usage.output_tokens = Empty,
-            gen_ai.response.finish_reasons = Empty,
-            nanoinfer.time_to_first_token_ms = Empty,
-            otel.status_code = Empty,
-            otel.status_description = Empty,
-        );
+        let span = request_span(api, &request);
         nanoinfer_telemetry::propagation::set_remote_parent(&span, metadata);
         let started = tokio::time::Instant::now();
         let timeout = nanoinfer_proto::deadline::from_metadata(metadata)
             .map_or(self.upstream.request_timeout, |t| {
                 t.min(self.upstream.request_timeout)
             });
-        let client_id = (!request.request_id.is_empty()).then(|| request.request_id.clone());
-        let validated = {
-            let _entered = span.enter();
-            // (Recorded inside the span: tracing-opentelemetry drops values
-            // recorded before a span is first entered.) Known before
-            // validation, so even a rejected request is findable; escaped,
-            // since it is not validated yet.
-            if let Some(id) = &client_id {
-                span.record("request_id", id.escape_debug().to_string());
-            }
-            self.limits
-                .validate(request, rand_seed)
-                .inspect_err(|e| tracing::info!(error = %e, "request rejected"))
-        };
-        let params = match validated {
-            Ok(params) => params,
-            Err(e) => {
-                RequestRecorder::start(self.metrics.clone(), api).failed(e.code());
-                nanoinfer_telemetry::mark_span_error(&span, &e.to_string());
-                return Err(e.into_status(client_id.as_deref()));
-            }
-        };
-        span.record("request_id", params.request_id.as_str());
-        if let Some(model) = &params.model {
-            span.record("gen_ai.request.model", model.as_str());
-        }
-        span.record("gen_ai.request.max_tokens", params.max_tokens);
-        span.record(
-            "gen_ai.request.temperature",
-            shortest_f64(params.temperature),
-        );
-        span.record("gen_ai.request.top_p", shortest_f64(params.top_p));
-        span.record("gen_ai.request.seed", params.seed);
-        if params.n > 1 {
-            span.record("gen_ai.request.choice.count", params.n);
-        }
+        let params = self.validate(api, &span, request)?;
         let request_id = params.request_id.clone();
         let n = params.n;
-
         let (tx, rx) = mpsc::channel(RELAY_BUFFER * n as usize);
-        let mut opened = Vec::with_capacity(n as usize);
-        let prefix: Arc<[u64]> = if self.router.wants_prefix() {
-            if params.messages.is_empty() {
-                crate::affinity::prefix_blocks(&params.prompt).into()
-            } else {
-                let text = crate::affinity::conversation_text(
-                    params
-                        .messages
-                        .iter()
-                        .map(|m| (m.role.as_str(), m.content.as_str())),
-                );
-                crate::affinity::prefix_blocks(&text).into()
-            }
-        } else if let Some(tokenizer) = self.router.tokenizer(params.model.as_deref()).await {
-            kv_blocks(tokenizer, &params).await
-        } else {
-            Arc::from(Vec::new())
-        };
+        let prefix = self.prefix_of(&params).await;
         let (lead, follow) = tokio::sync::watch::channel(None);
         let mut lead = Some(lead);
         let (abort, aborted) = Abort::new();
         let tenant =
             crate::admission::tenant_of(metadata.get("authorization").map(|v| v.as_bytes()));
+        let mut opened = Vec::with_capacity(n as usize);
         for choice in 0..n {
             let (opened_tx, opened_rx) = oneshot::channel();
             let mut params = params.clone();
@@ -329,6 +246,113 @@ impl Front {
             },
         })
     }
+
+    /// Validates `request` inside its span and records what it asks for
+    /// there; a refusal is counted, marked on the span and returned as the
+    /// status the client gets.
+    fn validate(
+        &self,
+        api: Api,
+        span: &tracing::Span,
+        request: InferRequest,
+    ) -> Result<InferParams, Status> {
+        let client_id = (!request.request_id.is_empty()).then(|| request.request_id.clone());
+        let validated = {
+            let _entered = span.enter();
+            // (Recorded inside the span: tracing-opentelemetry drops values
+            // recorded before a span is first entered.) Known before
+            // validation, so even a rejected request is findable; escaped,
+            // since it is not validated yet.
+            if let Some(id) = &client_id {
+                span.record("request_id", id.escape_debug().to_string());
+            }
+            self.limits
+                .validate(request, rand_seed)
+                .inspect_err(|e| tracing::info!(error = %e, "request rejected"))
+        };
+        let params = match validated {
+            Ok(params) => params,
+            Err(e) => {
+                RequestRecorder::start(self.metrics.clone(), api).failed(e.code());
+                nanoinfer_telemetry::mark_span_error(span, &e.to_string());
+                return Err(e.into_status(client_id.as_deref()));
+            }
+        };
+        span.record("request_id", params.request_id.as_str());
+        if let Some(model) = &params.model {
+            span.record("gen_ai.request.model", model.as_str());
+        }
+        span.record("gen_ai.request.max_tokens", params.max_tokens);
+        span.record(
+            "gen_ai.request.temperature",
+            shortest_f64(params.temperature),
+        );
+        span.record("gen_ai.request.top_p", shortest_f64(params.top_p));
+        span.record("gen_ai.request.seed", params.seed);
+        if params.n > 1 {
+            span.record("gen_ai.request.choice.count", params.n);
+        }
+        Ok(params)
+    }
+
+    /// The prompt's blocks for routing: text blocks under prefix affinity,
+    /// the workers' own token blocks under cache-aware routing (once the
+    /// model's vocabulary is loaded), else none.
+    async fn prefix_of(&self, params: &InferParams) -> Arc<[u64]> {
+        if self.router.wants_prefix() {
+            if params.messages.is_empty() {
+                crate::affinity::prefix_blocks(&params.prompt).into()
+            } else {
+                let text = crate::affinity::conversation_text(
+                    params
+                        .messages
+                        .iter()
+                        .map(|m| (m.role.as_str(), m.content.as_str())),
+                );
+                crate::affinity::prefix_blocks(&text).into()
+            }
+        } else if let Some(tokenizer) = self.router.tokenizer(params.model.as_deref()).await {
+            kv_blocks(tokenizer, params).await
+        } else {
+            Arc::from(Vec::new())
+        }
+    }
+}
+
+/// The request's span: a root here (a child of the client's `traceparent`
+/// once [`nanoinfer_telemetry::propagation::set_remote_parent`] has run),
+/// carrying the GenAI semantic-convention attributes.
+fn request_span(api: Api, request: &InferRequest) -> tracing::Span {
+    let operation = if request.messages.is_empty() {
+        "text_completion"
+    } else {
+        "chat"
+    };
+    tracing::info_span!(
+        parent: None,
+        "Infer",
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "nanoinfer.InferService",
+        rpc.method = "Infer",
+        nanoinfer.api = api.label(),
+        gen_ai.operation.name = operation,
+        request_id = Empty,
+        trace_id = Empty,
+        worker = Empty,
+        gen_ai.request.model = Empty,
+        gen_ai.request.max_tokens = Empty,
+        gen_ai.request.temperature = Empty,
+        gen_ai.request.top_p = Empty,
+        gen_ai.request.seed = Empty,
+        gen_ai.request.choice.count = Empty,
+        gen_ai.usage.input_tokens = Empty,
+        gen_ai.usage.output_tokens = Empty,
+        gen_ai.response.finish_reasons = Empty,
+        nanoinfer.time_to_first_token_ms = Empty,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+    )
 }
 
 impl Front {
@@ -443,10 +467,7 @@ fn rand_seed() -> u64 {
 /// The KV block hashes of the prompt the worker will compute for `params`
 /// (cache-aware routing), tokenized off the async runtime. Empty when the
 /// conversation cannot be rendered (the worker answers that error).
-async fn kv_blocks(
-    tokenizer: Arc<crate::vocab::Tokenizer>,
-    params: &crate::validate::InferParams,
-) -> Arc<[u64]> {
+async fn kv_blocks(tokenizer: Arc<crate::vocab::Tokenizer>, params: &InferParams) -> Arc<[u64]> {
     let prompt = params.prompt.clone();
     let messages = params.messages.clone();
     // Checked when the request was validated.

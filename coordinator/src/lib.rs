@@ -23,7 +23,9 @@
 //! - [`auth`]: API keys at the door (`--api-keys-file`).
 //! - [`error`]: the one status-code table.
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
-//! - [`run`]: discovery, health, reflection, serve, drain.
+//! - [`run`], [`run_with`]: discovery (etcd's, or a worker set the caller
+//!   hands over, as the in-process tests do), health, reflection, serve
+//!   ([`nanoinfer_proto::server::GrpcServer`]), drain.
 
 #![forbid(unsafe_code)]
 
@@ -47,6 +49,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use nanoinfer_proto::nanoinfer::infer_service_server::InferServiceServer;
+use nanoinfer_proto::server::{GrpcServer, ServeError};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
@@ -75,9 +78,9 @@ pub fn raise_open_file_limit() -> std::io::Result<Option<u64>> {
 /// Why the coordinator could not serve.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    /// The gRPC server failed (a transport error, or its task panicked).
+    #[error("{0}")]
+    Serve(#[from] ServeError),
     /// Socket setup failed.
     #[error("{0}")]
     Setup(String),
@@ -88,7 +91,7 @@ const SERVICE_NAME: &str =
 
 /// Serves gRPC on `listener` and metrics/probes on `metrics_listener` until
 /// `shutdown` completes; then health goes NOT_SERVING and open streams get
-/// the grace period to finish.
+/// the grace period to finish. Workers come from etcd (`config.etcd`).
 pub async fn run(
     config: CoordinatorConfig,
     listener: TcpListener,
@@ -96,22 +99,41 @@ pub async fn run(
     http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let local = listener
+    let discovery = nanoinfer_registry::spawn_discovery(config.etcd.clone());
+    let listeners = Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+        http: http_listener,
+    };
+    run_with(config, listeners, discovery, shutdown).await
+}
+
+/// The coordinator's sockets: the public gRPC port, the metrics and probes
+/// port, and the OpenAI-compatible HTTP port when it has one.
+pub struct Listeners {
+    /// `nanoinfer.InferService`, health and reflection.
+    pub grpc: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics: TcpListener,
+    /// The HTTP API (`--http-port`).
+    pub http: Option<TcpListener>,
+}
+
+/// [`run`] with the worker set from `discovery` (etcd's, or any other
+/// source of [`nanoinfer_registry::WorkerSet`]s); its task is aborted when
+/// the coordinator stops.
+pub async fn run_with(
+    config: CoordinatorConfig,
+    listeners: Listeners,
+    discovery: nanoinfer_registry::Discovery,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let local = listeners
+        .grpc
         .local_addr()
         .map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!("nanoinfer-coordinator listening on {local}");
-    if let Some(cluster) = &config.upstream.cluster_tls {
-        // Workers serve only the coordinator role: a certificate without it
-        // would have every call refused.
-        nanoinfer_proto::tls::check_client_name(
-            &cluster.cert,
-            &cluster.ca,
-            nanoinfer_proto::tls::COORDINATOR_NAME,
-        )
-        .map_err(|e| RunError::Setup(format!("--cluster-cert: {e}")))?;
-    }
-
-    let discovery = nanoinfer_registry::spawn_discovery(config.etcd.clone());
+    check_cluster_cert(&config)?;
     let metrics = Arc::new(metrics::CoordinatorMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
@@ -119,7 +141,7 @@ pub async fn run(
     http_metrics.register(&mut registry);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let ready_tx = Arc::new(ready_tx);
-    let metrics_http = nanoinfer_telemetry::http::spawn(metrics_listener, registry, ready_rx);
+    let metrics_http = nanoinfer_telemetry::http::spawn(listeners.metrics, registry, ready_rx);
 
     let router = Arc::new(routing::Router::new(
         metrics.router.clone(),
@@ -134,21 +156,8 @@ pub async fn run(
         ready_tx.clone(),
         metrics.clone(),
     ));
-    let api_keys = match &config.api_keys_file {
-        Some(path) => {
-            let keys = Arc::new(auth::ApiKeys::load(path).map_err(RunError::Setup)?);
-            tracing::info!(keys = keys.len(), file = %path.display(),
-                "API keys required on Infer (reloaded every second)");
-            Some(keys)
-        }
-        None => {
-            tracing::warn!(
-                "authentication is off: no --api-keys-file, so any client may call Infer"
-            );
-            None
-        }
-    };
-    let reload = api_keys.clone().map(auth::ApiKeys::spawn_reload);
+    let mut tasks = vec![discovery.task];
+    let api_keys = load_api_keys(&config, &mut tasks)?;
     let front = Arc::new(front::Front {
         routable: router.routable(),
         router: router.clone(),
@@ -158,64 +167,118 @@ pub async fn run(
         metrics: metrics.clone(),
         api_keys,
     });
-    let service = service::InferServiceImpl::new(front.clone());
+    let public_tls = load_public_tls(&config, &mut tasks)?;
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let http_server = listeners
+        .http
+        .map(|l| {
+            let (tls, config) = (public_tls.clone(), config.http.clone());
+            http::spawn(l, front.clone(), tls, config, http_metrics, http_stopped)
+        })
+        .transpose()
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let routes = grpc_routes(&config, health_service, front);
+    let mut server = GrpcServer::spawn(routes, listeners.grpc, public_tls);
+    follow_cluster(&config, &router, &mut tasks);
+    let coordinator = Serving {
+        health,
+        health_task,
+        ready: ready_tx,
+        stop_http,
+        http_server,
+        tasks,
+        metrics_http,
+    };
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutdown requested; draining"),
+        res = server.ended() => {
+            coordinator.stop();
+            return res.map_err(RunError::from);
+        }
+    }
+    coordinator
+        .drain(server, config.grace_period, &router)
+        .await
+}
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop_http = stop_rx.clone();
-    let routes = nanoinfer_proto::add_reflection(
+/// Workers serve only the coordinator role: a certificate without it would
+/// have every call refused, so it is an error at start.
+fn check_cluster_cert(config: &CoordinatorConfig) -> Result<(), RunError> {
+    if let Some(cluster) = &config.upstream.cluster_tls {
+        nanoinfer_proto::tls::check_client_name(
+            &cluster.cert,
+            &cluster.ca,
+            nanoinfer_proto::tls::COORDINATOR_NAME,
+        )
+        .map_err(|e| RunError::Setup(format!("--cluster-cert: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The API keys (`--api-keys-file`), reloaded every second by a task
+/// pushed onto `tasks`; `None` when authentication is off.
+fn load_api_keys(
+    config: &CoordinatorConfig,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<Option<Arc<auth::ApiKeys>>, RunError> {
+    let Some(path) = &config.api_keys_file else {
+        tracing::warn!("authentication is off: no --api-keys-file, so any client may call Infer");
+        return Ok(None);
+    };
+    let keys = Arc::new(auth::ApiKeys::load(path).map_err(RunError::Setup)?);
+    tracing::info!(keys = keys.len(), file = %path.display(),
+        "API keys required on Infer (reloaded every second)");
+    tasks.push(keys.clone().spawn_reload());
+    Ok(Some(keys))
+}
+
+/// TLS on the public ports (`--tls-cert`/`--tls-key`), its files reloaded
+/// on change by a task pushed onto `tasks`; `None` for plaintext.
+fn load_public_tls(
+    config: &CoordinatorConfig,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<Option<Arc<nanoinfer_proto::tls::ServerTls>>, RunError> {
+    let Some(files) = &config.public_tls else {
+        tracing::warn!("the public port is plaintext: no --tls-cert/--tls-key");
+        return Ok(None);
+    };
+    let tls =
+        nanoinfer_proto::tls::ServerTls::load(files.clone(), "public").map_err(RunError::Setup)?;
+    tracing::info!(cert = %files.cert.display(),
+        client_certificates = files.client_ca.is_some(),
+        "TLS on the public ports (certificate files reloaded on change)");
+    tasks.push(tls.clone().spawn_reload());
+    Ok(Some(tls))
+}
+
+/// The public gRPC services: health, reflection and `InferService`.
+fn grpc_routes(
+    config: &CoordinatorConfig,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    front: Arc<front::Front>,
+) -> tonic::transport::server::Router {
+    nanoinfer_proto::add_reflection(
         tonic::transport::Server::builder()
             // Many streams opened at once on one client connection.
             .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
             .max_concurrent_streams(Some(config.grpc_max_concurrent_streams))
-            .add_service(health_service),
+            .add_service(health),
         nanoinfer_proto::INFERENCE_DESCRIPTOR_SET,
     )
-    .add_service(InferServiceServer::new(service));
-    let stopped = async move {
-        let mut rx = stop_rx;
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let mut tasks = Vec::new();
-    let public_tls = match &config.public_tls {
-        Some(files) => {
-            let tls = nanoinfer_proto::tls::ServerTls::load(files.clone(), "public")
-                .map_err(RunError::Setup)?;
-            tracing::info!(cert = %files.cert.display(),
-                client_certificates = files.client_ca.is_some(),
-                "TLS on the public ports (certificate files reloaded on change)");
-            tasks.push(tls.clone().spawn_reload());
-            Some(tls)
-        }
-        None => None,
-    };
-    let mut http_server = http_listener
-        .map(|l| {
-            http::spawn(
-                l,
-                front.clone(),
-                public_tls.clone(),
-                config.http.clone(),
-                http_metrics,
-                stop_http,
-            )
-        })
-        .transpose()
-        .map_err(|e| RunError::Setup(e.to_string()))?;
-    let mut server =
-        match public_tls {
-            Some(tls) => tokio::spawn(routes.serve_with_incoming_shutdown(
-                nanoinfer_proto::tls::incoming(listener, tls),
-                stopped,
-            )),
-            None => {
-                tracing::warn!("the public port is plaintext: no --tls-cert/--tls-key");
-                tokio::spawn(routes.serve_with_incoming_shutdown(
-                    // Tokens are small writes that must leave at once: no Nagle.
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    stopped,
-                ))
-            }
-        };
+    .add_service(InferServiceServer::new(service::InferServiceImpl::new(
+        front,
+    )))
+}
+
+/// With mutual TLS to workers, follows the cluster's certificate files (a
+/// task pushed onto `tasks`).
+fn follow_cluster(
+    config: &CoordinatorConfig,
+    router: &Arc<routing::Router>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) {
     match &config.upstream.cluster_tls {
         Some(cluster) => {
             tracing::info!(ca = %cluster.ca.display(),
@@ -226,59 +289,71 @@ pub async fn run(
             "workers are reached over plaintext: no --cluster-ca/--cluster-cert/--cluster-key, so any address registered in etcd gets prompts"
         ),
     }
+}
 
-    tokio::select! {
-        _ = shutdown => tracing::info!("shutdown requested; draining"),
-        res = &mut server => {
-            discovery.task.abort();
-            if let Some(http) = &http_server {
-                http.abort();
+/// A serving coordinator's parts besides its gRPC server.
+struct Serving {
+    health: tonic_health::server::HealthReporter,
+    /// Keeps health in step with the routable workers until the drain.
+    health_task: tokio::task::JoinHandle<()>,
+    ready: Arc<tokio::sync::watch::Sender<bool>>,
+    stop_http: tokio::sync::watch::Sender<bool>,
+    http_server: Option<tokio::task::JoinHandle<()>>,
+    /// Discovery and reloads: aborted at the end.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    metrics_http: nanoinfer_telemetry::http::HttpHandle,
+}
+
+impl Serving {
+    /// Goes NOT_SERVING, stops accepting on both public ports and gives
+    /// open streams `grace` to finish, then closes what is left.
+    async fn drain(
+        mut self,
+        server: GrpcServer,
+        grace: std::time::Duration,
+        router: &routing::Router,
+    ) -> Result<(), RunError> {
+        self.health_task.abort();
+        self.ready.send_replace(false);
+        for name in ["", SERVICE_NAME] {
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        let _ = self.stop_http.send(true);
+        let http = self.http_server.take();
+        let http_drained = async {
+            match http {
+                Some(mut http) => {
+                    let done = tokio::time::timeout(grace, &mut http).await.is_ok();
+                    http.abort();
+                    done
+                }
+                None => true,
             }
-            health_task.abort();
-            res.map_err(|e| RunError::Setup(e.to_string()))??;
-            return Ok(());
-        }
-    }
-    health_task.abort();
-    ready_tx.send_replace(false);
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-    let _ = stop_tx.send(true);
-    // tonic's graceful shutdown stops accepting and waits for open streams.
-    let drained = tokio::time::timeout(config.grace_period, async {
-        let grpc = (&mut server).await;
-        if let Some(http) = &mut http_server {
-            let _ = http.await;
-        }
-        grpc
-    })
-    .await;
-    match drained {
-        Ok(res) => {
-            res.map_err(|e| RunError::Setup(e.to_string()))??;
-        }
-        Err(_) => {
+        };
+        // tonic's graceful shutdown stops accepting and waits for open streams.
+        let (grpc, http) = tokio::join!(server.drain(grace), http_drained);
+        if !(matches!(grpc, Ok(true)) && http) {
             tracing::warn!(open = ?router.in_flight(), "grace period over; closing open streams");
-            server.abort();
-            if let Some(http) = &http_server {
-                http.abort();
-            }
         }
+        self.stop();
+        grpc?;
+        tracing::info!("coordinator stopped");
+        Ok(())
     }
-    discovery.task.abort();
-    if let Some(reload) = reload {
-        reload.abort();
+
+    /// Stops everything but the gRPC server.
+    fn stop(self) {
+        self.health_task.abort();
+        if let Some(http) = &self.http_server {
+            http.abort();
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.metrics_http.stop();
     }
-    for task in tasks {
-        task.abort();
-    }
-    metrics_http.stop();
-    tracing::info!("coordinator stopped");
-    Ok(())
 }
 
 /// Rebuilds the worker channels when the cluster CA, certificate or key

@@ -20,6 +20,8 @@
 //!   for both processes.
 //! - [`windows`]: the HTTP/2 flow-control windows of the cluster's gRPC
 //!   connections.
+//! - [`server`]: [`server::GrpcServer`], one shape for serving, draining and
+//!   ending a process's gRPC server (a panicked task reported as a panic).
 //! - [`tls`]: TLS servers with certificate reload, client configurations,
 //!   and the cluster's mutual-TLS naming contract.
 //!
@@ -148,6 +150,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 pub mod kv;
 pub mod limits;
 pub mod schema;
+pub mod server;
 pub mod tls;
 
 pub mod windows {

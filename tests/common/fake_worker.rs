@@ -1,6 +1,7 @@
 //! A programmable test-double worker: speaks `nanoinfer.worker.v1` and
 //! `grpc.health.v1`, registers in a real etcd under a lease like a real
-//! worker, and fails on command. It runs on its own tokio runtime, so
+//! worker (or nowhere, for an in-process coordinator's static worker set),
+//! and fails on command. It runs on its own tokio runtime, so
 //! [`FakeWorker::kill`] is a process death as the coordinator sees it: every
 //! connection drops at once and the lease keep-alive stops.
 //!
@@ -250,6 +251,37 @@ impl FakeWorker {
         ttl: i64,
         tls: Option<nanoinfer_proto::tls::ServerTlsFiles>,
     ) -> Self {
+        Self::spawn(Some((etcd, ttl)), id, tls).await
+    }
+
+    /// A fake worker `id` that registers nowhere: a test hands its
+    /// [`FakeWorker::info`] to an in-process coordinator's worker set.
+    #[allow(dead_code)]
+    pub async fn start_unregistered(id: &str) -> Self {
+        Self::spawn(None, id, None).await
+    }
+
+    /// The record a real worker would publish for it.
+    #[allow(dead_code)]
+    pub fn info(&self) -> nanoinfer_registry::WorkerInfo {
+        serde_json::from_value(Self::record(&self.id, &self.addr)).unwrap()
+    }
+
+    fn record(id: &str, addr: &str) -> serde_json::Value {
+        serde_json::json!({
+            "id": id,
+            "address": addr,
+            "model": "fake",
+            "capacity": {"slots": 64, "queue": 64, "context_length": 4096},
+            "version": "test",
+        })
+    }
+
+    async fn spawn(
+        etcd: Option<(&str, i64)>,
+        id: &str,
+        tls: Option<nanoinfer_proto::tls::ServerTlsFiles>,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -264,17 +296,10 @@ impl FakeWorker {
         let svc = Svc(shared.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         let (registered_tx, registered) = tokio::sync::oneshot::channel();
-        let (endpoint, key, info) = (
-            etcd.to_string(),
+        let etcd = etcd.map(|(endpoint, ttl)| (endpoint.to_string(), ttl));
+        let (key, info) = (
             format!("/nanoinfer/workers/{id}"),
-            serde_json::json!({
-                "id": id,
-                "address": addr,
-                "model": "fake",
-                "capacity": {"slots": 64, "queue": 64, "context_length": 4096},
-                "version": "test",
-            })
-            .to_string(),
+            Self::record(id, &addr).to_string(),
         );
         runtime.spawn(async move {
             health
@@ -296,6 +321,10 @@ impl FakeWorker {
                         tokio_stream::wrappers::TcpListenerStream::new(listener),
                     ))
                 }
+            };
+            let Some((endpoint, ttl)) = etcd else {
+                let _ = registered_tx.send(());
+                return;
             };
             let mut client = etcd_client::Client::connect([endpoint], None)
                 .await

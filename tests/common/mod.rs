@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake_worker;
+pub mod in_process;
 pub mod raw;
 
 use std::io::{BufRead, BufReader};

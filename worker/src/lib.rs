@@ -36,6 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nanoinfer_proto::server::{GrpcServer, ServeError};
 use nanoinfer_proto::worker::worker_service_server::WorkerServiceServer;
 use nanoinfer_registry::{Capacity, Registration, WorkerInfo};
 use tokio::net::TcpListener;
@@ -57,9 +58,9 @@ pub enum RunError {
     /// etcd registration failed.
     #[error("registering in etcd: {0}")]
     Registry(#[from] nanoinfer_registry::RegistryError),
-    /// The gRPC server failed.
-    #[error("gRPC server: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    /// The gRPC server failed (a transport error, or its task panicked).
+    #[error("{0}")]
+    Serve(#[from] ServeError),
     /// Socket setup failed.
     #[error("{0}")]
     Setup(String),
@@ -77,6 +78,25 @@ const SERVER_DRAIN_MIN: Duration = Duration::from_secs(2);
 enum Ended {
     Shutdown,
     EngineDied(String),
+    /// The server ended by itself, or registration failed.
+    Failed(RunError),
+}
+
+impl Ended {
+    fn server(res: Result<(), ServeError>) -> Self {
+        match res {
+            Ok(()) => Ended::Shutdown,
+            Err(e) => Ended::Failed(e.into()),
+        }
+    }
+
+    fn into_result(self) -> Result<(), RunError> {
+        match self {
+            Ended::Shutdown => Ok(()),
+            Ended::EngineDied(reason) => Err(RunError::EngineDied(reason)),
+            Ended::Failed(e) => Err(e),
+        }
+    }
 }
 
 /// Serves gRPC on `listener` and metrics/probes on `metrics_listener` until
@@ -100,34 +120,13 @@ pub async fn run(
         .map_err(|e| RunError::Setup(e.to_string()))?;
     tracing::info!("nanoinfer-worker listening on {local}");
     let id = config.id.clone().unwrap_or_else(|| default_id(local));
-    // A certificate the coordinator would refuse is an error now, not a
-    // worker that silently never gets a request.
-    let tls = match &config.cluster_tls {
-        Some(cluster) => {
-            let name = nanoinfer_proto::tls::worker_server_name(&id);
-            nanoinfer_proto::tls::check_server_name(&cluster.cert, &cluster.ca, &name).map_err(
-                |e| RunError::Setup(format!("--cluster-cert: {e} (the worker id is {id:?})")),
-            )?;
-            // Callers need the coordinator role, not just the CA: etcd's and
-            // other workers' certificates come from the same CA.
-            let tls = cluster.worker_server().map_err(RunError::Setup)?;
-            tracing::info!(%name, ca = %cluster.ca.display(),
-                caller = nanoinfer_proto::tls::COORDINATOR_NAME,
-                "mutual TLS on the worker port: callers need a certificate from the cluster CA naming the coordinator role");
-            Some(tls)
-        }
-        None => {
-            tracing::warn!("the worker port is plaintext: no --cluster-ca/--cluster-cert/--cluster-key, so anyone who reaches it can call Generate");
-            None
-        }
-    };
+    let tls = cluster_tls(&config, &id)?;
 
     let metrics = Arc::new(metrics::WorkerMetrics::default());
     let mut registry = prometheus_client::registry::Registry::default();
     metrics.register(&mut registry);
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let metrics_http = nanoinfer_telemetry::http::spawn(metrics_listener, registry, ready_rx);
-
     let (health, health_service) = tonic_health::server::health_reporter();
     let readiness = Readiness {
         health,
@@ -135,6 +134,81 @@ pub async fn run(
     };
     readiness.set(false).await;
 
+    let (model, engine) = start_engine(&config, &metrics).await?;
+    let service =
+        service::WorkerServiceImpl::new(model.clone(), engine.clone(), config.limits.clone());
+    let routes = nanoinfer_proto::add_reflection(
+        tonic::transport::Server::builder()
+            // The coordinator opens every stream on one connection, in
+            // bursts (nanoinfer_proto::windows).
+            .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
+            .add_service(health_service),
+        nanoinfer_proto::WORKER_DESCRIPTOR_SET,
+    )
+    .add_service(WorkerServiceServer::new(service));
+    let tls_reload = tls.clone().map(|tls| tls.spawn_reload());
+    let mut worker = Serving {
+        server: GrpcServer::spawn(routes, listener, tls),
+        engine,
+        readiness,
+    };
+    let info = WorkerInfo {
+        id,
+        address: config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| advertise_for(local)),
+        model: model.name.clone(),
+        model_name: model.model_name.clone(),
+        capacity: Capacity {
+            slots: worker.engine.slots(),
+            queue: config.queue,
+            context_length: worker.engine.ctx_size(),
+        },
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let ended = match worker
+        .register(&config, info, &metrics, &mut shutdown)
+        .await
+    {
+        Ok(registration) => worker.serve(registration, &mut shutdown, &config).await,
+        Err(ended) => worker.stop(ended, SERVER_DRAIN_MIN).await,
+    };
+    if let Some(task) = tls_reload {
+        task.abort();
+    }
+    metrics_http.stop();
+    ended
+}
+
+/// The worker's TLS on its gRPC port: a certificate the coordinator would
+/// refuse is an error now, not a worker that silently never gets a request.
+fn cluster_tls(
+    config: &WorkerConfig,
+    id: &str,
+) -> Result<Option<Arc<nanoinfer_proto::tls::ServerTls>>, RunError> {
+    let Some(cluster) = &config.cluster_tls else {
+        tracing::warn!("the worker port is plaintext: no --cluster-ca/--cluster-cert/--cluster-key, so anyone who reaches it can call Generate");
+        return Ok(None);
+    };
+    let name = nanoinfer_proto::tls::worker_server_name(id);
+    nanoinfer_proto::tls::check_server_name(&cluster.cert, &cluster.ca, &name)
+        .map_err(|e| RunError::Setup(format!("--cluster-cert: {e} (the worker id is {id:?})")))?;
+    // Callers need the coordinator role, not just the CA: etcd's and
+    // other workers' certificates come from the same CA.
+    let tls = cluster.worker_server().map_err(RunError::Setup)?;
+    tracing::info!(%name, ca = %cluster.ca.display(),
+        caller = nanoinfer_proto::tls::COORDINATOR_NAME,
+        "mutual TLS on the worker port: callers need a certificate from the cluster CA naming the coordinator role");
+    Ok(Some(tls))
+}
+
+/// Loads the model (and the draft model, if any) off the async threads and
+/// starts the engine on them.
+async fn start_engine(
+    config: &WorkerConfig,
+    metrics: &Arc<metrics::WorkerMetrics>,
+) -> Result<(Arc<model::Model>, Engine), RunError> {
     let path = config.model.clone();
     let name = config.model_name.clone();
     let template = config.chat_template.clone();
@@ -201,163 +275,130 @@ pub async fn run(
             "test-only failpoint armed (NANOINFER_FAILPOINT)"
         );
     }
+    Ok((model, engine))
+}
 
-    let service =
-        service::WorkerServiceImpl::new(model.clone(), engine.clone(), config.limits.clone());
-    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-    let routes = nanoinfer_proto::add_reflection(
-        tonic::transport::Server::builder()
-            // The coordinator opens every stream on one connection, in
-            // bursts (nanoinfer_proto::windows).
-            .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
-            .add_service(health_service),
-        nanoinfer_proto::WORKER_DESCRIPTOR_SET,
-    )
-    .add_service(WorkerServiceServer::new(service));
-    let stopped = async {
-        let _ = server_stopped.await;
-    };
-    let mut tls_reload = None;
-    let mut server = match tls {
-        Some(tls) => {
-            tls_reload = Some(tls.clone().spawn_reload());
-            tokio::spawn(routes.serve_with_incoming_shutdown(
-                nanoinfer_proto::tls::incoming(listener, tls),
-                stopped,
-            ))
-        }
-        None => tokio::spawn(routes.serve_with_incoming_shutdown(
-            // Tokens are small writes that must leave at once: no Nagle.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stopped,
-        )),
-    };
+/// A worker whose gRPC server and engine run.
+struct Serving {
+    server: GrpcServer,
+    engine: Engine,
+    readiness: Readiness,
+}
 
-    let info = WorkerInfo {
-        id,
-        address: config
-            .advertise
-            .clone()
-            .unwrap_or_else(|| advertise_for(local)),
-        model: model.name.clone(),
-        model_name: model.model_name.clone(),
-        capacity: Capacity {
-            slots: engine.slots(),
-            queue: config.queue,
-            context_length: engine.ctx_size(),
-        },
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    // Serve nothing (NOT_SERVING, /readyz 503) until registered; etcd may
-    // come up after the worker.
-    let registration = tokio::select! {
-        r = Registration::register_with_retry(
-            &config.etcd,
-            info.clone(),
-            config.lease_ttl as i64,
-            metrics.etcd_record_repairs.clone(),
-        ) => r?,
-        _ = &mut shutdown => {
-            tracing::info!("shutdown requested before registration");
-            let _ = stop_server.send(());
-            let _ = tokio::time::timeout(SERVER_DRAIN_MIN, &mut server).await;
-            metrics_http.stop();
-            return Ok(());
-        }
-        reason = engine.died() => {
-            let _ = stop_server.send(());
-            let _ = tokio::time::timeout(SERVER_DRAIN_MIN, &mut server).await;
-            metrics_http.stop();
-            return Err(RunError::EngineDied(reason));
-        }
-        res = &mut server => {
-            metrics_http.stop();
-            res.map_err(|e| RunError::Setup(e.to_string()))??;
-            return Ok(());
-        }
-    };
-    readiness.set(true).await;
-    tracing::info!(id = %info.id, address = %info.address, "worker ready");
-
-    // Not ready while another live process holds this worker's etcd record
-    // (the coordinators route it nothing meanwhile).
-    let mut listed = registration.listed();
-    let mut is_listed = true;
-    let ended = loop {
-        tokio::select! {
-            _ = &mut shutdown => {
-                tracing::info!("shutdown requested; draining");
-                break Ended::Shutdown;
+impl Serving {
+    /// Registers in etcd (retried while etcd is down) and goes ready; or,
+    /// if something ends the worker first, why.
+    async fn register(
+        &mut self,
+        config: &WorkerConfig,
+        info: WorkerInfo,
+        metrics: &metrics::WorkerMetrics,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+    ) -> Result<Registration, Ended> {
+        // Serve nothing (NOT_SERVING, /readyz 503) until registered; etcd may
+        // come up after the worker.
+        let registration = tokio::select! {
+            r = Registration::register_with_retry(
+                &config.etcd,
+                info.clone(),
+                config.lease_ttl as i64,
+                metrics.etcd_record_repairs.clone(),
+            ) => r.map_err(|e| Ended::Failed(e.into()))?,
+            _ = shutdown => {
+                tracing::info!("shutdown requested before registration");
+                return Err(Ended::Shutdown);
             }
-            Ok(()) = listed.changed() => {
-                let now = *listed.borrow_and_update();
-                if now == is_listed {
-                    continue;
+            reason = self.engine.died() => return Err(Ended::EngineDied(reason)),
+            res = self.server.ended() => return Err(Ended::server(res)),
+        };
+        self.readiness.set(true).await;
+        tracing::info!(id = %info.id, address = %info.address, "worker ready");
+        Ok(registration)
+    }
+
+    /// Serves until shutdown, the engine's death or the server's end, then
+    /// drains in order.
+    async fn serve(
+        mut self,
+        registration: Registration,
+        shutdown: &mut (impl Future<Output = ()> + Unpin),
+        config: &WorkerConfig,
+    ) -> Result<(), RunError> {
+        // Not ready while another live process holds this worker's etcd
+        // record (the coordinators route it nothing meanwhile).
+        let mut listed = registration.listed();
+        let mut is_listed = true;
+        let ended = loop {
+            tokio::select! {
+                _ = &mut *shutdown => {
+                    tracing::info!("shutdown requested; draining");
+                    break Ended::Shutdown;
                 }
-                is_listed = now;
-                readiness.set(now).await;
-                if now {
-                    tracing::info!("the etcd record is this worker's again; ready");
-                } else {
-                    tracing::warn!("another live process holds this worker's etcd record; not ready until it is ours again");
+                Ok(()) = listed.changed() => {
+                    let now = *listed.borrow_and_update();
+                    if now != is_listed {
+                        is_listed = now;
+                        self.listed(now).await;
+                    }
+                }
+                reason = self.engine.died() => {
+                    tracing::error!(%reason, "engine died; leaving the cluster");
+                    break Ended::EngineDied(reason);
+                }
+                res = self.server.ended() => {
+                    // The server only ends early on a transport error or a panic.
+                    self.readiness.set(false).await;
+                    let _ = registration.revoke().await;
+                    return Ended::server(res).into_result();
                 }
             }
-            reason = engine.died() => {
-                tracing::error!(%reason, "engine died; leaving the cluster");
-                break Ended::EngineDied(reason);
-            }
-            res = &mut server => {
-                // The server only ends early on a transport error.
-                readiness.set(false).await;
-                let _ = registration.revoke().await;
-                metrics_http.stop();
-                res.map_err(|e| RunError::Setup(e.to_string()))??;
-                return Ok(());
-            }
+        };
+        let drain_started = Instant::now();
+        self.readiness.set(false).await;
+        self.engine.drain();
+        if let Err(e) = registration.revoke().await {
+            tracing::warn!(error = %e, "could not revoke the etcd lease; it will expire by itself");
         }
-    };
+        if matches!(ended, Ended::Shutdown) && !self.engine.wait_idle(config.grace_period).await {
+            tracing::warn!(grace = ?config.grace_period, "grace period over; cancelling in-flight requests");
+            self.engine.cancel_all();
+            self.engine.wait_idle(Duration::from_secs(5)).await;
+        }
+        // The engine is done, but the last tokens and final messages may
+        // still sit in the streams' buffers for slow readers: let the server
+        // finish its streams within what is left of the grace period, and at
+        // least SERVER_DRAIN_MIN.
+        let bound = config
+            .grace_period
+            .saturating_sub(drain_started.elapsed())
+            .max(SERVER_DRAIN_MIN);
+        self.stop(ended, bound).await
+    }
 
-    let drain_started = Instant::now();
-    readiness.set(false).await;
-    engine.drain();
-    if let Err(e) = registration.revoke().await {
-        tracing::warn!(error = %e, "could not revoke the etcd lease; it will expire by itself");
+    async fn listed(&self, now: bool) {
+        self.readiness.set(now).await;
+        if now {
+            tracing::info!("the etcd record is this worker's again; ready");
+        } else {
+            tracing::warn!("another live process holds this worker's etcd record; not ready until it is ours again");
+        }
     }
-    if matches!(ended, Ended::Shutdown) && !engine.wait_idle(config.grace_period).await {
-        tracing::warn!(grace = ?config.grace_period, "grace period over; cancelling in-flight requests");
-        engine.cancel_all();
-        engine.wait_idle(Duration::from_secs(5)).await;
-    }
-    // The engine is done, but the last tokens and final messages may still
-    // sit in the streams' buffers for slow readers: let the server finish
-    // its streams (graceful shutdown) within what is left of the grace
-    // period, and at least SERVER_DRAIN_MIN.
-    let _ = stop_server.send(());
-    let bound = config
-        .grace_period
-        .saturating_sub(drain_started.elapsed())
-        .max(SERVER_DRAIN_MIN);
-    match tokio::time::timeout(bound, &mut server).await {
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "gRPC server ended with an error"),
-        Ok(_) => {}
-        Err(_) => {
-            tracing::warn!(
+
+    /// Lets the server finish its streams within `bound` and says why the
+    /// worker ended.
+    async fn stop(self, ended: Ended, bound: Duration) -> Result<(), RunError> {
+        match self.server.drain(bound).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
                 ?bound,
                 "streams still open after the drain bound; closing them"
-            );
-            server.abort();
+            ),
+            Err(e) => tracing::warn!(error = %e, "gRPC server ended with an error"),
         }
-    }
-    if let Some(task) = tls_reload {
-        task.abort();
-    }
-    metrics_http.stop();
-    match ended {
-        Ended::Shutdown => {
+        if matches!(ended, Ended::Shutdown) {
             tracing::info!("worker stopped");
-            Ok(())
         }
-        Ended::EngineDied(reason) => Err(RunError::EngineDied(reason)),
+        ended.into_result()
     }
 }
 
