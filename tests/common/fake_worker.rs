@@ -56,6 +56,8 @@ pub struct Call {
 /// What the fake's streams share with the test.
 #[derive(Default)]
 struct Shared {
+    /// How it paces and labels its tokens.
+    pace: Pace,
     fault: Mutex<Option<Fault>>,
     calls: Mutex<Vec<Call>>,
     /// Streams dropped before their end (the caller went away).
@@ -68,6 +70,7 @@ struct Shared {
 pub struct FakeWorker {
     pub id: String,
     pub addr: String,
+    capacity: (u32, u32),
     shared: Arc<Shared>,
     runtime: Arc<Mutex<Option<tokio::runtime::Runtime>>>,
 }
@@ -84,6 +87,82 @@ pub fn fake_text(n: u32) -> String {
 
 /// Interval between fake tokens.
 const TOKEN_INTERVAL: Duration = Duration::from_millis(5);
+
+/// How a fake paces and labels its tokens.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    interval: Duration,
+    /// Each token's text is its send time (`nanoinfer::stamp`), for the
+    /// router benchmark; else [`token_text`].
+    stamp: bool,
+    /// Record every call (tests read them back); a benchmark's millions
+    /// of calls are not kept.
+    record: bool,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            interval: TOKEN_INTERVAL,
+            stamp: false,
+            record: true,
+        }
+    }
+}
+
+/// How to start a [`FakeWorker`]: where it listens and registers, its TLS,
+/// pace and capacity. The defaults are the tests': a loopback port of its
+/// own, a token every 5 ms, 64 slots and 64 queued, calls recorded.
+pub struct Builder<'a> {
+    id: &'a str,
+    etcd: Option<(String, i64)>,
+    tls: Option<nanoinfer_proto::tls::ServerTlsFiles>,
+    listen: std::net::SocketAddr,
+    pace: Pace,
+    capacity: (u32, u32),
+}
+
+impl<'a> Builder<'a> {
+    /// Registers in etcd at `endpoint` under a lease of `ttl` seconds
+    /// (kept alive until it dies); without this it registers nowhere.
+    pub fn etcd(mut self, endpoint: &str, ttl: i64) -> Self {
+        self.etcd = Some((endpoint.to_string(), ttl));
+        self
+    }
+
+    /// Serves TLS with these files.
+    pub fn tls(mut self, files: Option<nanoinfer_proto::tls::ServerTlsFiles>) -> Self {
+        self.tls = files;
+        self
+    }
+
+    /// Listens on `addr` instead of a free loopback port.
+    pub fn listen(mut self, addr: std::net::SocketAddr) -> Self {
+        self.listen = addr;
+        self
+    }
+
+    /// A token every `interval`; `stamp`: each token's text is its send
+    /// time; calls are not recorded (a benchmark's load).
+    pub fn paced(mut self, interval: Duration, stamp: bool) -> Self {
+        self.pace = Pace {
+            interval,
+            stamp,
+            record: false,
+        };
+        self
+    }
+
+    /// The slots and queue it registers (what the coordinator lets it hold).
+    pub fn capacity(mut self, slots: u32, queue: u32) -> Self {
+        self.capacity = (slots, queue);
+        self
+    }
+
+    pub async fn start(self) -> FakeWorker {
+        FakeWorker::spawn(self).await
+    }
+}
 
 struct Svc(Arc<Shared>);
 
@@ -135,13 +214,15 @@ impl WorkerService for Svc {
         let timeout = nanoinfer_proto::deadline::from_metadata(request.metadata());
         let peer = request.remote_addr();
         let req = request.into_inner();
-        self.0.calls.lock().unwrap().push(Call {
-            request_id: req.request_id.clone(),
-            max_tokens: req.max_tokens,
-            resume_token_ids: req.resume_token_ids.clone(),
-            timeout,
-            peer,
-        });
+        if self.0.pace.record {
+            self.0.calls.lock().unwrap().push(Call {
+                request_id: req.request_id.clone(),
+                max_tokens: req.max_tokens,
+                resume_token_ids: req.resume_token_ids.clone(),
+                timeout,
+                peer,
+            });
+        }
         let fault = self.0.fault.lock().unwrap().clone().unwrap_or(Fault::None);
         if fault == Fault::Exhausted {
             return Err(Status::resource_exhausted("worker queue is full (fake)"));
@@ -207,10 +288,15 @@ fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStr
                     std::future::pending::<()>().await;
                 }
             }
-            tokio::time::sleep(TOKEN_INTERVAL).await;
+            tokio::time::sleep(shared.pace.interval).await;
             if i < n {
+                let text = if shared.pace.stamp {
+                    nanoinfer::stamp::text(nanoinfer::stamp::unix_nanos())
+                } else {
+                    token_text(i)
+                };
                 let msg = GenerateResponse {
-                    text: token_text(i),
+                    text,
                     token_id: Some(1000 + i as i32),
                     index: i,
                     finished: None,
@@ -241,7 +327,7 @@ impl FakeWorker {
     /// Starts a fake worker `id` and registers it in `etcd` under a lease of
     /// `ttl` seconds.
     pub async fn start(etcd: &str, id: &str, ttl: i64) -> Self {
-        Self::start_with(etcd, id, ttl, None).await
+        Self::builder(id).etcd(etcd, ttl).start().await
     }
 
     /// Like [`FakeWorker::start`], serving TLS with `tls` when given.
@@ -251,55 +337,71 @@ impl FakeWorker {
         ttl: i64,
         tls: Option<nanoinfer_proto::tls::ServerTlsFiles>,
     ) -> Self {
-        Self::spawn(Some((etcd, ttl)), id, tls).await
+        Self::builder(id).etcd(etcd, ttl).tls(tls).start().await
     }
 
     /// A fake worker `id` that registers nowhere: a test hands its
     /// [`FakeWorker::info`] to an in-process coordinator's worker set.
-    #[allow(dead_code)]
     pub async fn start_unregistered(id: &str) -> Self {
-        Self::spawn(None, id, None).await
+        Self::builder(id).start().await
+    }
+
+    /// A fake worker `id` to configure before it starts.
+    pub fn builder(id: &str) -> Builder<'_> {
+        Builder {
+            id,
+            etcd: None,
+            tls: None,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            pace: Pace::default(),
+            capacity: (64, 64),
+        }
     }
 
     /// The record a real worker would publish for it.
-    #[allow(dead_code)]
     pub fn info(&self) -> nanoinfer_registry::WorkerInfo {
-        serde_json::from_value(Self::record(&self.id, &self.addr)).unwrap()
+        serde_json::from_value(Self::record(&self.id, &self.addr, self.capacity)).unwrap()
     }
 
-    fn record(id: &str, addr: &str) -> serde_json::Value {
+    fn record(id: &str, addr: &str, (slots, queue): (u32, u32)) -> serde_json::Value {
         serde_json::json!({
             "id": id,
             "address": addr,
             "model": "fake",
-            "capacity": {"slots": 64, "queue": 64, "context_length": 4096},
+            "capacity": {"slots": slots, "queue": queue, "context_length": 4096},
             "version": "test",
         })
     }
 
-    async fn spawn(
-        etcd: Option<(&str, i64)>,
-        id: &str,
-        tls: Option<nanoinfer_proto::tls::ServerTlsFiles>,
-    ) -> Self {
+    async fn spawn(builder: Builder<'_>) -> Self {
+        let Builder {
+            id,
+            etcd,
+            tls,
+            listen,
+            pace,
+            capacity,
+        } = builder;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind(listen).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            pace,
+            ..Shared::default()
+        });
         let (die_tx, died) = std::sync::mpsc::channel();
         *shared.die.lock().unwrap() = Some(die_tx);
         let svc = Svc(shared.clone());
         let (health, health_service) = tonic_health::server::health_reporter();
         let (registered_tx, registered) = tokio::sync::oneshot::channel();
-        let etcd = etcd.map(|(endpoint, ttl)| (endpoint.to_string(), ttl));
         let (key, info) = (
             format!("/nanoinfer/workers/{id}"),
-            Self::record(id, &addr).to_string(),
+            Self::record(id, &addr, capacity).to_string(),
         );
         runtime.spawn(async move {
             health
@@ -307,6 +409,7 @@ impl FakeWorker {
                 .await;
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let routes = tonic::transport::Server::builder()
+                .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
                 .add_service(health_service)
                 .add_service(WorkerServiceServer::new(svc));
             match tls {
@@ -317,9 +420,14 @@ impl FakeWorker {
                     )
                 }
                 None => {
-                    tokio::spawn(routes.serve_with_incoming(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    ))
+                    // Tokens are small writes that must leave at once, as a
+                    // real worker's: no Nagle.
+                    tokio::spawn(
+                        routes.serve_with_incoming(
+                            tonic::transport::server::TcpIncoming::from(listener)
+                                .with_nodelay(Some(true)),
+                        ),
+                    )
                 }
             };
             let Some((endpoint, ttl)) = etcd else {
@@ -362,6 +470,7 @@ impl FakeWorker {
         Self {
             id: id.to_string(),
             addr,
+            capacity,
             shared,
             runtime,
         }
