@@ -25,7 +25,8 @@
 //! - [`metrics`]: Prometheus metrics, served with `/healthz` and `/readyz`.
 //! - [`run`], [`run_with`]: discovery (etcd's, or a worker set the caller
 //!   hands over, as the in-process tests do), health, reflection, serve
-//!   ([`nanoinfer_proto::server::GrpcServer`]), drain.
+//!   (the gRPC, HTTP API and metrics listeners, each a
+//!   [`nanoinfer_proto::server::Server`]), drain.
 
 #![forbid(unsafe_code)]
 
@@ -49,7 +50,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use nanoinfer_proto::nanoinfer::infer_service_server::InferServiceServer;
-use nanoinfer_proto::server::{GrpcServer, ServeError};
+use nanoinfer_proto::server::{ServeError, Server};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
@@ -78,7 +79,7 @@ pub fn raise_open_file_limit() -> std::io::Result<Option<u64>> {
 /// Why the coordinator could not serve.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The gRPC server failed (a transport error, or its task panicked).
+    /// A server (gRPC, the HTTP API, metrics) failed, or its task panicked.
     #[error("{0}")]
     Serve(#[from] ServeError),
     /// Socket setup failed.
@@ -168,37 +169,34 @@ pub async fn run_with(
         api_keys,
     });
     let public_tls = load_public_tls(&config, &mut tasks)?;
-    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
     let http_server = listeners
         .http
         .map(|l| {
             let (tls, config) = (public_tls.clone(), config.http.clone());
-            http::spawn(l, front.clone(), tls, config, http_metrics, http_stopped)
+            http::spawn(l, front.clone(), tls, config, http_metrics)
         })
         .transpose()
         .map_err(|e| RunError::Setup(e.to_string()))?;
     let routes = grpc_routes(&config, health_service, front);
-    let mut server = GrpcServer::spawn(routes, listeners.grpc, public_tls);
+    let grpc = Server::grpc(routes, listeners.grpc, public_tls);
     follow_cluster(&config, &router, &mut tasks);
-    let coordinator = Serving {
+    let mut coordinator = Serving {
+        grpc,
+        http: http_server,
+        metrics: metrics_http,
         health,
         health_task,
         ready: ready_tx,
-        stop_http,
-        http_server,
         tasks,
-        metrics_http,
     };
     tokio::select! {
         _ = shutdown => tracing::info!("shutdown requested; draining"),
-        res = server.ended() => {
+        res = coordinator.ended() => {
             coordinator.stop();
             return res.map_err(RunError::from);
         }
     }
-    coordinator
-        .drain(server, config.grace_period, &router)
-        .await
+    coordinator.drain(config.grace_period, &router).await
 }
 
 /// Workers serve only the coordinator role: a certificate without it would
@@ -291,25 +289,37 @@ fn follow_cluster(
     }
 }
 
-/// A serving coordinator's parts besides its gRPC server.
+/// A serving coordinator: its servers and the tasks beside them.
 struct Serving {
+    /// `nanoinfer.InferService`, health and reflection.
+    grpc: Server,
+    /// The OpenAI-compatible HTTP API, with `--http-port`.
+    http: Option<Server>,
+    /// `/metrics` and the probes.
+    metrics: Server,
     health: tonic_health::server::HealthReporter,
     /// Keeps health in step with the routable workers until the drain.
     health_task: tokio::task::JoinHandle<()>,
     ready: Arc<tokio::sync::watch::Sender<bool>>,
-    stop_http: tokio::sync::watch::Sender<bool>,
-    http_server: Option<tokio::task::JoinHandle<()>>,
     /// Discovery and reloads: aborted at the end.
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    metrics_http: nanoinfer_telemetry::http::HttpHandle,
 }
 
 impl Serving {
+    /// Completes when one of its servers ends by itself (an error or a
+    /// panic); cancel-safe.
+    async fn ended(&mut self) -> Result<(), ServeError> {
+        tokio::select! {
+            res = self.grpc.ended() => res,
+            res = nanoinfer_proto::server::ended(&mut self.http) => res,
+            res = self.metrics.ended() => res,
+        }
+    }
+
     /// Goes NOT_SERVING, stops accepting on both public ports and gives
     /// open streams `grace` to finish, then closes what is left.
     async fn drain(
         mut self,
-        server: GrpcServer,
         grace: std::time::Duration,
         router: &routing::Router,
     ) -> Result<(), RunError> {
@@ -320,39 +330,34 @@ impl Serving {
                 .set_service_status(name, ServingStatus::NotServing)
                 .await;
         }
-        let _ = self.stop_http.send(true);
-        let http = self.http_server.take();
-        let http_drained = async {
-            match http {
-                Some(mut http) => {
-                    let done = tokio::time::timeout(grace, &mut http).await.is_ok();
-                    http.abort();
-                    done
-                }
-                None => true,
+        let http = async {
+            match self.http.take() {
+                Some(http) => http.drain(grace).await,
+                None => Ok(true),
             }
         };
-        // tonic's graceful shutdown stops accepting and waits for open streams.
-        let (grpc, http) = tokio::join!(server.drain(grace), http_drained);
-        if !(matches!(grpc, Ok(true)) && http) {
+        // Both stop accepting at once and wait for their open streams.
+        let grpc = self.grpc.drain(grace);
+        let (grpc, http) = tokio::join!(grpc, http);
+        if !(matches!(grpc, Ok(true)) && matches!(http, Ok(true))) {
             tracing::warn!(open = ?router.in_flight(), "grace period over; closing open streams");
-        }
-        self.stop();
-        grpc?;
-        tracing::info!("coordinator stopped");
-        Ok(())
-    }
-
-    /// Stops everything but the gRPC server.
-    fn stop(self) {
-        self.health_task.abort();
-        if let Some(http) = &self.http_server {
-            http.abort();
         }
         for task in &self.tasks {
             task.abort();
         }
-        self.metrics_http.stop();
+        grpc?;
+        http?;
+        tracing::info!("coordinator stopped");
+        Ok(())
+    }
+
+    /// Stops everything now (the servers close their connections as they
+    /// are dropped).
+    fn stop(self) {
+        self.health_task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 

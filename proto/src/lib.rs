@@ -20,8 +20,9 @@
 //!   for both processes.
 //! - [`windows`]: the HTTP/2 flow-control windows of the cluster's gRPC
 //!   connections.
-//! - [`server`]: [`server::GrpcServer`], one shape for serving, draining and
-//!   ending a process's gRPC server (a panicked task reported as a panic).
+//! - [`server`]: [`server::Server`], one shape for serving, draining and
+//!   ending each of a process's listeners (gRPC, the HTTP API, metrics and
+//!   probes; a panicked task reported as a panic, naming the server).
 //! - [`tls`]: TLS servers with certificate reload, client configurations,
 //!   and the cluster's mutual-TLS naming contract.
 //!

@@ -14,6 +14,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use nanoinfer_proto::server::Server;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -72,37 +73,24 @@ pub async fn serve(
         .await
 }
 
-/// Stops the HTTP endpoint started by [`spawn`] when dropped or stopped.
-pub struct HttpHandle(Option<tokio::sync::oneshot::Sender<()>>);
-
-impl HttpHandle {
-    /// Stops serving.
-    pub fn stop(mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
-    }
-}
-
-/// Starts [`serve`] on its own task; it runs until the handle is stopped or
-/// dropped.
+/// Starts [`serve`] as the process's "metrics endpoint" [`Server`] (with
+/// the process's own CPU, memory and file-descriptor figures added to
+/// `registry`): it runs until the server is drained or dropped.
 pub fn spawn(
     listener: TcpListener,
     mut registry: Registry,
     ready: watch::Receiver<bool>,
-) -> HttpHandle {
+) -> Server {
     registry.register_collector(Box::new(ProcessCollector));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(async move {
-        if let Err(e) = serve(listener, Arc::new(registry), ready, async {
-            let _ = rx.await;
-        })
-        .await
-        {
-            tracing::error!(error = %e, "metrics endpoint failed");
-        }
-    });
-    HttpHandle(Some(tx))
+    let registry = Arc::new(registry);
+    Server::spawn("metrics endpoint", move |mut stop| {
+        serve(
+            listener,
+            registry,
+            ready,
+            async move { stop.requested().await },
+        )
+    })
 }
 
 /// Histogram buckets for request-level latencies (queue time, time to first

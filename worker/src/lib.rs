@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nanoinfer_proto::server::{GrpcServer, ServeError};
+use nanoinfer_proto::server::{ServeError, Server};
 use nanoinfer_proto::worker::worker_service_server::WorkerServiceServer;
 use nanoinfer_registry::{Capacity, Registration, WorkerInfo};
 use tokio::net::TcpListener;
@@ -58,7 +58,7 @@ pub enum RunError {
     /// etcd registration failed.
     #[error("registering in etcd: {0}")]
     Registry(#[from] nanoinfer_registry::RegistryError),
-    /// The gRPC server failed (a transport error, or its task panicked).
+    /// A server (gRPC, metrics) failed, or its task panicked.
     #[error("{0}")]
     Serve(#[from] ServeError),
     /// Socket setup failed.
@@ -148,7 +148,8 @@ pub async fn run(
     .add_service(WorkerServiceServer::new(service));
     let tls_reload = tls.clone().map(|tls| tls.spawn_reload());
     let mut worker = Serving {
-        server: GrpcServer::spawn(routes, listener, tls),
+        server: Server::grpc(routes, listener, tls),
+        metrics: metrics_http,
         engine,
         readiness,
     };
@@ -177,7 +178,6 @@ pub async fn run(
     if let Some(task) = tls_reload {
         task.abort();
     }
-    metrics_http.stop();
     ended
 }
 
@@ -280,7 +280,10 @@ async fn start_engine(
 
 /// A worker whose gRPC server and engine run.
 struct Serving {
-    server: GrpcServer,
+    /// `worker.v1`, health and reflection.
+    server: Server,
+    /// `/metrics` and the probes; closed when the worker is done.
+    metrics: Server,
     engine: Engine,
     readiness: Readiness,
 }
@@ -309,7 +312,7 @@ impl Serving {
                 return Err(Ended::Shutdown);
             }
             reason = self.engine.died() => return Err(Ended::EngineDied(reason)),
-            res = self.server.ended() => return Err(Ended::server(res)),
+            res = ended(&mut self.server, &mut self.metrics) => return Err(Ended::server(res)),
         };
         self.readiness.set(true).await;
         tracing::info!(id = %info.id, address = %info.address, "worker ready");
@@ -345,8 +348,8 @@ impl Serving {
                     tracing::error!(%reason, "engine died; leaving the cluster");
                     break Ended::EngineDied(reason);
                 }
-                res = self.server.ended() => {
-                    // The server only ends early on a transport error or a panic.
+                res = ended(&mut self.server, &mut self.metrics) => {
+                    // A server only ends early on an error or a panic.
                     self.readiness.set(false).await;
                     let _ = registration.revoke().await;
                     return Ended::server(res).into_result();
@@ -399,6 +402,15 @@ impl Serving {
             tracing::info!("worker stopped");
         }
         ended.into_result()
+    }
+}
+
+/// Completes when one of the worker's servers ends by itself (they only do
+/// on an error or a panic); cancel-safe.
+async fn ended(grpc: &mut Server, metrics: &mut Server) -> Result<(), ServeError> {
+    tokio::select! {
+        res = grpc.ended() => res,
+        res = metrics.ended() => res,
     }
 }
 

@@ -78,17 +78,17 @@ pub use server::{HttpMetrics, HTTP_ALPN};
 pub(crate) use sse::*;
 
 /// Serves the routes on `listener` (over TLS with `tls`, offering
-/// [`HTTP_ALPN`]) with `config`'s connection limits and timeouts, until
-/// `stop` turns true; then open responses finish (the caller bounds the
-/// wait). See [`server`] for the connection handling.
+/// [`HTTP_ALPN`]) with `config`'s connection limits and timeouts, as the
+/// process's "HTTP API" [`nanoinfer_proto::server::Server`]: drained, open
+/// responses finish within the drain's bound. See [`server`] for the
+/// connection handling.
 pub fn spawn(
     listener: tokio::net::TcpListener,
     front: Arc<Front>,
     tls: Option<Arc<nanoinfer_proto::tls::ServerTls>>,
     config: crate::config::HttpServerConfig,
     metrics: Arc<HttpMetrics>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<nanoinfer_proto::server::Server> {
     let local = listener.local_addr()?;
     tracing::info!(
         tls = tls.is_some(),
@@ -107,7 +107,6 @@ pub fn spawn(
         tls,
         config,
         metrics,
-        stop,
     ))
 }
 

@@ -37,6 +37,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use nanoinfer_proto::server::Stop;
 use nanoinfer_proto::tls::ServerTls;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -45,7 +46,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::rustls::ServerConfig;
@@ -143,19 +144,18 @@ struct Server {
     metrics: Arc<HttpMetrics>,
 }
 
-/// Serves `router` on `listener` (over TLS with `tls`) until `stop` turns
-/// true; then it stops accepting, asks every connection to close after its
-/// open requests (HTTP/1.1 `connection: close`, HTTP/2 GOAWAY) and returns
-/// when they have. The caller bounds that wait; aborting the task closes
-/// every connection.
+/// Serves `router` on `listener` (over TLS with `tls`) as the "HTTP API"
+/// [`nanoinfer_proto::server::Server`]: drained, it stops accepting, asks
+/// every connection to close after its open requests (HTTP/1.1
+/// `connection: close`, HTTP/2 GOAWAY) and ends when they have, within the
+/// drain's bound; dropped, it closes every connection.
 pub fn spawn(
     listener: TcpListener,
     router: Router,
     tls: Option<Arc<ServerTls>>,
     config: HttpServerConfig,
     metrics: Arc<HttpMetrics>,
-    stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+) -> nanoinfer_proto::server::Server {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -173,17 +173,20 @@ pub fn spawn(
         config,
         metrics,
     });
-    tokio::spawn(accept_loop(listener, server, stop))
+    nanoinfer_proto::server::Server::spawn("HTTP API", |stop| async move {
+        accept_loop(listener, server, stop).await;
+        Ok::<(), Infallible>(())
+    })
 }
 
-async fn accept_loop(listener: TcpListener, server: Arc<Server>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(listener: TcpListener, server: Arc<Server>, mut stop: Stop) {
     let slots = Arc::new(Semaphore::new(server.config.max_connections));
     let mut connections = JoinSet::new();
     let mut refusals = Refusals::default();
     let for_connections = stop.clone();
     loop {
         tokio::select! {
-            _ = stopped(&mut stop) => break,
+            _ = stop.requested() => break,
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => match slots.clone().try_acquire_owned() {
                     Ok(slot) => {
@@ -248,7 +251,7 @@ async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
     _slot: OwnedSemaphorePermit,
-    mut stop: watch::Receiver<bool>,
+    mut stop: Stop,
 ) {
     server.metrics.open.inc();
     let _open = DecOnDrop(&server.metrics.open);
@@ -260,7 +263,7 @@ async fn connection(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
     let handshake = tokio::select! {
         h = tokio::time::timeout(server.config.tls_handshake_timeout, acceptor.accept(tcp)) => h,
-        _ = stopped(&mut stop) => return,
+        _ = stop.requested() => return,
     };
     match handshake {
         Ok(Ok(stream)) => serve(&server, stream, peer, stop).await,
@@ -284,7 +287,7 @@ impl Drop for DecOnDrop<'_> {
 }
 
 /// HTTP on an established connection, under the watchdog.
-async fn serve<I>(server: &Server, io: I, peer: SocketAddr, mut stop: watch::Receiver<bool>)
+async fn serve<I>(server: &Server, io: I, peer: SocketAddr, mut stop: Stop)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -326,7 +329,7 @@ where
                     conn.as_mut().graceful_shutdown();
                 }
             }
-            _ = stopped(&mut stop), if !stopping => {
+            _ = stop.requested(), if !stopping => {
                 stopping = true;
                 if !closing {
                     closing = true;
@@ -353,11 +356,6 @@ where
             }
         }
     }
-}
-
-/// Returns once `stop` is true (or its sender is gone).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn sleep_until(at: Option<Instant>) {
