@@ -1,15 +1,21 @@
 //! Every coordinator failure path, fast: the coordinator in this test's
 //! process (`tests/common/in_process.rs`: `run_with` on loopback ports, the
 //! worker set handed over by the test) and programmable fake workers
-//! (`tests/common/fake_worker.rs`, each on a runtime of its own) that die,
-//! hang, refuse or start slowly on command. What needs etcd (malformed
+//! (`tests/common/fake_worker.rs`, on the test's runtime) that die, hang,
+//! refuse or start slowly on command, on a paused clock: a timeout of
+//! seconds passes as soon as every task waits for it, so the tests check
+//! the coordinator's clock (first-token and stall timeouts, deadlines, the
+//! admission wait, probe back-off, load reports' age) in milliseconds of
+//! real time. What needs etcd (malformed
 //! records, etcd coming up late) or the process's log (escaped ids) runs
 //! the real coordinator binary on a real etcd. The real-process versions
 //! of these faults are in `tests/chaos.rs`.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::fake_worker::{fake_text, FakeWorker, Fault};
 use common::in_process::InProcess;
@@ -48,6 +54,11 @@ fn with_defaults<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 /// The coordinator binary on a real etcd, with short timeouts.
 async fn coordinator(etcd: &Etcd, extra: &[&str]) -> (Proc, String) {
     start_coordinator(etcd, &with_defaults(extra)).await
+}
+
+/// A fake worker on this test's runtime, registered nowhere.
+async fn fake(id: &str) -> FakeWorker {
+    FakeWorker::builder(id).local().start().await
 }
 
 /// The coordinator in this process, routing over `workers` (no etcd), with
@@ -109,10 +120,10 @@ async fn a_malformed_record_never_poisons_routing() {
     assert_unbroken(&msgs, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_worker_dying_mid_stream_is_resumed_elsewhere_and_ejected() {
-    let a = FakeWorker::start_unregistered("a").await;
-    let b = FakeWorker::start_unregistered("b").await;
+    let a = fake("a").await;
+    let b = fake("b").await;
     a.set_fault(Fault::DieAfter(7));
     b.set_fault(Fault::DieAfter(7));
     let coordinator = in_process(&[], &[&a, &b]).await;
@@ -158,23 +169,32 @@ async fn a_worker_dying_mid_stream_is_resumed_elsewhere_and_ejected() {
     assert_eq!(health_of(&addr).await.1, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn failures_before_the_first_token_are_retried_on_another_worker() {
-    let dying = FakeWorker::start_unregistered("a").await;
-    let busy = FakeWorker::start_unregistered("b").await;
-    let good = FakeWorker::start_unregistered("c").await;
+    let dying = fake("a").await;
+    let busy = fake("b").await;
+    let good = fake("c").await;
     dying.set_fault(Fault::DieAfter(0));
     busy.set_fault(Fault::Exhausted);
     let coordinator = in_process(&[], &[&dying, &busy, &good]).await;
     let addr = coordinator.addr.clone();
     wait_routable(&addr, 3).await;
     let mut c = client(&addr).await;
-    for i in 0..6 {
-        let msgs = collect(&mut c, request(&format!("r{i}"), 4)).await.unwrap();
+    // Picks are partly random: until one has met the dying worker (and at
+    // least 6), every request completes, from its first token.
+    let mut sent = 0;
+    while sent < 6 || (dying.calls().is_empty() && sent < 40) {
+        let msgs = collect(&mut c, request(&format!("r{sent}"), 4))
+            .await
+            .unwrap();
         assert_unbroken(&msgs, 4);
+        sent += 1;
     }
-    assert!(dying.is_dead());
-    assert_eq!(good.calls().len(), 6);
+    assert!(
+        dying.is_dead(),
+        "the dying worker was never picked in {sent}"
+    );
+    assert_eq!(good.calls().len(), sent);
     assert!(
         good.calls().iter().all(|c| c.resume_token_ids.is_empty()),
         "nothing was delivered, so nothing is resumed"
@@ -185,10 +205,10 @@ async fn failures_before_the_first_token_are_retried_on_another_worker() {
     assert!(m["nanoinfer_coordinator_retries_total"] >= 1.0, "{m:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn every_worker_full_is_resource_exhausted_naming_each_one() {
-    let a = FakeWorker::start_unregistered("a").await;
-    let b = FakeWorker::start_unregistered("b").await;
+    let a = fake("a").await;
+    let b = fake("b").await;
     a.set_fault(Fault::Exhausted);
     b.set_fault(Fault::Exhausted);
     // Full workers hold the request in the admission queue until its
@@ -219,10 +239,10 @@ async fn every_worker_full_is_resource_exhausted_naming_each_one() {
     assert_eq!(health_of(&addr).await.1, 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_silent_worker_loses_the_request_after_the_first_token_timeout() {
-    let hung = FakeWorker::start_unregistered("a").await;
-    let good = FakeWorker::start_unregistered("b").await;
+    let hung = fake("a").await;
+    let good = fake("b").await;
     hung.set_fault(Fault::Hang);
     good.set_fault(Fault::SlowStart(Duration::from_millis(300)));
     let coordinator = in_process(&["--first-token-timeout", "1"], &[&hung, &good]).await;
@@ -242,12 +262,12 @@ async fn a_silent_worker_loses_the_request_after_the_first_token_timeout() {
     assert!(!hung.calls().is_empty(), "the silent worker was tried");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn time_in_a_workers_queue_is_not_silence() {
     // One busy worker that holds each request in its queue 3 s before
     // admitting it: three times --first-token-timeout. The clock starts at
     // admission, so nothing fails, moves or ejects the worker.
-    let busy = FakeWorker::start_unregistered("a").await;
+    let busy = fake("a").await;
     busy.set_fault(Fault::Queued(Duration::from_secs(3)));
     let coordinator = in_process(&["--first-token-timeout", "1"], &[&busy]).await;
     let addr = coordinator.addr.clone();
@@ -284,9 +304,9 @@ async fn time_in_a_workers_queue_is_not_silence() {
     assert_eq!(health_of(&addr).await.1, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn the_clients_deadline_travels_to_the_worker_and_ends_the_stream() {
-    let slow = FakeWorker::start_unregistered("a").await;
+    let slow = fake("a").await;
     slow.set_fault(Fault::SlowStart(Duration::from_secs(30)));
     let coordinator = in_process(&["--first-token-timeout", "60"], &[&slow]).await;
     let addr = coordinator.addr.clone();
@@ -323,9 +343,9 @@ async fn the_clients_deadline_travels_to_the_worker_and_ends_the_stream() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_client_that_stops_reading_is_cancelled_and_frees_its_worker() {
-    let w = FakeWorker::start_unregistered("a").await;
+    let w = fake("a").await;
     let coordinator = in_process(&["--stalled-stream-timeout", "1"], &[&w]).await;
     let addr = coordinator.addr.clone();
     wait_routable(&addr, 1).await;
@@ -352,9 +372,9 @@ async fn a_client_that_stops_reading_is_cancelled_and_frees_its_worker() {
     drop(stream);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn no_worker_left_to_resume_on_is_unavailable_with_the_count() {
-    let a = FakeWorker::start_unregistered("a").await;
+    let a = fake("a").await;
     a.set_fault(Fault::DieAfter(3));
     let coordinator = in_process(&[], &[&a]).await;
     let addr = coordinator.addr.clone();
@@ -453,9 +473,9 @@ async fn bad_bytes_and_bad_ids_are_invalid_argument() {
 /// budget (half its connection window) with ENHANCE_YOUR_CALM: with the
 /// default windows a few stalled clients broke every other stream on the
 /// same worker. The upstream windows bound what one stalled stream buffers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn stalled_clients_do_not_break_other_streams_on_their_worker() {
-    let w = FakeWorker::start_unregistered("a").await;
+    let w = fake("a").await;
     let coordinator = in_process(&["--stalled-stream-timeout", "60"], &[&w]).await;
     let addr = coordinator.addr.clone();
     wait_routable(&addr, 1).await;
@@ -490,4 +510,112 @@ async fn stalled_clients_do_not_break_other_streams_on_their_worker() {
         || async { w.abandoned() == 16 },
     )
     .await;
+}
+
+/// Probes of an ejected worker back off from 200 ms, doubling, to at most
+/// 5 s, each ±25% (`routing::probe_delay`); a worker that answers SERVING
+/// again is re-admitted at the next probe and routed to.
+#[tokio::test(start_paused = true)]
+async fn an_ejected_worker_is_probed_with_capped_backoff_and_readmitted() {
+    let hung = fake("hung").await;
+    let good = fake("good").await;
+    hung.set_fault(Fault::Hang);
+    hung.set_serving(false);
+    let coordinator = in_process(&["--first-token-timeout", "1"], &[&hung, &good]).await;
+    let addr = coordinator.addr.clone();
+    wait_routable(&addr, 2).await;
+    let mut c = client(&addr).await;
+    // Until a request meets the silent worker and it is ejected.
+    for i in 0..4 {
+        collect(&mut c, request(&format!("r{i}"), 2)).await.unwrap();
+        if !hung.calls().is_empty() {
+            break;
+        }
+    }
+    assert_eq!(hung.calls().len(), 1);
+    assert_eq!(health_of(&addr).await.1, 1, "the silent worker is ejected");
+    // A minute of probes answered NOT_SERVING.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let checks = hung.health_checks();
+    let gaps: Vec<f64> = checks
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    assert!(gaps.len() >= 12, "{gaps:?}");
+    // 200, 400, 800, 1600, 3200 ms, then 5 s: each within ±25%.
+    for (i, gap) in gaps.iter().enumerate() {
+        let base = (0.2 * 2f64.powi(i as i32 + 1)).min(5.0);
+        assert!(
+            *gap >= base * 0.75 - 0.01 && *gap <= base * 1.25 + 0.01,
+            "probe gap {i}: {gap} s against {base} s ±25%: {gaps:?}"
+        );
+    }
+    let readmitted = "nanoinfer_coordinator_worker_readmissions_total{worker=\"hung\"}";
+    let m = coordinator.scrape().await;
+    assert_eq!(m.get(readmitted).copied().unwrap_or(0.0), 0.0, "{m:?}");
+    // Healthy again: re-admitted at the next probe, within the capped delay.
+    hung.set_fault(Fault::None);
+    hung.set_serving(true);
+    let back = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "the worker re-admitted",
+        || async { health_of(&addr).await.1 == 2 },
+    )
+    .await;
+    assert!(
+        back.elapsed() <= Duration::from_millis(6_300),
+        "{:?}",
+        back.elapsed()
+    );
+    assert_eq!(coordinator.scrape().await[readmitted], 1.0);
+    let before = hung.calls().len();
+    for i in 0..4 {
+        collect(&mut c, request(&format!("again{i}"), 2))
+            .await
+            .unwrap();
+    }
+    assert!(
+        hung.calls().len() > before,
+        "the re-admitted worker got none of 4"
+    );
+}
+
+/// A worker's report of other coordinators' requests keeps this
+/// coordinator's requests away only while it is fresh (REPORT_TTL, 10 s):
+/// an old report must not keep a worker idle for ever.
+#[tokio::test(start_paused = true)]
+async fn a_load_report_counts_for_ten_seconds() {
+    let busy = fake("busy").await;
+    let idle = fake("idle").await;
+    busy.report_load(9, 0);
+    let coordinator = in_process(&[], &[&busy, &idle]).await;
+    let addr = coordinator.addr.clone();
+    wait_routable(&addr, 2).await;
+    let mut c = client(&addr).await;
+    // Until `busy` has served one request it has reported nothing.
+    for i in 0..8 {
+        if !busy.calls().is_empty() {
+            break;
+        }
+        collect(&mut c, request(&format!("first{i}"), 1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(busy.calls().len(), 1, "rotation reached it");
+    // Fresh, its report sends every request to the other worker.
+    for i in 0..6 {
+        collect(&mut c, request(&format!("fresh{i}"), 1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(busy.calls().len(), 1, "9 requests of others on it");
+    // Ten seconds later the report is stale: it is routed to again.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for i in 0..2 {
+        collect(&mut c, request(&format!("stale{i}"), 1))
+            .await
+            .unwrap();
+    }
+    assert_eq!(busy.calls().len(), 2, "an equal tie alternates");
 }

@@ -3,7 +3,11 @@
 //! worker (or nowhere, for an in-process coordinator's static worker set),
 //! and fails on command. It runs on its own tokio runtime, so
 //! [`FakeWorker::kill`] is a process death as the coordinator sees it: every
-//! connection drops at once and the lease keep-alive stops.
+//! connection drops at once and the lease keep-alive stops. Built with
+//! [`Builder::local`] it runs on the test's own runtime instead (what a
+//! test with paused time needs: a clock that only moves when every task,
+//! the fake's included, is waiting), and a kill closes every connection it
+//! accepted.
 //!
 //! Its tokens are predictable: token `i` has id `1000 + i` and text `t{i} `,
 //! and a call with `resume_token_ids` continues at index `len(ids)`, so a
@@ -62,9 +66,14 @@ struct Shared {
     calls: Mutex<Vec<Call>>,
     /// Streams dropped before their end (the caller went away).
     abandoned: Mutex<u32>,
-    die: Mutex<Option<std::sync::mpsc::Sender<()>>>,
+    /// What a `DieAfter` stream calls to die.
+    die: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// The load its final messages report (none unless set).
     load: Mutex<Option<WorkerLoad>>,
+    /// What its `grpc.health.v1` answers: SERVING unless set otherwise.
+    not_serving: std::sync::atomic::AtomicBool,
+    /// When each health check came (the runtime's clock).
+    health_checks: Mutex<Vec<tokio::time::Instant>>,
 }
 
 pub struct FakeWorker {
@@ -72,7 +81,10 @@ pub struct FakeWorker {
     pub addr: String,
     capacity: (u32, u32),
     shared: Arc<Shared>,
+    /// Its own runtime (none when local, or once dead).
     runtime: Arc<Mutex<Option<tokio::runtime::Runtime>>>,
+    /// True once it is dead (killed, or died by its fault).
+    killed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Text of fake token `i`.
@@ -120,9 +132,17 @@ pub struct Builder<'a> {
     listen: std::net::SocketAddr,
     pace: Pace,
     capacity: (u32, u32),
+    local: bool,
 }
 
 impl<'a> Builder<'a> {
+    /// Runs on the runtime of the test that starts it (for tests with
+    /// paused time), without TLS.
+    pub fn local(mut self) -> Self {
+        self.local = true;
+        self
+    }
+
     /// Registers in etcd at `endpoint` under a lease of `ttl` seconds
     /// (kept alive until it dies); without this it registers nowhere.
     pub fn etcd(mut self, endpoint: &str, ttl: i64) -> Self {
@@ -282,8 +302,12 @@ fn async_stream(shared: Arc<Shared>, fault: Fault, start: u32, n: u32) -> GenStr
             }
             if let Fault::DieAfter(k) = fault {
                 if start == 0 && sent == k {
-                    if let Some(die) = shared.die.lock().unwrap().take() {
-                        let _ = die.send(());
+                    // Dies a token's time after its last token, which has
+                    // left by then (as a process's last write would have).
+                    tokio::time::sleep(shared.pace.interval).await;
+                    let die = shared.die.lock().unwrap().take();
+                    if let Some(die) = die {
+                        die();
                     }
                     std::future::pending::<()>().await;
                 }
@@ -355,6 +379,7 @@ impl FakeWorker {
             listen: "127.0.0.1:0".parse().unwrap(),
             pace: Pace::default(),
             capacity: (64, 64),
+            local: false,
         }
     }
 
@@ -381,12 +406,8 @@ impl FakeWorker {
             listen,
             pace,
             capacity,
+            local,
         } = builder;
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
         let listener = std::net::TcpListener::bind(listen).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -394,91 +415,90 @@ impl FakeWorker {
             pace,
             ..Shared::default()
         });
-        let (die_tx, died) = std::sync::mpsc::channel();
-        *shared.die.lock().unwrap() = Some(die_tx);
-        let svc = Svc(shared.clone());
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let killed = Arc::new(tokio::sync::watch::channel(false).0);
+        let runtime = Arc::new(Mutex::new(None));
+        let registration = etcd.map(|(endpoint, ttl)| Registration {
+            endpoint,
+            ttl,
+            key: format!("/nanoinfer/workers/{id}"),
+            record: Self::record(id, &addr, capacity).to_string(),
+        });
         let (registered_tx, registered) = tokio::sync::oneshot::channel();
-        let (key, info) = (
-            format!("/nanoinfer/workers/{id}"),
-            Self::record(id, &addr, capacity).to_string(),
-        );
-        runtime.spawn(async move {
-            health
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let routes = tonic::transport::Server::builder()
-                .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
-                .add_service(health_service)
-                .add_service(WorkerServiceServer::new(svc));
-            match tls {
-                Some(files) => {
-                    let tls = nanoinfer_proto::tls::ServerTls::load(files, "fake").unwrap();
-                    tokio::spawn(
-                        routes.serve_with_incoming(nanoinfer_proto::tls::incoming(listener, tls)),
-                    )
-                }
-                None => {
-                    // Tokens are small writes that must leave at once, as a
-                    // real worker's: no Nagle.
-                    tokio::spawn(
-                        routes.serve_with_incoming(
-                            tonic::transport::server::TcpIncoming::from(listener)
-                                .with_nodelay(Some(true)),
-                        ),
-                    )
-                }
-            };
-            let Some((endpoint, ttl)) = etcd else {
-                let _ = registered_tx.send(());
-                return;
-            };
-            let mut client = etcd_client::Client::connect([endpoint], None)
-                .await
+        if local {
+            assert!(tls.is_none(), "a local fake worker serves plaintext only");
+            let to_kill = killed.clone();
+            *shared.die.lock().unwrap() = Some(Box::new(move || {
+                to_kill.send_replace(true);
+            }));
+            let (svc, rx) = (Svc(shared.clone()), killed.subscribe());
+            tokio::spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let incoming = killable::incoming(listener, rx.clone());
+                tokio::spawn(routes(svc).await.serve_with_incoming(incoming));
+                keep_registered(registration, registered_tx, rx).await;
+            });
+        } else {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
                 .unwrap();
-            let lease = client.lease_grant(ttl, None).await.unwrap().id();
-            client
-                .put(
-                    key,
-                    info,
-                    Some(etcd_client::PutOptions::new().with_lease(lease)),
-                )
-                .await
-                .unwrap();
-            let _ = registered_tx.send(());
-            let (mut keeper, _responses) = client.lease_keep_alive(lease).await.unwrap();
-            loop {
-                tokio::time::sleep(Duration::from_millis(ttl as u64 * 300)).await;
-                if keeper.keep_alive().await.is_err() {
-                    return;
+            let (svc, rx) = (Svc(shared.clone()), killed.subscribe());
+            rt.spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let routes = routes(svc).await;
+                match tls {
+                    Some(files) => {
+                        let tls = nanoinfer_proto::tls::ServerTls::load(files, "fake").unwrap();
+                        tokio::spawn(
+                            routes
+                                .serve_with_incoming(nanoinfer_proto::tls::incoming(listener, tls)),
+                        )
+                    }
+                    None => {
+                        // Tokens are small writes that must leave at once, as
+                        // a real worker's: no Nagle.
+                        tokio::spawn(
+                            routes.serve_with_incoming(
+                                tonic::transport::server::TcpIncoming::from(listener)
+                                    .with_nodelay(Some(true)),
+                            ),
+                        )
+                    }
+                };
+                keep_registered(registration, registered_tx, rx).await;
+            });
+            *runtime.lock().unwrap() = Some(rt);
+            // A runtime cannot stop itself from inside: a thread of its own
+            // kills it when a `DieAfter` stream asks.
+            let (die_tx, died) = std::sync::mpsc::channel::<()>();
+            *shared.die.lock().unwrap() = Some(Box::new(move || {
+                let _ = die_tx.send(());
+            }));
+            let (killer, to_kill) = (runtime.clone(), killed.clone());
+            std::thread::spawn(move || {
+                if died.recv().is_ok() {
+                    to_kill.send_replace(true);
+                    if let Some(rt) = killer.lock().unwrap().take() {
+                        rt.shutdown_background();
+                    }
                 }
-            }
-        });
+            });
+        }
         registered.await.expect("fake worker registered");
-        let runtime = Arc::new(Mutex::new(Some(runtime)));
-        // A runtime cannot stop itself from inside: a thread of its own
-        // kills it when a `DieAfter` stream asks.
-        let killer = runtime.clone();
-        std::thread::spawn(move || {
-            if died.recv().is_ok() {
-                if let Some(rt) = killer.lock().unwrap().take() {
-                    rt.shutdown_background();
-                }
-            }
-        });
         Self {
             id: id.to_string(),
             addr,
             capacity,
             shared,
             runtime,
+            killed,
         }
     }
 
     /// Whether the fake is dead (killed, or died by its fault).
     pub fn is_dead(&self) -> bool {
-        self.runtime.lock().unwrap().is_none()
+        *self.killed.borrow()
     }
 
     pub fn set_fault(&self, fault: Fault) {
@@ -501,6 +521,18 @@ impl FakeWorker {
         self.shared.calls.lock().unwrap().clone()
     }
 
+    /// Makes its health service answer SERVING (`true`) or NOT_SERVING.
+    pub fn set_serving(&self, serving: bool) {
+        self.shared
+            .not_serving
+            .store(!serving, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// When each health check came, on the runtime's clock.
+    pub fn health_checks(&self) -> Vec<tokio::time::Instant> {
+        self.shared.health_checks.lock().unwrap().clone()
+    }
+
     /// Streams dropped by their caller before the end.
     pub fn abandoned(&self) -> u32 {
         *self.shared.abandoned.lock().unwrap()
@@ -508,6 +540,7 @@ impl FakeWorker {
 
     /// Dies like a killed process: connections dropped, keep-alive stopped.
     pub fn kill(&self) {
+        self.killed.send_replace(true);
         if let Some(rt) = self.runtime.lock().unwrap().take() {
             rt.shutdown_background();
         }
@@ -517,5 +550,212 @@ impl FakeWorker {
 impl Drop for FakeWorker {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// Where a fake registers, and what.
+struct Registration {
+    endpoint: String,
+    ttl: i64,
+    key: String,
+    record: String,
+}
+
+/// Its gRPC services.
+async fn routes(svc: Svc) -> tonic::transport::server::Router {
+    let health = Health(svc.0.clone());
+    tonic::transport::Server::builder()
+        .initial_connection_window_size(nanoinfer_proto::windows::CONNECTION)
+        .add_service(tonic_health::pb::health_server::HealthServer::new(health))
+        .add_service(WorkerServiceServer::new(svc))
+}
+
+/// Its `grpc.health.v1`: SERVING unless told otherwise, each check noted.
+struct Health(Arc<Shared>);
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for Health {
+    async fn check(
+        &self,
+        _: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<tonic_health::pb::HealthCheckResponse>, Status> {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        self.0
+            .health_checks
+            .lock()
+            .unwrap()
+            .push(tokio::time::Instant::now());
+        let status = if self.0.not_serving.load(std::sync::atomic::Ordering::SeqCst) {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        Ok(Response::new(tonic_health::pb::HealthCheckResponse {
+            status: status as i32,
+        }))
+    }
+
+    type WatchStream =
+        Pin<Box<dyn Stream<Item = Result<tonic_health::pb::HealthCheckResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        _: Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("a test double answers Check only"))
+    }
+}
+
+/// Registers (when asked to) under a lease, says so on `registered`, and
+/// keeps the lease alive until the fake is killed.
+async fn keep_registered(
+    registration: Option<Registration>,
+    registered: tokio::sync::oneshot::Sender<()>,
+    mut killed: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(Registration {
+        endpoint,
+        ttl,
+        key,
+        record,
+    }) = registration
+    else {
+        let _ = registered.send(());
+        return;
+    };
+    let mut client = etcd_client::Client::connect([endpoint], None)
+        .await
+        .unwrap();
+    let lease = client.lease_grant(ttl, None).await.unwrap().id();
+    client
+        .put(
+            key,
+            record,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    let _ = registered.send(());
+    let (mut keeper, _responses) = client.lease_keep_alive(lease).await.unwrap();
+    loop {
+        tokio::select! {
+            _ = killed.wait_for(|k| *k) => return,
+            _ = tokio::time::sleep(Duration::from_millis(ttl as u64 * 300)) => {}
+        }
+        if keeper.keep_alive().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A local fake's connections: each fails (and so closes) the moment the
+/// fake is killed, as a dead process's would.
+mod killable {
+    use std::future::Future;
+    use std::io;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use futures::Stream;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+    use tonic::transport::server::{Connected, TcpConnectInfo};
+
+    /// The connections `listener` accepts, until the fake is killed.
+    pub fn incoming(
+        listener: TcpListener,
+        killed: watch::Receiver<bool>,
+    ) -> impl Stream<Item = io::Result<Conn>> {
+        futures::stream::unfold((listener, killed), |(listener, mut killed)| async move {
+            let accepted = tokio::select! {
+                _ = killed.wait_for(|k| *k) => return None,
+                accepted = listener.accept() => accepted,
+            };
+            let conn = accepted.map(|(tcp, _)| {
+                let _ = tcp.set_nodelay(true);
+                Conn::new(tcp, killed.clone())
+            });
+            Some((conn, (listener, killed)))
+        })
+    }
+
+    /// A connection that errors out once the fake is killed.
+    pub struct Conn {
+        io: TcpStream,
+        killed: Pin<Box<dyn Future<Output = ()> + Send>>,
+        dead: bool,
+    }
+
+    impl Conn {
+        fn new(io: TcpStream, mut killed: watch::Receiver<bool>) -> Self {
+            Self {
+                io,
+                killed: Box::pin(async move {
+                    let _ = killed.wait_for(|k| *k).await;
+                }),
+                dead: false,
+            }
+        }
+
+        /// Whether the fake is dead (registering for the wake-up if not).
+        fn dead(&mut self, cx: &mut Context<'_>) -> bool {
+            if !self.dead && self.killed.as_mut().poll(cx).is_ready() {
+                self.dead = true;
+            }
+            self.dead
+        }
+    }
+
+    fn reset<T>() -> Poll<io::Result<T>> {
+        Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+    }
+
+    impl AsyncRead for Conn {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.dead(cx) {
+                return reset();
+            }
+            Pin::new(&mut this.io).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Conn {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            if this.dead(cx) {
+                return reset();
+            }
+            Pin::new(&mut this.io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if this.dead(cx) {
+                return reset();
+            }
+            Pin::new(&mut this.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        }
+    }
+
+    impl Connected for Conn {
+        type ConnectInfo = TcpConnectInfo;
+
+        fn connect_info(&self) -> TcpConnectInfo {
+            self.io.connect_info()
+        }
     }
 }

@@ -193,7 +193,7 @@ impl Drop for AbortOnDrop {
 #[derive(Debug, Clone, Copy)]
 struct Reported {
     foreign: usize,
-    at: std::time::Instant,
+    at: tokio::time::Instant,
 }
 
 /// How long a load report counts. A worker this coordinator no longer sends
@@ -204,7 +204,7 @@ pub const REPORT_TTL: Duration = Duration::from_secs(10);
 impl WorkerState {
     /// What routing compares: this coordinator's requests on the worker
     /// plus, from a recent report, everyone else's.
-    fn load(&self, now: std::time::Instant) -> usize {
+    fn load(&self, now: tokio::time::Instant) -> usize {
         let own = self.in_flight.get().max(0) as usize;
         let foreign = self
             .reported
@@ -583,7 +583,7 @@ impl Router {
         let total = (load.running + load.queued) as usize;
         w.reported = Some(Reported {
             foreign: total.saturating_sub(own),
-            at: std::time::Instant::now(),
+            at: tokio::time::Instant::now(),
         });
         if load.ram_restore_cost.is_finite() && load.ram_restore_cost > 0.0 {
             w.ram_restore_cost = load.ram_restore_cost.min(1.0);

@@ -124,7 +124,7 @@ impl Router {
         if candidates.is_empty() {
             return Pick::None;
         }
-        let now = std::time::Instant::now();
+        let now = tokio::time::Instant::now();
         // A stable order, so rotation among ties is fair.
         candidates.sort_by(|a, b| a.0.cmp(b.0));
         let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
