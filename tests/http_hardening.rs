@@ -1,6 +1,8 @@
-//! The HTTP API port under hostile or unusual clients, on the real
-//! coordinator binary: slowloris connections (plaintext, and TLS stalled
-//! before or after the handshake) are closed within the header timeout
+//! The HTTP API port under hostile or unusual clients: slowloris
+//! connections on plaintext (the coordinator in this test's process, on a
+//! paused clock: the timeouts are the coordinator's own, in virtual time),
+//! and TLS stalled before or after the handshake (the real coordinator
+//! binary, as every other test here), are closed within the header timeout
 //! while normal requests go on; open connections and requests per
 //! connection are capped; HTTP/1.1-only clients (`curl --http1.1`, the
 //! official `openai` Python SDK) stream over TLS; and an emptied or deleted
@@ -11,6 +13,8 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::in_process::InProcess;
 
 use common::fake_worker::FakeWorker;
 use common::*;
@@ -26,7 +30,8 @@ fn p(path: &Path) -> &str {
 /// Reads until the server closes `stream` (EOF or a reset), at most
 /// `within`; returns how long that took, or `None` if it stayed open.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
-    let start = Instant::now();
+    // The runtime's clock: virtual under a paused clock.
+    let start = tokio::time::Instant::now();
     let mut buf = [0u8; 1024];
     tokio::time::timeout(within, async {
         loop {
@@ -104,21 +109,20 @@ async fn request(stream: &mut TcpStream, addr: &str, path: &str) -> (u16, String
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn slowloris_connections_are_closed_within_the_header_timeout() {
-    let etcd = Etcd::start().await;
-    let _w = FakeWorker::start(&etcd.endpoint, "a", 30).await;
-    let (mut coordinator, addr) = start_coordinator(
-        &etcd,
+    let w = FakeWorker::builder("a").local().start().await;
+    let coordinator = InProcess::start(
         &[
             "--http-header-timeout-ms",
             "500",
             "--http-idle-timeout",
             "3",
         ],
+        &[&w],
     )
     .await;
-    let http = coordinator.http_addr().await;
+    let (addr, http) = (coordinator.addr.clone(), coordinator.http_addr.clone());
     wait_routable(&addr, 1).await;
 
     // 50 clients that start a request line and never finish it, 10 that
@@ -166,7 +170,7 @@ async fn slowloris_connections_are_closed_within_the_header_timeout() {
     )
     .await
     .unwrap();
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(8), conn.read_to_end(&mut answer))
         .await
@@ -185,7 +189,7 @@ async fn slowloris_connections_are_closed_within_the_header_timeout() {
 
     let (status, _) = http_get(&http, "/health").await;
     assert_eq!(status, 200);
-    let m = scrape(&mut coordinator).await;
+    let m = coordinator.scrape().await;
     let closed = |reason: &str| {
         m.get(&format!(
             "nanoinfer_coordinator_http_connections_closed_total{{reason=\"{reason}\"}}"

@@ -1,24 +1,31 @@
 //! Prefix-affinity routing on two real workers: requests of one "tenant"
 //! (a long shared system prompt, short unique questions) land on the same
 //! worker, which reuses the prefix from its KV cache; tenants spread over
-//! both workers. And load reports, on fake workers: a worker that says
-//! other coordinators keep it busy gets fewer requests from this one; and
-//! `--upstream-connections` on a fake worker.
+//! both workers. And load reports, on fake workers with the coordinator in
+//! this test's process on a paused clock: a worker that says other
+//! coordinators keep it busy gets fewer requests from this one, under each
+//! policy; and `--upstream-connections` on a fake worker.
 
 mod common;
 
 use std::collections::HashMap;
 
 use common::fake_worker::FakeWorker;
-use common::{collect, greedy, scrape, start_coordinator, wait_routable, Cluster, Etcd};
+use common::in_process::InProcess;
+use common::{collect, greedy, scrape, wait_routable, Cluster};
 use nanoinfer_proto::nanoinfer::infer_service_client::InferServiceClient;
 use nanoinfer_proto::nanoinfer::InferRequest;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A fake worker on this test's runtime, registered nowhere.
+async fn fake(id: &str) -> FakeWorker {
+    FakeWorker::builder(id).local().start().await
+}
+
+#[tokio::test(start_paused = true)]
 async fn requests_take_a_workers_upstream_connections_in_turn() {
-    let etcd = Etcd::start().await;
-    let w = FakeWorker::start(&etcd.endpoint, "a", 5).await;
-    let (_coordinator, addr) = start_coordinator(&etcd, &["--upstream-connections", "3"]).await;
+    let w = fake("a").await;
+    let coordinator = InProcess::start(&["--upstream-connections", "3"], &[&w]).await;
+    let addr = coordinator.addr.clone();
     wait_routable(&addr, 1).await;
     let mut client = InferServiceClient::new(nanoinfer::connect(&addr).await.unwrap());
     for k in 0..6 {
@@ -34,13 +41,13 @@ async fn requests_take_a_workers_upstream_connections_in_turn() {
     assert_eq!(peers[1], peers[4], "{peers:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test(start_paused = true)]
 async fn a_worker_reporting_other_coordinators_load_gets_less_traffic() {
-    for routing in ["least-loaded", "prefix-affinity"] {
-        let etcd = Etcd::start().await;
-        let busy = FakeWorker::start(&etcd.endpoint, "busy", 5).await;
-        let idle = FakeWorker::start(&etcd.endpoint, "idle", 5).await;
-        let (_coordinator, addr) = start_coordinator(&etcd, &["--routing", routing]).await;
+    for routing in ["least-loaded", "prefix-affinity", "cache-aware"] {
+        let busy = fake("busy").await;
+        let idle = fake("idle").await;
+        let coordinator = InProcess::start(&["--routing", routing], &[&busy, &idle]).await;
+        let addr = coordinator.addr.clone();
         wait_routable(&addr, 2).await;
         let mut client = InferServiceClient::new(nanoinfer::connect(&addr).await.unwrap());
         // Until a request of ours finishes there, this coordinator cannot

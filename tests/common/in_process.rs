@@ -21,6 +21,8 @@ pub struct InProcess {
     pub addr: String,
     /// `127.0.0.1:PORT`, `/metrics` and the probes.
     pub metrics_addr: String,
+    /// `127.0.0.1:PORT`, the OpenAI-compatible HTTP API.
+    pub http_addr: String,
     workers: watch::Sender<WorkerSet>,
     status: watch::Sender<DiscoveryStatus>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -36,8 +38,10 @@ impl InProcess {
         let config = args.validate().expect("coordinator config");
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let metrics = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = format!("http://{}", grpc.local_addr().unwrap());
         let metrics_addr = metrics.local_addr().unwrap().to_string();
+        let http_addr = http.local_addr().unwrap().to_string();
         let (workers_tx, workers_rx) = watch::channel(set_of(workers));
         let (status_tx, status_rx) = watch::channel(DiscoveryStatus {
             listed: true,
@@ -52,7 +56,7 @@ impl InProcess {
         let listeners = Listeners {
             grpc,
             metrics,
-            http: None,
+            http: Some(http),
         };
         let (shutdown, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(nanoinfer_coordinator::run_with(
@@ -66,6 +70,7 @@ impl InProcess {
         Self {
             addr,
             metrics_addr,
+            http_addr,
             workers: workers_tx,
             status: status_tx,
             shutdown: Some(shutdown),
