@@ -116,7 +116,7 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub metrics: TcpListener,
-    /// The HTTP API (`--http-port`).
+    /// The HTTP API (`--http-listen`; none when it is `off`).
     pub http: Option<TcpListener>,
 }
 
@@ -293,7 +293,7 @@ fn follow_cluster(
 struct Serving {
     /// `nanoinfer.InferService`, health and reflection.
     grpc: Server,
-    /// The OpenAI-compatible HTTP API, with `--http-port`.
+    /// The OpenAI-compatible HTTP API (none with `--http-listen off`).
     http: Option<Server>,
     /// `/metrics` and the probes.
     metrics: Server,
