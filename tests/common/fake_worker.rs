@@ -364,12 +364,6 @@ impl FakeWorker {
         Self::builder(id).etcd(etcd, ttl).tls(tls).start().await
     }
 
-    /// A fake worker `id` that registers nowhere: a test hands its
-    /// [`FakeWorker::info`] to an in-process coordinator's worker set.
-    pub async fn start_unregistered(id: &str) -> Self {
-        Self::builder(id).start().await
-    }
-
     /// A fake worker `id` to configure before it starts.
     pub fn builder(id: &str) -> Builder<'_> {
         Builder {
