@@ -3,7 +3,7 @@
 //! right one is served, probes need none, and a rotated keys file takes
 //! effect without a restart. The `nanoinfer` CLI sends its `--api-key`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! Integration: continuous batching in one real worker.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -11,7 +11,7 @@
 //! stream (contiguous indexes, final usage counting every token) or ends
 //! with a clear status; none hangs, none is cut short, none is UNKNOWN.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::process::Command;

@@ -3,7 +3,7 @@
 //! worker with the model's template; the answer is the model's, with no
 //! special-token text in it; bad conversations are refused naming the field.
 
-mod common;
+use crate::common;
 
 use common::*;
 use nanoinfer_proto::nanoinfer::{

@@ -1,7 +1,7 @@
 //! Integration: routing and failure handling with a real etcd, several real
 //! workers and a real coordinator.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -9,7 +9,7 @@
 //! passes without running: the rest of the suite must run on machines
 //! without Docker.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

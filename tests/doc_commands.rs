@@ -29,7 +29,7 @@
 //! text before it tells the reader to (`scripts/demo --keep`); a cluster a
 //! block starts and does not stop is stopped at the block's end.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::fs;

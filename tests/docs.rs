@@ -6,7 +6,7 @@
 //! side effects (tests/doc_commands.rs runs the docs' commands). Reads files and runs
 //! `--help`: no cluster, no network.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;

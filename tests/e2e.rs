@@ -2,7 +2,7 @@
 //! real workers on the real model and a coordinator; `test.sh` (grpcurl over
 //! reflection) and the `nanoinfer` CLI drive it.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -11,7 +11,7 @@
 //! the real coordinator binary on a real etcd. The real-process versions
 //! of these faults are in `tests/chaos.rs`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

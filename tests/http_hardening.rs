@@ -8,7 +8,7 @@
 //! official `openai` Python SDK) stream over TLS; and an emptied or deleted
 //! API keys file revokes every key until it holds keys again.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};

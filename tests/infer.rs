@@ -1,7 +1,7 @@
 //! Integration: the Infer contract through a real coordinator to one real
 //! worker running the real model.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

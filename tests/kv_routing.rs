@@ -7,7 +7,7 @@
 //! restarted worker loses its tenants, and the event stream follows rotated
 //! cluster certificates.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::time::Duration;

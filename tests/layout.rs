@@ -10,7 +10,7 @@
 //!   and has a `# Layout` section names each of them there, and every
 //!   crate's root has one.
 //!
-//! `cargo test --test layout` prints each circle with the names that tie
+//! `cargo test --test suite -- layout::` prints each circle with the names that tie
 //! it, or each module a layout misses (`NANOINFER_LAYOUT_ROOT=DIR` checks
 //! another checkout).
 

@@ -10,7 +10,7 @@
 //! either completes as one unbroken stream or is refused before its first
 //! token; none fails after output, none ends OK without its final message.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! Integration: `/metrics`, `/healthz` and `/readyz` of the real coordinator
 //! and worker, scraped before and after real requests.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! and what clients send before anything else (`logit_bias`, `best_of`,
 //! `models.retrieve`, a browser's preflight) is taken.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

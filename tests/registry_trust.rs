@@ -10,7 +10,7 @@
 //! - a second worker with an id in use fails to start, while a restart
 //!   after the first's lease is gone registers.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

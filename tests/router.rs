@@ -4,7 +4,7 @@
 //! direct and through a real coordinator, with the coordinator's memory and
 //! CPU time, over streams that share connections.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::Duration;

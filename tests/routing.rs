@@ -6,7 +6,7 @@
 //! coordinators keep it busy gets fewer requests from this one, under each
 //! policy; and `--upstream-connections` on a fake worker.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

@@ -12,7 +12,7 @@
 //!   worker; a real worker's record pointed at an impostor holding another
 //!   worker's valid certificate gets no prompt either.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

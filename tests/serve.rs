@@ -3,7 +3,7 @@
 //! leaves nothing behind after Ctrl-C; a taken port fails it at once,
 //! naming the port and the flag that moves it.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;

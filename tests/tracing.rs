@@ -1,7 +1,7 @@
 //! Integration: spans from the real coordinator and worker processes reach an
 //! OTLP collector served by this test, as one trace with the right parents.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

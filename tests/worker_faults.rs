@@ -5,7 +5,7 @@
 //! dead requests in the queue, the queue timeout, an engine that dies, a
 //! drain with a slow reader, and a worker started while etcd is down.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
