@@ -12,7 +12,10 @@ use crate::common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{chat_model_path, start_coordinator, start_worker, start_worker_with, Etcd};
+use common::{
+    chat_model_path, model_path, start_coordinator, start_worker, start_worker_with,
+    start_workers_with, Etcd,
+};
 use nanoinfer_coordinator::kv_index::KvIndex;
 use nanoinfer_coordinator::vocab::Tokenizer;
 use nanoinfer_proto::kv::block_hashes;
@@ -353,10 +356,10 @@ async fn the_index_follows_the_workers_cache_through_eviction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_send_a_tenant_to_the_worker_holding_its_prefix() {
     let etcd = Etcd::start().await;
-    let mut workers = Vec::new();
-    for id in ["w1", "w2"] {
-        workers.push(start_worker(&etcd, id, &["--parallel", "2"]).await);
-    }
+    let _workers = start_workers_with(&etcd, &["w1", "w2"], &model_path(), |_| {
+        vec!["--parallel", "2"]
+    })
+    .await;
     let mut results = Vec::new();
     for routing in ["cache-aware", "prefix-affinity"] {
         let mut coordinators = Vec::new();
@@ -421,11 +424,8 @@ async fn a_tenant_whose_prefix_went_to_ram_is_sent_back_to_that_worker() {
     // No prefix kept in the KV cache: every finished prompt goes to the
     // worker's RAM tier at once, so only the `ram` tier tells the
     // coordinator where a tenant's prefix is.
-    let mut workers = Vec::new();
-    for id in ["w1", "w2"] {
-        let args = ["--parallel", "1", "--prefix-cache-tokens", "0"];
-        workers.push(start_worker(&etcd, id, &args).await);
-    }
+    let args = ["--parallel", "1", "--prefix-cache-tokens", "0"];
+    let workers = start_workers_with(&etcd, &["w1", "w2"], &model_path(), |_| args.to_vec()).await;
     let (mut coordinator, addr) = start_coordinator(&etcd, &["--routing", "cache-aware"]).await;
     common::wait_routable(&addr, 2).await;
     cached_via(&addr, "warm up").await;
@@ -463,10 +463,10 @@ async fn a_tenant_whose_prefix_went_to_ram_is_sent_back_to_that_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prefix_in_prefill_draws_the_other_coordinators_request() {
     let etcd = Etcd::start().await;
-    let mut workers = Vec::new();
-    for id in ["w1", "w2"] {
-        workers.push(start_worker(&etcd, id, &["--parallel", "2"]).await);
-    }
+    let mut workers = start_workers_with(&etcd, &["w1", "w2"], &model_path(), |_| {
+        vec!["--parallel", "2"]
+    })
+    .await;
     // Each worker's event stream, watched for prompts entering the
     // computing tier.
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
@@ -576,12 +576,14 @@ async fn a_late_coordinator_is_exact_and_a_restarted_worker_loses_its_tenants() 
             format!("127.0.0.1:{port}"),
         ]
     };
-    let mut workers = Vec::new();
-    for (id, port) in ["w1", "w2"].into_iter().zip(ports) {
-        let a = args(port);
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        workers.push(start_worker(&etcd, id, &a).await);
-    }
+    let each: Vec<Vec<String>> = ports.iter().map(|port| args(*port)).collect();
+    let mut workers = start_workers_with(&etcd, &["w1", "w2"], &model_path(), |id| {
+        each[usize::from(id == "w2")]
+            .iter()
+            .map(String::as_str)
+            .collect()
+    })
+    .await;
     let (mut first, first_addr) = start_coordinator(&etcd, &["--routing", "cache-aware"]).await;
     common::wait_routable(&first_addr, 2).await;
     cached_via(&first_addr, "warm up").await;

@@ -42,10 +42,7 @@ struct LoadCluster {
 async fn cluster() -> LoadCluster {
     let etcd = Etcd::start().await;
     let model = chat_model_path();
-    let mut workers = Vec::new();
-    for id in ["w1", "w2"] {
-        workers.push(start_worker_with(&etcd, id, &model, &[]).await);
-    }
+    let workers = start_workers_with(&etcd, &["w1", "w2"], &model, |_| vec![]).await;
     // The default routing policy (the harness otherwise picks least-loaded).
     let (mut coordinator, grpc) = start_coordinator(&etcd, &["--routing", "prefix-affinity"]).await;
     let http = format!("http://{}", coordinator.http_addr().await);

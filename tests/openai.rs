@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{
-    assert_ok, chat_model_path, curl, repo_root, start_worker_with, venv_python, Etcd, Proc,
+    assert_ok, chat_model_path, curl, repo_root, start_workers_with, venv_python, Etcd, Proc,
 };
 
 const KEY: &str = "sk-test-0123456789";
@@ -35,10 +35,10 @@ async fn cluster() -> Api {
 async fn cluster_with(extra: &[&str]) -> Api {
     let etcd = Etcd::start().await;
     let model = chat_model_path();
-    let mut workers = Vec::new();
-    for id in ["w1", "w2"] {
-        workers.push(start_worker_with(&etcd, id, &model, &["--model-name", "smollm2"]).await);
-    }
+    let mut workers = start_workers_with(&etcd, &["w1", "w2"], &model, |_| {
+        vec!["--model-name", "smollm2"]
+    })
+    .await;
     let mut all_worker_metrics = Vec::new();
     for w in &mut workers {
         all_worker_metrics.push(format!("http://{}/metrics", w.metrics_addr().await));

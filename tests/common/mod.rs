@@ -437,31 +437,10 @@ impl Etcd {
     }
 }
 
-/// A worker process started like [`start_worker_with`] (`--threads 1`, a
-/// 3 s lease unless `extra` sets one) without waiting for it to register.
-pub fn spawn_worker(etcd: &Etcd, id: &str, model: &Path, extra: &[&str]) -> Proc {
-    let mut cmd = Command::new(bin("nanoinfer-worker"));
-    cmd.arg("--model")
-        .arg(model)
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .args(["--threads", "1"])
-        .args(["--id", id, "--etcd-endpoints", &etcd.endpoint])
-        .args(extra);
-    if !extra.contains(&"--lease-ttl") {
-        cmd.args(["--lease-ttl", "3"]);
-    }
-    Proc::spawn(id, &mut cmd)
-}
-
-/// Starts a worker with `--threads 1` and (unless `extra` sets one) a 3 s
-/// lease; returns once it is registered.
-pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
-    start_worker_with(etcd, id, &model_path(), extra).await
-}
-
-/// [`start_worker`] serving `model` (on an ephemeral port unless `extra`
-/// names a `--listen` address).
-pub async fn start_worker_with(etcd: &Etcd, id: &str, model: &Path, extra: &[&str]) -> Proc {
+/// The command of a worker serving `model`: `--threads 1`, ephemeral
+/// ports (unless `extra` names a `--listen` address) and a 3 s lease
+/// (unless `extra` sets one).
+fn worker_command(etcd: &Etcd, id: &str, model: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("nanoinfer-worker"));
     cmd.arg("--model").arg(model);
     if !extra.contains(&"--listen") {
@@ -474,10 +453,49 @@ pub async fn start_worker_with(etcd: &Etcd, id: &str, model: &Path, extra: &[&st
     if !extra.contains(&"--lease-ttl") {
         cmd.args(["--lease-ttl", "3"]);
     }
-    let mut proc = Proc::spawn(id, &mut cmd);
-    proc.wait_for_line("worker ready", Duration::from_secs(60))
-        .await;
-    proc
+    cmd
+}
+
+/// A worker process started like [`start_worker_with`] (`--threads 1`, a
+/// 3 s lease unless `extra` sets one) without waiting for it to register.
+pub fn spawn_worker(etcd: &Etcd, id: &str, model: &Path, extra: &[&str]) -> Proc {
+    Proc::spawn(id, &mut worker_command(etcd, id, model, extra))
+}
+
+/// Starts a worker with `--threads 1` and (unless `extra` sets one) a 3 s
+/// lease; returns once it is registered.
+pub async fn start_worker(etcd: &Etcd, id: &str, extra: &[&str]) -> Proc {
+    start_worker_with(etcd, id, &model_path(), extra).await
+}
+
+/// [`start_worker`] serving `model` (on an ephemeral port unless `extra`
+/// names a `--listen` address).
+pub async fn start_worker_with(etcd: &Etcd, id: &str, model: &Path, extra: &[&str]) -> Proc {
+    let mut workers = start_workers_with(etcd, &[id], model, |_| extra.to_vec()).await;
+    workers.pop().expect("one worker")
+}
+
+/// Workers `ids` serving `model`, each with the arguments `extra` gives
+/// for its id, started together: all are spawned before any is waited
+/// for, so their starts (the model's load and the engine's measurement of
+/// its step costs, about 3 s at `--threads 1` here) overlap instead of
+/// adding up. Returns them in the order of `ids`, each registered.
+pub async fn start_workers_with<'a>(
+    etcd: &Etcd,
+    ids: &[&str],
+    model: &Path,
+    extra: impl Fn(&str) -> Vec<&'a str>,
+) -> Vec<Proc> {
+    let mut workers: Vec<Proc> = ids
+        .iter()
+        .map(|id| spawn_worker(etcd, id, model, &extra(id)))
+        .collect();
+    for worker in &mut workers {
+        worker
+            .wait_for_line("worker ready", Duration::from_secs(60))
+            .await;
+    }
+    workers
 }
 
 /// Starts a coordinator; returns it and its `http://` address.
@@ -513,10 +531,9 @@ pub struct Cluster {
 impl Cluster {
     pub async fn start(workers: usize, worker_args: &[&str], coordinator_args: &[&str]) -> Self {
         let etcd = Etcd::start().await;
-        let mut procs = Vec::new();
-        for i in 1..=workers {
-            procs.push(start_worker(&etcd, &format!("w{i}"), worker_args).await);
-        }
+        let ids: Vec<String> = (1..=workers).map(|i| format!("w{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let procs = start_workers_with(&etcd, &ids, &model_path(), |_| worker_args.to_vec()).await;
         let (coordinator, addr) = start_coordinator(&etcd, coordinator_args).await;
         let cluster = Self {
             etcd,
