@@ -577,11 +577,8 @@ async fn a_late_coordinator_is_exact_and_a_restarted_worker_loses_its_tenants() 
         ]
     };
     let each: Vec<Vec<String>> = ports.iter().map(|port| args(*port)).collect();
-    let mut workers = start_workers_with(&etcd, &["w1", "w2"], &model_path(), |id| {
-        each[usize::from(id == "w2")]
-            .iter()
-            .map(String::as_str)
-            .collect()
+    let mut workers = start_workers_with(&etcd, &["w1", "w2"], &model_path(), |i| {
+        each[i].iter().map(String::as_str).collect()
     })
     .await;
     let (mut first, first_addr) = start_coordinator(&etcd, &["--routing", "cache-aware"]).await;

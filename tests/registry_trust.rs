@@ -175,11 +175,12 @@ async fn one_workers_etcd_credential_cannot_write_another_workers_key() {
     // Real workers register as their own users (a transaction, a lease and
     // a watch on their own key), and the coordinator reads them as its own.
     let model = model_path();
-    let (a1, a2) = (worker_auth(&dir, "w1"), worker_auth(&dir, "w2"));
-    let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
-    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
-    let _w1 = start_worker_with(&etcd, "w1", &model, &a1).await;
-    let _w2 = start_worker_with(&etcd, "w2", &model, &a2).await;
+    let ids = ["w1", "w2"];
+    let auth: Vec<[String; 4]> = ids.iter().map(|id| worker_auth(&dir, id)).collect();
+    let _workers = start_workers_with(&etcd, &ids, &model, |i| {
+        auth[i].iter().map(String::as_str).collect()
+    })
+    .await;
     let coordinator_file = dir.join("etcd-coordinator.password");
     let (_coordinator, addr) = start_coordinator(
         &etcd,

@@ -476,7 +476,7 @@ pub async fn start_worker_with(etcd: &Etcd, id: &str, model: &Path, extra: &[&st
 }
 
 /// Workers `ids` serving `model`, each with the arguments `extra` gives
-/// for its id, started together: all are spawned before any is waited
+/// for its index in `ids`, started together: all are spawned before any is waited
 /// for, so their starts (the model's load and the engine's measurement of
 /// its step costs, about 3 s at `--threads 1` here) overlap instead of
 /// adding up. Returns them in the order of `ids`, each registered.
@@ -484,11 +484,12 @@ pub async fn start_workers_with<'a>(
     etcd: &Etcd,
     ids: &[&str],
     model: &Path,
-    extra: impl Fn(&str) -> Vec<&'a str>,
+    extra: impl Fn(usize) -> Vec<&'a str>,
 ) -> Vec<Proc> {
     let mut workers: Vec<Proc> = ids
         .iter()
-        .map(|id| spawn_worker(etcd, id, model, &extra(id)))
+        .enumerate()
+        .map(|(i, id)| spawn_worker(etcd, id, model, &extra(i)))
         .collect();
     for worker in &mut workers {
         worker
